@@ -1,0 +1,70 @@
+"""selfserve: homeowners look after their own Particle-based controllers."""
+import secrets
+
+from flask import Flask
+
+from selfserve import config as config_module
+
+
+def create_app(test_config=None):
+    """Build the app: config -> db -> security -> particle -> mail -> views -> errors -> cli.
+
+    `test_config` overrides everything (tests and the demo pass it); otherwise values come from
+    the code defaults and SELFSERVE_* environment variables, and the app refuses to start
+    without a real SECRET_KEY and Particle settings.
+    """
+    app = Flask(__name__, template_folder="../templates", static_folder="../static")
+    settings = config_module.from_env()
+    if test_config:
+        settings.update(test_config)
+    app.config.update(settings)
+    config_module.check_production(app.config)
+    if not app.config["SECRET_KEY"]:
+        # Only tests and the demo get here (check_production refused everything else).
+        app.config["SECRET_KEY"] = secrets.token_hex(32)
+    app.config.update(
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        # Secure everywhere but the local http demo and the test client.
+        SESSION_COOKIE_SECURE=not (app.config.get("DEMO") or app.config.get("TESTING")),
+        SESSION_COOKIE_NAME="selfserve_session",
+        WTF_CSRF_TIME_LIMIT=None,  # the token lives as long as the session
+    )
+
+    from selfserve import models
+
+    models.init_db(app.config["DATABASE_URL"])
+
+    @app.before_request
+    def _db_connect():
+        models.db.connect(reuse_if_open=True)
+
+    @app.teardown_request
+    def _db_close(exc):
+        if not models.db.is_closed():
+            models.db.close()
+
+    from selfserve import security
+
+    security.init_app(app)
+
+    from selfserve import particle
+
+    particle.init_app(app)
+
+    from selfserve import mail
+
+    mail.init_app(app)
+
+    from selfserve import views
+
+    views.register(app)
+
+    from selfserve import htmx
+
+    htmx.init_app(app)
+
+    from selfserve import cli
+
+    cli.init_app(app)
+    return app

@@ -1,0 +1,103 @@
+"""Configuration: defaults in code, deployment values and secrets from SELFSERVE_* env vars.
+
+Every key in DEFAULTS can be overridden by an environment variable of the same name with the
+prefix SELFSERVE_ (SELFSERVE_DATABASE_URL, SELFSERVE_PARTICLE_CLIENT_SECRET, ...). Values are
+parsed to the type of their default.
+"""
+import os
+
+# Demo settings of the bundled Particle Cloud simulator. They are public on purpose: the demo
+# and the tests run against a local simulator, never against the real cloud.
+DEMO_PARTICLE_PRODUCT = "4242"
+DEMO_PARTICLE_CLIENT_ID = "selfserve-server-4242"
+DEMO_PARTICLE_CLIENT_SECRET = "5e1f5e7e5e1f5e7e5e1f5e7e5e1f5e7e5e1f5e7e"
+
+DEFAULTS = {
+    "SECRET_KEY": "",
+    # Key for encrypting cached Particle tokens at rest; derived from SECRET_KEY when empty.
+    "TOKEN_ENCRYPTION_KEY": "",
+    "DATABASE_URL": "sqlite:///instance/selfserve.db",
+    "BASE_URL": "",  # used in emails; the request's host when empty
+    # Particle Cloud
+    "PARTICLE_API_URL": "https://api.particle.io",
+    "PARTICLE_PRODUCT": "",
+    "PARTICLE_CLIENT_ID": "",
+    "PARTICLE_CLIENT_SECRET": "",
+    "PARTICLE_CONNECT_TIMEOUT": 3.05,
+    "PARTICLE_READ_TIMEOUT": 20.0,
+    "PARTICLE_CUSTOMER_TOKEN_LIFETIME": 86400,
+    # Live values: how long one upstream read serves every viewer, how long an offline
+    # device is remembered so polls don't pay the timeout again, how often pages poll.
+    "VALUES_CACHE_SECONDS": 4.0,
+    "OFFLINE_REMEMBER_SECONDS": 60.0,
+    "VALUES_POLL_SECONDS": 5,
+    # Mail (SMTP)
+    "MAIL_SERVER": "localhost",
+    "MAIL_PORT": 25,
+    "MAIL_USE_TLS": False,
+    "MAIL_USE_SSL": False,
+    "MAIL_USERNAME": "",
+    "MAIL_PASSWORD": "",
+    "MAIL_SENDER": "selfserve <no-reply@selfserve.example>",
+    "MAIL_TIMEOUT": 10.0,
+    # Rate limits: "memory://" per process; "redis://host:port" shares them across workers.
+    "RATELIMIT_STORAGE_URI": "memory://",
+    # Sessions
+    "SESSION_IDLE_SECONDS": 30 * 60,
+    "SESSION_ABSOLUTE_SECONDS": 12 * 3600,
+    # Background sweep that resumes interrupted multi-step work (provisioning, claims, ...).
+    "SWEEP_SECONDS": 30,
+    # Demo mode: local http, bundled simulator, emails shown locally.
+    "DEMO": False,
+    "DEMO_MAILBOX_DIR": "",
+}
+
+
+def _parse(value, default):
+    if isinstance(default, bool):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        return int(value)
+    if isinstance(default, float):
+        return float(value)
+    return value
+
+
+def from_env(environ=None):
+    """Return DEFAULTS overridden by SELFSERVE_* environment variables."""
+    environ = os.environ if environ is None else environ
+    config = dict(DEFAULTS)
+    for key, default in DEFAULTS.items():
+        raw = environ.get("SELFSERVE_" + key)
+        if raw is not None:
+            config[key] = _parse(raw, default)
+    return config
+
+
+def demo_particle_settings():
+    """Settings that point the client at the bundled simulator's demo product."""
+    return {
+        "PARTICLE_PRODUCT": DEMO_PARTICLE_PRODUCT,
+        "PARTICLE_CLIENT_ID": DEMO_PARTICLE_CLIENT_ID,
+        "PARTICLE_CLIENT_SECRET": DEMO_PARTICLE_CLIENT_SECRET,
+    }
+
+
+class ConfigError(RuntimeError):
+    """The app was asked to start for real without the settings it needs."""
+
+
+def check_production(config):
+    """Refuse to start outside tests and the demo without real secrets and Particle settings."""
+    if config.get("TESTING") or config.get("DEMO"):
+        return
+    missing = [
+        key
+        for key in ("SECRET_KEY", "PARTICLE_PRODUCT", "PARTICLE_CLIENT_ID", "PARTICLE_CLIENT_SECRET")
+        if not config.get(key)
+    ]
+    if missing:
+        names = ", ".join("SELFSERVE_" + key for key in missing)
+        raise ConfigError(f"Refusing to start: set {names} (or run the demo: bin/demo).")
+    if len(config["SECRET_KEY"]) < 32:
+        raise ConfigError("Refusing to start: SELFSERVE_SECRET_KEY must be at least 32 characters.")

@@ -1,0 +1,47 @@
+"""Outgoing mail over SMTP. Messages are rendered from templates/emails/<name>.txt."""
+import logging
+import smtplib
+import ssl
+from email.message import EmailMessage
+from email.utils import make_msgid
+
+from flask import current_app
+from flask import render_template
+
+log = logging.getLogger(__name__)
+
+
+class MailError(RuntimeError):
+    """The SMTP server could not be reached or refused the message."""
+
+
+def init_app(app):
+    app.extensions["mail"] = True
+
+
+def send(to, subject, template, **context):
+    """Render templates/emails/<template>.txt and send it to `to`. Raises MailError."""
+    config = current_app.config
+    message = EmailMessage()
+    message["From"] = config["MAIL_SENDER"]
+    message["To"] = to
+    message["Subject"] = subject
+    message["Message-ID"] = make_msgid(domain="selfserve")
+    message.set_content(render_template(f"emails/{template}.txt", **context))
+    try:
+        if config["MAIL_USE_SSL"]:
+            smtp = smtplib.SMTP_SSL(
+                config["MAIL_SERVER"], config["MAIL_PORT"], timeout=config["MAIL_TIMEOUT"],
+                context=ssl.create_default_context(),
+            )
+        else:
+            smtp = smtplib.SMTP(config["MAIL_SERVER"], config["MAIL_PORT"], timeout=config["MAIL_TIMEOUT"])
+        with smtp:
+            if config["MAIL_USE_TLS"] and not config["MAIL_USE_SSL"]:
+                smtp.starttls(context=ssl.create_default_context())
+            if config["MAIL_USERNAME"]:
+                smtp.login(config["MAIL_USERNAME"], config["MAIL_PASSWORD"])
+            smtp.send_message(message)
+    except (OSError, smtplib.SMTPException) as exc:
+        log.warning("Could not send %r mail: %s", template, type(exc).__name__)
+        raise MailError("We could not send the email right now. Please try again shortly.") from exc

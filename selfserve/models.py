@@ -1,0 +1,184 @@
+"""peewee models. The database is the source of truth for who owns what.
+
+`db` is a DatabaseProxy bound at start-up by `init_db(url)`: SQLite by default (WAL, foreign
+keys), PostgreSQL when the URL says so.
+"""
+import datetime
+import json
+import os
+
+import peewee
+from playhouse.db_url import connect
+
+db = peewee.DatabaseProxy()
+
+
+def utcnow():
+    """Naive UTC now; every timestamp in the database is naive UTC."""
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+
+
+def init_db(url):
+    """Bind `db` to the database at `url` and create missing tables."""
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///"):]
+        if path and path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        database = connect(
+            url,
+            pragmas={"journal_mode": "wal", "foreign_keys": 1, "busy_timeout": 10000},
+            check_same_thread=False,
+        )
+    else:
+        database = connect(url)
+    db.initialize(database)
+    with db.connection_context():
+        db.create_tables(ALL_MODELS, safe=True)
+    return database
+
+
+class BaseModel(peewee.Model):
+    class Meta:
+        database = db
+
+
+class JSONField(peewee.TextField):
+    """JSON stored as text, so it works the same on SQLite and PostgreSQL."""
+
+    def db_value(self, value):
+        return None if value is None else json.dumps(value, sort_keys=True)
+
+    def python_value(self, value):
+        return None if value is None else json.loads(value)
+
+
+class User(BaseModel):
+    """An account: a homeowner, or (role staff/admin) a support person.
+
+    The Particle shadow customer is created only after the email is verified, under
+    `particle_customer_id`, an opaque lowercase id that never contains the email.
+    """
+
+    email = peewee.CharField(unique=True, max_length=254)  # stored lowercased
+    password_hash = peewee.CharField(max_length=255)
+    role = peewee.CharField(default="customer", max_length=16)  # customer | staff | admin
+    created_at = peewee.DateTimeField(default=utcnow)
+    email_verified_at = peewee.DateTimeField(null=True)
+    # Provisioning of the Particle customer: None (not verified yet) -> "pending" -> "ready".
+    particle_customer_id = peewee.CharField(null=True, unique=True, max_length=64)
+    provisioning_state = peewee.CharField(null=True, max_length=16)
+    provisioning_error = peewee.TextField(null=True)
+    provisioning_attempts = peewee.IntegerField(default=0)
+    password_changed_at = peewee.DateTimeField(default=utcnow)
+    # Second factor for staff (TOTP secret, encrypted at rest).
+    totp_secret_encrypted = peewee.TextField(null=True)
+
+    # Flask-Login protocol. get_id() is the login session's random id, never the primary key
+    # (Flask-Login "Alternative Tokens"), so ending a session on the server really ends it.
+    login_session = None
+
+    @property
+    def is_authenticated(self):
+        return True
+
+    @property
+    def is_active(self):
+        return True
+
+    @property
+    def is_anonymous(self):
+        return False
+
+    def get_id(self):
+        return self.login_session.id if self.login_session is not None else None
+
+    @property
+    def is_verified(self):
+        return self.email_verified_at is not None
+
+    @property
+    def is_staff(self):
+        return self.role in ("staff", "admin")
+
+
+class LoginSession(BaseModel):
+    """One signed-in browser. Logging out, or a password reset, ends it on the server."""
+
+    id = peewee.CharField(primary_key=True, max_length=64)
+    user = peewee.ForeignKeyField(User, backref="login_sessions", on_delete="CASCADE")
+    created_at = peewee.DateTimeField(default=utcnow)
+    last_seen_at = peewee.DateTimeField(default=utcnow)
+    ended_at = peewee.DateTimeField(null=True)
+    user_agent = peewee.CharField(null=True, max_length=255)
+
+
+class Device(BaseModel):
+    """The company's device registry (from manufacturing) and who owns each device.
+
+    `owner` is the truth; Particle's claim mirrors it. `claim_state` records a Particle step
+    in progress ("claiming" / "releasing") so an interrupted one is resumed by the sweep.
+    """
+
+    device_id = peewee.CharField(primary_key=True, max_length=24)  # 24 lowercase hex
+    serial_number = peewee.CharField(unique=True, max_length=64)  # stored uppercased
+    setup_code_hash = peewee.CharField(max_length=255)
+    model = peewee.CharField(max_length=16)  # "window" | "pump"
+    imported_at = peewee.DateTimeField(default=utcnow)
+    in_product = peewee.BooleanField(default=False)  # imported into the Particle product
+    owner = peewee.ForeignKeyField(User, null=True, backref="devices", on_delete="SET NULL")
+    name = peewee.CharField(null=True, max_length=64)
+    claimed_at = peewee.DateTimeField(null=True)
+    claim_state = peewee.CharField(null=True, max_length=16)  # None | claiming | releasing
+    claim_error = peewee.TextField(null=True)
+
+
+class DeviceSnapshot(BaseModel):
+    """Last known live values of a device, shared by every viewer and every worker.
+
+    Doubles as the single-flight cache: a worker takes `lease_until` with an atomic update
+    before calling Particle, so many viewers of one device cost one upstream call.
+    """
+
+    device_id = peewee.CharField(primary_key=True, max_length=24)
+    values = JSONField(default=dict)  # name -> value
+    fetched_at = peewee.DateTimeField(null=True)  # when the values were read
+    checked_at = peewee.DateTimeField(null=True)  # when we last asked, successfully or not
+    online = peewee.BooleanField(null=True)
+    offline_since = peewee.DateTimeField(null=True)
+    last_error = peewee.CharField(null=True, max_length=255)
+    lease_until = peewee.DateTimeField(null=True)
+
+
+class ParticleToken(BaseModel):
+    """Cached Particle access tokens (product, and one per customer), encrypted at rest."""
+
+    key = peewee.CharField(primary_key=True, max_length=100)
+    token_encrypted = peewee.TextField()
+    refresh_encrypted = peewee.TextField(null=True)
+    expires_at = peewee.DateTimeField(null=True)
+
+
+class AuditEvent(BaseModel):
+    """Append-only trail: claims, releases, renames, function calls, sign-ins, staff actions.
+
+    `user` is whose account it concerns (shown on their activity page); `actor` who did it.
+    """
+
+    at = peewee.DateTimeField(default=utcnow, index=True)
+    user = peewee.ForeignKeyField(User, null=True, backref="audit_events", on_delete="SET NULL")
+    actor = peewee.ForeignKeyField(User, null=True, on_delete="SET NULL", backref="+")
+    action = peewee.CharField(max_length=64)
+    device_id = peewee.CharField(null=True, max_length=24)
+    detail = JSONField(null=True)
+    ip = peewee.CharField(null=True, max_length=64)
+
+    def save(self, *args, **kwargs):
+        if self.id is not None and not kwargs.get("force_insert"):
+            raise RuntimeError("audit events are append-only")
+        return super().save(*args, **kwargs)
+
+    def delete_instance(self, *args, **kwargs):
+        raise RuntimeError("audit events are append-only")
+
+
+ALL_MODELS = [User, LoginSession, Device, DeviceSnapshot, ParticleToken, AuditEvent]

@@ -1,0 +1,58 @@
+"""The append-only audit trail. Every service that changes ownership or acts for a person
+records it here; the homeowner's activity page reads it back."""
+from flask import has_request_context
+from flask import request
+
+from selfserve.models import AuditEvent
+
+# action -> how the activity page says it (the detail dict fills the placeholders).
+DESCRIPTIONS = {
+    "account.signed_up": "Signed up",
+    "account.email_verified": "Verified email address",
+    "account.signed_in": "Signed in",
+    "account.sign_in_failed": "Failed sign-in attempt",
+    "account.signed_out": "Signed out",
+    "account.password_changed": "Changed password",
+    "account.password_reset": "Reset password by email",
+    "account.email_change_requested": "Asked to change email address",
+    "account.email_changed": "Changed email address",
+    "account.provisioned": "Account connected to the device cloud",
+    "device.claimed": "Added device {name}",
+    "device.released": "Released device {name}",
+    "device.renamed": "Renamed device {old} to {new}",
+    "device.function_called": "Ran {function} on {name}",
+    "support.viewed": "Support viewed your account",
+}
+
+
+def record(action, user=None, actor=None, device_id=None, **detail):
+    """Append one event. `user` is whose account it concerns, `actor` who acted (defaults to
+    `user`). Never pass secrets in `detail`: it is shown to the homeowner."""
+    ip = request.remote_addr if has_request_context() else None
+    return AuditEvent.create(
+        action=action,
+        user=user,
+        actor=actor if actor is not None else user,
+        device_id=device_id,
+        detail=detail or None,
+        ip=ip,
+    )
+
+
+def describe(event):
+    """A human sentence for an event."""
+    template = DESCRIPTIONS.get(event.action, event.action)
+    detail = dict(event.detail or {})
+    detail.setdefault("name", event.device_id or "a device")
+    try:
+        return template.format(**detail)
+    except (KeyError, IndexError):
+        return template
+
+
+def history(user, limit=100, before_id=None):
+    """The newest events of `user`'s account, newest first."""
+    query = AuditEvent.select().where(AuditEvent.user == user)
+    if before_id is not None:
+        query = query.where(AuditEvent.id < before_id)
+    return list(query.order_by(AuditEvent.id.desc()).limit(limit))

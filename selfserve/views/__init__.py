@@ -1,0 +1,73 @@
+"""Blueprints (thin: parse input, call one service function, render or redirect) and errors."""
+import logging
+
+from flask_wtf.csrf import CSRFError
+from werkzeug.exceptions import HTTPException
+
+from selfserve import htmx
+from selfserve.particle.errors import ParticleError
+
+log = logging.getLogger(__name__)
+
+ERROR_MESSAGES = {
+    400: "That request could not be understood.",
+    403: "You don't have access to that.",
+    404: "We couldn't find that page.",
+    405: "That action isn't available here.",
+    429: "Too many attempts. Please wait a little and try again.",
+}
+
+
+def register(app):
+    from selfserve.views import main
+
+    app.register_blueprint(main.bp)
+    for module_name in ("accounts", "devices", "transfers", "support", "demo"):
+        module = _optional_view_module(module_name)
+        if module is not None:
+            if module_name == "demo" and not app.config.get("DEMO"):
+                continue
+            app.register_blueprint(module.bp)
+
+    endpoints = frozenset(app.view_functions)
+
+    @app.context_processor
+    def _endpoints():
+        # Lets shared templates link only to areas that exist.
+        return {"url_rules": endpoints}
+
+    @app.errorhandler(CSRFError)
+    def _csrf_error(exc):
+        return htmx.error_response(
+            "This form has expired. Please reload the page and try again.", 400, "Form expired"
+        )
+
+    @app.errorhandler(ParticleError)
+    def _particle_error(exc):
+        # A safety net: services normally turn these into specific messages themselves.
+        log.warning("Particle error reached a view: %s", exc)
+        return htmx.error_response(exc.user_message, 503, "Device cloud unavailable")
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc):
+        message = ERROR_MESSAGES.get(exc.code, exc.description)
+        return htmx.error_response(message, exc.code, exc.name)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc):
+        log.exception("Unhandled error")
+        return htmx.error_response(
+            "Something went wrong on our side. Nothing was lost; please try again.", 500, "Error"
+        )
+
+
+def _optional_view_module(name):
+    """Areas are added issue by issue; register the ones that exist."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"selfserve.views.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"selfserve.views.{name}":
+            return None
+        raise

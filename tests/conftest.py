@@ -1,0 +1,205 @@
+"""Shared fixtures: a live Particle Cloud simulator, a real SMTP sink, the app, a DB per test.
+
+Set SELFSERVE_TEST_DATABASE_URL=postgresql://... to run everything against PostgreSQL
+(bin/test does this as a second pass when SELFSERVE_TEST_POSTGRES_URL is set).
+"""
+import email
+import ipaddress
+import os
+import re
+import socket
+import threading
+import time
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from selfserve import config as config_module
+
+TEST_DATABASE_URL = os.environ.get("SELFSERVE_TEST_DATABASE_URL", "")
+
+
+# --- Guard: no test may reach past loopback -------------------------------------------------
+
+_real_connect = socket.socket.connect
+_real_connect_ex = socket.socket.connect_ex
+
+
+def _check_address(sock, address):
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    host = address[0]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        if host == "localhost":
+            return
+        raise AssertionError(f"test tried to reach {host!r}: only loopback is allowed")
+    if not ip.is_loopback:
+        raise AssertionError(f"test tried to reach {host}: only loopback is allowed")
+
+
+def _guarded_connect(sock, address):
+    _check_address(sock, address)
+    return _real_connect(sock, address)
+
+
+def _guarded_connect_ex(sock, address):
+    _check_address(sock, address)
+    return _real_connect_ex(sock, address)
+
+
+socket.socket.connect = _guarded_connect
+socket.socket.connect_ex = _guarded_connect_ex
+
+
+# --- The Particle Cloud simulator -----------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def sim_server():
+    """One simulator for the whole run, on an ephemeral port, with the demo fixtures."""
+    from selfserve.particle.simulator import SimulatorServer
+
+    server = SimulatorServer(
+        host="127.0.0.1",
+        port=0,
+        product=config_module.DEMO_PARTICLE_PRODUCT,
+        client_id=config_module.DEMO_PARTICLE_CLIENT_ID,
+        client_secret=config_module.DEMO_PARTICLE_CLIENT_SECRET,
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def sim(sim_server):
+    """The simulator, reset to its fixtures (devices, no customers, no faults, counters 0)."""
+    sim_server.reset()
+    return sim_server
+
+
+# --- A real SMTP sink -------------------------------------------------------------------------
+
+
+class Mailbox:
+    """Messages received by the SMTP sink, parsed."""
+
+    def __init__(self):
+        self.messages = []
+        self._lock = threading.Lock()
+
+    async def handle_DATA(self, server, session, envelope):
+        message = email.message_from_bytes(envelope.content)
+        with self._lock:
+            self.messages.append(message)
+        return "250 Message accepted for delivery"
+
+    def clear(self):
+        with self._lock:
+            self.messages.clear()
+
+    def to(self, address):
+        with self._lock:
+            return [m for m in self.messages if address.lower() in m["To"].lower()]
+
+    def wait_for(self, address, count=1, timeout=5.0):
+        """Wait until `address` has at least `count` messages; return the newest."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.to(address)
+            if len(found) >= count:
+                return found[-1]
+            time.sleep(0.02)
+        raise AssertionError(f"no mail #{count} for {address} within {timeout}s")
+
+    @staticmethod
+    def body(message):
+        if message.is_multipart():
+            for part in message.walk():
+                if part.get_content_type() == "text/plain":
+                    return part.get_payload(decode=True).decode()
+        return message.get_payload(decode=True).decode()
+
+    @classmethod
+    def links(cls, message):
+        return re.findall(r"https?://\S+", cls.body(message))
+
+
+@pytest.fixture(scope="session")
+def smtp_server():
+    handler = Mailbox()
+    controller = Controller(handler, hostname="127.0.0.1", port=0)
+    controller.start()
+    handler.port = controller.server.sockets[0].getsockname()[1]
+    yield handler
+    controller.stop()
+
+
+@pytest.fixture
+def mailbox(smtp_server):
+    smtp_server.clear()
+    return smtp_server
+
+
+# --- The app ----------------------------------------------------------------------------------
+
+
+def _reset_database(url):
+    """Bind and empty the test database (tables are created by init_db)."""
+    from selfserve import models
+
+    models.init_db(url)
+    with models.db.connection_context():
+        for model in reversed(models.ALL_MODELS):
+            model.delete().execute()
+
+
+@pytest.fixture
+def db_url(tmp_path):
+    return TEST_DATABASE_URL or f"sqlite:///{tmp_path}/test.db"
+
+
+@pytest.fixture
+def app_config(sim, mailbox, db_url):
+    """The test config; tests may change it before asking for `app`."""
+    return {
+        "TESTING": True,
+        "SECRET_KEY": "test-secret-key-that-is-long-enough-0123456789",
+        "DATABASE_URL": db_url,
+        "BASE_URL": "http://localhost",
+        "PARTICLE_API_URL": sim.url,
+        **config_module.demo_particle_settings(),
+        "PARTICLE_READ_TIMEOUT": 5.0,
+        "MAIL_SERVER": "127.0.0.1",
+        "MAIL_PORT": mailbox.port,
+        "RATELIMIT_STORAGE_URI": "memory://",
+        "SWEEP_SECONDS": 0,  # no background sweep thread in tests; tests call the sweep
+    }
+
+
+@pytest.fixture
+def app(app_config):
+    from selfserve import create_app
+    from selfserve import models
+
+    if TEST_DATABASE_URL:
+        _reset_database(TEST_DATABASE_URL)
+    application = create_app(app_config)
+    with application.app_context():
+        models.db.connect(reuse_if_open=True)
+        yield application
+        if not models.db.is_closed():
+            models.db.close()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def particle(app):
+    """The app's own ParticleClient (talks HTTP to the simulator)."""
+    return app.extensions["particle"]

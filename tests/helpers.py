@@ -1,0 +1,47 @@
+"""Helpers for view tests."""
+import re
+
+
+def csrf_token(client, path="/"):
+    """The CSRF token of `client`'s current session, read from a rendered page."""
+    page = client.get(path).get_data(as_text=True)
+    match = re.search(r'name="csrf_token" value="([^"]+)"', page) or re.search(
+        r'"X-CSRFToken": "([^"]+)"', page
+    )
+    assert match, f"no CSRF token on {path}"
+    return match.group(1)
+
+
+def make_user(email="home@example.com", password="correct horse battery", verified=True, provisioned=True):
+    """Create an account directly in the database (verified and with a Particle customer by
+    default: the customer is created in the simulator through the app's real client)."""
+    import secrets
+
+    from flask import current_app
+
+    from selfserve import passwords
+    from selfserve.models import User
+    from selfserve.models import utcnow
+
+    user = User.create(email=email.lower(), password_hash=passwords.hash_password(password))
+    if verified:
+        user.email_verified_at = utcnow()
+        user.provisioning_state = "pending"
+        user.save()
+    if verified and provisioned:
+        customer_id = "c" + secrets.token_hex(12)
+        current_app.extensions["particle"].create_customer(customer_id)
+        user.particle_customer_id = customer_id
+        user.provisioning_state = "ready"
+        user.save()
+    return user
+
+
+def login(client, email="home@example.com", password="correct horse battery"):
+    """Sign in through the real login form; returns the response (follows redirects)."""
+    token = csrf_token(client, "/login")
+    return client.post(
+        "/login",
+        data={"email": email, "password": password, "csrf_token": token},
+        follow_redirects=True,
+    )

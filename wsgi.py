@@ -1,0 +1,3 @@
+from selfserve import create_app
+
+app = create_app()
