@@ -1,0 +1,30 @@
+"""Demo only: a local mailbox showing the emails the site sent (registered when DEMO is on)."""
+import re
+
+from flask import Blueprint
+from flask import current_app
+from flask import render_template
+from markupsafe import Markup
+from markupsafe import escape
+
+from selfserve.demo import read_mailbox
+from selfserve.security import public
+
+bp = Blueprint("demo", __name__, url_prefix="/demo")
+
+_URL = re.compile(r"https?://[^\s<>\"]+")
+
+
+@bp.app_template_filter("linkify")
+def linkify(text):
+    """Escape `text`, keep its line breaks and make its http(s) links clickable."""
+    escaped = str(escape(text))
+    linked = _URL.sub(lambda m: f'<a href="{m.group(0)}">{m.group(0)}</a>', escaped)
+    return Markup(linked.replace("\n", "<br>\n"))
+
+
+@bp.get("/mailbox")
+@public
+def mailbox():
+    messages = read_mailbox(current_app.config.get("DEMO_MAILBOX_DIR"))
+    return render_template("demo/mailbox.html", messages=messages)
