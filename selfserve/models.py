@@ -129,7 +129,18 @@ class Device(BaseModel):
     name = peewee.CharField(null=True, max_length=64)
     claimed_at = peewee.DateTimeField(null=True)
     claim_state = peewee.CharField(null=True, max_length=16)  # None | claiming | releasing
+    claim_state_at = peewee.DateTimeField(null=True)  # when claim_state was set (resumer's grace)
     claim_error = peewee.TextField(null=True)
+
+
+class ClaimAttempt(BaseModel):
+    """One failed claim attempt, counted per account and per serial (see services/devices.py)."""
+
+    key = peewee.CharField(max_length=100)  # "user:<id>" | "serial:<SERIAL>"
+    at = peewee.DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((("key", "at"), False),)
 
 
 class DeviceSnapshot(BaseModel):
@@ -140,7 +151,7 @@ class DeviceSnapshot(BaseModel):
     """
 
     device_id = peewee.CharField(primary_key=True, max_length=24)
-    values = JSONField(default=dict)  # name -> value
+    values = JSONField(default=dict)  # name -> {"value": ..., "at": ISO time it was read}
     fetched_at = peewee.DateTimeField(null=True)  # when the values were read
     checked_at = peewee.DateTimeField(null=True)  # when we last asked, successfully or not
     online = peewee.BooleanField(null=True)
@@ -181,4 +192,4 @@ class AuditEvent(BaseModel):
         raise RuntimeError("audit events are append-only")
 
 
-ALL_MODELS = [User, LoginSession, Device, DeviceSnapshot, ParticleToken, AuditEvent]
+ALL_MODELS = [User, LoginSession, Device, ClaimAttempt, DeviceSnapshot, ParticleToken, AuditEvent]
