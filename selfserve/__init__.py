@@ -67,4 +67,9 @@ def create_app(test_config=None):
     from selfserve import cli
 
     cli.init_app(app)
+
+    from selfserve import sweep
+
+    # Finish work a crash or an outage interrupted: once now, then every SWEEP_SECONDS.
+    sweep.start(app)
     return app

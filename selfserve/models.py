@@ -69,6 +69,12 @@ class User(BaseModel):
     provisioning_state = peewee.CharField(null=True, max_length=16)
     provisioning_error = peewee.TextField(null=True)
     provisioning_attempts = peewee.IntegerField(default=0)
+    # Lease and backoff in one: the next time a worker may try provisioning. A worker takes the
+    # work with an atomic UPDATE moving it into the future (so only one worker calls Particle),
+    # and after a failure it is set to now + backoff.
+    provisioning_next_at = peewee.DateTimeField(null=True)
+    # An email change waiting for the new address to confirm its link.
+    pending_email = peewee.CharField(null=True, max_length=254)
     password_changed_at = peewee.DateTimeField(default=utcnow)
     # Second factor for staff (TOTP secret, encrypted at rest).
     totp_secret_encrypted = peewee.TextField(null=True)

@@ -8,6 +8,8 @@ from selfserve.models import AuditEvent
 # action -> how the activity page says it (the detail dict fills the placeholders).
 DESCRIPTIONS = {
     "account.signed_up": "Signed up",
+    "account.signup_attempted": "Someone tried to sign up again with your email address",
+    "account.password_reset_requested": "Asked for a password reset link",
     "account.email_verified": "Verified email address",
     "account.signed_in": "Signed in",
     "account.sign_in_failed": "Failed sign-in attempt",

@@ -1,0 +1,450 @@
+"""Accounts: sign-up, email verification, sign-in, password reset and change, email change,
+and the account's own activity history.
+
+Plain functions, tested without HTTP. They raise:
+- `FormErrors` for input the person must correct (field name -> message);
+- `tokens.TokenError` for a link that can't be used (expired, tampered, used, outdated);
+- `mail.MailError` when an email could not be sent, always AFTER everything else was saved,
+  so nothing is lost and asking again works.
+
+No answer reveals whether an email address has an account: sign-up and "forgot password"
+answer the same either way (the owner of an existing address gets a different email instead),
+and a failed sign-in costs the same work for unknown addresses (a dummy hash is checked).
+"""
+import logging
+import re
+from dataclasses import dataclass
+
+import peewee
+from flask import current_app
+from flask import has_request_context
+from flask import request
+
+from selfserve import mail
+from selfserve import passwords
+from selfserve import tokens
+from selfserve.models import User
+from selfserve.models import db
+from selfserve.models import utcnow
+from selfserve.security import end_all_login_sessions
+from selfserve.services import audit
+from selfserve.services import provisioning
+
+log = logging.getLogger(__name__)
+
+EMAIL_MAX_LENGTH = 254
+# Deliberately loose: one @, something on each side, a dot in the domain, no spaces. The
+# verification email is the real test of an address.
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s.]+$")
+
+VERIFY_HOURS = tokens.PURPOSES["verify_email"].max_age // 3600
+RESET_MINUTES = tokens.PURPOSES["reset_password"].max_age // 60
+EMAIL_CHANGE_HOURS = tokens.PURPOSES["confirm_email_change"].max_age // 3600
+
+ACTIVITY_PAGE_SIZE = 25
+
+LINK_USED = (
+    "This link has already been used or is no longer valid. "
+    "If you still need one, please ask for a new link."
+)
+VERIFY_LINK_OUTDATED = (
+    "This link was sent to an email address that is no longer on the account. "
+    "Please ask for a new link."
+)
+
+
+class FormErrors(Exception):
+    """Input to correct. `errors` maps a form field name to a message for that field."""
+
+    def __init__(self, errors):
+        super().__init__(", ".join(f"{k}: {v}" for k, v in errors.items()))
+        self.errors = errors
+
+
+@dataclass
+class VerifyResult:
+    user: User
+    newly_verified: bool  # False: it was already verified (a second click, or another tab)
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def normalize_email(raw):
+    """Trimmed and lowercased (Particle and most mail systems treat case as equal)."""
+    return (raw or "").strip().lower()
+
+
+def email_problem(email):
+    """What is wrong with a (normalized) email address, or None."""
+    if not email:
+        return "Enter your email address."
+    if len(email) > EMAIL_MAX_LENGTH or not _EMAIL.match(email):
+        return "Enter an email address like name@example.com."
+    return None
+
+
+def absolute_url(endpoint, **values):
+    """An absolute link for emails: BASE_URL when configured, else the request's own root."""
+    base = current_app.config.get("BASE_URL") or ""
+    if not base and has_request_context():
+        base = request.url_root
+    if not base:
+        raise RuntimeError("Set BASE_URL to build links outside a request.")
+    path = current_app.url_map.bind("localhost").build(endpoint, values)
+    return base.rstrip("/") + path
+
+
+def _notify(to, subject, template, **context):
+    """Send a courtesy notice; a failure is logged (without the address) and not raised."""
+    try:
+        mail.send(to, subject, template, **context)
+    except mail.MailError:
+        log.warning("Courtesy email %r could not be sent", template)
+
+
+def _user_from(payload):
+    user_id = payload.get("u")
+    if not isinstance(user_id, int) or isinstance(user_id, bool):
+        raise tokens.TokenInvalid()
+    user = User.get_or_none(User.id == user_id)
+    if user is None:
+        raise tokens.TokenInvalid()
+    return user
+
+
+def _verified_fields(now):
+    """The columns set when an address is proven: verified now, and provisioning starts with
+    an opaque customer id saved before Particle is called and the lease taken in the same
+    statement (so this worker, and only it, makes the first attempt)."""
+    return {
+        User.email_verified_at: now,
+        User.provisioning_state: peewee.fn.COALESCE(User.provisioning_state, provisioning.PENDING),
+        User.particle_customer_id: peewee.fn.COALESCE(
+            User.particle_customer_id, provisioning.new_customer_id()
+        ),
+        User.provisioning_next_at: provisioning.lease_until(now),
+    }
+
+
+# --- sign-up and verification ------------------------------------------------------------------
+
+
+def sign_up(email, password):
+    """Create an account and send its verification email.
+
+    If the address already has an account, nothing is created and that address gets a
+    "someone tried to sign up with your address" email instead; the caller can't tell which
+    happened. Raises FormErrors for a bad address or password, MailError if the email could not
+    be sent (the account, if new, is kept: signing in and "resend" work).
+    """
+    email = normalize_email(email)
+    errors = {}
+    problem = email_problem(email)
+    if problem:
+        errors["email"] = problem
+    problem = passwords.problem(password or "")
+    if problem:
+        errors["password"] = problem
+    if errors:
+        raise FormErrors(errors)
+    # Hashed before the lookup so a new and an existing address cost the same work.
+    password_hash = passwords.hash_password(password)
+    existing = User.get_or_none(User.email == email)
+    if existing is None:
+        try:
+            with db.atomic():
+                user = User.create(email=email, password_hash=password_hash)
+        except peewee.IntegrityError:
+            existing = User.get(User.email == email)  # the same address signed up just now
+        else:
+            audit.record("account.signed_up", user=user)
+            send_verification(user)
+            return
+    audit.record("account.signup_attempted", user=existing)
+    mail.send(
+        existing.email,
+        "Someone tried to sign up with your email address",
+        "signup_attempt",
+        login_url=absolute_url("accounts.login"),
+        forgot_url=absolute_url("accounts.forgot"),
+    )
+
+
+def send_verification(user):
+    """Email `user` a fresh verification link (valid 48 h, bound to the current address)."""
+    token = tokens.make("verify_email", {"u": user.id, "e": tokens.fingerprint(user.email)})
+    mail.send(
+        user.email,
+        "Confirm your email address",
+        "verify_email",
+        verify_url=absolute_url("accounts.verify", token=token),
+        hours=VERIFY_HOURS,
+    )
+
+
+def resend_verification(user):
+    """Send another verification link; False (and nothing sent) if already verified."""
+    user = User.get_by_id(user.id)
+    if user.is_verified:
+        return False
+    send_verification(user)
+    return True
+
+
+def check_verify_link(token):
+    """The account a verification link is for, without changing anything (the GET page)."""
+    payload = tokens.read("verify_email", token)
+    user = _user_from(payload)
+    if not tokens.same(payload.get("e"), tokens.fingerprint(user.email)):
+        raise tokens.TokenInvalid(VERIFY_LINK_OUTDATED)
+    return user
+
+
+def verify_email(token, now=None):
+    """Verify the address a link was sent to and create the Particle customer.
+
+    One atomic UPDATE (`... WHERE email_verified_at IS NULL`) picks the winner when several
+    clicks arrive at once: only it starts provisioning. Later clicks get
+    `newly_verified=False`. If Particle fails, the account stays "pending" and
+    `provisioning.resume_*` finishes it later.
+    """
+    user = check_verify_link(token)
+    if user.is_verified:
+        return VerifyResult(user, False)
+    now = now or utcnow()
+    won = User.update(_verified_fields(now)).where(
+        (User.id == user.id) & User.email_verified_at.is_null() & (User.email == user.email)
+    ).execute()
+    if not won:
+        user = User.get_by_id(user.id)
+        if not user.is_verified:  # the address changed in between
+            raise tokens.TokenInvalid(VERIFY_LINK_OUTDATED)
+        return VerifyResult(user, False)
+    audit.record("account.email_verified", user=user)
+    return VerifyResult(provisioning.attempt(user.id, now), True)
+
+
+# --- signing in and out -------------------------------------------------------------------------
+
+
+def authenticate(email, password):
+    """The account for these credentials, or None. Unknown address and wrong password are
+    indistinguishable (same answer, same hashing work). Both outcomes are audited."""
+    email = normalize_email(email)
+    user = User.get_or_none(User.email == email) if email else None
+    if not passwords.check_password(user.password_hash if user else None, password or ""):
+        audit.record("account.sign_in_failed", user=user)
+        return None
+    if passwords.needs_rehash(user.password_hash):
+        user.password_hash = passwords.hash_password(password)
+        User.update(password_hash=user.password_hash).where(User.id == user.id).execute()
+    audit.record("account.signed_in", user=user)
+    return user
+
+
+def record_sign_out(user):
+    """Audit a sign-out (the caller ends the session)."""
+    audit.record("account.signed_out", user=user)
+
+
+# --- forgotten password ------------------------------------------------------------------------
+
+
+def request_password_reset(email):
+    """Email a reset link (valid 1 h, single use) if the address has an account.
+
+    Same outcome for unknown addresses (nothing is sent). Raises FormErrors for a malformed
+    address, MailError if the email to an existing account could not be sent.
+    """
+    email = normalize_email(email)
+    problem = email_problem(email)
+    if problem:
+        raise FormErrors({"email": problem})
+    user = User.get_or_none(User.email == email)
+    if user is None:
+        return
+    token = tokens.make(
+        "reset_password",
+        {
+            "u": user.id,
+            "e": tokens.fingerprint(user.email),
+            # Binding the current hash makes the link die once the password changes.
+            "p": tokens.fingerprint(user.password_hash),
+        },
+    )
+    audit.record("account.password_reset_requested", user=user)
+    mail.send(
+        user.email,
+        "Reset your password",
+        "reset_password",
+        reset_url=absolute_url("accounts.reset", token=token),
+        minutes=RESET_MINUTES,
+    )
+
+
+def check_reset_link(token):
+    """The account a reset link is for, if the link is still usable (changes nothing)."""
+    payload = tokens.read("reset_password", token)
+    user = _user_from(payload)
+    if not (
+        tokens.same(payload.get("e"), tokens.fingerprint(user.email))
+        and tokens.same(payload.get("p"), tokens.fingerprint(user.password_hash))
+    ):
+        raise tokens.TokenInvalid(LINK_USED)
+    return user
+
+
+def reset_password(token, new_password):
+    """Set a new password through a reset link and end every session of the account.
+
+    The UPDATE matches the old hash, so of two uses of one link only the first works.
+    """
+    user = check_reset_link(token)
+    problem = passwords.problem(new_password or "")
+    if problem:
+        raise FormErrors({"password": problem})
+    changed = User.update(
+        password_hash=passwords.hash_password(new_password), password_changed_at=utcnow()
+    ).where((User.id == user.id) & (User.password_hash == user.password_hash)).execute()
+    if not changed:
+        raise tokens.TokenInvalid(LINK_USED)
+    end_all_login_sessions(user)
+    audit.record("account.password_reset", user=user)
+    _notify(user.email, "Your password was changed", "password_changed", forgot_url=absolute_url("accounts.forgot"))
+    return User.get_by_id(user.id)
+
+
+# --- settings ----------------------------------------------------------------------------------
+
+
+def change_password(user, current_password, new_password, keep_session=None):
+    """Change the password (the current one is required); end every other session."""
+    errors = {}
+    if not passwords.check_password(user.password_hash, current_password or ""):
+        errors["current_password"] = "That is not your current password."
+    problem = passwords.problem(new_password or "")
+    if problem:
+        errors["new_password"] = problem
+    if errors:
+        raise FormErrors(errors)
+    changed = User.update(
+        password_hash=passwords.hash_password(new_password), password_changed_at=utcnow()
+    ).where((User.id == user.id) & (User.password_hash == user.password_hash)).execute()
+    if not changed:
+        raise FormErrors({"current_password": "Your password was just changed elsewhere. Please reload the page."})
+    end_all_login_sessions(user, keep=keep_session)
+    audit.record("account.password_changed", user=user)
+    _notify(user.email, "Your password was changed", "password_changed", forgot_url=absolute_url("accounts.forgot"))
+    return User.get_by_id(user.id)
+
+
+def request_email_change(user, new_email, password):
+    """Ask to move the account to `new_email`: a confirmation link goes to the NEW address and
+    nothing changes until it is opened. Requires the current password.
+
+    If the new address already belongs to another account, that address is told instead and
+    the answer here is the same (no probing for accounts). Raises FormErrors, MailError.
+    """
+    new_email = normalize_email(new_email)
+    errors = {}
+    problem = email_problem(new_email)
+    if problem:
+        errors["new_email"] = problem
+    elif new_email == user.email:
+        errors["new_email"] = "That is already your email address."
+    if not passwords.check_password(user.password_hash, password or ""):
+        errors["email_password"] = "That is not your current password."
+    if errors:
+        raise FormErrors(errors)
+    User.update(pending_email=new_email).where(User.id == user.id).execute()
+    audit.record("account.email_change_requested", user=user)
+    if User.select().where((User.email == new_email) & (User.id != user.id)).exists():
+        mail.send(
+            new_email,
+            "Someone tried to use your email address",
+            "email_change_taken",
+            login_url=absolute_url("accounts.login"),
+            forgot_url=absolute_url("accounts.forgot"),
+        )
+        return
+    token = tokens.make(
+        "confirm_email_change",
+        {"u": user.id, "e": tokens.fingerprint(user.email), "n": tokens.fingerprint(new_email)},
+    )
+    mail.send(
+        new_email,
+        "Confirm your new email address",
+        "confirm_email_change",
+        confirm_url=absolute_url("accounts.confirm_email", token=token),
+        hours=EMAIL_CHANGE_HOURS,
+    )
+
+
+def check_email_change_link(token):
+    """The account an email-change link is for, if still usable (changes nothing). The new
+    address is `user.pending_email`."""
+    payload = tokens.read("confirm_email_change", token)
+    user = _user_from(payload)
+    if not (
+        user.pending_email
+        and tokens.same(payload.get("e"), tokens.fingerprint(user.email))
+        and tokens.same(payload.get("n"), tokens.fingerprint(user.pending_email))
+    ):
+        raise tokens.TokenInvalid(LINK_USED)
+    return user
+
+
+def confirm_email_change(token, now=None):
+    """Move the account to its pending address (proven by this link) and tell the old one.
+
+    Works once: the link is bound to the old address, which no longer matches afterwards.
+    An unverified account becomes verified (the link proves the address) and provisioning
+    starts. The Particle customer id is opaque, so Particle needs no change.
+    """
+    user = check_email_change_link(token)
+    now = now or utcnow()
+    old_email, new_email = user.email, user.pending_email
+    fields = {User.email: new_email, User.pending_email: None}
+    if not user.is_verified:
+        fields.update(_verified_fields(now))
+    try:
+        with db.atomic():
+            changed = User.update(fields).where(
+                (User.id == user.id) & (User.email == old_email) & (User.pending_email == new_email)
+            ).execute()
+    except peewee.IntegrityError:
+        User.update(pending_email=None).where(User.id == user.id).execute()
+        raise tokens.TokenInvalid(
+            "That address now belongs to another account, so your email address was not changed."
+        ) from None
+    if not changed:
+        raise tokens.TokenInvalid(LINK_USED)
+    audit.record("account.email_changed", user=user)
+    _notify(
+        old_email,
+        "Your email address was changed",
+        "email_changed",
+        new_email=new_email,
+    )
+    if not user.is_verified:
+        audit.record("account.email_verified", user=user)
+        return provisioning.attempt(user.id, now)
+    return User.get_by_id(user.id)
+
+
+def cancel_email_change(user):
+    """Forget a pending email change (its link stops working)."""
+    User.update(pending_email=None).where(User.id == user.id).execute()
+
+
+# --- activity ----------------------------------------------------------------------------------
+
+
+def activity(user, before=None, page_size=ACTIVITY_PAGE_SIZE):
+    """One page of the account's own history, newest first: (events, cursor of the next older
+    page or None). `before` is the cursor from the previous page."""
+    events = audit.history(user, limit=page_size + 1, before_id=before)
+    older = events[page_size - 1].id if len(events) > page_size else None
+    return events[:page_size], older
+

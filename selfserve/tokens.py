@@ -1,0 +1,137 @@
+"""Signed, expiring tokens for links sent by email: one salt and one max age per purpose.
+
+A token signed for one purpose never verifies for another (itsdangerous "The Salt"). Payloads
+bind what must still be true when the link is used (a fingerprint of the current email, of the
+current password hash, ...), so a link dies as soon as that changes: that is how links work
+once. Tokens are only ever put in emails and the URLs they link to, never in logs (see
+`RedactTokenPaths`).
+"""
+import hashlib
+import hmac
+import logging
+import re
+from dataclasses import dataclass
+
+from flask import current_app
+from itsdangerous import BadData
+from itsdangerous import SignatureExpired
+from itsdangerous import TimestampSigner
+from itsdangerous import URLSafeTimedSerializer
+
+
+@dataclass(frozen=True)
+class Purpose:
+    salt: str
+    max_age: int  # seconds
+
+
+# Other areas add their purposes here (one line each); a salt is never reused.
+PURPOSES = {
+    "verify_email": Purpose(salt="selfserve.verify-email.v1", max_age=48 * 3600),
+    "reset_password": Purpose(salt="selfserve.reset-password.v1", max_age=3600),
+    "confirm_email_change": Purpose(salt="selfserve.confirm-email-change.v1", max_age=24 * 3600),
+}
+
+
+class TokenError(Exception):
+    """The link can't be used. `message` is safe to show."""
+
+    message = "This link is not valid. Please check that you copied all of it, or ask for a new one."
+
+    def __init__(self, message=None):
+        super().__init__(message or self.message)
+        if message:
+            self.message = message
+
+
+class TokenExpired(TokenError):
+    message = "This link has expired. Please ask for a new one."
+
+
+class TokenInvalid(TokenError):
+    pass
+
+
+def _serializer(purpose, issued_at=None):
+    spec = PURPOSES[purpose]
+    signer_kwargs = {}
+    signer = TimestampSigner
+    if issued_at is not None:
+        signer = _FixedTimeSigner
+        signer_kwargs = {"issued_at": int(issued_at)}
+    return URLSafeTimedSerializer(
+        current_app.config["SECRET_KEY"], salt=spec.salt, signer=signer, signer_kwargs=signer_kwargs
+    )
+
+
+class _FixedTimeSigner(TimestampSigner):
+    """Signs with a given issue time (tests make expired links with it)."""
+
+    def __init__(self, *args, issued_at, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._issued_at = issued_at
+
+    def get_timestamp(self):
+        return self._issued_at
+
+
+def make(purpose, payload, issued_at=None):
+    """A URL-safe signed token carrying `payload` (a small JSON-able dict) for `purpose`.
+
+    `issued_at` (unix seconds) is for tests that need an old link; real links use now.
+    """
+    return _serializer(purpose, issued_at).dumps(payload)
+
+
+def read(purpose, token):
+    """The payload of a token made for `purpose`. Raises TokenExpired or TokenInvalid."""
+    spec = PURPOSES[purpose]
+    if not isinstance(token, str) or not token or len(token) > 1000:
+        raise TokenInvalid()
+    try:
+        payload = _serializer(purpose).loads(token, max_age=spec.max_age)
+    except SignatureExpired as exc:
+        raise TokenExpired() from exc
+    except BadData as exc:
+        raise TokenInvalid() from exc
+    if not isinstance(payload, dict):
+        raise TokenInvalid()
+    return payload
+
+
+def fingerprint(value):
+    """A short keyed hash of `value` to bind into a payload (the payload itself is readable)."""
+    key = current_app.config["SECRET_KEY"].encode()
+    return hmac.new(key, b"fingerprint:" + value.encode(), hashlib.sha256).hexdigest()[:24]
+
+
+def same(a, b):
+    """Constant-time comparison of two fingerprints (either may be missing)."""
+    return isinstance(a, str) and isinstance(b, str) and hmac.compare_digest(a, b)
+
+
+# URL paths that carry a token. Access logs (werkzeug, gunicorn) print request lines; these
+# paths are cut down to their prefix so links never land in a log file.
+_TOKEN_PATH = re.compile(r"(/(?:verify|reset|confirm-email)/)[A-Za-z0-9_.\-]+")
+
+
+class RedactTokenPaths(logging.Filter):
+    """A logging filter that replaces tokens in request paths with '<redacted>'."""
+
+    def filter(self, record):
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record is not ours to fix
+            return True
+        if _TOKEN_PATH.search(message):
+            record.msg = _TOKEN_PATH.sub(r"\1<redacted>", message)
+            record.args = None
+        return True
+
+
+def install_log_redaction():
+    """Attach the redaction filter to the access loggers (idempotent)."""
+    for name in ("werkzeug", "gunicorn.access"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactTokenPaths) for f in logger.filters):
+            logger.addFilter(RedactTokenPaths())
