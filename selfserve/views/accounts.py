@@ -1,0 +1,352 @@
+"""Accounts: sign-up, verification, sign-in/out, password reset and change, email change,
+settings and the account's activity. Thin: parse input, call one service, render or redirect.
+"""
+from urllib.parse import urlsplit
+
+from flask import Blueprint
+from flask import abort
+from flask import current_app
+from flask import flash
+from flask import render_template
+from flask import request
+from flask import url_for
+from flask_login import current_user
+
+from selfserve import htmx
+from selfserve import passwords
+from selfserve import tokens
+from selfserve.mail import MailError
+from selfserve.security import end_login_session
+from selfserve.security import limiter
+from selfserve.security import public
+from selfserve.security import start_login_session
+from selfserve.services import accounts
+from selfserve.services import audit
+from selfserve.services import provisioning
+from selfserve.services.accounts import FormErrors
+
+bp = Blueprint("accounts", __name__)
+
+# Rate limits (Flask-Limiter syntax). Override per key with the ACCOUNT_RATE_LIMITS config
+# dict, e.g. {"login": "3 per minute"}. "ip" limits key on the client address, "email" on the
+# address typed into the form (each sends mail or guesses a password), "account" on the user.
+DEFAULT_LIMITS = {
+    "login": "20 per minute; 200 per hour",  # ip
+    "login_email": "10 per 15 minutes",  # email, failed attempts only
+    "signup": "20 per hour",  # ip
+    "signup_email": "3 per hour",  # email
+    "forgot": "20 per hour",  # ip
+    "forgot_email": "3 per hour",  # email
+    "reset": "20 per hour",  # ip
+    "resend": "3 per 15 minutes",  # account
+    "resend_ip": "30 per hour",  # ip
+    "account_change": "10 per hour",  # account: guessing the current password
+}
+
+MAIL_FAILED = "We couldn't send the email right now. Nothing was lost; please try again in a few minutes."
+
+
+def _limit(name):
+    return lambda: current_app.config.get("ACCOUNT_RATE_LIMITS", {}).get(name, DEFAULT_LIMITS[name])
+
+
+def _form_email_key():
+    return "email:" + accounts.normalize_email(request.form.get("email"))
+
+
+def _account_key():
+    return "account:" + str(current_user.id)
+
+
+def _failed_login(response):
+    return response.status_code == 401
+
+
+@bp.record_once
+def _keep_tokens_out_of_logs(state):
+    tokens.install_log_redaction()
+
+
+@bp.context_processor
+def _password_rule():
+    return {"min_length": passwords.MIN_LENGTH}
+
+
+def safe_next(value):
+    """`value` if it is a path on this site ("/devices?x=1"), else None (no open redirects)."""
+    if not value or len(value) > 2000 or not value.startswith("/") or value.startswith("//"):
+        return None
+    if "\\" in value or any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        return None
+    parts = urlsplit(value)
+    if parts.scheme or parts.netloc:
+        return None
+    return value
+
+
+def _home(user):
+    """Where a signed-in person lands: verify first, then watch setup finish, then devices."""
+    if not user.is_verified:
+        return url_for("accounts.unverified")
+    if user.provisioning_state != provisioning.READY or "devices.dashboard" not in current_app.view_functions:
+        return url_for("accounts.settings")
+    return url_for("devices.dashboard")
+
+
+def _me():
+    return current_user._get_current_object()
+
+
+def _link_error(error, kind):
+    """An unusable emailed link: say why and offer the way forward."""
+    status = 410 if isinstance(error, tokens.TokenExpired) else 400
+    return render_template("accounts/link_error.html", message=error.message, kind=kind), status
+
+
+# --- sign-up and verification ------------------------------------------------------------------
+
+
+@bp.route("/signup", methods=["GET", "POST"])
+@public
+@limiter.limit(_limit("signup"), methods=["POST"])
+@limiter.limit(_limit("signup_email"), methods=["POST"], key_func=_form_email_key)
+def signup():
+    if request.method == "GET":
+        return render_template("accounts/signup.html", errors={}, email="")
+    email = request.form.get("email", "")
+    try:
+        accounts.sign_up(email, request.form.get("password", ""))
+    except FormErrors as exc:
+        return render_template("accounts/signup.html", errors=exc.errors, email=email), 400
+    except MailError:
+        return render_template(
+            "accounts/check_email.html", kind="signup", email=accounts.normalize_email(email), mail_failed=True
+        ), 503
+    return render_template("accounts/check_email.html", kind="signup", email=accounts.normalize_email(email))
+
+
+@bp.get("/verify-email")
+def unverified():
+    if current_user.is_verified:
+        return htmx.redirect(_home(current_user))
+    return render_template("accounts/unverified.html", user=current_user)
+
+
+@bp.post("/verify-email/resend")
+@limiter.limit(_limit("resend"), key_func=_account_key)
+@limiter.limit(_limit("resend_ip"))
+def resend():
+    try:
+        sent = accounts.resend_verification(_me())
+    except MailError:
+        flash(MAIL_FAILED, "error")
+        return htmx.redirect(url_for("accounts.unverified"))
+    if not sent:
+        flash("Your email address is already verified.", "info")
+        return htmx.redirect(_home(current_user))
+    flash(f"We sent a new link to {current_user.email}. It works for {accounts.VERIFY_HOURS} hours.", "success")
+    return htmx.redirect(url_for("accounts.unverified"))
+
+
+@bp.route("/verify/<token>", methods=["GET", "POST"])
+@public
+def verify(token):
+    # GET only shows a button: mail scanners fetch links, and must not verify anything.
+    if request.method == "GET":
+        try:
+            user = accounts.check_verify_link(token)
+        except tokens.TokenError as exc:
+            return _link_error(exc, "verify")
+        return render_template("accounts/verify.html", token=token, already=user.is_verified)
+    try:
+        result = accounts.verify_email(token)
+    except tokens.TokenError as exc:
+        return _link_error(exc, "verify")
+    if result.newly_verified:
+        flash("Thank you: your email address is verified.", "success")
+    else:
+        flash("Your email address was already verified.", "info")
+    if current_user.is_authenticated and current_user.id == result.user.id:
+        return htmx.redirect(_home(result.user))
+    flash("Please sign in to continue.", "info")
+    return htmx.redirect(url_for("accounts.login"))
+
+
+# --- signing in and out -------------------------------------------------------------------------
+
+
+@bp.route("/login", methods=["GET", "POST"])
+@public
+@limiter.limit(_limit("login"), methods=["POST"])
+@limiter.limit(_limit("login_email"), methods=["POST"], key_func=_form_email_key, deduct_when=_failed_login)
+def login():
+    next_url = safe_next(request.values.get("next"))
+    if request.method == "GET":
+        if current_user.is_authenticated:
+            return htmx.redirect(next_url or _home(current_user))
+        return render_template("accounts/login.html", next_url=next_url, email="", error=None)
+    email = request.form.get("email", "")
+    user = accounts.authenticate(email, request.form.get("password", ""))
+    if user is None:
+        error = "That email address and password don't match an account. Check both and try again."
+        return render_template("accounts/login.html", next_url=next_url, email=email, error=error), 401
+    start_login_session(user)  # a fresh session: nothing from before the login survives
+    return htmx.redirect(next_url or _home(user))
+
+
+@bp.post("/logout")
+def logout():
+    accounts.record_sign_out(_me())
+    end_login_session()
+    flash("You are signed out.", "success")
+    return htmx.redirect(url_for("accounts.login"))
+
+
+# --- forgotten password ------------------------------------------------------------------------
+
+
+@bp.route("/forgot", methods=["GET", "POST"])
+@public
+@limiter.limit(_limit("forgot"), methods=["POST"])
+@limiter.limit(_limit("forgot_email"), methods=["POST"], key_func=_form_email_key)
+def forgot():
+    if request.method == "GET":
+        return render_template("accounts/forgot.html", errors={}, email="", mail_failed=False)
+    email = request.form.get("email", "")
+    try:
+        accounts.request_password_reset(email)
+    except FormErrors as exc:
+        return render_template("accounts/forgot.html", errors=exc.errors, email=email, mail_failed=False), 400
+    except MailError:
+        return render_template("accounts/forgot.html", errors={}, email=email, mail_failed=True), 503
+    return render_template("accounts/check_email.html", kind="reset", email=accounts.normalize_email(email))
+
+
+@bp.route("/reset/<token>", methods=["GET", "POST"])
+@public
+@limiter.limit(_limit("reset"), methods=["POST"])
+def reset(token):
+    if request.method == "GET":
+        try:
+            accounts.check_reset_link(token)
+        except tokens.TokenError as exc:
+            return _link_error(exc, "reset")
+        return render_template("accounts/reset.html", token=token, errors={})
+    try:
+        accounts.reset_password(token, request.form.get("password", ""))
+    except tokens.TokenError as exc:
+        return _link_error(exc, "reset")
+    except FormErrors as exc:
+        return render_template("accounts/reset.html", token=token, errors=exc.errors), 400
+    if current_user.is_authenticated:
+        end_login_session()  # every session of the account was ended; this browser's too
+    flash("Your password is changed and every device was signed out. Please sign in with the new password.", "success")
+    return htmx.redirect(url_for("accounts.login"))
+
+
+# --- settings ----------------------------------------------------------------------------------
+
+
+def _settings_page(status=200, password_errors=None, email_errors=None, new_email=""):
+    return render_template(
+        "accounts/settings.html",
+        user=current_user,
+        password_errors=password_errors or {},
+        email_errors=email_errors or {},
+        new_email=new_email,
+    ), status
+
+
+@bp.get("/account")
+def settings():
+    return _settings_page()
+
+
+@bp.post("/account/password")
+@limiter.limit(_limit("account_change"), key_func=_account_key)
+def change_password():
+    try:
+        accounts.change_password(
+            _me(),
+            request.form.get("current_password", ""),
+            request.form.get("new_password", ""),
+            keep_session=current_user.login_session,
+        )
+    except FormErrors as exc:
+        return _settings_page(400, password_errors=exc.errors)
+    flash("Your password is changed. You were signed out everywhere else.", "success")
+    return htmx.redirect(url_for("accounts.settings"))
+
+
+@bp.post("/account/email")
+@limiter.limit(_limit("account_change"), key_func=_account_key)
+def change_email():
+    new_email = request.form.get("new_email", "")
+    try:
+        accounts.request_email_change(_me(), new_email, request.form.get("email_password", ""))
+    except FormErrors as exc:
+        return _settings_page(400, email_errors=exc.errors, new_email=new_email)
+    except MailError:
+        flash(MAIL_FAILED, "error")
+        return htmx.redirect(url_for("accounts.settings"))
+    flash(
+        f"We sent a link to {accounts.normalize_email(new_email)}. "
+        "Your address changes when you open it; until then, keep using the current one.",
+        "success",
+    )
+    return htmx.redirect(url_for("accounts.settings"))
+
+
+@bp.post("/account/email/cancel")
+def cancel_email_change():
+    accounts.cancel_email_change(_me())
+    flash("The email change is cancelled; the link we sent no longer works.", "info")
+    return htmx.redirect(url_for("accounts.settings"))
+
+
+@bp.route("/confirm-email/<token>", methods=["GET", "POST"])
+@public
+def confirm_email(token):
+    # GET only shows a button (mail scanners fetch links); POST makes the change.
+    if request.method == "GET":
+        try:
+            user = accounts.check_email_change_link(token)
+        except tokens.TokenError as exc:
+            return _link_error(exc, "email")
+        return render_template("accounts/confirm_email.html", token=token, new_email=user.pending_email)
+    try:
+        user = accounts.confirm_email_change(token)
+    except tokens.TokenError as exc:
+        return _link_error(exc, "email")
+    flash(f"Your email address is now {user.email}.", "success")
+    if current_user.is_authenticated and current_user.id == user.id:
+        return htmx.redirect(url_for("accounts.settings"))
+    flash("Please sign in with your new address.", "info")
+    return htmx.redirect(url_for("accounts.login"))
+
+
+@bp.get("/account/status")
+def status():
+    """The "setting up your account" fragment; it polls itself while provisioning is pending.
+
+    Polling also continues provisioning that was already started (idempotent, leased,
+    backoff respected): nothing the person asked for changes, it only finishes.
+    """
+    user = provisioning.resume_user(_me())
+    return render_template("accounts/_provisioning.html", user=user, polled=True)
+
+
+# --- activity ----------------------------------------------------------------------------------
+
+
+@bp.get("/account/activity")
+def activity():
+    before = request.args.get("before")
+    if before is not None:
+        if not before.isdigit() or len(before) > 18:
+            abort(400)
+        before = int(before)
+    events, older = accounts.activity(_me(), before)
+    return render_template(
+        "accounts/activity.html", events=events, older=older, describe=audit.describe, first_page=before is None
+    )
