@@ -8,5 +8,7 @@ def init_app(app):
 
 def _commands():
     """Commands are defined next to the services they drive."""
-    commands = []
+    from selfserve.services import registry
+
+    commands = [registry.import_registry_command]
     return commands

@@ -45,3 +45,27 @@ def login(client, email="home@example.com", password="correct horse battery"):
         data={"email": email, "password": password, "csrf_token": token},
         follow_redirects=True,
     )
+
+
+def demo_fixtures_path():
+    """The simulator's demo fixtures (selfserve/particle/fixtures/demo.json)."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(root, "selfserve", "particle", "fixtures", "demo.json")
+
+
+def demo_devices():
+    """The demo devices as their labels say: dicts with id, serial_number, setup_code, model..."""
+    import json
+
+    with open(demo_fixtures_path(), encoding="utf-8") as handle:
+        return json.load(handle)["devices"]
+
+
+def seed_registry():
+    """Import the demo devices into the registry and the simulated product; return them."""
+    from selfserve.services import registry
+
+    registry.seed_from_fixtures(demo_fixtures_path())
+    return demo_devices()

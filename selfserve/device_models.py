@@ -1,0 +1,177 @@
+"""The catalogue of device models: what each model's variables mean and which functions a
+homeowner may run, with the argument each one takes and when to ask before running it.
+
+The catalogue is the allow-list for function calls: a function that is not listed here is
+never sent to a device, whatever the device itself reports.
+"""
+import dataclasses
+import re
+
+
+@dataclasses.dataclass(frozen=True)
+class Variable:
+    """One cloud variable: how to label it and how to show its value."""
+
+    name: str
+    label: str
+    unit: str = ""
+    kind: str = "number"  # number | bool | text
+    decimals: int = 0
+    true_text: str = "Yes"
+    false_text: str = "No"
+    empty_text: str = ""  # shown for an empty text value ("" means show nothing special)
+
+    def format(self, value):
+        """The value as a homeowner reads it, without the unit."""
+        if value is None:
+            return "—"
+        if self.kind == "bool":
+            if isinstance(value, str):
+                value = value.strip().lower() in ("1", "true", "yes", "on")
+            return self.true_text if value else self.false_text
+        if self.kind == "number":
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                return str(value)
+            return f"{number:.{self.decimals}f}"
+        text = str(value)
+        if not text and self.empty_text:
+            return self.empty_text
+        return text
+
+
+@dataclasses.dataclass(frozen=True)
+class Argument:
+    """An integer argument with inclusive bounds (all our functions take at most one)."""
+
+    label: str
+    minimum: int
+    maximum: int
+    unit: str = ""
+
+    def parse(self, raw):
+        """Return (value as the string sent to the device, None) or (None, error message)."""
+        text = (raw or "").strip()
+        if not re.fullmatch(r"-?\d{1,6}", text):
+            return None, f"Enter a whole number from {self.minimum} to {self.maximum}{_with_space(self.unit)}."
+        number = int(text)
+        if not self.minimum <= number <= self.maximum:
+            return None, f"Enter a whole number from {self.minimum} to {self.maximum}{_with_space(self.unit)}."
+        return str(number), None
+
+
+@dataclasses.dataclass(frozen=True)
+class Function:
+    """One cloud function a homeowner may run."""
+
+    name: str
+    label: str
+    done_text: str  # what to say when it worked
+    argument: Argument = None
+    confirm: str = ""  # ask this before running it ("" = no question)
+    danger: bool = False
+
+    def parse_arg(self, raw):
+        """Return (arg string for Particle, None) or (None, error message)."""
+        if self.argument is None:
+            return "", None
+        return self.argument.parse(raw)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceModel:
+    key: str
+    label: str
+    variables: tuple
+    functions: tuple
+    summary: tuple  # variable names shown on the dashboard card
+
+    def variable(self, name):
+        for variable in self.variables:
+            if variable.name == name:
+                return variable
+        return None
+
+    def function(self, name):
+        for function in self.functions:
+            if function.name == name:
+                return function
+        return None
+
+
+def _with_space(unit):
+    if not unit:
+        return ""
+    return unit if unit == "%" else " " + unit
+
+
+WINDOW = DeviceModel(
+    key="window",
+    label="Window covering",
+    variables=(
+        Variable("position", "Position", "%", decimals=0),
+        Variable("target", "Target position", "%", decimals=0),
+        Variable("moving", "Moving", kind="bool", true_text="Moving", false_text="Still"),
+        Variable("battery_v", "Battery", "V", decimals=2),
+        Variable("fw_version", "Firmware", kind="text"),
+    ),
+    functions=(
+        Function("open", "Open", "Opening."),
+        Function("close", "Close", "Closing."),
+        Function(
+            "setPosition",
+            "Set position",
+            "Moving to the new position.",
+            argument=Argument("Position (0 = closed, 100 = open)", 0, 100, "%"),
+        ),
+        Function("stop", "Stop", "Stopped."),
+    ),
+    summary=("position", "moving"),
+)
+
+PUMP = DeviceModel(
+    key="pump",
+    label="Pump controller",
+    variables=(
+        Variable("pressure_kpa", "Pressure", "kPa", decimals=0),
+        Variable("flow_lpm", "Flow", "L/min", decimals=1),
+        Variable("running", "Running", kind="bool", true_text="Running", false_text="Stopped"),
+        Variable("runtime_h", "Run time", "h", decimals=1),
+        Variable("fault", "Fault", kind="text", empty_text="None"),
+    ),
+    functions=(
+        Function(
+            "start",
+            "Start pump",
+            "The pump is starting.",
+            confirm="Start the pump? Water will flow as soon as it runs.",
+        ),
+        Function(
+            "stop",
+            "Stop pump",
+            "The pump is stopping.",
+            confirm="Stop the pump? Anything that depends on it will stop getting water.",
+            danger=True,
+        ),
+        Function(
+            "setPressure",
+            "Set pressure",
+            "The pump is changing to the new pressure.",
+            argument=Argument("Pressure (50 to 400 kPa)", 50, 400, "kPa"),
+        ),
+    ),
+    summary=("running", "pressure_kpa", "fault"),
+)
+
+MODELS = {model.key: model for model in (WINDOW, PUMP)}
+
+
+def get(key):
+    """The DeviceModel for `key`, or None for a model we don't know."""
+    return MODELS.get(key)
+
+
+def label(key):
+    model = MODELS.get(key)
+    return model.label if model else "Device"
