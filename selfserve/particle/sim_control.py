@@ -119,8 +119,9 @@ class Control:
         count = spec.get("count", 1)
         if count is not None and (not isinstance(count, int) or count < 1):
             raise SimError("count must be a positive integer (or null for every request)")
-        status = spec.get("status", 503) if "status" in spec else 503
         latency = _number(spec.get("latency", 0) or 0, "latency")
+        # No status given: a latency-only fault (delay, then the normal answer), else a 503.
+        status = spec["status"] if "status" in spec else (None if latency else 503)
         if status is None and not latency:
             raise SimError("a fault needs a status, a latency or both")
         if status is not None and (not isinstance(status, int) or not 100 <= status <= 599):

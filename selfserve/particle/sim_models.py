@@ -11,9 +11,9 @@ import zlib
 # A window covering moves about 10 % of its travel per second.
 WINDOW_SPEED = 10.0
 # Pump pressure approaches its set point (running) or zero (stopped) with these time constants.
-PUMP_RISE_SECONDS = 4.0
+PUMP_RISE_SECONDS = 2.0
 PUMP_DECAY_SECONDS = 6.0
-PUMP_MAX_KPA = 390.0
+PUMP_MAX_KPA = 380.0
 PUMP_DEFAULT_SETPOINT = 250.0
 LITRES_PER_MINUTE_PER_KPA = 0.08
 
@@ -54,7 +54,9 @@ class WindowModel:
         return self.start_position + math.copysign(travelled, distance)
 
     def position(self, now):
-        return int(round(self._position(now)))
+        """Whole percent, rounded toward where it started: it reads `target` only on arrival."""
+        exact = self._position(now)
+        return math.floor(exact) if self.target >= self.start_position else math.ceil(exact)
 
     def _move_to(self, target, now):
         self.start_position = self._position(now)
@@ -83,7 +85,8 @@ class WindowModel:
             self._move_to(0, now)
             return 1
         if name == "stop":
-            self._move_to(self.position(now), now)
+            here = self.position(now)
+            self.start_position, self.start_time, self.target = float(here), now, here
             return 1
         if name == "setPosition":
             text = arg.strip()
@@ -112,7 +115,7 @@ class PumpModel:
     """Pump controller. Variables: pressure_kpa, flow_lpm, runtime_h (double), running (bool),
     fault (string, "" when none). Functions: start, stop, setPressure ("50".."400" kPa).
     Pressure rises toward the set point while running and decays when stopped; a set point
-    above 390 kPa trips an "overpressure" fault that stops the pump (published as "fault").
+    above 380 kPa trips an "overpressure" fault that stops the pump (published as "fault").
     `start` with a latched fault answers -2; `stop` clears the fault."""
 
     kind = "pump"
