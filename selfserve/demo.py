@@ -12,6 +12,7 @@ import email
 import email.policy
 import json
 import os
+import socket
 import time
 import uuid
 
@@ -58,6 +59,12 @@ def read_mailbox(directory):
     return messages
 
 
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def build(host, port, sim_port, instance_dir, keep):
     """Start the simulator and the mail sink; return (app, simulator, mail controller)."""
     from selfserve import create_app
@@ -81,9 +88,10 @@ def build(host, port, sim_port, instance_dir, keep):
         client_secret=config_module.DEMO_PARTICLE_CLIENT_SECRET,
         fixtures=FIXTURES,
     ).start()
-    mail = Controller(MailboxHandler(mailbox_dir), hostname="127.0.0.1", port=0)
+    mail_port = _free_port()
+    # aiosmtpd probes its own port once started, so it can't be given port 0.
+    mail = Controller(MailboxHandler(mailbox_dir), hostname="127.0.0.1", port=mail_port)
     mail.start()
-    mail_port = mail.server.sockets[0].getsockname()[1]
 
     app = create_app(
         {

@@ -16,6 +16,8 @@ from aiosmtpd.controller import Controller
 
 from selfserve import config as config_module
 
+from helpers import free_port
+
 TEST_DATABASE_URL = os.environ.get("SELFSERVE_TEST_DATABASE_URL", "")
 
 
@@ -130,9 +132,10 @@ class Mailbox:
 @pytest.fixture(scope="session")
 def smtp_server():
     handler = Mailbox()
-    controller = Controller(handler, hostname="127.0.0.1", port=0)
+    handler.port = free_port()
+    # aiosmtpd probes its own port once started, so it can't be given port 0.
+    controller = Controller(handler, hostname="127.0.0.1", port=handler.port)
     controller.start()
-    handler.port = controller.server.sockets[0].getsockname()[1]
     yield handler
     controller.stop()
 

@@ -1,5 +1,6 @@
 """Helpers for view tests."""
 import re
+import socket
 
 
 def csrf_token(client, path="/"):
@@ -69,3 +70,10 @@ def seed_registry():
 
     registry.seed_from_fixtures(demo_fixtures_path())
     return demo_devices()
+
+
+def free_port():
+    """A currently free loopback TCP port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,15 @@
+"""Checks every browser test runs on the pages it visits."""
+
+
+def check_page(page):
+    """axe-core finds no serious or critical violation, and nothing overflows sideways."""
+    from axe_playwright_python.sync_playwright import Axe
+
+    results = Axe().run(page)
+    bad = [v for v in results.response["violations"] if v.get("impact") in ("serious", "critical")]
+    summary = "\n".join(
+        f"{v['id']} ({v['impact']}): {v['help']} -> {[n['target'] for n in v['nodes']][:3]}" for v in bad
+    )
+    assert not bad, f"accessibility violations on {page.url}:\n{summary}"
+    overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 1, f"{page.url} is {overflow}px wider than the screen"
