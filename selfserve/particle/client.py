@@ -34,7 +34,7 @@ from selfserve.particle.token_store import StoredToken
 
 log = logging.getLogger("selfserve.particle")
 
-DEVICE_ID_PATTERN = re.compile(r"^[0-9a-f]{24}$")
+DEVICE_ID_PATTERN = re.compile(r"[0-9a-f]{24}")
 # Particle tokens (access, refresh) and client secrets are 40 hex characters (§1.3).
 TOKEN_PATTERN = re.compile(r"[0-9a-fA-F]{40,}")
 SECRET_BODY_KEYS = frozenset({"access_token", "refresh_token", "token", "client_secret", "mfa_token"})
@@ -457,6 +457,11 @@ class ParticleClient:
             return [self._scrub(v, secrets) for v in value]
         return value
 
+    def _answer_error(self, error_class, answer, fallback):
+        """`error_class` for a 200 answer that isn't what the call promises, scrubbed."""
+        body = self._scrub(answer)
+        return error_class(self._scrub(_message_from(body, fallback)), 200, body)
+
     # --- input checks (no network call for bad input) ----------------------------------------
 
     @staticmethod
@@ -464,7 +469,7 @@ class ParticleClient:
         """The device id lowercased, or BadRequest when it isn't 24 hex characters."""
         if isinstance(device_id, str):
             normalised = device_id.lower()
-            if DEVICE_ID_PATTERN.match(normalised):
+            if DEVICE_ID_PATTERN.fullmatch(normalised):
                 return normalised
         raise errors.BadRequest("A device id is 24 hexadecimal characters.", None, None)
 
@@ -570,8 +575,7 @@ class ParticleClient:
         answer = self._request("GET", "/v1/devices/{device_id}/{name}", token=("customer", customer_id),
                                segments={"device_id": device_id, "name": self._name(name, "variable")})
         if not isinstance(answer, dict) or "result" not in answer:
-            raise errors.ParticleError(_message_from(answer, "variable answer without a result"),
-                                       200, self._scrub(answer))
+            raise self._answer_error(errors.ParticleError, answer, "variable answer without a result")
         return answer["result"]
 
     def call_function(self, customer_id, device_id, name, arg=""):
@@ -584,8 +588,7 @@ class ParticleClient:
                                segments={"device_id": device_id, "name": self._name(name, "function")},
                                data={"arg": arg})
         if not isinstance(answer, dict) or answer.get("ok") is False or "return_value" not in answer:
-            raise errors.FunctionFailed(_message_from(answer, "the function did not return a value"),
-                                        200, self._scrub(answer))
+            raise self._answer_error(errors.FunctionFailed, answer, "the function did not return a value")
         return answer["return_value"]
 
     def rename_device(self, customer_id, device_id, name):
