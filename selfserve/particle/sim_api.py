@@ -650,6 +650,7 @@ class ParticleApi:
             if online:
                 return_value = device.model.call(name, arg, now)
                 device.last_heard = now_wall
+                self.state.touch_locked(device)
                 self.state.advance_locked(now, now_wall)
                 body = {"id": device.id, "last_app": "", "connected": True, "return_value": return_value}
         if not online:

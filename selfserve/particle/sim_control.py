@@ -79,6 +79,7 @@ class Control:
                 if not hasattr(device.model, "set_fault"):
                     raise SimError("only pumps have a fault")
                 device.model.set_fault(str(changes["fault"]), now)
+                self.state.touch_locked(device)
             self.state.advance_locked(now, now_wall)
             return device.state(now)
 

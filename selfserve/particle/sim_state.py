@@ -160,6 +160,8 @@ class State:
                 "platform_id": int(fixture_product.get("platform_id", 12)),
             }
             self.devices = devices
+            # Devices that may still publish something on their own (see advance_locked).
+            self.active = set(devices)
             self.customers = {}  # username -> {"id", "username", "password", "created_at"}
             self.tokens = {}  # access token -> {"kind", "customer", "client_id", "expires_at"}
             self.refresh_tokens = {}  # refresh token -> {"kind", "customer", "client_id", "expires_at"}
@@ -240,6 +242,7 @@ class State:
             if device.id in self.devices:
                 raise SimError(f"device {device.id} already exists")
             self.devices[device.id] = device
+            self.active.add(device.id)
             return device.state(time.monotonic())
 
     def set_online_locked(self, device, online, now_wall):
@@ -251,12 +254,27 @@ class State:
             device.last_handshake_at = now_wall
         self.publish_locked(device, "spark/status", "online" if online else "offline", now_wall)
 
+    def touch_locked(self, device):
+        """Note that `device` was commanded: it may publish events as time passes."""
+        self.active.add(device.id)
+
     def advance_locked(self, now, now_wall):
-        """Let every active device publish what it would have published by now."""
-        for device in self.devices.values():
-            if device.online and device.model.active(now):
-                for name, data in device.model.advance(now):
-                    self.publish_locked(device, name, data, now_wall)
+        """Let every active device publish what it would have published by now.
+
+        Only devices touched since they last went quiet are looked at, so this stays cheap with
+        thousands of devices (it runs on every request and every stream tick).
+        """
+        for device_id in list(self.active):
+            device = self.devices.get(device_id)
+            if device is None:
+                self.active.discard(device_id)
+                continue
+            if not device.online:
+                continue
+            for name, data in device.model.advance(now):
+                self.publish_locked(device, name, data, now_wall)
+            if not device.model.active(now):
+                self.active.discard(device_id)
 
     # --- events -------------------------------------------------------------------------------
 

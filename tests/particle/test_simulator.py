@@ -551,6 +551,24 @@ def test_claim_success_body_idempotent_and_offline(sim):
     assert sim.device(OFFLINE_WINDOW)["owner"] == "claimer"
 
 
+def test_device_ids_are_not_case_folded(sim):
+    """Pitfall: ids read from SoftAP/USB are uppercase; the cloud wants lowercase."""
+    customer = owner_of(sim, WINDOW)
+    response = claim(sim, customer, WINDOW.upper())
+    assert (response.status_code, response.json()) == (404, {"ok": False, "errors": ["device does not exist"]})
+    response = requests.get(f"{sim.url}/v1/devices/{WINDOW.upper()}", headers=bearer(customer))
+    assert (response.status_code, response.json()) == (403, PERMISSION_DENIED)
+
+
+def test_there_is_no_product_claim_route(sim):
+    """Pitfall: POST /v1/products/:p/devices/:id/claim is just a call of a function "claim"."""
+    product = product_token(sim)
+    import_device(sim, product, WINDOW)
+    response = requests.post(f"{sim.url}/v1/products/{PRODUCT}/devices/{WINDOW}/claim", headers=bearer(product))
+    assert (response.status_code, response.json()) == (404, {"ok": False, "error": "Function claim not found"})
+    assert sim.device(WINDOW)["owner"] is None
+
+
 def test_twenty_concurrent_claims_have_exactly_one_winner(sim):
     import_device(sim, product_token(sim), WINDOW)
     tokens = [create_customer(sim, f"racer-{n}") for n in range(20)]
