@@ -27,6 +27,7 @@ import weakref
 from urllib.parse import quote
 
 import requests
+import requests.auth
 
 from selfserve.particle import errors
 from selfserve.particle.token_store import MemoryTokenStore
@@ -103,6 +104,21 @@ def _message_from(body, fallback):
     if isinstance(body, str) and body.strip():
         return body.strip()[:200]
     return fallback
+
+
+class _BearerAuth(requests.auth.AuthBase):
+    """The token in the Authorization header, the one way we pass it. As a requests auth
+    object (not a plain header) so requests never swaps in ~/.netrc credentials."""
+
+    def __init__(self, token):
+        self._token = token
+
+    def __call__(self, request):
+        request.headers["Authorization"] = f"Bearer {self._token}"
+        return request
+
+    def __repr__(self):
+        return "_BearerAuth([redacted])"
 
 
 class EventStream:
@@ -371,9 +387,8 @@ class ParticleClient:
         raise self._error_for(response, body, secrets=(access_token,))
 
     def _send(self, method, url, route, access_token, data, params, form, auth, stream):
-        headers = {}
         if access_token:
-            headers["Authorization"] = f"Bearer {access_token}"
+            auth = _BearerAuth(access_token)
         body = {}
         if data is not None:
             body = {"data": data} if form else {"json": data}
@@ -381,7 +396,7 @@ class ParticleClient:
         started = time.monotonic()
         try:
             response = self._session().request(
-                method, url, headers=headers, params=params, auth=auth,
+                method, url, params=params, auth=auth,
                 timeout=self.timeout, stream=stream, allow_redirects=False, **body,
             )
         except requests.Timeout as exc:

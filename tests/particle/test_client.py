@@ -63,24 +63,6 @@ def token_requests(sim):
     return sim.counters()["routes"].get(TOKEN_ROUTE, 0)
 
 
-@pytest.fixture(scope="module")
-def smtp_server():
-    """The `app` fixture needs a mail sink. conftest's smtp_server starts aiosmtpd on port 0,
-    which aiosmtpd 1.4.6 can't do (it connects to the port it was given to check it started),
-    so bind a free port first."""
-    from aiosmtpd.controller import Controller
-    from conftest import Mailbox
-
-    handler = Mailbox()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        handler.port = probe.getsockname()[1]
-    controller = Controller(handler, hostname="127.0.0.1", port=handler.port)
-    controller.start()
-    yield handler
-    controller.stop()
-
-
 @pytest.fixture
 def pc(sim):
     return make_client(sim)
