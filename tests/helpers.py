@@ -64,12 +64,36 @@ def demo_devices():
         return json.load(handle)["devices"]
 
 
+_seeded_hashes = {}
+
+
 def seed_registry():
-    """Import the demo devices into the registry and the simulated product; return them."""
+    """Import the demo devices into the registry and the simulated product; return them.
+
+    The first call runs the real import; later ones reuse its setup-code hashes (Argon2 is
+    slow on purpose) and add the devices to the product through the real client.
+    """
+    from flask import current_app
+
+    from selfserve.models import Device
     from selfserve.services import registry
 
-    registry.seed_from_fixtures(demo_fixtures_path())
-    return demo_devices()
+    fixtures = demo_devices()
+    if not _seeded_hashes:
+        registry.seed_from_fixtures(demo_fixtures_path())
+        _seeded_hashes.update({device.device_id: device.setup_code_hash for device in Device.select()})
+        return fixtures
+    client = current_app.extensions["particle"]
+    for fixture in fixtures:
+        client.add_device_to_product(fixture["id"])
+        Device.create(
+            device_id=fixture["id"],
+            serial_number=fixture["serial_number"],
+            setup_code_hash=_seeded_hashes[fixture["id"]],
+            model=fixture["model"],
+            in_product=True,
+        )
+    return fixtures
 
 
 def free_port():

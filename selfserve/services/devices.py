@@ -1,0 +1,563 @@
+"""A homeowner's devices: the ownership check, claim, release, rename, function calls.
+
+Our database decides who owns what; the Particle claim mirrors it. Claims and releases are
+two steps (database, then Particle) recorded in `Device.claim_state`:
+
+- claim: an atomic `UPDATE ... SET owner=me, claim_state='claiming' WHERE owner IS NULL`
+  picks exactly one winner before any Particle call; then `claim_device` with the winner's
+  customer token; success clears claim_state, a failure puts the owner back to NULL.
+- release: `claim_state='releasing'`, then the product-level unclaim, then owner NULL.
+
+A crash between the steps leaves claim_state set; `resume_pending` (run by the sweep)
+finishes the step or undoes it. If Particle says a device belongs to someone else while our
+database says it's free, we don't guess: we refuse, keep it free, and log it for staff.
+"""
+import dataclasses
+import datetime
+import logging
+import re
+
+from flask import abort
+from flask import current_app
+
+from selfserve import device_models
+from selfserve import passwords
+from selfserve.models import ClaimAttempt
+from selfserve.models import Device
+from selfserve.models import User
+from selfserve.models import utcnow
+from selfserve.particle import get_client
+from selfserve.particle.errors import CloudUnavailable
+from selfserve.particle.errors import DeviceOffline
+from selfserve.particle.errors import DeviceOwnedByOther
+from selfserve.particle.errors import FunctionFailed
+from selfserve.particle.errors import NotFound
+from selfserve.particle.errors import ParticleError
+from selfserve.particle.errors import PermissionDenied
+from selfserve.particle.errors import RateLimited
+from selfserve.services import audit
+from selfserve.services import live_values
+from selfserve.services import registry
+
+log = logging.getLogger(__name__)
+
+# Failed claim attempts are counted in the database (ClaimAttempt), not with Flask-Limiter:
+# - the per-serial limit protects one device's setup code from guessing spread over many
+#   accounts and workers; a database counter is shared by every worker and machine without
+#   extra infrastructure (Flask-Limiter's default memory:// store is per process);
+# - only *wrong codes* count (an "already yours" or a cloud outage must not lock anyone out),
+#   which the service knows and a response-status hook would have to guess;
+# - the rule lives in the service, so it is tested without HTTP like the other rules.
+CLAIM_WINDOW_SECONDS = 15 * 60
+CLAIM_MAX_FAILURES_PER_ACCOUNT = 10
+CLAIM_MAX_FAILURES_PER_SERIAL = 5
+
+NAME_MAX = 64
+# Crash recovery leaves a step alone this long after it started, so the sweep never races a
+# request that is still waiting for Particle.
+RESUME_GRACE_SECONDS = 60
+
+TRANSIENT = (CloudUnavailable, RateLimited)
+
+MESSAGES = {
+    "wrong": "That serial number and setup code don't match. Check both on the device's label and try again.",
+    "too_many": "Too many attempts to add a device. For your security, please wait {minutes} minutes and try again.",
+    "not_ready": (
+        "Your account is still being set up with the device cloud. This usually takes less than "
+        "a minute; please try again shortly."
+    ),
+    "already_yours": "This device is already in your account.",
+    "owned_by_other": (
+        "This device is registered to another account. If you have the device, the previous owner "
+        "must release it from their account first (they can do that on the device's page). If you "
+        "can't reach them, contact support with the serial number."
+    ),
+    "busy": "This device is being added or released right now. Please try again in a minute.",
+    "cloud_down": "The device cloud isn't answering, so the device was not added. Nothing was changed; please try again in a minute.",
+    "cloud_busy": "The device cloud is busy, so the device was not added. Nothing was changed; please try again in a minute.",
+    "drift": (
+        "The device cloud lists this device under another account, so we did not add it. Our "
+        "support team has been told; please contact support with the serial number."
+    ),
+    "refused": "The device cloud refused to add this device. Nothing was changed; please contact support with the serial number.",
+}
+
+
+class DeviceError(Exception):
+    """A refusal the homeowner should read. `kind` names the case (views pick a status or a
+    next step by it), `field` the form field at fault, `device` the device when relevant."""
+
+    def __init__(self, message, kind="error", field=None, device=None, status=400):
+        super().__init__(message)
+        self.message = message
+        self.kind = kind
+        self.field = field
+        self.device = device
+        self.status = status
+
+
+@dataclasses.dataclass
+class FunctionResult:
+    ok: bool
+    message: str
+    return_value: int = None
+
+
+# --- lookups -------------------------------------------------------------------------------
+
+
+def parse_device_id(raw):
+    """24 lowercase hex, or None: malformed ids never reach the database or Particle."""
+    return registry.normalize_device_id(raw) if raw and len(raw) == 24 else None
+
+
+def device_for(user, device_id):
+    """The device `device_id` if `user` owns it (and no claim/release is in flight), else 404.
+
+    The one ownership check every device route goes through: another customer's device, an
+    unknown or malformed id all answer the same 404, and none of them calls Particle.
+    """
+    parsed = parse_device_id(device_id)
+    if parsed is None or user is None or not getattr(user, "is_authenticated", False):
+        abort(404)
+    device = Device.get_or_none(
+        (Device.device_id == parsed) & (Device.owner == user.id) & Device.claim_state.is_null()
+    )
+    if device is None:
+        abort(404)
+    device.owner = user
+    return device
+
+
+def devices_of(user):
+    """`user`'s devices, ready to use, in the order they were added."""
+    query = Device.select().where((Device.owner == user.id) & Device.claim_state.is_null())
+    return list(query.order_by(Device.claimed_at, Device.device_id))
+
+
+def pending_of(user):
+    """`user`'s devices with a claim or release still being finished."""
+    return list(Device.select().where((Device.owner == user.id) & Device.claim_state.is_null(False)))
+
+
+@dataclasses.dataclass
+class Overview:
+    """What the dashboard shows: ready devices with their stored snapshots, and devices whose
+    claim or release is still being finished."""
+
+    devices: list
+    snapshots: dict
+    pending: list
+
+
+def overview(user):
+    """The dashboard's data, from the database only (no Particle call)."""
+    ready = devices_of(user)
+    return Overview(devices=ready, snapshots=live_values.last_known_many(ready), pending=pending_of(user))
+
+
+def display_name(device):
+    """The homeowner's name for the device, or its model and serial until they name it."""
+    if device.name:
+        return device.name
+    return f"{device_models.label(device.model)} {device.serial_number}"
+
+
+# --- claim ----------------------------------------------------------------------------------
+
+
+def claim_problem(user):
+    """Why `user` can't claim devices yet (a message), or None."""
+    if not user.is_verified:
+        return "Please verify your email address first."
+    if user.provisioning_state != "ready" or not user.particle_customer_id:
+        return MESSAGES["not_ready"]
+    return None
+
+
+def claim(user, serial, setup_code):
+    """Add the device with this label (serial + setup code) to `user`'s account.
+
+    Returns the Device, or raises DeviceError with a specific message. The setup code is
+    checked against its hash with the same work whether or not the serial exists, and only
+    ever leaves this function as a yes/no.
+    """
+    serial = re.sub(r"\s+", "", serial or "").upper()
+    setup_code = registry.normalize_setup_code(setup_code)
+    problem = claim_problem(user)
+    if problem:
+        raise DeviceError(problem, kind="not_ready", status=409)
+    if not serial:
+        raise DeviceError("Enter the serial number from the device's label.", kind="invalid", field="serial", status=422)
+    if not setup_code:
+        raise DeviceError("Enter the setup code from the device's label.", kind="invalid", field="setup_code", status=422)
+    serial = serial[:64]
+    _check_attempts(user, serial)
+
+    device = Device.get_or_none(Device.serial_number == serial)
+    # Unknown serial: verify against a dummy hash anyway, so both cases cost the same.
+    matches = passwords.check_password(device.setup_code_hash if device else None, setup_code[:128])
+    if device is None or not matches:
+        _record_failure(user, serial)
+        log.info("Claim attempt with a wrong serial or setup code (user %s)", user.id)
+        raise DeviceError(MESSAGES["wrong"], kind="wrong", status=422)
+
+    if device.owner_id == user.id:
+        if device.claim_state == "claiming" and _older_than_grace(device):
+            # An earlier attempt of this user stopped half-way: finish it now.
+            return _claim_on_particle(user, device)
+        if device.claim_state is None:
+            raise DeviceError(MESSAGES["already_yours"], kind="already_yours", device=device, status=409)
+        raise DeviceError(MESSAGES["busy"], kind="busy", status=409)
+    if device.owner_id is not None:
+        raise DeviceError(MESSAGES["owned_by_other"], kind="owned_by_other", status=409)
+    if device.claim_state is not None:
+        raise DeviceError(MESSAGES["busy"], kind="busy", status=409)
+
+    _ensure_in_product(device)
+
+    now = utcnow()
+    won = (
+        Device.update(owner=user.id, claim_state="claiming", claim_state_at=now, claim_error=None)
+        .where((Device.device_id == device.device_id) & Device.owner.is_null() & Device.claim_state.is_null())
+        .execute()
+    )
+    if won != 1:
+        # Someone else's claim (or this user's other tab) got there first.
+        current = Device.get_by_id(device.device_id)
+        if current.owner_id == user.id:
+            raise DeviceError(MESSAGES["busy"], kind="busy", status=409)
+        raise DeviceError(MESSAGES["owned_by_other"], kind="owned_by_other", status=409)
+    return _claim_on_particle(user, device)
+
+
+def _check_attempts(user, serial):
+    since = utcnow() - datetime.timedelta(seconds=_setting("CLAIM_WINDOW_SECONDS", CLAIM_WINDOW_SECONDS))
+    limits = (
+        (f"user:{user.id}", _setting("CLAIM_MAX_FAILURES_PER_ACCOUNT", CLAIM_MAX_FAILURES_PER_ACCOUNT)),
+        (f"serial:{serial}", _setting("CLAIM_MAX_FAILURES_PER_SERIAL", CLAIM_MAX_FAILURES_PER_SERIAL)),
+    )
+    for key, limit in limits:
+        failures = ClaimAttempt.select().where((ClaimAttempt.key == key) & (ClaimAttempt.at > since))
+        if failures.count() >= limit:
+            oldest = failures.order_by(ClaimAttempt.at).first()
+            window = datetime.timedelta(seconds=_setting("CLAIM_WINDOW_SECONDS", CLAIM_WINDOW_SECONDS))
+            wait = (oldest.at + window) - utcnow()
+            minutes = max(1, int(wait.total_seconds() // 60) + 1)
+            log.warning("Claim attempts blocked for %s", key.split(":")[0])
+            raise DeviceError(MESSAGES["too_many"].format(minutes=minutes), kind="too_many", status=429)
+
+
+def _record_failure(user, serial):
+    now = utcnow()
+    ClaimAttempt.insert_many(
+        [{"key": f"user:{user.id}", "at": now}, {"key": f"serial:{serial}", "at": now}]
+    ).execute()
+    # Keep the table small: anything outside every window is useless.
+    cutoff = now - datetime.timedelta(seconds=2 * _setting("CLAIM_WINDOW_SECONDS", CLAIM_WINDOW_SECONDS))
+    ClaimAttempt.delete().where(ClaimAttempt.at < cutoff).execute()
+
+
+def _setting(key, default):
+    return type(default)(current_app.config.get(key, default))
+
+
+def _ensure_in_product(device):
+    """A device whose registry import into the product failed is added now (idempotent)."""
+    if device.in_product:
+        return
+    try:
+        get_client().add_device_to_product(device.device_id)
+    except TRANSIENT as exc:
+        raise DeviceError(_transient_message(exc), kind="cloud", status=503)
+    except ParticleError as exc:
+        log.error("Device %s could not be added to the product: %s", device.device_id, exc)
+        raise DeviceError(MESSAGES["refused"], kind="refused", status=502)
+    Device.update(in_product=True).where(Device.device_id == device.device_id).execute()
+
+
+def _transient_message(exc):
+    return MESSAGES["cloud_busy"] if isinstance(exc, RateLimited) else MESSAGES["cloud_down"]
+
+
+def _older_than_grace(device):
+    started = device.claim_state_at
+    return started is None or utcnow() - started > datetime.timedelta(seconds=RESUME_GRACE_SECONDS)
+
+
+def _claim_on_particle(user, device, undo_on_transient=True):
+    """Second step of a claim we won: claim on Particle, then finish or undo.
+
+    A cloud outage undoes the claim (the homeowner is told to try again), except for the
+    sweep (`undo_on_transient=False`), which leaves it to be retried.
+    """
+    try:
+        get_client().claim_device(user.particle_customer_id, device.device_id)
+    except DeviceOwnedByOther as exc:
+        _undo_claim(device, user, "Particle says the device belongs to someone else")
+        log.error("Ownership drift: device %s is free in our database but claimed on Particle (%s)", device.device_id, exc)
+        raise DeviceError(MESSAGES["drift"], kind="drift", status=409)
+    except TRANSIENT as exc:
+        log.warning("Claim of %s not done, the cloud failed: %s", device.device_id, exc)
+        if not undo_on_transient:
+            raise
+        _undo_claim(device, user, None)
+        raise DeviceError(_transient_message(exc), kind="cloud", status=503)
+    except ParticleError as exc:
+        _undo_claim(device, user, f"claim refused: {type(exc).__name__}")
+        log.error("Claim of %s refused by Particle: %s", device.device_id, exc)
+        raise DeviceError(MESSAGES["refused"], kind="refused", status=502)
+    return _finish_claim(device, user)
+
+
+def _finish_claim(device, user):
+    now = utcnow()
+    done = (
+        Device.update(claim_state=None, claim_state_at=None, claimed_at=now, name=None, claim_error=None)
+        .where((Device.device_id == device.device_id) & (Device.owner == user.id) & (Device.claim_state == "claiming"))
+        .execute()
+    )
+    device = Device.get_by_id(device.device_id)
+    if done:
+        live_values.forget(device.device_id)  # never show the previous owner's values
+        audit.record("device.claimed", user=user, device_id=device.device_id, name=display_name(device))
+    elif device.owner_id != user.id or device.claim_state is not None:
+        # Someone (the sweep) undid our step while we waited for Particle: staff must look.
+        log.error("Claim of %s finished on Particle but was undone here meanwhile", device.device_id)
+        raise DeviceError(MESSAGES["busy"], kind="busy", status=409)
+    return device
+
+
+def _undo_claim(device, user, error):
+    Device.update(owner=None, claim_state=None, claim_state_at=None, claim_error=error).where(
+        (Device.device_id == device.device_id) & (Device.owner == user.id) & (Device.claim_state == "claiming")
+    ).execute()
+
+
+# --- release --------------------------------------------------------------------------------
+
+
+def release(user, device):
+    """Take the device out of `user`'s account (Particle unclaim through the product, then
+    our database). Raises DeviceError when the cloud fails; then nothing changed."""
+    name = display_name(device)
+    started = (
+        Device.update(claim_state="releasing", claim_state_at=utcnow())
+        .where((Device.device_id == device.device_id) & (Device.owner == user.id) & Device.claim_state.is_null())
+        .execute()
+    )
+    if started != 1:
+        raise DeviceError(MESSAGES["busy"], kind="busy", status=409)
+    try:
+        get_client().remove_device_owner(device.device_id)
+    except NotFound:
+        pass  # not claimed on Particle at all: what we wanted
+    except TRANSIENT as exc:
+        _undo_release(device, user)
+        message = "The device cloud isn't answering, so the device was not released. It is still yours; please try again in a minute."
+        if isinstance(exc, RateLimited):
+            message = "The device cloud is busy, so the device was not released. It is still yours; please try again in a minute."
+        raise DeviceError(message, kind="cloud", status=503)
+    except ParticleError as exc:
+        _undo_release(device, user)
+        log.error("Release of %s refused by Particle: %s", device.device_id, exc)
+        raise DeviceError(
+            "The device cloud refused to release this device. It is still yours; please contact support.",
+            kind="refused",
+            status=502,
+        )
+    _finish_release(device, user, name)
+
+
+def _finish_release(device, user, name):
+    done = (
+        Device.update(owner=None, name=None, claimed_at=None, claim_state=None, claim_state_at=None, claim_error=None)
+        .where((Device.device_id == device.device_id) & (Device.owner == user.id) & (Device.claim_state == "releasing"))
+        .execute()
+    )
+    if done:
+        live_values.forget(device.device_id)
+        audit.record("device.released", user=user, device_id=device.device_id, name=name)
+
+
+def _undo_release(device, user):
+    Device.update(claim_state=None, claim_state_at=None).where(
+        (Device.device_id == device.device_id) & (Device.owner == user.id) & (Device.claim_state == "releasing")
+    ).execute()
+
+
+# --- crash recovery ---------------------------------------------------------------------------
+
+
+def resume_pending(grace_seconds=None):
+    """Finish or undo claims and releases a crash left half-done. Safe in several workers.
+
+    claiming: claim on Particle again (idempotent for the same customer) and finish; a
+    permanent refusal undoes it; drift is refused and logged. releasing: unclaim again and
+    finish. A cloud outage leaves the step for the next sweep. Returns counts per outcome.
+    """
+    grace = RESUME_GRACE_SECONDS if grace_seconds is None else grace_seconds
+    cutoff = utcnow() - datetime.timedelta(seconds=grace)
+    counts = {"claimed": 0, "released": 0, "undone": 0, "retry_later": 0}
+    stuck = Device.select().where(
+        Device.claim_state.is_null(False) & (Device.claim_state_at.is_null() | (Device.claim_state_at <= cutoff))
+    )
+    for device in list(stuck):
+        # Take the step over with an atomic touch, so two sweeping workers don't both run it.
+        taken = (
+            Device.update(claim_state_at=utcnow())
+            .where(
+                (Device.device_id == device.device_id)
+                & (Device.claim_state == device.claim_state)
+                & (Device.claim_state_at.is_null() | (Device.claim_state_at <= cutoff))
+            )
+            .execute()
+        )
+        if not taken:
+            continue
+        owner = User.get_or_none(User.id == device.owner_id) if device.owner_id else None
+        if owner is None:
+            # The account is gone (or the row is inconsistent): nobody can be waiting for it.
+            Device.update(owner=None, claim_state=None, claim_state_at=None).where(
+                Device.device_id == device.device_id
+            ).execute()
+            counts["undone"] += 1
+            continue
+        try:
+            if device.claim_state == "claiming":
+                if not owner.particle_customer_id:
+                    _undo_claim(device, owner, "the owner has no device-cloud account")
+                    counts["undone"] += 1
+                    continue
+                _claim_on_particle(owner, device, undo_on_transient=False)
+                counts["claimed"] += 1
+            elif device.claim_state == "releasing":
+                _resume_release(device, owner)
+                counts["released"] += 1
+        except DeviceError:
+            counts["undone"] += 1
+        except TRANSIENT:
+            counts["retry_later"] += 1  # the cloud is down: the next sweep tries again
+    return counts
+
+
+def _resume_release(device, owner):
+    try:
+        get_client().remove_device_owner(device.device_id)
+    except NotFound:
+        pass
+    except TRANSIENT:
+        raise
+    except ParticleError as exc:
+        log.error("Resuming the release of %s: Particle refused (%s); left for staff", device.device_id, exc)
+        Device.update(claim_error=f"release refused: {type(exc).__name__}").where(
+            Device.device_id == device.device_id
+        ).execute()
+        raise DeviceError("refused", kind="refused")
+    _finish_release(device, owner, display_name(device))
+
+
+def _register_with_sweep():
+    # The sweep module belongs to the accounts area; without it there is nothing to register.
+    try:
+        from selfserve import sweep
+    except ImportError:  # pragma: no cover - only while areas land one by one
+        return
+    sweep.register(resume_pending)
+
+
+_register_with_sweep()
+
+
+# --- rename and functions ---------------------------------------------------------------------
+
+
+def particle_name(name, device):
+    """A Particle-safe device name (letters, digits, _ and -, at most 63) for our free text."""
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")[:63]
+    return slug or f"device_{device.serial_number}"[:63]
+
+
+def rename(user, device, new_name):
+    """Rename the device here and on Particle. Raises DeviceError (nothing renamed) on bad
+    input or when the cloud fails."""
+    name = re.sub(r"\s+", " ", (new_name or "")).strip()
+    if not name:
+        raise DeviceError("Enter a name for the device.", kind="invalid", field="name", status=422)
+    if len(name) > NAME_MAX:
+        raise DeviceError(f"Use at most {NAME_MAX} characters.", kind="invalid", field="name", status=422)
+    if any(ord(char) < 32 or ord(char) == 127 for char in name):
+        raise DeviceError("Use letters, digits, spaces and punctuation only.", kind="invalid", field="name", status=422)
+    old = display_name(device)
+    if name == device.name:
+        return device
+    try:
+        get_client().rename_device(user.particle_customer_id, device.device_id, particle_name(name, device))
+    except TRANSIENT as exc:
+        raise DeviceError(
+            "The device cloud isn't answering, so the name was not changed. Please try again in a minute.",
+            kind="cloud",
+            status=503,
+        ) from exc
+    except ParticleError as exc:
+        log.warning("Rename of %s refused: %s", device.device_id, exc)
+        raise DeviceError("The device cloud refused the new name. Please try again or contact support.", kind="refused", status=502)
+    Device.update(name=name).where((Device.device_id == device.device_id) & (Device.owner == user.id)).execute()
+    device.name = name
+    audit.record("device.renamed", user=user, device_id=device.device_id, old=old, new=name, name=name)
+    return device
+
+
+def call_function(user, device, function_name, raw_arg="", confirmed=False):
+    """Run one of the model's functions on the device and say how it went.
+
+    Raises DeviceError for a function the model doesn't have (404), a bad argument (422) or a
+    missing confirmation (kind "confirm"); Particle trouble comes back as FunctionResult(ok=False).
+    """
+    model = device_models.get(device.model)
+    function = model.function(function_name) if model else None
+    if function is None:
+        raise DeviceError("That action isn't available for this device.", kind="unknown_function", status=404)
+    arg, problem = function.parse_arg(raw_arg)
+    if problem:
+        raise DeviceError(problem, kind="invalid", field="arg", status=422)
+    if function.confirm and not confirmed:
+        raise DeviceError(function.confirm, kind="confirm", status=409)
+    name = display_name(device)
+    try:
+        return_value = get_client().call_function(user.particle_customer_id, device.device_id, function.name, arg)
+    except DeviceOffline:
+        live_values.mark_offline(device.device_id)
+        return FunctionResult(False, f"The device is offline or not answering, so “{function.label}” was not done. Try again when it is back online.")
+    except NotFound:
+        return FunctionResult(False, f"The device doesn't know “{function.label}”. Its firmware may need an update; please contact support.")
+    except FunctionFailed:
+        return FunctionResult(False, f"The device did not carry out “{function.label}”. Please try again.")
+    except RateLimited:
+        return FunctionResult(False, "The device cloud is busy, so the command was not sent. Please try again in a minute.")
+    except CloudUnavailable as exc:
+        if exc.status is None:
+            # A timeout: the command may have reached the device before the answer got lost.
+            live_values.invalidate(device.device_id)
+            return FunctionResult(False, "We didn't hear back from the device cloud in time. The command may or may not have reached the device; check its values before trying again.")
+        return FunctionResult(False, "The device cloud isn't answering, so the command was not sent. Please try again in a minute.")
+    except PermissionDenied:
+        log.error("Function call on %s denied by Particle although the database says %s owns it", device.device_id, user.id)
+        return FunctionResult(False, "The device cloud says this device is not available to your account. Please contact support.")
+    except ParticleError as exc:
+        log.warning("Function %s on %s failed: %s", function.name, device.device_id, exc)
+        return FunctionResult(False, f"“{function.label}” failed: {exc.user_message}")
+    live_values.invalidate(device.device_id)
+    refused = return_value is not None and return_value < 0
+    audit.record(
+        "device.function_called",
+        user=user,
+        device_id=device.device_id,
+        function=function.label,
+        name=name,
+        arg=arg or None,
+        result="refused" if refused else "done",
+    )
+    if refused:
+        return FunctionResult(False, f"The device refused the value ({function.label}: code {return_value}).", return_value)
+    return FunctionResult(True, function.done_text, return_value)

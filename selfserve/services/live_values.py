@@ -1,0 +1,394 @@
+"""Live variable values: one short-lived cache shared by every viewer and every worker.
+
+The cache is the DeviceSnapshot table. A read goes:
+
+1. fresh snapshot (asked less than VALUES_CACHE_SECONDS ago, or the device was found offline
+   less than OFFLINE_REMEMBER_SECONDS ago) -> serve it, no Particle call;
+2. otherwise one thread per process may try (a per-device threading lock), and one process
+   across all workers wins (an atomic UPDATE of `lease_until`): the winner reads the device
+   (one get_device, then its variables in parallel, each call with its own timeout) and writes
+   the snapshot;
+3. everyone else serves the last snapshot at once, or waits briefly when there is none yet.
+
+So many viewers of one device cost one upstream read per interval, and a slow or offline
+device shows its last known values with their age instead of hanging the page. Reads use the
+customer token of the device's owner in our database.
+"""
+import concurrent.futures
+import dataclasses
+import datetime
+import logging
+import threading
+import time
+
+from flask import current_app
+
+from selfserve import device_models
+from selfserve.models import Device
+from selfserve.models import DeviceSnapshot
+from selfserve.models import User
+from selfserve.models import utcnow
+from selfserve.particle import get_client
+from selfserve.particle.errors import CloudUnavailable
+from selfserve.particle.errors import DeviceOffline
+from selfserve.particle.errors import ParticleError
+from selfserve.particle.errors import PermissionDenied
+from selfserve.particle.errors import RateLimited
+
+log = logging.getLogger(__name__)
+
+# How long a viewer with nothing to show waits for another thread or worker's first read.
+FIRST_READ_WAIT_SECONDS = 3.0
+# Threads reading variables for every device of this process (each call has its own timeout).
+_POOL_SIZE = 16
+_pool = None
+_pool_guard = threading.Lock()
+_device_locks = {}
+_device_locks_guard = threading.Lock()
+
+NOT_ANSWERING = "The device is not answering right now."
+
+
+@dataclasses.dataclass
+class Reading:
+    """One variable as shown to a homeowner."""
+
+    name: str
+    label: str
+    text: str
+    unit: str
+    at: datetime.datetime = None  # when this value was read (None: never)
+
+
+@dataclasses.dataclass
+class Snapshot:
+    """What we know about a device's live state, and how old it is."""
+
+    device_id: str
+    online: bool = None  # None: unknown yet
+    offline_since: datetime.datetime = None
+    fetched_at: datetime.datetime = None
+    checked_at: datetime.datetime = None
+    readings: list = dataclasses.field(default_factory=list)
+    message: str = ""  # why the values may be old (safe to show)
+    raw: dict = dataclasses.field(default_factory=dict)  # name -> value
+
+    def reading(self, name):
+        for reading in self.readings:
+            if reading.name == name:
+                return reading
+        return None
+
+
+def current(device):
+    """The device's live values, reading Particle at most once per interval for everyone.
+
+    Never raises for Particle trouble: the snapshot then carries the last known values and a
+    `message` saying why they may be old.
+    """
+    device_id = device.device_id
+    row = _row(device_id)
+    if _is_fresh(row, utcnow()):
+        return _to_snapshot(device, row)
+    lock = _lock_for(device_id)
+    if lock.acquire(blocking=False):
+        try:
+            row = _row(device_id)
+            if not _is_fresh(row, utcnow()) and _take_lease(device_id):
+                _refresh(device, row)
+                row = _row(device_id)
+        finally:
+            lock.release()
+        if not _has_anything(row):
+            row = _wait_for_first(device.device_id)  # another worker holds the lease
+        return _to_snapshot(device, row)
+    # Another thread of this process is reading the device right now.
+    if _has_anything(row):
+        return _to_snapshot(device, row)
+    if lock.acquire(timeout=FIRST_READ_WAIT_SECONDS):
+        lock.release()
+    return _to_snapshot(device, _wait_for_first(device_id))
+
+
+def last_known(device):
+    """The stored snapshot only; never calls Particle (for page shells and the dashboard)."""
+    row = DeviceSnapshot.get_or_none(DeviceSnapshot.device_id == device.device_id)
+    return _to_snapshot(device, row)
+
+
+def last_known_many(devices):
+    """`last_known` for several devices with one query: {device_id: Snapshot}."""
+    ids = [device.device_id for device in devices]
+    rows = {row.device_id: row for row in DeviceSnapshot.select().where(DeviceSnapshot.device_id.in_(ids))} if ids else {}
+    return {device.device_id: _to_snapshot(device, rows.get(device.device_id)) for device in devices}
+
+
+def invalidate(device_id):
+    """Make the next read go to Particle (after a function call changed the device)."""
+    DeviceSnapshot.update(checked_at=None).where(DeviceSnapshot.device_id == device_id).execute()
+
+
+def mark_offline(device_id):
+    """Remember that the device did not answer (a function call timed out on it)."""
+    _row(device_id)
+    now = utcnow()
+    DeviceSnapshot.update(online=False, checked_at=now, last_error=NOT_ANSWERING).where(
+        DeviceSnapshot.device_id == device_id
+    ).execute()
+    DeviceSnapshot.update(offline_since=now).where(
+        (DeviceSnapshot.device_id == device_id) & DeviceSnapshot.offline_since.is_null()
+    ).execute()
+
+
+def forget(device_id):
+    """Drop the snapshot (the device left its owner: the next owner must not see old values)."""
+    DeviceSnapshot.delete().where(DeviceSnapshot.device_id == device_id).execute()
+
+
+# --- freshness and the lease --------------------------------------------------------------
+
+
+def _settings():
+    config = current_app.config
+    cache = float(config.get("VALUES_CACHE_SECONDS", 4.0))
+    offline = max(cache, float(config.get("OFFLINE_REMEMBER_SECONDS", 60.0)))
+    timeout = float(config.get("PARTICLE_CONNECT_TIMEOUT", 3.05)) + float(config.get("PARTICLE_READ_TIMEOUT", 20.0))
+    # A lease outlives the slowest possible read (get_device, then one parallel round of
+    # variables) so a second worker doesn't start a duplicate read, and expires by itself
+    # when its holder crashed.
+    lease = 2 * timeout + 2
+    return cache, offline, lease
+
+
+def _row(device_id):
+    row = DeviceSnapshot.get_or_none(DeviceSnapshot.device_id == device_id)
+    if row is None:
+        DeviceSnapshot.insert(device_id=device_id, values={}).on_conflict_ignore().execute()
+        row = DeviceSnapshot.get(DeviceSnapshot.device_id == device_id)
+    return row
+
+
+def _is_fresh(row, now):
+    if row is None or row.checked_at is None:
+        return False
+    cache, offline, _ = _settings()
+    window = offline if row.online is False else cache
+    return now - row.checked_at < datetime.timedelta(seconds=window)
+
+
+def _has_anything(row):
+    return row is not None and (row.checked_at is not None or row.fetched_at is not None)
+
+
+def _take_lease(device_id):
+    """Atomically become the one reader of this device; False when another worker is, or
+    when someone just refreshed it."""
+    now = utcnow()
+    cache, offline, lease = _settings()
+    stale = (
+        DeviceSnapshot.checked_at.is_null()
+        | (
+            (DeviceSnapshot.online.is_null() | (DeviceSnapshot.online == True))  # noqa: E712
+            & (DeviceSnapshot.checked_at < now - datetime.timedelta(seconds=cache))
+        )
+        | (
+            (DeviceSnapshot.online == False)  # noqa: E712
+            & (DeviceSnapshot.checked_at < now - datetime.timedelta(seconds=offline))
+        )
+    )
+    taken = (
+        DeviceSnapshot.update(lease_until=now + datetime.timedelta(seconds=lease))
+        .where(
+            (DeviceSnapshot.device_id == device_id)
+            & (DeviceSnapshot.lease_until.is_null() | (DeviceSnapshot.lease_until < now))
+            & stale
+        )
+        .execute()
+    )
+    return taken == 1
+
+
+def _wait_for_first(device_id):
+    """Another worker holds the lease and we have nothing to show: wait a little for it."""
+    deadline = time.monotonic() + FIRST_READ_WAIT_SECONDS
+    row = _row(device_id)
+    while not _has_anything(row) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        row = _row(device_id)
+    return row
+
+
+def _lock_for(device_id):
+    with _device_locks_guard:
+        lock = _device_locks.get(device_id)
+        if lock is None:
+            lock = _device_locks[device_id] = threading.Lock()
+        return lock
+
+
+def _executor():
+    global _pool
+    with _pool_guard:
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(max_workers=_POOL_SIZE, thread_name_prefix="live-values")
+        return _pool
+
+
+# --- reading Particle ------------------------------------------------------------------------
+
+
+def _refresh(device, row):
+    """Read the device from Particle and store what we learned; we hold the lease."""
+    now = utcnow()
+    values = dict(row.values or {})
+    update = {"checked_at": now, "lease_until": None}
+    # The owner as the database says now (the device may have changed hands since the page
+    # loaded): reads always use the current owner's customer token.
+    customer_id = (
+        User.select(User.particle_customer_id)
+        .join(Device, on=(Device.owner == User.id))
+        .where(Device.device_id == device.device_id)
+        .scalar()
+    )
+    if customer_id is None:
+        update["last_error"] = "This device has no owner with a device-cloud account."
+        _store(device.device_id, update)
+        return
+    client = get_client()
+    try:
+        info = client.get_device(customer_id, device.device_id)
+    except RateLimited as exc:
+        # Hold the lease until the cloud lets us back in: nobody asks again before then.
+        wait = max(float(exc.retry_after or 0), _settings()[0])
+        update["lease_until"] = now + datetime.timedelta(seconds=wait)
+        update["last_error"] = exc.user_message
+        _store(device.device_id, update)
+        return
+    except ParticleError as exc:
+        log.info("Reading device %s failed: %s", device.device_id, exc)
+        update["last_error"] = _message_for(exc)
+        _store(device.device_id, update)
+        return
+
+    if not (info.get("online") or info.get("connected")):
+        _store_offline(device.device_id, update, row, _parse_time(info.get("last_heard")) or now)
+        return
+
+    names = _variable_names(device, info)
+    results = _read_variables(client, customer_id, device.device_id, names)
+    offline = False
+    errors = []
+    for name, (value, error) in results.items():
+        if error is None:
+            values[name] = {"value": value, "at": _iso(utcnow())}
+        elif isinstance(error, (DeviceOffline, CloudUnavailable)) and not isinstance(error, RateLimited):
+            # 408, or no answer within our own read timeout: the device isn't answering.
+            offline = True
+        else:
+            errors.append(error)
+    got_any = any(error is None for _, error in results.values())
+    update["values"] = values
+    if got_any:
+        update["fetched_at"] = utcnow()
+    if offline:
+        _store_offline(device.device_id, update, row, utcnow())
+        return
+    update["online"] = True
+    update["offline_since"] = None
+    update["last_error"] = _message_for(errors[0]) if errors else None
+    _store(device.device_id, update)
+
+
+def _read_variables(client, customer_id, device_id, names):
+    """Read variables in parallel; {name: (value, None) | (None, ParticleError)}."""
+    futures = {
+        name: _executor().submit(client.get_variable, customer_id, device_id, name) for name in names
+    }
+    results = {}
+    for name, future in futures.items():
+        try:
+            results[name] = (future.result(), None)
+        except ParticleError as exc:
+            results[name] = (None, exc)
+    return results
+
+
+def _store_offline(device_id, update, row, since):
+    update["online"] = False
+    update["offline_since"] = row.offline_since if row.online is False and row.offline_since else since
+    update["last_error"] = None
+    _store(device_id, update)
+
+
+def _store(device_id, update):
+    DeviceSnapshot.update(**update).where(DeviceSnapshot.device_id == device_id).execute()
+
+
+def _variable_names(device, info):
+    """The catalogue's variables first, then any others the device reports."""
+    reported = info.get("variables")
+    model = device_models.get(device.model)
+    known = [variable.name for variable in model.variables] if model else []
+    if not isinstance(reported, dict):
+        return known
+    names = [name for name in known if name in reported]
+    names += sorted(name for name in reported if name not in known)
+    return names
+
+
+def _message_for(exc):
+    if isinstance(exc, PermissionDenied):
+        return "The device cloud says this device is not available to your account. Please contact support."
+    if isinstance(exc, CloudUnavailable):
+        return "The device cloud is not reachable right now; showing the last known values."
+    if isinstance(exc, RateLimited):
+        return exc.user_message
+    return "Some values could not be read; showing the last known ones."
+
+
+# --- presenting ------------------------------------------------------------------------------
+
+
+def _to_snapshot(device, row):
+    snapshot = Snapshot(device_id=device.device_id)
+    values = {}
+    if row is not None:
+        snapshot.online = row.online
+        snapshot.offline_since = row.offline_since if row.online is False else None
+        snapshot.fetched_at = row.fetched_at
+        snapshot.checked_at = row.checked_at
+        snapshot.message = row.last_error or ""
+        values = row.values or {}
+    if snapshot.online is False and not snapshot.message:
+        snapshot.message = "The device is offline; showing the last known values."
+    model = device_models.get(device.model)
+    catalogue = list(model.variables) if model else []
+    names = [variable.name for variable in catalogue]
+    names += sorted(name for name in values if name not in names)
+    for name in names:
+        variable = (model.variable(name) if model else None) or device_models.Variable(name, name, kind="text")
+        entry = values.get(name)
+        value = entry.get("value") if isinstance(entry, dict) else None
+        at = _parse_time(entry.get("at")) if isinstance(entry, dict) else None
+        snapshot.raw[name] = value
+        snapshot.readings.append(
+            Reading(name=name, label=variable.label, text=variable.format(value) if entry else "—", unit=variable.unit if entry else "", at=at)
+        )
+    return snapshot
+
+
+def _iso(moment):
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_time(text):
+    """Naive UTC datetime from Particle's ISO-8601 "…Z" (or our own); None when unparseable."""
+    if not text or not isinstance(text, str):
+        return None
+    try:
+        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+    return moment
