@@ -255,17 +255,20 @@ class ParticleClient:
     def _renew(self, key, stale):
         """Mint a token for `key` (caller holds the key's lock): the refresh_token grant when
         `stale` holds one, falling back to client_credentials when Particle refuses it."""
+        lifetime = {}
+        if key != PRODUCT_KEY:
+            lifetime["expires_in"] = str(int(self.customer_token_lifetime))
         if stale is not None and stale.refresh_token:
             try:
-                return self._mint(key, {"grant_type": "refresh_token", "refresh_token": stale.refresh_token})
+                return self._mint(key, {"grant_type": "refresh_token", "refresh_token": stale.refresh_token,
+                                        **lifetime})
             except errors.InvalidClient:
                 raise
             except errors.BadRequest:
                 log.info("refresh token for %s refused; minting a new token", key.split(":")[0])
-        form = {"grant_type": "client_credentials"}
+        form = {"grant_type": "client_credentials", **lifetime}
         if key != PRODUCT_KEY:
             form["scope"] = f"customer={key.split(':', 1)[1]}"
-            form["expires_in"] = str(int(self.customer_token_lifetime))
         return self._mint(key, form)
 
     def _mint(self, key, form):

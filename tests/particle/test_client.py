@@ -298,6 +298,8 @@ def test_an_expired_token_is_refreshed_with_its_refresh_token(sim, pc, owner):
     assert pc.get_variable(owner, WINDOW, "position") == 0
     after = pc.token_store.get(key)
     assert token_requests(sim) == 1
+    left = (after.expires_at - models.utcnow()).total_seconds()
+    assert 80000 < left <= 86400  # the refreshed token keeps the configured lifetime
     assert after.access_token != before.access_token
     assert after.refresh_token != before.refresh_token
     # Proof the refresh grant was used: refresh tokens are single-use.
