@@ -12,6 +12,8 @@ import time
 import pytest
 
 from helpers import make_user
+from test_accounts_support import app  # noqa: F401 (fixture: one app context per request)
+from test_accounts_support import smtp_server  # noqa: F401 (fixture)
 from selfserve import passwords
 from selfserve import tokens
 from selfserve.mail import MailError
@@ -25,24 +27,6 @@ from selfserve.services import provisioning
 from selfserve.services.accounts import FormErrors
 
 PASSWORD = "correct horse battery"
-
-
-@pytest.fixture(scope="session")
-def smtp_server():
-    """The SMTP sink on a free port. (Shadows conftest's, which asks aiosmtpd 1.4 for port 0:
-    its start-up self-check then connects to port 0 and fails.)"""
-    from aiosmtpd.controller import Controller
-    from conftest import Mailbox
-
-    handler = Mailbox()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    controller = Controller(handler, hostname="127.0.0.1", port=port)
-    controller.start()
-    handler.port = port
-    yield handler
-    controller.stop()
 CUSTOMER_ID = re.compile(r"^c[0-9a-f]{24}$")
 
 
