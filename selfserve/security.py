@@ -70,6 +70,8 @@ def init_app(app):
         if request.endpoint == "static" or getattr(view, "is_public", False):
             return None
         if not current_user.is_authenticated:
+            if request.headers.get("HX-Request") == "true":
+                return _htmx_sign_in()
             return login_manager.unauthorized()
         return None
 
@@ -89,6 +91,25 @@ def init_app(app):
             headers["Cache-Control"] = "no-store"
             headers.add("Vary", "Cookie")
         return response
+
+
+def _htmx_sign_in():
+    """An htmx request (a poll, a fragment form) after the session ended: navigate the whole
+    page to sign-in, coming back to that page, instead of swapping the sign-in page into a
+    fragment."""
+    from urllib.parse import urlsplit
+
+    from flask import flash
+    from flask import url_for
+
+    from selfserve import htmx
+
+    current = urlsplit(request.headers.get("HX-Current-URL", ""))
+    next_page = None
+    if current.netloc == request.host and current.path.startswith("/"):
+        next_page = current.path + ("?" + current.query if current.query else "")
+    flash(login_manager.login_message, login_manager.login_message_category)
+    return htmx.redirect(url_for(login_manager.login_view, next=next_page))
 
 
 @login_manager.user_loader

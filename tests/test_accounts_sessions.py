@@ -2,6 +2,7 @@
 idle and absolute timeouts, safe `next`, no enumeration, and rate limits."""
 import datetime
 import re
+from urllib.parse import parse_qs
 from urllib.parse import urlsplit
 
 import pytest
@@ -214,3 +215,20 @@ def test_resend_is_limited_per_account(client, mailbox):
     ]
     assert statuses == [302, 302, 302, 429]
     assert len(mailbox.to("eager@example.com")) == 3
+
+
+def test_an_htmx_poll_after_the_session_ended_sends_the_whole_page_to_sign_in(app, client):
+    user = make_user("poll@example.com", verified=True, provisioned=False)
+    login(client, "poll@example.com")
+    assert client.get("/account/status", headers={"HX-Request": "true"}).status_code == 200
+    LoginSession.update(ended_at=LoginSession.created_at).where(LoginSession.user == user).execute()
+
+    response = client.get(
+        "/account/status", headers={"HX-Request": "true", "HX-Current-URL": "http://localhost/account?tab=1"}
+    )
+
+    assert response.status_code == 200 and response.get_data() == b""  # nothing swapped in
+    target = urlsplit(response.headers["HX-Redirect"])
+    assert target.path == "/login" and parse_qs(target.query) == {"next": ["/account?tab=1"]}
+    foreign = client.get("/account/status", headers={"HX-Request": "true", "HX-Current-URL": "https://evil.example/x"})
+    assert foreign.headers["HX-Redirect"] == "/login"
