@@ -374,6 +374,21 @@ def test_create_customer_refusals(sim):
     assert (response.status_code, response.json()) == (403, ORG_NOT_FOUND)
 
 
+def test_concurrent_creates_of_one_customer_make_one(sim):
+    barrier = threading.Barrier(10)
+
+    def create(_):
+        barrier.wait()
+        return requests.post(f"{sim.url}/v1/products/{PRODUCT}/customers",
+                             data={"email": "same-person", "no_password": "true"}, auth=CLIENT, timeout=10)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=10) as pool:
+        responses = list(pool.map(create, range(10)))
+    assert sorted(r.status_code for r in responses) == [201] + [400] * 9
+    assert all(r.json()["error"] == "customer_exists" for r in responses if r.status_code == 400)
+    assert [c["username"] for c in sim.state()["customers"]] == ["same-person"]
+
+
 def test_duplicate_customer_error_is_configurable(sim):
     sim.configure(duplicate_customer_error={"status": 409, "body": {"ok": False, "error": "exists"}})
     create_customer(sim, "dup")
