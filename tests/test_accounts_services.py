@@ -13,7 +13,6 @@ import pytest
 
 from helpers import make_user
 from test_accounts_support import app  # noqa: F401 (fixture: one app context per request)
-from test_accounts_support import smtp_server  # noqa: F401 (fixture)
 from selfserve import passwords
 from selfserve import tokens
 from selfserve.mail import MailError

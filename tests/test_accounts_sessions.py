@@ -11,7 +11,6 @@ from helpers import csrf_token
 from helpers import login
 from helpers import make_user
 from test_accounts_support import app  # noqa: F401 (fixture: one app context per request)
-from test_accounts_support import smtp_server  # noqa: F401 (fixture)
 from selfserve.models import AuditEvent
 from selfserve.models import LoginSession
 from selfserve.models import User
