@@ -32,20 +32,14 @@ from selfserve.particle.sim_state import State
 log = logging.getLogger("selfserve.particle.simulator")
 
 
-class _KeepAliveHandler(WSGIRequestHandler):
-    # HTTP/1.1 keeps connections open between requests, as api.particle.io does, so the
-    # client's per-thread requests.Session really reuses them (werkzeug defaults to 1.0).
-    protocol_version = "HTTP/1.1"
-
-
-class _QuietHandler(_KeepAliveHandler):
+class _QuietHandler(WSGIRequestHandler):
     """No access log (tests); the standalone server uses _PathOnlyHandler."""
 
     def log_request(self, code="-", size="-"):
         pass
 
 
-class _PathOnlyHandler(_KeepAliveHandler):
+class _PathOnlyHandler(WSGIRequestHandler):
     """Access log without query strings (they may carry ?access_token=)."""
 
     def log_request(self, code="-", size="-"):
