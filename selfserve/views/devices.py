@@ -1,0 +1,206 @@
+"""Device pages: dashboard, claim, device page with live values and functions, rename, release.
+
+Every route that names a device goes through `devices.device_for` (the one ownership check)
+before anything else, so another customer's device is a 404 without any Particle call.
+Fragments (summary, values, function result) answer htmx requests; a plain request for one
+is sent to the device page instead.
+"""
+from flask import Blueprint
+from flask import abort
+from flask import current_app
+from flask import flash
+from flask import make_response
+from flask import redirect as flask_redirect
+from flask import render_template
+from flask import request
+from flask import url_for
+from flask_login import current_user
+
+from selfserve import device_models
+from selfserve import htmx
+from selfserve.models import utcnow
+from selfserve.security import verified_required
+from selfserve.services import devices
+from selfserve.services import live_values
+
+bp = Blueprint("devices", __name__)
+
+NAME_ECHO_MAX = 200  # a rejected name is shown back for correction, but never a huge one
+
+
+@bp.app_template_filter("device_age")
+def device_age(moment, now=None):
+    """'just now', '12 s ago', '5 min ago', '3 h ago', '2 days ago' for a naive UTC time."""
+    if moment is None:
+        return "never"
+    seconds = int(((now or utcnow()) - moment).total_seconds())
+    if seconds < 2:
+        return "just now"
+    if seconds < 60:
+        return f"{seconds} s ago"
+    if seconds < 3600:
+        return f"{seconds // 60} min ago"
+    if seconds < 2 * 86400:
+        return f"{seconds // 3600} h ago"
+    return f"{seconds // 86400} days ago"
+
+
+@bp.app_template_filter("device_iso")
+def device_iso(moment):
+    if moment is None:
+        return ""
+    return moment.replace(microsecond=0).isoformat() + "Z"
+
+
+def _page_context(device, **extra):
+    return {
+        "device": device,
+        "model": device_models.get(device.model),
+        "name": devices.display_name(device),
+        "poll_seconds": int(current_app.config.get("VALUES_POLL_SECONDS", 5)),
+        **extra,
+    }
+
+
+# --- dashboard and claim -------------------------------------------------------------------
+
+
+@bp.get("/devices")
+def dashboard():
+    overview = devices.overview(current_user)
+    return render_template("devices/dashboard.html", overview=overview, names=devices.display_name,
+                           models=device_models)
+
+
+@bp.route("/devices/claim", methods=["GET", "POST"])
+@verified_required
+def claim():
+    if request.method == "GET":
+        return _claim_page()
+    serial = request.form.get("serial", "")
+    try:
+        device = devices.claim(current_user, serial, request.form.get("setup_code", ""))
+    except devices.DeviceError as exc:
+        if exc.kind == "already_yours":
+            flash(exc.message, "info")
+            return htmx.redirect(url_for("devices.detail", device_id=exc.device.device_id))
+        # The serial is echoed back for correction; the setup code never is.
+        return _claim_page(error=exc, serial=serial, status=exc.status)
+    flash(f"{devices.display_name(device)} was added to your account.", "success")
+    return htmx.redirect(url_for("devices.detail", device_id=device.device_id))
+
+
+@bp.get("/claim")
+@verified_required
+def claim_from_label():
+    """Where the label's QR code points. The serial and code are in the URL fragment, which
+    never reaches us; static/js/devices.js copies them into the form."""
+    return _claim_page(from_label=True)
+
+
+def _claim_page(error=None, serial="", status=200, from_label=False):
+    context = {
+        "error": error,
+        "serial": serial[:64],
+        "problem": devices.claim_problem(current_user),
+        "from_label": from_label,
+    }
+    if htmx.is_htmx():
+        # htmx swaps only 2xx answers: the form with its message comes back as a 200.
+        return render_template("devices/_claim_form.html", **context)
+    return render_template("devices/claim.html", **context), status
+
+
+# --- one device -------------------------------------------------------------------------------
+
+
+@bp.get("/devices/<device_id>")
+def detail(device_id):
+    device = devices.device_for(current_user, device_id)
+    # The shell never waits on Particle: it shows the stored snapshot, then polls.
+    snapshot = live_values.last_known(device)
+    return render_template("devices/detail.html", **_page_context(device, snapshot=snapshot))
+
+
+@bp.get("/devices/<device_id>/summary")
+def summary(device_id):
+    device = devices.device_for(current_user, device_id)
+    if not htmx.is_htmx():
+        return flask_redirect(url_for("devices.detail", device_id=device.device_id))
+    snapshot = live_values.current(device)
+    return render_template("devices/_summary.html", **_page_context(device, snapshot=snapshot))
+
+
+@bp.get("/devices/<device_id>/values")
+def values(device_id):
+    device = devices.device_for(current_user, device_id)
+    if not htmx.is_htmx():
+        return flask_redirect(url_for("devices.detail", device_id=device.device_id))
+    snapshot = live_values.current(device)
+    return render_template("devices/_values.html", **_page_context(device, snapshot=snapshot))
+
+
+@bp.post("/devices/<device_id>/functions/<function_name>")
+def call_function(device_id, function_name):
+    device = devices.device_for(current_user, device_id)
+    arg = request.form.get("arg", "")
+    try:
+        result = devices.call_function(
+            current_user, device, function_name, arg, confirmed=request.form.get("confirmed") == "yes"
+        )
+    except devices.DeviceError as exc:
+        if exc.kind == "unknown_function":
+            abort(404)
+        if exc.kind == "confirm":
+            function = device_models.get(device.model).function(function_name)
+            context = _page_context(device, function=function, arg=arg, question=exc.message)
+            if htmx.is_htmx():
+                return render_template("devices/_confirm_function.html", **context)
+            return render_template("devices/confirm_function.html", **context)
+        result = devices.FunctionResult(False, exc.message)
+    if htmx.is_htmx():
+        response = make_response(render_template("devices/_function_result.html", result=result))
+        if result.ok:
+            # The values region listens for this and re-reads the (invalidated) snapshot.
+            response.headers["HX-Trigger"] = "device-changed"
+        return response
+    flash(result.message, "success" if result.ok else "error")
+    return flask_redirect(url_for("devices.detail", device_id=device.device_id))
+
+
+@bp.post("/devices/<device_id>/rename")
+def rename(device_id):
+    device = devices.device_for(current_user, device_id)
+    error = None
+    try:
+        device = devices.rename(current_user, device, request.form.get("name", ""))
+    except devices.DeviceError as exc:
+        error = exc
+    if htmx.is_htmx():
+        return render_template(
+            "devices/_name.html",
+            **_page_context(device, rename_error=error, renamed=error is None,
+                            typed_name=request.form.get("name", "")[:NAME_ECHO_MAX]),
+        )
+    if error:
+        flash(error.message, "error")
+    else:
+        flash(f"Renamed to {device.name}.", "success")
+    return flask_redirect(url_for("devices.detail", device_id=device.device_id))
+
+
+@bp.route("/devices/<device_id>/release", methods=["GET", "POST"])
+def release(device_id):
+    device = devices.device_for(current_user, device_id)
+    if request.method == "GET":
+        return render_template("devices/release.html", **_page_context(device))
+    name = devices.display_name(device)
+    try:
+        devices.release(current_user, device)
+    except devices.DeviceError as exc:
+        if htmx.is_htmx():
+            return render_template("devices/_release_form.html", **_page_context(device, error=exc))
+        return render_template("devices/release.html", **_page_context(device, error=exc)), exc.status
+    flash(f"{name} was released. It is no longer in your account.", "success")
+    return htmx.redirect(url_for("devices.dashboard"))
+
