@@ -1,0 +1,1 @@
+"""The performance bench: `bench/run` (see bench/main.py)."""
