@@ -1,0 +1,135 @@
+"""The device journey in a real browser at phone width: open a label's QR link while signed
+out, sign in, find the form filled (and the code gone from the address bar), add the device,
+watch live values, run functions (with a confirmation for the pump), rename, release. Polling
+pauses in a hidden tab. CSP holds throughout and every page passes axe."""
+import re
+
+import pytest
+from playwright.sync_api import expect
+
+from helpers import make_user
+from helpers import seed_registry
+from pages import check_page
+
+PASSWORD = "correct horse battery"
+WINDOW = "e00fce68a1b2c3d4e5f60701"
+PUMP = "e00fce68a1b2c3d4e5f60802"
+
+
+@pytest.fixture
+def app_config(app_config):
+    app_config["VALUES_POLL_SECONDS"] = 1
+    return app_config
+
+
+@pytest.fixture
+def labels(app, sim):
+    return {device["id"]: device for device in seed_registry()}
+
+
+def sign_in(page):
+    page.fill("#email", "journey@example.com")
+    page.fill("#password", PASSWORD)
+    page.click("main button[type=submit]")
+
+
+def test_claim_from_label_watch_control_rename_release(live_server, page, labels, sim):
+    make_user("journey@example.com", PASSWORD)
+    window = labels[WINDOW]
+    requests = []
+    page.on("request", lambda request: requests.append(request.url))
+
+    page.goto(f"{live_server}/claim#serial={window['serial_number']}&code={window['setup_code']}")
+    expect(page).to_have_url(re.compile(r"/login"))
+    assert "#" not in page.url  # the code left the address bar at once
+    sign_in(page)
+    expect(page).to_have_url(live_server + "/claim")
+    expect(page.locator("#serial")).to_have_value(window["serial_number"])
+    expect(page.locator("#setup_code")).to_have_value(window["setup_code"])
+    expect(page.locator("#label-note")).to_be_visible()
+    check_page(page)
+    # The code never went to the server in any URL.
+    assert not any(window["setup_code"] in url for url in requests)
+
+    page.click("button:has-text('Add device')")
+    expect(page).to_have_url(f"{live_server}/devices/{WINDOW}")
+    expect(page.locator("#flashes")).to_contain_text("was added to your account")
+    values = page.locator("#values")
+    expect(values).to_contain_text("Online")
+    expect(values).to_contain_text("as of")
+    check_page(page)
+
+    page.fill("#arg-setPosition", "30")
+    page.click("button:has-text('Set position')")
+    expect(page.locator("#function-result")).to_contain_text("Moving to the new position")
+    expect(values.locator("dd").nth(1)).to_contain_text("30%")  # target position, re-read at once
+
+    page.click("summary:has-text('Rename')")
+    page.fill("#device-name-input", "Living room blind")
+    page.click("text=Save name")
+    expect(page.locator("h1")).to_have_text("Living room blind")
+    assert sim.device(WINDOW)["name"] == "Living_room_blind"
+
+    # Polling stops while the tab is hidden and resumes when it is shown again.
+    page.evaluate("""() => {
+        Object.defineProperty(document, 'hidden', {configurable: true, get: () => true});
+        document.dispatchEvent(new Event('visibilitychange'));
+    }""")
+    page.wait_for_timeout(300)  # let a request already in flight finish
+    before = len([url for url in requests if url.endswith("/values")])
+    page.wait_for_timeout(2500)
+    assert len([url for url in requests if url.endswith("/values")]) == before
+    with page.expect_request(lambda request: request.url.endswith("/values")):
+        page.evaluate("""() => {
+            Object.defineProperty(document, 'hidden', {configurable: true, get: () => false});
+            document.dispatchEvent(new Event('visibilitychange'));
+        }""")
+
+    page.click("text=Release this device")
+    expect(page.locator("h1")).to_contain_text("Release Living room blind?")
+    check_page(page)
+    page.click("button:has-text('Release device')")
+    expect(page).to_have_url(live_server + "/devices")
+    expect(page.locator("#flashes")).to_contain_text("was released")
+    expect(page.locator("main")).to_contain_text("No devices yet")
+    check_page(page)
+    assert sim.device(WINDOW)["owner"] is None
+
+
+def test_typed_claim_and_pump_confirmation(live_server, page, labels, sim):
+    make_user("journey@example.com", PASSWORD)
+    pump = labels[PUMP]
+    page.goto(live_server + "/login")
+    sign_in(page)
+    page.goto(live_server + "/devices")
+    check_page(page)
+    page.click("text=Add a device")
+    page.fill("#serial", pump["serial_number"].lower())
+    page.fill("#setup_code", "WRONG-123")
+    page.click("button:has-text('Add device')")
+    expect(page.locator("#claim-form")).to_contain_text("don't match")
+    expect(page.locator("#setup_code")).to_have_value("")
+    check_page(page)
+    page.fill("#setup_code", pump["setup_code"])
+    page.click("button:has-text('Add device')")
+    expect(page).to_have_url(f"{live_server}/devices/{PUMP}")
+    expect(page.locator("#values")).to_contain_text("Pressure")
+
+    dialogs = []
+
+    def answer(dialog):
+        dialogs.append(dialog.message)
+        dialog.dismiss() if len(dialogs) == 1 else dialog.accept()
+
+    page.on("dialog", answer)
+    page.click("button:has-text('Start pump')")  # dismissed: nothing happens
+    page.wait_for_timeout(300)
+    assert sim.device(PUMP)["variables"]["running"] is False
+    page.click("button:has-text('Start pump')")  # accepted
+    expect(page.locator("#function-result")).to_contain_text("The pump is starting")
+    assert dialogs[0].startswith("Start the pump?")
+    assert sim.device(PUMP)["variables"]["running"] is True
+
+    page.goto(live_server + "/devices")
+    expect(page.locator(f"#summary-{PUMP}")).to_contain_text("Running")
+    check_page(page)
