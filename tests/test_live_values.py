@@ -223,3 +223,15 @@ def test_reads_use_the_current_owners_token(app, sim):
     snapshot = live_values.current(device)
     assert sim.counters()["total"] == 0
     assert snapshot.message
+
+
+def test_an_unexpected_error_during_a_read_releases_the_lease(window, app, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug, not the cloud")
+
+    monkeypatch.setattr(app.extensions["particle"], "get_device", broken)
+    with pytest.raises(RuntimeError):
+        live_values.current(window)
+    assert DeviceSnapshot.get_by_id(WINDOW).lease_until is None
+    monkeypatch.undo()
+    assert live_values.current(window).online is True

@@ -125,7 +125,6 @@ def device_for(user, device_id):
     )
     if device is None:
         abort(404)
-    device.owner = user
     return device
 
 

@@ -95,7 +95,12 @@ def current(device):
         try:
             row = _row(device_id)
             if not _is_fresh(row, utcnow()) and _take_lease(device_id):
-                _refresh(device, row)
+                try:
+                    _refresh(device, row)
+                except Exception:
+                    # A bug, not the cloud: don't leave other viewers waiting for the lease.
+                    _store(device_id, {"lease_until": None})
+                    raise
                 row = _row(device_id)
         finally:
             lock.release()
