@@ -8,7 +8,14 @@ def init_app(app):
 
 def _commands():
     """Commands are defined next to the services they drive."""
+    from selfserve.services import reconcile
     from selfserve.services import registry
+    from selfserve.services import staff
 
-    commands = [registry.import_registry_command]
+    commands = [
+        registry.import_registry_command,
+        staff.create_staff_command,
+        staff.reset_second_factor_command,
+        reconcile.reconcile_command,
+    ]
     return commands

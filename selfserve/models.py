@@ -34,7 +34,34 @@ def init_db(url):
     db.initialize(database)
     with db.connection_context():
         db.create_tables(ALL_MODELS, safe=True)
+        _add_missing_columns(database)
     return database
+
+
+def _add_missing_columns(database):
+    """Add nullable columns that a newer model has and an existing table lacks.
+
+    create_tables() never alters a table that exists, so a database made by an older version
+    (a demo file, the shared test database) would fail on the new column. Only nullable
+    columns are added; anything else needs a real migration.
+    """
+    from playhouse.migrate import SchemaMigrator
+    from playhouse.migrate import migrate
+
+    migrator = SchemaMigrator.from_database(database)
+    for model in ALL_MODELS:
+        table = model._meta.table_name
+        existing = {column.name for column in database.get_columns(table)}
+        for field in model._meta.sorted_fields:
+            if field.column_name in existing or not field.null:
+                continue
+            try:
+                with database.atomic():
+                    migrate(migrator.add_column(table, field.column_name, field))
+            except peewee.DatabaseError:
+                # Another process added it at the same moment.
+                if field.column_name not in {c.name for c in database.get_columns(table)}:
+                    raise
 
 
 class BaseModel(peewee.Model):
@@ -78,6 +105,10 @@ class User(BaseModel):
     password_changed_at = peewee.DateTimeField(default=utcnow)
     # Second factor for staff (TOTP secret, encrypted at rest).
     totp_secret_encrypted = peewee.TextField(null=True)
+    # Set when the staff member confirmed the secret with a code (the QR is shown until then).
+    totp_enrolled_at = peewee.DateTimeField(null=True)
+    # The last accepted TOTP time step: a code works once (no replay within its 30 s window).
+    totp_last_step = peewee.BigIntegerField(null=True)
 
     # Flask-Login protocol. get_id() is the login session's random id, never the primary key
     # (Flask-Login "Alternative Tokens"), so ending a session on the server really ends it.
@@ -116,6 +147,8 @@ class LoginSession(BaseModel):
     last_seen_at = peewee.DateTimeField(default=utcnow)
     ended_at = peewee.DateTimeField(null=True)
     user_agent = peewee.CharField(null=True, max_length=255)
+    # Staff only: when this session passed the second factor (staff routes need it).
+    mfa_verified_at = peewee.DateTimeField(null=True)
 
 
 class Device(BaseModel):
@@ -198,4 +231,55 @@ class AuditEvent(BaseModel):
         raise RuntimeError("audit events are append-only")
 
 
-ALL_MODELS = [User, LoginSession, Device, ClaimAttempt, DeviceSnapshot, ParticleToken, AuditEvent]
+class StaffView(BaseModel):
+    """A support person viewing the site as a customer: read-only, time-limited, audited.
+
+    Belongs to one login session (the staff member's, rotated when the view starts); live while
+    `ended_at` is null and `expires_at` is in the future. See services/impersonation.py.
+    """
+
+    staff = peewee.ForeignKeyField(User, backref="+", on_delete="CASCADE")
+    customer = peewee.ForeignKeyField(User, backref="+", on_delete="CASCADE")
+    login_session = peewee.ForeignKeyField(LoginSession, backref="+", on_delete="CASCADE")
+    reason = peewee.TextField()
+    started_at = peewee.DateTimeField(default=utcnow)
+    expires_at = peewee.DateTimeField()
+    ended_at = peewee.DateTimeField(null=True, index=True)
+    end_cause = peewee.CharField(null=True, max_length=16)  # ended | expired | signed_out
+
+
+class ReconcileRun(BaseModel):
+    """One comparison of our database with Particle's product view (reports, never fixes)."""
+
+    started_at = peewee.DateTimeField(default=utcnow)
+    finished_at = peewee.DateTimeField(null=True)
+    started_by = peewee.ForeignKeyField(User, null=True, backref="+", on_delete="SET NULL")
+    trigger = peewee.CharField(max_length=16)  # cli | console
+    status = peewee.CharField(default="running", max_length=16)  # running | done | failed
+    error = peewee.TextField(null=True)
+    devices_checked = peewee.IntegerField(default=0)
+    particle_devices = peewee.IntegerField(default=0)
+    findings_count = peewee.IntegerField(default=0)
+
+
+class ReconcileFinding(BaseModel):
+    """One disagreement found by a ReconcileRun."""
+
+    run = peewee.ForeignKeyField(ReconcileRun, backref="findings", on_delete="CASCADE")
+    device_id = peewee.CharField(max_length=24, index=True)
+    kind = peewee.CharField(max_length=32)
+    detail = JSONField(null=True)
+
+
+ALL_MODELS = [
+    User,
+    LoginSession,
+    Device,
+    ClaimAttempt,
+    DeviceSnapshot,
+    ParticleToken,
+    AuditEvent,
+    StaffView,
+    ReconcileRun,
+    ReconcileFinding,
+]

@@ -75,6 +75,18 @@ def init_app(app):
             return login_manager.unauthorized()
         return None
 
+    @app.before_request
+    def _staff_rules():
+        # After deny-by-default, so the user (and any staff view) is loaded already.
+        if request.endpoint is None or request.endpoint == "static" or not current_user.is_authenticated:
+            return None
+        view = getattr(current_user, "staff_view", None)
+        if view is not None:
+            return _read_only_while_viewing(app, view)
+        if getattr(current_user, "is_staff", False) and current_user.login_session.mfa_verified_at is None:
+            return _second_factor_first(app)
+        return None
+
     @app.after_request
     def _security_headers(response):
         headers = response.headers
@@ -134,7 +146,60 @@ def _load_user(login_session_id):
         LoginSession.update(last_seen_at=now).where(LoginSession.id == login_session.id).execute()
     user = login_session.user
     user.login_session = login_session
+    if user.is_staff:
+        # A staff member viewing as a customer is "the customer" for the pages (read-only).
+        from selfserve.services import impersonation
+
+        return impersonation.effective_user(user, login_session)
     return user
+
+
+# While a staff member views as a customer, only these non-GET endpoints work.
+WRITES_ALLOWED_WHILE_VIEWING = frozenset({"support.end_view"})
+READ_ONLY_MESSAGE = (
+    "You are viewing this account as support, read-only: nothing can be changed. "
+    "End the view (the button at the top of the page) to do anything else."
+)
+# A staff member who hasn't passed the second factor may only reach these (and public pages).
+SECOND_FACTOR_ENDPOINTS = frozenset({"support.second_factor", "accounts.logout"})
+SECOND_FACTOR_MESSAGE = "Please confirm your sign-in with your authenticator app first."
+
+
+def _read_only_while_viewing(app, view):
+    """The one read-only enforcement point for staff views: every state-changing request is
+    refused (403) except ending the view, Particle writes are refused for the whole request
+    (a second wall), and every full page viewed is audited against the customer."""
+    from selfserve import htmx
+    from selfserve.particle import forbid_writes
+    from selfserve.services import impersonation
+
+    forbid_writes()
+    if request.method not in ("GET", "HEAD", "OPTIONS"):
+        if request.endpoint in WRITES_ALLOWED_WHILE_VIEWING:
+            return None
+        return htmx.error_response(READ_ONLY_MESSAGE, 403, "Read-only view")
+    if request.method == "GET" and not request.headers.get("HX-Request") and not request.endpoint.startswith("support."):
+        view_function = app.view_functions.get(request.endpoint)
+        # Public pages may carry a token in their path: record only their name.
+        page = request.endpoint if getattr(view_function, "is_public", False) else request.path
+        impersonation.record_page_view(view, page)
+    return None
+
+
+def _second_factor_first(app):
+    """Staff without the second factor get nothing but the second-factor step."""
+    from flask import redirect
+    from flask import url_for
+
+    from selfserve import htmx
+
+    view_function = app.view_functions.get(request.endpoint)
+    if request.endpoint in SECOND_FACTOR_ENDPOINTS or getattr(view_function, "is_public", False):
+        return None
+    if request.method == "GET" and not request.headers.get("HX-Request"):
+        next_page = request.full_path.rstrip("?") if request.endpoint.startswith("support.") else None
+        return redirect(url_for("support.second_factor", next=next_page))
+    return htmx.error_response(SECOND_FACTOR_MESSAGE, 403, "Second factor needed")
 
 
 def start_login_session(user):
@@ -149,6 +214,30 @@ def start_login_session(user):
     login_user(user)
     session.permanent = False
     return login_session
+
+
+def rotate_login_session(**changes):
+    """Give the signed-in person a fresh login session (new id, same start time, same second
+    factor) and end the old one: used when a staff view starts or ends, so a session id seen
+    before cannot be reused across the change. `changes` are extra LoginSession fields."""
+    old = current_user.login_session
+    now = utcnow()
+    fields = {
+        "id": secrets.token_urlsafe(32),
+        "user": old.user_id,
+        "created_at": old.created_at,  # the absolute timeout still counts from the sign-in
+        "last_seen_at": now,
+        "user_agent": old.user_agent,
+        "mfa_verified_at": old.mfa_verified_at,
+    }
+    fields.update(changes)
+    new = LoginSession.create(**fields)
+    LoginSession.update(ended_at=now).where(LoginSession.id == old.id).execute()
+    session.clear()
+    user = User.get_by_id(old.user_id)
+    user.login_session = new
+    login_user(user)
+    return new
 
 
 def end_login_session(login_session=None):

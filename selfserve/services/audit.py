@@ -24,6 +24,19 @@ DESCRIPTIONS = {
     "device.renamed": "Renamed device {old} to {new}",
     "device.function_called": "Ran {function} on {name}",
     "support.viewed": "Support viewed your account",
+    "support.view_started": "Support viewed your account",
+    "support.view_ended": "Support stopped viewing your account",
+    "support.page_viewed": "Support looked at {page}",
+    "support.resent_verification": "Support sent you a new verification email",
+    "support.released_device": "Support released device {name} from your account",
+    "support.retried": "Support retried {operation}",
+    "support.cancelled": "Support cancelled {operation}",
+    "support.reconciled": "Support compared the database with the device cloud",
+    "staff.created": "Staff account created",
+    "staff.second_factor_enrolled": "Set up the authenticator app",
+    "staff.second_factor_passed": "Confirmed sign-in with the authenticator app",
+    "staff.second_factor_failed": "Wrong authenticator code",
+    "staff.second_factor_reset": "Authenticator app reset by an operator",
 }
 
 
