@@ -13,6 +13,7 @@ import time
 
 import pytest
 from aiosmtpd.controller import Controller
+from flask.testing import FlaskClient
 
 from selfserve import config as config_module
 
@@ -182,6 +183,18 @@ def app_config(sim, mailbox, db_url):
     }
 
 
+class IsolatedContextClient(FlaskClient):
+    """A test client that runs every request (redirects included) in a fresh app context, as a
+    real server does. The `app` fixture keeps an app context pushed for the test body, and
+    Flask would otherwise reuse it for requests: `g` would then be shared by all requests of a
+    test, so Flask-Login would skip its user_loader (no timeout or logout check) and Flask-WTF
+    would keep a CSRF token that went stale when the session rotated."""
+
+    def run_wsgi_app(self, environ, buffered=False):
+        with self.application.app_context():
+            return super().run_wsgi_app(environ, buffered=buffered)
+
+
 @pytest.fixture
 def app(app_config):
     from selfserve import create_app
@@ -190,6 +203,7 @@ def app(app_config):
     if TEST_DATABASE_URL:
         _reset_database(TEST_DATABASE_URL)
     application = create_app(app_config)
+    application.test_client_class = IsolatedContextClient
     with application.app_context():
         models.db.connect(reuse_if_open=True)
         yield application

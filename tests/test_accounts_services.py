@@ -12,7 +12,6 @@ import time
 import pytest
 
 from helpers import make_user
-from test_accounts_support import app  # noqa: F401 (fixture: one app context per request)
 from selfserve import passwords
 from selfserve import tokens
 from selfserve.mail import MailError

@@ -10,7 +10,6 @@ import pytest
 from helpers import csrf_token
 from helpers import login
 from helpers import make_user
-from test_accounts_support import app  # noqa: F401 (fixture: one app context per request)
 from selfserve.models import AuditEvent
 from selfserve.models import LoginSession
 from selfserve.models import User

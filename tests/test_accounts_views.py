@@ -14,7 +14,6 @@ import pytest
 from helpers import csrf_token
 from helpers import login
 from helpers import make_user
-from test_accounts_support import app  # noqa: F401 (fixture: one app context per request)
 from selfserve import passwords
 from selfserve import tokens
 from selfserve.models import User

@@ -1,28 +1,4 @@
-"""A fixture the account tests share (imported by tests/test_accounts_*.py).
-
-The `app` fixture: the conftest app, whose test clients give every request its own app context. The
-  conftest `app` fixture keeps one app context pushed for the whole test, and Flask reuses a
-  pushed context for requests, so `g` would be shared by all requests of a test: Flask-Login
-  caches the signed-in user in `g` (no user_loader call, so no timeout or logout check on later
-  requests) and Flask-WTF caches the CSRF token in `g` (stale after the session rotates).
-"""
-import pytest
-from flask.testing import FlaskClient
-
-
-class IsolatedContextClient(FlaskClient):
-    """A test client that runs every request (redirects included) in a fresh app context,
-    as a real server does."""
-
-    def run_wsgi_app(self, environ, buffered=False):
-        with self.application.app_context():
-            return super().run_wsgi_app(environ, buffered=buffered)
-
-
-@pytest.fixture
-def app(app):
-    app.test_client_class = IsolatedContextClient
-    return app
+"""The test harness itself behaves like a real server."""
 
 
 def test_each_request_gets_its_own_g(app):
@@ -38,3 +14,12 @@ def test_each_request_gets_its_own_g(app):
     client = app.test_client()
     assert client.get("/_test_g").json == {"seen": None}
     assert client.get("/_test_g").json == {"seen": None}
+
+
+def test_tests_cannot_reach_past_loopback():
+    import socket
+
+    import pytest
+
+    with pytest.raises(AssertionError, match="only loopback"):
+        socket.create_connection(("192.0.2.1", 80), timeout=0.1)
