@@ -37,6 +37,8 @@ from bench.servers import Gunicorn
 
 TOKEN_ROUTE = "POST /oauth/token"
 DEVICE_READ_ROUTE = "GET /v1/devices/:id"
+# Particle's general API limit per source IP (particle-cloud-api.md §12; design.md).
+PARTICLE_REQUESTS_PER_5_MIN = 10000
 
 
 def parse_args(argv):
@@ -241,6 +243,9 @@ def report(args, config, poll_seconds, setup_seconds, bare_result, dashboard_res
         *[f"{routes.get(DEVICE_READ_ROUTE, 0)}" for *_, routes in viewer_runs])
     row("Particle calls per view", *[
         f"{device_calls(routes) / values.ok:.2f}" if values.ok else "n/a" for _, _, values, routes in viewer_runs])
+    row("Particle calls per second", *[
+        f"{device_calls(routes) / values.elapsed:.2f}" if values.elapsed else "n/a"
+        for _, _, values, routes in viewer_runs])
     row("device reads allowed (1 per cache interval)", *[
         f"<= {bound}" for bound in (_read_bound(label, values, config) for label, _, values, _ in viewer_runs)])
     row("token requests", *[f"{routes.get(TOKEN_ROUTE, 0)}" for *_, routes in viewer_runs])
@@ -264,6 +269,13 @@ def report(args, config, poll_seconds, setup_seconds, bare_result, dashboard_res
     lines.append("Checks")
     for ok, text in checks(args, config, bare_result, dashboard_result, dashboard_particle, viewer_runs, token_runs):
         lines.append(f"  {'ok     ' if ok else 'PROBLEM'}  {text}")
+    watched_rate = device_calls(viewer_runs[1][3]) / viewer_runs[1][2].elapsed if viewer_runs[1][2].elapsed else 0
+    if watched_rate:
+        lines.append("")
+        lines.append(f"Capacity: one watched online device costs {watched_rate:.2f} Particle calls/s however many "
+                     f"watch it; Particle allows {PARTICLE_REQUESTS_PER_5_MIN} requests per 5 minutes per source IP, "
+                     f"so about {PARTICLE_REQUESTS_PER_5_MIN / 300 / watched_rate:.0f} devices can be watched at once "
+                     f"from one IP.")
     lines.append("=" * (width + 2 + 60))
     print("\n".join(lines), flush=True)
 
