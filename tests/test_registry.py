@@ -160,3 +160,13 @@ def test_cli_refuses_a_file_without_the_columns(app, tmp_path):
     result = app.test_cli_runner().invoke(args=["import-registry", str(path)])
     assert result.exit_code != 0
     assert "missing column" in result.output
+
+
+def test_cli_writes_label_qr_codes(app, sim, tmp_path):
+    path = tmp_path / "registry.csv"
+    path.write_text("\n".join(CSV.splitlines()[:3]) + "\n", encoding="utf-8")
+    qr_dir = tmp_path / "labels"
+    result = app.test_cli_runner().invoke(args=["import-registry", str(path), "--qr-dir", str(qr_dir)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in qr_dir.iterdir()) == ["SSW-24A-000101.svg", "SSW-24A-000102.svg"]
+    assert (qr_dir / "SSW-24A-000101.svg").read_text().lstrip().startswith("<?xml")
