@@ -208,6 +208,15 @@ class ParticleToken(BaseModel):
     expires_at = peewee.DateTimeField(null=True)
 
 
+class TokenBreaker(BaseModel):
+    """Failed Particle token requests in a row, shared by all workers (see token_store)."""
+
+    name = peewee.CharField(primary_key=True, max_length=32)
+    failures = peewee.IntegerField(default=0)
+    paused_until = peewee.DateTimeField(null=True)
+    reason = peewee.CharField(null=True, max_length=255)
+
+
 class AuditEvent(BaseModel):
     """Append-only trail: claims, releases, renames, function calls, sign-ins, staff actions.
 
@@ -260,6 +269,8 @@ class ReconcileRun(BaseModel):
     devices_checked = peewee.IntegerField(default=0)
     particle_devices = peewee.IntegerField(default=0)
     findings_count = peewee.IntegerField(default=0)
+    # What Particle said about each product device: {device_id: {"online": bool, "last_heard": iso}}.
+    particle_status = JSONField(null=True)
 
 
 class ReconcileFinding(BaseModel):
@@ -278,6 +289,7 @@ ALL_MODELS = [
     ClaimAttempt,
     DeviceSnapshot,
     ParticleToken,
+    TokenBreaker,
     AuditEvent,
     StaffView,
     ReconcileRun,

@@ -209,10 +209,6 @@ class ParticleClient:
         self._local = threading.local()
         self._key_locks = weakref.WeakValueDictionary()
         self._key_locks_guard = threading.Lock()
-        self._breaker_lock = threading.Lock()
-        self._token_failures = 0
-        self._paused_until = None  # time.monotonic() value
-        self._pause_reason = ""
 
     def __repr__(self):
         return f"ParticleClient(api_url={self.api_url!r}, product={self.product!r}, client_id={self.client_id!r})"
@@ -303,10 +299,9 @@ class ParticleClient:
         """A request that authenticates with our client id and secret (token grants, customer
         creation), behind the breaker: Particle locks the IP out for 30 minutes after 10 failed
         token requests in a row (§12), so we stop sending them earlier."""
-        with self._breaker_lock:
-            if self._paused_until is not None and time.monotonic() < self._paused_until:
-                raise errors.TokenRequestsSuspended(
-                    f"token requests paused after {self._pause_reason}", None, None)
+        reason = self.token_store.paused()
+        if reason:
+            raise errors.TokenRequestsSuspended(f"token requests paused after {reason}", None, None)
         try:
             answer = self._request(method, path, form=True,
                                    auth=(self.client_id, self._client_secret), **kwargs)
@@ -323,22 +318,14 @@ class ParticleClient:
         return answer
 
     def _token_request_succeeded(self):
-        with self._breaker_lock:
-            self._token_failures = 0
-            self._paused_until = None
+        self.token_store.record_token_success()
 
     def _token_request_failed(self, immediately=False):
-        with self._breaker_lock:
-            self._token_failures += 1
-            if immediately:
-                self._pause_reason = "the cloud rejected our client credentials"
-            elif self._token_failures >= self.token_failure_limit:
-                self._pause_reason = f"{self._token_failures} failed token requests in a row"
-            else:
-                return
-            self._paused_until = time.monotonic() + self.token_pause_seconds
-            log.error("Particle token requests paused for %ss: %s",
-                      self.token_pause_seconds, self._pause_reason)
+        # The count lives in the token store: with the database store every worker shares it.
+        reason = self.token_store.record_token_failure(
+            self.token_failure_limit, self.token_pause_seconds, immediately=immediately)
+        if reason:
+            log.error("Particle token requests paused for %ss: %s", self.token_pause_seconds, reason)
 
     # --- the choke point ------------------------------------------------------------------
 

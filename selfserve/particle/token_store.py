@@ -1,7 +1,10 @@
 """Where the Particle client keeps the access tokens it minted, so it mints each one once.
 
 A token store is anything with `get(key) -> StoredToken | None`, `put(key, StoredToken)` and
-`delete(key)`. Keys are "product" and "customer:<customer id>". Two stores exist:
+`delete(key)`. Keys are "product" and "customer:<customer id>". It also keeps the state of the
+token-request breaker (`paused()`, `record_token_failure(...)`, `record_token_success()`), so
+that every worker sharing a store shares one count of failed token requests: Particle locks
+the whole IP out after 10 in a row, whichever process sent them. Two stores exist:
 
 - `MemoryTokenStore`: a dict, for one process (the default; tests, scripts).
 - `DatabaseTokenStore(fernet)`: the `ParticleToken` table, tokens encrypted at rest, shared by
@@ -43,6 +46,32 @@ class MemoryTokenStore:
     def __init__(self):
         self._tokens = {}
         self._lock = threading.Lock()
+        self._failures = 0
+        self._paused_until = None  # naive UTC
+        self._reason = ""
+
+    def paused(self):
+        """Why token requests are paused right now, or None."""
+        with self._lock:
+            if self._paused_until is not None and models.utcnow() < self._paused_until:
+                return self._reason
+            return None
+
+    def record_token_failure(self, limit, pause_seconds, immediately=False):
+        """Count a failed token request; pause token requests for `pause_seconds` when this is
+        the `limit`-th failure in a row (or `immediately`). Returns the reason if it paused."""
+        with self._lock:
+            self._failures += 1
+            reason = _pause_reason(self._failures, limit, immediately)
+            if reason:
+                self._paused_until = models.utcnow() + datetime.timedelta(seconds=pause_seconds)
+                self._reason = reason
+            return reason
+
+    def record_token_success(self):
+        with self._lock:
+            self._failures = 0
+            self._paused_until = None
 
     def get(self, key):
         with self._lock:
@@ -55,6 +84,14 @@ class MemoryTokenStore:
     def delete(self, key):
         with self._lock:
             self._tokens.pop(key, None)
+
+
+def _pause_reason(failures, limit, immediately):
+    if immediately:
+        return "the cloud rejected our client credentials"
+    if failures >= limit:
+        return f"{failures} failed token requests in a row"
+    return None
 
 
 @contextlib.contextmanager
@@ -108,3 +145,33 @@ class DatabaseTokenStore:
     def delete(self, key):
         with _database_connection():
             models.ParticleToken.delete().where(models.ParticleToken.key == key).execute()
+
+    # The breaker: one row shared by every worker using this database.
+
+    def paused(self):
+        with _database_connection():
+            row = models.TokenBreaker.get_or_none(models.TokenBreaker.name == _BREAKER)
+        if row is not None and row.paused_until is not None and models.utcnow() < row.paused_until:
+            return row.reason
+        return None
+
+    def record_token_failure(self, limit, pause_seconds, immediately=False):
+        breaker = models.TokenBreaker
+        with _database_connection(), models.db.atomic():
+            breaker.insert(name=_BREAKER, failures=0).on_conflict_ignore().execute()
+            # Increment in the database, not in Python: several workers may fail at once.
+            breaker.update(failures=breaker.failures + 1).where(breaker.name == _BREAKER).execute()
+            failures = breaker.get(breaker.name == _BREAKER).failures
+            reason = _pause_reason(failures, limit, immediately)
+            if reason:
+                until = models.utcnow() + datetime.timedelta(seconds=pause_seconds)
+                breaker.update(paused_until=until, reason=reason).where(breaker.name == _BREAKER).execute()
+        return reason
+
+    def record_token_success(self):
+        breaker = models.TokenBreaker
+        with _database_connection():
+            breaker.update(failures=0, paused_until=None).where(breaker.name == _BREAKER).execute()
+
+
+_BREAKER = "token-requests"

@@ -124,3 +124,33 @@ def test_database_store_from_many_threads(database, fernet):
     assert not failures, failures
     with models.db.connection_context():
         assert models.ParticleToken.select().count() == 8
+
+
+def test_the_token_breaker_is_shared_by_clients_using_one_database(app, sim):
+    """Two clients (as two workers) on one database: their failed token requests add up, so
+    together they stop before Particle's 10-in-a-row IP lockout, and both see the pause."""
+    from selfserve import config
+    from selfserve.crypto import fernet_for
+    from selfserve.particle import errors
+    from selfserve.particle.client import ParticleClient
+    from selfserve.particle.token_store import DatabaseTokenStore
+
+    def worker():
+        return ParticleClient(
+            api_url=sim.url,
+            product=config.DEMO_PARTICLE_PRODUCT,
+            client_id=config.DEMO_PARTICLE_CLIENT_ID,
+            client_secret=config.DEMO_PARTICLE_CLIENT_SECRET,
+            token_store=DatabaseTokenStore(fernet_for(app.config)),
+            token_failure_limit=4,
+        )
+
+    first, second = worker(), worker()
+    sim.add_fault("POST", "/oauth/token", count=None, status=503)
+    for client in (first, second, first, second):
+        with pytest.raises(errors.CloudUnavailable):
+            client.product_token()
+    for client in (first, second):
+        with pytest.raises(errors.TokenRequestsSuspended):
+            client.product_token()
+    assert sim.counters()["routes"]["POST /oauth/token"] == 4
