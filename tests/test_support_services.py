@@ -227,6 +227,8 @@ def test_reconciliation_finds_each_drift_type_and_fixes_nothing(app, sim, labels
     assert mismatch.detail["db_owner"] == "home@example.com"
     assert mismatch.detail["particle_owner_account"] == "other@example.com"
     assert run.findings_count == 5
+    assert run.particle_status[WINDOW]["online"] is True
+    assert WINDOW_3 not in run.particle_status  # not in the product
     # Nothing was changed on either side.
     assert {d.device_id: (d.owner_id, d.claim_state) for d in Device.select()} == before
     assert all(route.startswith("GET ") or route == "POST /oauth/token" for route in sim.counters()["routes"])

@@ -299,6 +299,8 @@ def test_fleet_runs_reconciliation_and_lists_stuck_work(console, customer, label
     page = response.get_data(as_text=True)
     assert "Reconciliation finished" in page and 'data-drift="unclaimed_on_particle"' in page
     assert own_state(WINDOW).owner_id == customer.id  # reported, never fixed
+    # Online state as Particle reported it in the run (the demo has online and offline devices).
+    assert 'class="badge online"' in page and 'class="badge offline"' in page
     Device.update(claim_state="releasing", claim_state_at=datetime.datetime(2020, 1, 1)).where(
         Device.device_id == WINDOW).execute()
     page = console.get("/support/fleet").get_data(as_text=True)
@@ -538,3 +540,31 @@ def test_retry_stuck_account_setup(console, sim):
                     follow_redirects=True)
     assert "now set up" in response.get_data(as_text=True)
     assert User.get_by_id(waiting.id).provisioning_state == "ready"
+
+
+def test_banner_on_every_page_while_viewing(app, console, customer, labels):
+    own(customer, labels, WINDOW)
+    start_view(console, customer)
+    values = {"device_id": WINDOW, "customer_id": str(customer.id), "token": "not-a-token",
+              "function_name": "stop", "filename": "css/site.css"}
+    checked = []
+    for rule in app.url_map.iter_rules():
+        if "GET" not in rule.methods or rule.endpoint == "static":
+            continue
+        path = rule.rule
+        for name in rule.arguments:
+            path = path.replace(f"<{name}>", values.get(name, "x"))
+        response = console.get(path, follow_redirects=True)
+        page = response.get_data(as_text=True)
+        if response.mimetype != "text/html" or "<html" not in page:
+            continue
+        assert "data-staff-view" in page, (path, response.status_code)
+        assert "is viewing as <strong>home@example.com</strong>" in page
+        checked.append(rule.endpoint)
+    for endpoint in ("devices.dashboard", "devices.detail", "devices.release", "accounts.settings",
+                     "accounts.activity", "support.home", "support.fleet", "support.customer", "main.index"):
+        if endpoint in app.view_functions:
+            assert endpoint in checked, endpoint
+    # A refused action's error page carries the banner too (a way out).
+    response = post(console, f"/devices/{WINDOW}/rename", {"name": "x"}, token_page="/devices")
+    assert response.status_code == 403 and "data-staff-view" in response.get_data(as_text=True)

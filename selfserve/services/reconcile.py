@@ -147,6 +147,10 @@ def run(trigger="cli", started_by=None):
             devices_checked=checked,
             particle_devices=len(particle),
             findings_count=len(findings),
+            particle_status={
+                device_id: {"online": view["online"], "last_heard": view["last_heard"]}
+                for device_id, view in particle.items()
+            },
         ).where(ReconcileRun.id == started.id).execute()
     if started_by is not None:
         audit.record("support.reconciled", user=None, actor=started_by, run=started.id, findings=len(findings))
@@ -174,6 +178,13 @@ def drift_by_device(run_row):
     for finding in findings_of(run_row):
         result.setdefault(finding.device_id, []).append(finding)
     return result
+
+
+def particle_status(run_row):
+    """{device_id: {"online", "last_heard"}} as Particle said at that run (empty if none)."""
+    if run_row is None or run_row.status != "done":
+        return {}
+    return run_row.particle_status or {}
 
 
 def describe(finding):

@@ -206,7 +206,8 @@ FLEET_FILTERS = {
 
 @dataclasses.dataclass
 class Fleet:
-    rows: list  # [(device, owner or None, snapshot row or None, [findings])]
+    # [(device, owner or None, snapshot row or None, Particle's status at the last run or None, [findings])]
+    rows: list
     page: int
     pages: int
     total: int
@@ -239,8 +240,13 @@ def fleet(page=1, filter_name="all"):
     owners = {u.id: u for u in User.select().where(User.id.in_(list(owner_ids)))} if owner_ids else {}
     ids = [d.device_id for d in rows]
     snapshots = {s.device_id: s for s in DeviceSnapshot.select().where(DeviceSnapshot.device_id.in_(ids))} if ids else {}
+    seen_by_particle = reconcile.particle_status(run)
     return Fleet(
-        rows=[(d, owners.get(d.owner_id), snapshots.get(d.device_id), drift.get(d.device_id, [])) for d in rows],
+        rows=[
+            (d, owners.get(d.owner_id), snapshots.get(d.device_id), seen_by_particle.get(d.device_id),
+             drift.get(d.device_id, []))
+            for d in rows
+        ],
         page=page,
         pages=pages,
         total=total,
