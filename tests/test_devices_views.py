@@ -3,39 +3,22 @@ import logging
 import re
 
 import pytest
-from flask.testing import FlaskClient
 
+from helpers import csrf_token
+from helpers import login
+from helpers import make_user
+from helpers import seed_registry
 from selfserve.models import AuditEvent
 from selfserve.models import Device
 from selfserve.models import DeviceSnapshot
 from selfserve.models import User
 from selfserve.services import devices
-from tests.helpers import csrf_token
-from tests.helpers import login
-from tests.helpers import make_user
-from tests.helpers import seed_registry
 
 WINDOW = "e00fce68a1b2c3d4e5f60701"
 OFFLINE_WINDOW = "e00fce68a1b2c3d4e5f60703"
 PUMP = "e00fce68a1b2c3d4e5f60801"
 PASSWORD = "correct horse battery"
 HTMX = {"HX-Request": "true"}
-
-
-class FreshContextClient(FlaskClient):
-    """Runs every request in its own app context, as a real server does. (The conftest `app`
-    keeps one context pushed for the whole test, so Flask-WTF's CSRF token cached in `g` would
-    outlive the session rotation at sign-in.)"""
-
-    def run_wsgi_app(self, environ, buffered=False):
-        with self.application.app_context():
-            return super().run_wsgi_app(environ, buffered=buffered)
-
-
-@pytest.fixture
-def app(app):
-    app.test_client_class = FreshContextClient
-    return app
 
 
 @pytest.fixture

@@ -4,13 +4,13 @@ import threading
 
 import pytest
 
+from helpers import make_user
+from helpers import seed_registry
 from selfserve.models import DeviceSnapshot
 from selfserve.models import db
 from selfserve.models import utcnow
 from selfserve.services import devices
 from selfserve.services import live_values
-from tests.helpers import make_user
-from tests.helpers import seed_registry
 
 WINDOW = "e00fce68a1b2c3d4e5f60701"
 OFFLINE_WINDOW = "e00fce68a1b2c3d4e5f60703"

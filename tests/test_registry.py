@@ -4,11 +4,11 @@ import logging
 
 import pytest
 
+from helpers import demo_devices
+from helpers import seed_registry
 from selfserve import passwords
 from selfserve.models import Device
 from selfserve.services import registry
-from tests.helpers import demo_devices
-from tests.helpers import seed_registry
 
 GOOD_ID = "e00fce68a1b2c3d4e5f60701"
 OTHER_ID = "e00fce68a1b2c3d4e5f60702"
