@@ -164,13 +164,14 @@ def slow_cloud(app_config, sim):
 def test_hung_device_answers_quickly_with_last_values(slow_cloud, browser, owner, labels, sim):
     own(owner, labels, WINDOW)
     browser.get(f"/devices/{WINDOW}/values", headers=HTMX)
+    position = DeviceSnapshot.get_by_id(WINDOW).values["position"]["value"]
     sim.set_device(WINDOW, hung=True)
-    devices_snapshot = DeviceSnapshot.get_by_id(WINDOW)
     DeviceSnapshot.update(checked_at=None).where(DeviceSnapshot.device_id == WINDOW).execute()
     fragment = browser.get(f"/devices/{WINDOW}/values", headers=HTMX).get_data(as_text=True)
     assert "Offline since" in fragment
-    assert "as of" in fragment  # the last known values, with their age
-    assert devices_snapshot.values["position"]["value"] is not None
+    # The last known values, with their age.
+    assert f'<span class="value">{position}%</span>' in fragment
+    assert "as of" in fragment
 
 
 # --- ownership: one check, 404, no Particle call --------------------------------------------------

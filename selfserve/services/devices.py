@@ -209,7 +209,7 @@ def claim(user, serial, setup_code):
             raise DeviceError(MESSAGES["already_yours"], kind="already_yours", device=device, status=409)
         raise DeviceError(MESSAGES["busy"], kind="busy", status=409)
     if device.owner_id is not None:
-        raise DeviceError(MESSAGES["owned_by_other"], kind="owned_by_other", status=409)
+        raise DeviceError(MESSAGES["owned_by_other"], kind="owned_by_other", device=device, status=409)
     if device.claim_state is not None:
         raise DeviceError(MESSAGES["busy"], kind="busy", status=409)
 
@@ -226,7 +226,7 @@ def claim(user, serial, setup_code):
         current = Device.get_by_id(device.device_id)
         if current.owner_id == user.id:
             raise DeviceError(MESSAGES["busy"], kind="busy", status=409)
-        raise DeviceError(MESSAGES["owned_by_other"], kind="owned_by_other", status=409)
+        raise DeviceError(MESSAGES["owned_by_other"], kind="owned_by_other", device=device, status=409)
     return _claim_on_particle(user, device)
 
 
@@ -297,6 +297,10 @@ def _claim_on_particle(user, device, undo_on_transient=True):
         log.error("Ownership drift: device %s is free in our database but claimed on Particle (%s)", device.device_id, exc)
         raise DeviceError(MESSAGES["drift"], kind="drift", status=409)
     except TRANSIENT as exc:
+        # A 5xx/429 means Particle did nothing. A timeout is ambiguous: the claim may land
+        # after we gave up. We still undo (the homeowner is told to try again, and claiming
+        # again is idempotent for them); should someone else claim it first, Particle's
+        # "belongs to someone else" is refused as drift and logged for staff, never guessed.
         log.warning("Claim of %s not done, the cloud failed: %s", device.device_id, exc)
         if not undo_on_transient:
             raise
@@ -398,8 +402,10 @@ def resume_pending(grace_seconds=None):
     grace = RESUME_GRACE_SECONDS if grace_seconds is None else grace_seconds
     cutoff = utcnow() - datetime.timedelta(seconds=grace)
     counts = {"claimed": 0, "released": 0, "undone": 0, "retry_later": 0}
+    # Only the states this module owns: a transfer's "transferring" is resumed by transfers.py.
     stuck = Device.select().where(
-        Device.claim_state.is_null(False) & (Device.claim_state_at.is_null() | (Device.claim_state_at <= cutoff))
+        Device.claim_state.in_(["claiming", "releasing"])
+        & (Device.claim_state_at.is_null() | (Device.claim_state_at <= cutoff))
     )
     for device in list(stuck):
         # Take the step over with an atomic touch, so two sweeping workers don't both run it.
