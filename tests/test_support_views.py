@@ -232,8 +232,15 @@ def test_role_route_matrix(app, staff_user, customer, labels):
             response = full_staff.get(path)
             expected = 302 if endpoint == "support.second_factor" else 200
             assert response.status_code == expected, (path, response.status_code)
+    # Full staff: every action is reachable (without a reason each one explains and redirects).
+    full_token = csrf_token(full_staff, "/support")
+    for method, path, endpoint in rules:
+        if method == "POST":
+            response = full_staff.post(path, data={"csrf_token": full_token})
+            assert response.status_code == 302, (path, response.status_code)
     assert not StaffView.select().exists()
     assert User.get_by_id(customer.id).role == "customer"
+    assert Device.get_by_id(WINDOW).owner_id is None
 
 
 def test_start_and_end_view_refuse_get(console, customer):
