@@ -85,16 +85,6 @@
     document.querySelectorAll(".poll").forEach(function (elt) { window.htmx.trigger(elt, "refresh"); });
   });
 
-  // Error fragments (selfserve.htmx.error_response) come with HX-Retarget: #flashes and a 4xx/5xx
-  // status, which htmx 2 doesn't swap by default; let those through so the message shows.
-  document.addEventListener("htmx:beforeSwap", function (event) {
-    var xhr = event.detail.xhr;
-    if (xhr && xhr.status >= 400 && xhr.getResponseHeader("HX-Retarget") === "#flashes") {
-      event.detail.shouldSwap = true;
-      event.detail.isError = false;
-    }
-  });
-
   if (document.readyState === "loading") {
     document.addEventListener("DOMContentLoaded", handleLabel);
   } else {

@@ -8,3 +8,13 @@ document.addEventListener("DOMContentLoaded", function () {
     buttons.forEach(function (b) { b.setAttribute("aria-disabled", "true"); b.classList.add("busy"); });
   });
 });
+
+// Error fragments (selfserve.htmx.error_response) come with HX-Retarget: #flashes and a 4xx/5xx
+// status, which htmx 2 doesn't swap by default; let exactly those through so the message shows.
+document.addEventListener("htmx:beforeSwap", function (event) {
+  var xhr = event.detail.xhr;
+  if (xhr && xhr.status >= 400 && xhr.getResponseHeader("HX-Retarget") === "#flashes") {
+    event.detail.shouldSwap = true;
+    event.detail.isError = false;
+  }
+});
