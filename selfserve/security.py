@@ -8,6 +8,7 @@
 """
 import datetime
 import functools
+import logging
 import secrets
 
 from flask import request
@@ -43,6 +44,23 @@ CSP = "; ".join(
 )
 
 
+class HideSqlParameters(logging.Filter):
+    """peewee logs every query with its parameters at DEBUG: session ids, emails, password
+    hashes. Keep the SQL (useful when debugging), drop the values."""
+
+    def filter(self, record):
+        if isinstance(record.msg, tuple) and len(record.msg) == 2 and isinstance(record.msg[1], (list, tuple)):
+            sql, params = record.msg
+            record.msg = (sql, f"[{len(params)} parameter(s) not logged]")
+        return True
+
+
+def _hide_sql_parameters():
+    logger = logging.getLogger("peewee")
+    if not any(isinstance(f, HideSqlParameters) for f in logger.filters):
+        logger.addFilter(HideSqlParameters())
+
+
 def public(view):
     """Mark a view as reachable without signing in (deny by default for everything else)."""
     view.is_public = True
@@ -50,6 +68,7 @@ def public(view):
 
 
 def init_app(app):
+    _hide_sql_parameters()
     login_manager.init_app(app)
     login_manager.login_view = "accounts.login"
     login_manager.login_message = "Please sign in to continue."
