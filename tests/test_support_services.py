@@ -306,3 +306,26 @@ def test_support_release_calls_the_devices_service_and_audits_both(app, sim, lab
     assert actions[-2:] == ["device.released", "support.released_device"]
     with pytest.raises(support.SupportError):
         support.release_device(helper, Device.get_by_id(WINDOW), "again 1")
+
+
+def test_staff_alerts_are_listed_as_stuck(app, sim, labels):
+    from selfserve.services import audit
+
+    audit.record("staff.alert", user=None, device_id=WINDOW, reason="the move failed for good")
+    alerts = support.stuck()["alerts"]
+    assert [(a.device_id, a.detail["reason"]) for a in alerts] == [(WINDOW, "the move failed for good")]
+
+
+def test_transfers_and_migrations_fill_the_extension_points_once_they_exist(app, sim, labels, customer, mailbox):
+    from selfserve import models
+
+    if not hasattr(models, "Transfer") or not hasattr(models, "MigrationRow"):
+        pytest.skip("transfers and migration are not built yet")
+    from selfserve.services import transfers
+
+    own(customer, labels, WINDOW)
+    transfer = transfers.offer(customer, Device.get_by_id(WINDOW), "buyer@example.com")
+    assert [t.id for t in support.transfers_of(customer)] == [transfer.id]
+    assert [t.id for t in support.stuck()["transfers"]] == [transfer.id]
+    models.MigrationRow.create(device_id=PUMP, email="field@example.com", state="failed", last_error="refused")
+    assert [row.device_id for row in support.stuck()["migrations"]] == [PUMP]

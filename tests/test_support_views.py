@@ -110,6 +110,15 @@ def events(action, user=None):
     return list(query.order_by(AuditEvent.id))
 
 
+def fill(rule, values):
+    """The rule's path with its arguments filled in (1 for ints, "x" for unknown names)."""
+    def value(match):
+        converter, name = match.group(1), match.group(2)
+        return values.get(name, "1" if converter == "int" else "x")
+
+    return re.sub(r"<(?:(\w+):)?(\w+)>", value, rule.rule)
+
+
 def support_rules(app, customer_id):
     """Every /support rule with a concrete path and its methods (GET or POST)."""
     values = {"customer_id": str(customer_id), "device_id": WINDOW}
@@ -117,9 +126,7 @@ def support_rules(app, customer_id):
     for rule in app.url_map.iter_rules():
         if not rule.endpoint.startswith("support."):
             continue
-        path = rule.rule
-        for name in rule.arguments:
-            path = path.replace(f"<{name}>", values[name])
+        path = fill(rule, values)
         for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
             found.append((method, path, rule.endpoint))
     return found
@@ -387,9 +394,7 @@ def test_read_only_matrix_every_state_changing_route_is_refused(app, console, cu
         methods = rule.methods - {"GET", "HEAD", "OPTIONS"}
         if not methods or rule.endpoint == "support.end_view":
             continue
-        path = rule.rule
-        for name in rule.arguments:
-            path = path.replace(f"<{name}>", values.get(name, "x"))
+        path = fill(rule, values)
         for method in methods:
             response = console.open(path, method=method, data={
                 "csrf_token": token, "reason": "ticket 5", "confirm": "yes", "confirmed": "yes",
@@ -558,9 +563,7 @@ def test_banner_on_every_page_while_viewing(app, console, customer, labels):
     for rule in app.url_map.iter_rules():
         if "GET" not in rule.methods or rule.endpoint == "static":
             continue
-        path = rule.rule
-        for name in rule.arguments:
-            path = path.replace(f"<{name}>", values.get(name, "x"))
+        path = fill(rule, values)
         response = console.get(path, follow_redirects=True)
         page = response.get_data(as_text=True)
         if response.mimetype != "text/html" or "<html" not in page:
@@ -575,3 +578,21 @@ def test_banner_on_every_page_while_viewing(app, console, customer, labels):
     # A refused action's error page carries the banner too (a way out).
     response = post(console, f"/devices/{WINDOW}/rename", {"name": "x"}, token_page="/devices")
     assert response.status_code == 403 and "data-staff-view" in response.get_data(as_text=True)
+
+
+def test_customer_page_and_fleet_show_transfers_and_alerts(console, customer, labels, mailbox):
+    from selfserve import models
+    from selfserve.services import audit
+
+    audit.record("staff.alert", user=None, device_id=WINDOW, reason="move failed")
+    page = console.get("/support/fleet").get_data(as_text=True)
+    assert "Alerts" in page and "move failed" in page
+    if not hasattr(models, "Transfer"):
+        pytest.skip("transfers are not built yet")
+    from selfserve.services import transfers
+
+    own(customer, labels, WINDOW)
+    transfers.offer(customer, Device.get_by_id(WINDOW), "buyer@example.com")
+    for path in (f"/support/customers/{customer.id}", "/support/fleet"):
+        page = console.get(path).get_data(as_text=True)
+        assert "buyer@example.com" in page and "offered" in page, path

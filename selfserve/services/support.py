@@ -12,6 +12,7 @@ import logging
 import peewee
 
 from selfserve import models
+from selfserve.models import AuditEvent
 from selfserve.models import Device
 from selfserve.models import DeviceSnapshot
 from selfserve.models import User
@@ -275,7 +276,7 @@ def stuck(now=None):
     cutoff = now - datetime.timedelta(seconds=devices.RESUME_GRACE_SECONDS)
     steps = list(
         Device.select().where(
-            Device.claim_state.is_null(False) & (Device.claim_state_at.is_null() | (Device.claim_state_at <= cutoff))
+            Device.claim_state.in_(DEVICE_STEPS) & (Device.claim_state_at.is_null() | (Device.claim_state_at <= cutoff))
         ).order_by(Device.claim_state_at)
     )
     owners = {u.id: u for u in User.select().where(User.id.in_([d.owner_id for d in steps if d.owner_id]))} if steps else {}
@@ -286,7 +287,14 @@ def stuck(now=None):
         "device_steps": steps,
         "transfers": waiting_transfers(),
         "migrations": failed_migrations(),
+        "alerts": staff_alerts(),
     }
+
+
+def staff_alerts(limit=50):
+    """Newest "staff.alert" audit events (areas raise them when work failed for good)."""
+    query = AuditEvent.select().where(AuditEvent.action == "staff.alert")
+    return list(query.order_by(AuditEvent.id.desc()).limit(limit))
 
 
 # --- extension points: areas that may not exist yet -------------------------------------------
@@ -303,6 +311,14 @@ def _field(model, *names):
         if model is not None and isinstance(getattr(model, name, None), peewee.Field):
             return getattr(model, name)
     return None
+
+
+# Transfer states that wait on someone (a buyer, an owner's objection window, the steps of a
+# move) or on staff (an objection: staff decide disputes).
+WAITING_TRANSFER_STATES = ["offered", "requested", "moving", "returning", "objected"]
+# Claim steps of the devices service; other claim_state values belong to other areas
+# (transfers set "transferring") and are finished by their own resumers.
+DEVICE_STEPS = ("claiming", "releasing")
 
 
 def transfers_of(user):
@@ -325,7 +341,7 @@ def waiting_transfers():
     field = _field(transfer, "state", "status")
     if field is None:
         return []
-    return list(transfer.select().where(field.in_(["pending", "waiting", "disputed", "objected"])).limit(100))
+    return list(transfer.select().where(field.in_(WAITING_TRANSFER_STATES)).order_by(transfer.id).limit(100))
 
 
 def failed_migrations():
@@ -402,6 +418,8 @@ def retry_device_step(staff, device, reason):
     state = device.claim_state
     if state is None:
         raise SupportError("Nothing is in progress for this device.", 409)
+    if state not in DEVICE_STEPS:
+        raise SupportError(f"This device is busy with another operation ({state}); it finishes by itself.", 409)
     owner = User.get_or_none(User.id == device.owner_id) if device.owner_id else None
     audit.record("support.retried", user=owner, actor=staff, device_id=device.device_id,
                  operation=_step_label(device, state), reason=reason)
