@@ -71,21 +71,24 @@ def test_create_staff_makes_a_verified_staff_account_and_refuses_customers(app):
 
 def test_totp_enrolment_and_codes_work_once(app):
     user = signed_in(staff.create_staff("helper@support.example", PASSWORD))
-    secret = staff.enrolment_secret(user)
-    assert staff.enrolment_secret(User.get_by_id(user.id)) == secret  # stable until confirmed
+    secret, sealed = staff.enrolment_secret(user)
+    assert secret not in sealed
+    assert staff.enrolment_secret(user, sealed) == (secret, sealed)  # stable until confirmed
+    assert User.get_by_id(user.id).totp_secret_encrypted is None  # nothing stored yet
     assert "otpauth://totp/" in staff.provisioning_uri(user, secret)
     assert staff.qr_data_uri("otpauth://x").startswith("data:image/svg+xml;base64,")
     now = utcnow()
     totp = pyotp.TOTP(secret)
     with pytest.raises(FormErrors):
-        staff.confirm_enrolment(user, "12345", user.login_session, now)
-    staff.confirm_enrolment(user, totp.at(utc(now)), user.login_session, now)
+        staff.confirm_enrolment(user, sealed, "12345", user.login_session, now)
+    staff.confirm_enrolment(user, sealed, totp.at(utc(now)), user.login_session, now)
     user = User.get_by_id(user.id)
-    assert staff.is_enrolled(user)
+    assert staff.is_enrolled(user) and staff._secret(user) == secret
+    assert secret not in user.totp_secret_encrypted
     assert LoginSession.get_by_id(signed_in_id(user)).mfa_verified_at is not None
     with pytest.raises(staff.StaffError):
         staff.enrolment_secret(user)
-    # The same code again (replay) is refused; the next step's code works; codes far off don't.
+    # The enrolment code again (replay) is refused; the next step's code works; far-off codes don't.
     session = signed_in(user, verified=False).login_session
     with pytest.raises(FormErrors):
         staff.verify_code(user, totp.at(utc(now)), session, now)
@@ -95,14 +98,25 @@ def test_totp_enrolment_and_codes_work_once(app):
     assert LoginSession.get_by_id(session.id).mfa_verified_at is not None
 
 
+def test_enrolment_in_two_windows_keeps_the_first(app):
+    user = signed_in(staff.create_staff("helper@support.example", PASSWORD))
+    first, first_sealed = staff.enrolment_secret(user)
+    second, second_sealed = staff.enrolment_secret(user)
+    assert first != second
+    staff.confirm_enrolment(user, first_sealed, pyotp.TOTP(first).now(), user.login_session)
+    with pytest.raises(staff.StaffError):
+        staff.confirm_enrolment(User.get_by_id(user.id), second_sealed, pyotp.TOTP(second).now(), user.login_session)
+    assert staff._secret(User.get_by_id(user.id)) == first
+
+
 def signed_in_id(user):
     return LoginSession.select().where(LoginSession.user == user.id).order_by(LoginSession.created_at).first().id
 
 
 def test_reset_second_factor_forgets_the_app_and_signs_out(app):
     user = signed_in(staff.create_staff("helper@support.example", PASSWORD))
-    secret = staff.enrolment_secret(user)
-    staff.confirm_enrolment(user, pyotp.TOTP(secret).now(), user.login_session)
+    secret, sealed = staff.enrolment_secret(user)
+    staff.confirm_enrolment(user, sealed, pyotp.TOTP(secret).now(), user.login_session)
     staff.reset_second_factor("helper@support.example")
     user = User.get_by_id(user.id)
     assert not staff.is_enrolled(user) and user.totp_secret_encrypted is None

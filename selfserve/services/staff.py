@@ -116,22 +116,19 @@ def is_enrolled(user):
     return user.totp_enrolled_at is not None and bool(user.totp_secret_encrypted)
 
 
-def enrolment_secret(user):
-    """The secret to enrol (created and stored on first call; the same until confirmed, so a
-    reloaded page shows the QR code already scanned). Only for a staff member not enrolled."""
+def enrolment_secret(user, sealed=None):
+    """The secret to enrol, and the same sealed (encrypted) for the session: `sealed` from an
+    earlier call keeps it stable across reloads (the QR code already scanned stays valid).
+    Nothing is stored until a code confirms it (GET pages change nothing)."""
     if not user.is_staff:
         raise StaffError("Only staff have a second factor.")
     if is_enrolled(user):
         raise StaffError("The authenticator is already set up.")
-    secret = _secret(user)
-    if secret:
-        return secret
-    secret = pyotp.random_base32()
-    # Only the first writer's secret counts (two tabs open on the enrolment page).
-    User.update(totp_secret_encrypted=crypto.encrypt(_fernet(), secret)).where(
-        (User.id == user.id) & User.totp_secret_encrypted.is_null() & User.totp_enrolled_at.is_null()
-    ).execute()
-    return _secret(User.get_by_id(user.id))
+    secret = crypto.decrypt(_fernet(), sealed) if sealed else None
+    if not secret:
+        secret = pyotp.random_base32()
+        sealed = crypto.encrypt(_fernet(), secret)
+    return secret, sealed
 
 
 def provisioning_uri(user, secret):
@@ -150,34 +147,47 @@ def _normalize_code(code):
     return "".join((code or "").split())
 
 
-def _accept_code(user, secret, code, now=None):
-    """The time step `code` belongs to if it is valid and not used before (then marked
-    used), else None."""
+def _matching_step(secret, code, now):
+    """The time step `code` belongs to (this, the previous or the next one), or None."""
     code = _normalize_code(code)
     if len(code) != CODE_LENGTH or not code.isdigit() or not secret:
         return None
     totp = pyotp.TOTP(secret)
-    now = now or utcnow()
     moment = now.replace(tzinfo=datetime.timezone.utc)
     for offset in range(-VALID_WINDOW, VALID_WINDOW + 1):
         at = moment + datetime.timedelta(seconds=offset * totp.interval)
         if secrets.compare_digest(totp.at(at), code):
-            step = totp.timecode(at)
-            used = User.update(totp_last_step=step).where(
-                (User.id == user.id) & (User.totp_last_step.is_null() | (User.totp_last_step < step))
-            ).execute()
-            return step if used else None
+            return totp.timecode(at)
     return None
 
 
-def confirm_enrolment(user, code, login_session, now=None):
-    """Finish enrolment with a first code; the session counts as verified. Raises FormErrors."""
-    secret = enrolment_secret(user)
-    if _accept_code(user, secret, code, now) is None:
+def _accept_code(user, secret, code, now=None):
+    """The time step `code` belongs to if it is valid and not used before (then marked
+    used), else None."""
+    step = _matching_step(secret, code, now or utcnow())
+    if step is None:
+        return None
+    used = User.update(totp_last_step=step).where(
+        (User.id == user.id) & (User.totp_last_step.is_null() | (User.totp_last_step < step))
+    ).execute()
+    return step if used else None
+
+
+def confirm_enrolment(user, sealed, code, login_session, now=None):
+    """Enrol the secret shown to the staff member (`sealed`, from enrolment_secret) with a
+    first code; the session counts as verified. Raises FormErrors (wrong code), StaffError
+    (already enrolled, e.g. in another tab)."""
+    secret, _ = enrolment_secret(user, sealed)
+    now = now or utcnow()
+    step = _matching_step(secret, code, now)
+    if step is None:
         audit.record("staff.second_factor_failed", user=user)
         raise FormErrors({"code": "That code is not right. Enter the 6 digits your app shows now."})
-    now = now or utcnow()
-    User.update(totp_enrolled_at=now).where(User.id == user.id).execute()
+    enrolled = User.update(
+        totp_secret_encrypted=crypto.encrypt(_fernet(), secret), totp_enrolled_at=now, totp_last_step=step
+    ).where((User.id == user.id) & User.totp_enrolled_at.is_null()).execute()
+    if not enrolled:
+        raise StaffError("The authenticator was just set up in another window. Sign in again with its code.")
     _mark_verified(login_session, now)
     audit.record("staff.second_factor_enrolled", user=user)
 

@@ -11,6 +11,7 @@ from flask import flash
 from flask import redirect
 from flask import render_template
 from flask import request
+from flask import session
 from flask import url_for
 from flask_login import current_user
 
@@ -29,6 +30,8 @@ from selfserve.services.staff import real_user
 from selfserve.services.staff import staff_required
 
 bp = Blueprint("support", __name__, url_prefix="/support")
+
+ENROLMENT_KEY = "totp_enrolment"  # the session key of the secret being enrolled (encrypted)
 
 
 def _safe_support_next(value):
@@ -79,16 +82,20 @@ def second_factor():
             if enrolled:
                 staff.verify_code(user, code, user.login_session)
             else:
-                staff.confirm_enrolment(user, code, user.login_session)
+                staff.confirm_enrolment(user, session.get(ENROLMENT_KEY), code, user.login_session)
         except FormErrors as exc:
             error = exc.errors["code"]
+        except staff.StaffError as exc:
+            flash(str(exc), "error")
+            return htmx.redirect(url_for("support.second_factor", next=next_url))
         else:
             rotate_login_session()  # more rights from here on: a new session id
             flash("Signed in to the support console.", "success")
             return htmx.redirect(next_url)
     context = {"enrolled": enrolled, "error": error, "next_url": next_url}
     if not enrolled:
-        secret = staff.enrolment_secret(user)
+        # The secret waits, encrypted, in the session until a code confirms it.
+        secret, session[ENROLMENT_KEY] = staff.enrolment_secret(user, session.get(ENROLMENT_KEY))
         context.update(secret=secret, qr=staff.qr_data_uri(staff.provisioning_uri(user, secret)))
     return render_template("support/second_factor.html", **context), (401 if error else 200)
 
