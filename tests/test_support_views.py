@@ -604,3 +604,16 @@ def test_customer_page_and_fleet_show_transfers_and_alerts(console, customer, la
     for path in (f"/support/customers/{customer.id}", "/support/fleet"):
         page = console.get(path).get_data(as_text=True)
         assert "buyer@example.com" in page and "offered" in page, path
+
+
+def test_second_factor_guesses_are_rate_limited(app, staff_user):
+    sign_in_staff(app.test_client(), staff_user)  # enrols
+    client = app.test_client()
+    login(client, staff_user.email, PASSWORD)
+    token = csrf_token(client, "/support/second-factor")
+    wrong = "000000" if code_for(staff_user) != "000000" else "111111"
+    statuses = [client.post("/support/second-factor", data={"code": wrong, "csrf_token": token}).status_code
+                for _ in range(10)]
+    # 10 tries per 5 minutes per staff account; the enrolment above was the first.
+    assert statuses == [401] * 9 + [429]
+    assert client.get("/support").status_code == 302
