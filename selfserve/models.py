@@ -282,6 +282,74 @@ class ReconcileFinding(BaseModel):
     detail = JSONField(null=True)
 
 
+class Transfer(BaseModel):
+    """A device changing hands between two accounts (services/transfers.py).
+
+    kind "offer": the recorded owner (seller) offers it to an email address; kind "request":
+    someone holding the device and its label asks for it and the owner may object. The move
+    itself is a recorded sequence of idempotent steps: `step` is the next one to run (None when
+    nothing is left), taken by one worker at a time through the `lease_until` lease, retried
+    after `next_attempt_at` with backoff. `open_device` holds the device id while the transfer
+    is open and NULL once it is closed: its unique index allows one open transfer per device.
+    """
+
+    device = peewee.ForeignKeyField(Device, backref="transfers", on_delete="CASCADE", column_name="device_id")
+    kind = peewee.CharField(max_length=8)  # offer | request
+    # offered | requested | moving | returning | done | failed_returned | declined | cancelled
+    # | objected | expired
+    state = peewee.CharField(max_length=16, index=True)
+    open_device = peewee.CharField(null=True, unique=True, max_length=24)
+    seller = peewee.ForeignKeyField(User, null=True, backref="+", on_delete="SET NULL")
+    buyer = peewee.ForeignKeyField(User, null=True, backref="+", on_delete="SET NULL")
+    buyer_email = peewee.CharField(max_length=254, index=True)
+    created_at = peewee.DateTimeField(default=utcnow)
+    # Offer: when the offer lapses. Request: the end of the owner's time to object.
+    expires_at = peewee.DateTimeField()
+    decided_at = peewee.DateTimeField(null=True)
+    finished_at = peewee.DateTimeField(null=True)
+    step = peewee.CharField(null=True, max_length=24, index=True)
+    attempts = peewee.IntegerField(default=0)
+    next_attempt_at = peewee.DateTimeField(null=True)
+    lease_until = peewee.DateTimeField(null=True)
+    last_error = peewee.TextField(null=True)
+    offer_mailed_at = peewee.DateTimeField(null=True)
+    alerted_at = peewee.DateTimeField(null=True)  # staff were alerted (a move failed for good)
+
+
+class PossessionProof(BaseModel):
+    """A short-lived record that an account just proved it holds a device (right serial and
+    setup code) that belongs to someone else, so it can ask for the device without the setup
+    code ever being sent back to the browser. Keyed by the hash of an opaque random id."""
+
+    id = peewee.CharField(primary_key=True, max_length=64)  # sha256 hex of the opaque id
+    user = peewee.ForeignKeyField(User, backref="+", on_delete="CASCADE")
+    device = peewee.ForeignKeyField(Device, backref="+", on_delete="CASCADE", column_name="device_id")
+    expires_at = peewee.DateTimeField()
+    used_at = peewee.DateTimeField(null=True)
+
+
+class MigrationRow(BaseModel):
+    """One device already in the field being moved to its owner (services/migration.py).
+
+    Keyed by device id, so re-running the import never duplicates anything. state: invited
+    (waiting for the owner to sign up and verify) -> claiming (steps running) -> claimed, or
+    failed. `step`, `attempts`, `next_attempt_at`, `lease_until` work as in Transfer.
+    """
+
+    device_id = peewee.CharField(primary_key=True, max_length=24)
+    email = peewee.CharField(max_length=254, index=True)
+    state = peewee.CharField(max_length=16, index=True)
+    user = peewee.ForeignKeyField(User, null=True, backref="+", on_delete="SET NULL")
+    created_at = peewee.DateTimeField(default=utcnow)
+    invited_at = peewee.DateTimeField(null=True)
+    claimed_at = peewee.DateTimeField(null=True)
+    step = peewee.CharField(null=True, max_length=24, index=True)
+    attempts = peewee.IntegerField(default=0)
+    next_attempt_at = peewee.DateTimeField(null=True)
+    lease_until = peewee.DateTimeField(null=True)
+    last_error = peewee.TextField(null=True)
+
+
 ALL_MODELS = [
     User,
     LoginSession,
@@ -294,4 +362,7 @@ ALL_MODELS = [
     StaffView,
     ReconcileRun,
     ReconcileFinding,
+    Transfer,
+    PossessionProof,
+    MigrationRow,
 ]

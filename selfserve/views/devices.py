@@ -84,8 +84,14 @@ def claim():
         if exc.kind == "already_yours":
             flash(exc.message, "info")
             return htmx.redirect(url_for("devices.detail", device_id=exc.device.device_id))
+        proof = None
+        if exc.kind == "owned_by_other" and exc.device is not None and "transfers.request_device" in current_app.view_functions:
+            # The code was right: offer to ask the owner, by an opaque server-side record.
+            from selfserve.services import transfers
+
+            proof = transfers.remember_possession(current_user, exc.device)
         # The serial is echoed back for correction; the setup code never is.
-        return _claim_page(error=exc, serial=serial, status=exc.status)
+        return _claim_page(error=exc, serial=serial, status=exc.status, transfer_proof=proof)
     flash(f"{devices.display_name(device)} was added to your account.", "success")
     return htmx.redirect(url_for("devices.detail", device_id=device.device_id))
 
@@ -98,9 +104,10 @@ def claim_from_label():
     return _claim_page(from_label=True)
 
 
-def _claim_page(error=None, serial="", status=200, from_label=False):
+def _claim_page(error=None, serial="", status=200, from_label=False, transfer_proof=None):
     context = {
         "error": error,
+        "transfer_proof": transfer_proof,
         "serial": serial[:64],
         "problem": devices.claim_problem(current_user),
         "from_label": from_label,
