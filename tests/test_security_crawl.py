@@ -464,3 +464,29 @@ def test_access_log_of_a_real_server_holds_no_secret(app, sim, mailbox, all_logs
     secret_values = set(planted) | issued_tokens(sim) | setup_codes() | session_secrets() | {PASSWORD}
     secret_values.add(verify_path.rsplit("/", 1)[1])  # the emailed link's token (redacted in logs)
     assert find_leaks(log_texts(server_side), secret_values, {cookie}) == []
+
+
+def test_support_console_crawl_leaks_no_secret(app, sim, homeowner, all_logs):
+    """Staff pages show Particle's view of devices (product token at work): no token, session
+    id, cookie or setup code there either, and crawling them writes nothing to the cloud."""
+    from selfserve.services import staff
+    from test_support_views import sign_in_staff
+
+    staff_user = staff.create_staff("crawler@support.example", PASSWORD)
+    console = sign_in_staff(homeowner.client.application.test_client(), staff_user)
+    sim.reset_counters()
+    crawler = Crawler(console)
+    values = {**crawl_values(homeowner), "customer_id": [str(homeowner.user.id), str(staff_user.id)]}
+    start = [path for method, path, rule in concrete_rules(app, values, {"GET"}) if rule.endpoint.startswith("support.")]
+    fetched = crawler.crawl(["/support", "/support?q=leak.hunter", f"/support?q={WINDOW}", "/support/fleet"] + start)
+
+    statuses = {(item.url, item.htmx): item.status for item in fetched}
+    assert statuses[(f"/support/devices/{WINDOW}", False)] == 200
+    assert statuses[(f"/support/customers/{homeowner.user.id}", False)] == 200
+    writes = {route: n for route, n in sim.counters()["routes"].items()
+              if n and not route.startswith("GET ") and route != "POST /oauth/token"}
+    assert writes == {}
+    secret_values = everything_secret(app, sim, homeowner, crawler)
+    cookies = crawler.cookie_values
+    assert find_leaks(response_texts(fetched, include_set_cookie=False), secret_values, cookies) == []
+    assert find_leaks(log_texts(all_logs.records), secret_values, cookies) == []
