@@ -8,6 +8,7 @@ def init_app(app):
 
 def _commands():
     """Commands are defined next to the services they drive."""
+    from selfserve.services import migration
     from selfserve.services import reconcile
     from selfserve.services import registry
     from selfserve.services import staff
@@ -17,5 +18,6 @@ def _commands():
         staff.create_staff_command,
         staff.reset_second_factor_command,
         reconcile.reconcile_command,
+        migration.migrate_devices_command,
     ]
     return commands

@@ -39,6 +39,26 @@ BACKOFF_MAX_SECONDS = 600
 UNEXPECTED_ERROR = "Something went wrong on our side. We'll keep trying automatically."
 
 
+# Called with the account once its Particle customer exists (e.g. services/migration.py claims
+# the devices its owner was invited for). A failing callback is logged; its own sweep catches up.
+READY_CALLBACKS = []
+
+
+def on_ready(callback):
+    """Register `callback(user)` to run when an account's provisioning finishes (once each)."""
+    if callback not in READY_CALLBACKS:
+        READY_CALLBACKS.append(callback)
+    return callback
+
+
+def _run_ready_callbacks(user):
+    for callback in list(READY_CALLBACKS):
+        try:
+            callback(user)
+        except Exception:  # noqa: BLE001 - provisioning itself succeeded
+            log.exception("Ready callback %s failed for account %s", callback.__qualname__, user.id)
+
+
 def new_customer_id():
     """An opaque, lowercase Particle customer id: "c" + 24 hex characters."""
     return "c" + secrets.token_hex(12)
@@ -106,6 +126,7 @@ def attempt(user_id, now=None):
     if finished:
         audit.record("account.provisioned", user=user, actor=None)
         log.info("Provisioned account %s", user.id)
+        _run_ready_callbacks(User.get_by_id(user_id))
     return User.get_by_id(user_id)
 
 
