@@ -1,0 +1,224 @@
+"""Transfer pages over HTTP: the seller's offer with confirmation, the emailed link (GET shows,
+POST acts), accept/decline/cancel, the buyer's request from the claim form (no setup code in
+any HTML), the owner's approve/object links, access rules and rate limits."""
+import datetime
+import re
+
+import pytest
+
+from helpers import csrf_token
+from helpers import login
+from helpers import make_user
+from helpers import seed_registry
+from selfserve.models import Device
+from selfserve.models import Transfer
+from selfserve.models import utcnow
+from selfserve.services import devices
+from selfserve.services import transfers
+
+WINDOW = "e00fce68a1b2c3d4e5f60701"
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture
+def app_config(app_config):
+    app_config["TRANSFER_QUICK_RETRY_SECONDS"] = ()
+    return app_config
+
+
+@pytest.fixture
+def labels(app, sim):
+    return {device["id"]: device for device in seed_registry()}
+
+
+@pytest.fixture
+def seller(app, sim):
+    return make_user("seller@example.com", PASSWORD)
+
+
+@pytest.fixture
+def buyer(app, sim):
+    return make_user("buyer@example.com", PASSWORD)
+
+
+@pytest.fixture
+def owned(labels, seller):
+    label = labels[WINDOW]
+    return devices.claim(seller, label["serial_number"], label["setup_code"])
+
+
+def signed_in(app, email):
+    client = app.test_client()
+    login(client, email, PASSWORD)
+    return client
+
+
+def post(client, path, data=None, page=None):
+    token = csrf_token(client, page or "/devices")
+    return client.post(path, data={"csrf_token": token, **(data or {})})
+
+
+def test_seller_offers_from_the_device_page_with_confirmation(app, owned, seller, sim, mailbox):
+    client = signed_in(app, "seller@example.com")
+    page = client.get(f"/devices/{WINDOW}").get_data(as_text=True)
+    assert "Transfer to a new owner" in page
+    form = client.get(f"/devices/{WINDOW}/transfer")
+    assert form.status_code == 200 and "I understand" in form.get_data(as_text=True)
+
+    missing = post(client, f"/devices/{WINDOW}/transfer", {"email": "buyer@example.com"}, page=f"/devices/{WINDOW}/transfer")
+    assert missing.status_code == 422 and "Tick the box" in missing.get_data(as_text=True)
+    assert Transfer.select().count() == 0
+    bad = post(client, f"/devices/{WINDOW}/transfer", {"email": "nope", "confirmed": "yes"}, page=f"/devices/{WINDOW}/transfer")
+    assert bad.status_code == 422 and 'aria-invalid="true"' in bad.get_data(as_text=True)
+
+    sent = post(client, f"/devices/{WINDOW}/transfer", {"email": "buyer@example.com", "confirmed": "yes"},
+                page=f"/devices/{WINDOW}/transfer")
+    assert sent.status_code == 302 and sent.headers["Location"].endswith(f"/devices/{WINDOW}")
+    # A double submit makes one transfer.
+    post(client, f"/devices/{WINDOW}/transfer", {"email": "buyer@example.com", "confirmed": "yes"},
+         page=f"/devices/{WINDOW}/transfer")
+    assert Transfer.select().count() == 1
+    page = client.get(f"/devices/{WINDOW}").get_data(as_text=True)
+    assert "Offered to" in page and "buyer@example.com" in page and "Cancel the transfer" in page
+    mailbox.wait_for("buyer@example.com")
+
+
+def test_offer_link_get_changes_nothing_and_leads_to_accept(app, owned, seller, buyer, sim, mailbox):
+    transfer = transfers.offer(seller, owned, "buyer@example.com")
+    link = [u for u in mailbox.links(mailbox.wait_for("buyer@example.com")) if "/transfers/offer/" in u][0]
+    path = link.replace("http://localhost", "")
+    anonymous = app.test_client()
+    shown = anonymous.get(path)
+    assert shown.status_code == 200
+    body = shown.get_data(as_text=True)
+    assert "A device is offered to you" in body and "Sign in" in body
+    assert Transfer.get_by_id(transfer.id).state == "offered"
+
+    client = signed_in(app, "buyer@example.com")
+    to_detail = client.get(path)
+    assert to_detail.status_code == 302 and to_detail.headers["Location"].endswith(f"/transfers/{transfer.id}")
+    detail = client.get(f"/transfers/{transfer.id}").get_data(as_text=True)
+    assert "Accept the device" in detail and "starts clean" in detail.replace("It starts clean", "starts clean")
+    # The dashboard lists the incoming offer.
+    assert "A device is offered to you" in client.get("/devices").get_data(as_text=True)
+
+    accepted = post(client, f"/transfers/{transfer.id}/accept")
+    assert accepted.status_code == 302 and accepted.headers["Location"].endswith(f"/devices/{WINDOW}")
+    assert client.get(f"/devices/{WINDOW}").status_code == 200
+    assert sim.device(WINDOW)["owner"] == buyer.particle_customer_id
+    # The seller's page is gone; the used link says so.
+    seller_client = signed_in(app, "seller@example.com")
+    assert seller_client.get(f"/devices/{WINDOW}").status_code == 404
+    used = anonymous.get(path)
+    assert used.status_code == 410 and "already accepted" in used.get_data(as_text=True)
+
+
+def test_others_cannot_see_or_act_on_a_transfer(app, owned, seller, buyer, sim):
+    transfer = transfers.offer(seller, owned, "buyer@example.com")
+    make_user("stranger@example.com", PASSWORD)
+    stranger = signed_in(app, "stranger@example.com")
+    assert stranger.get(f"/transfers/{transfer.id}").status_code == 404
+    assert post(stranger, f"/transfers/{transfer.id}/accept").status_code == 404
+    assert post(stranger, f"/transfers/{transfer.id}/cancel").status_code == 404
+    assert stranger.get(f"/devices/{WINDOW}/transfer").status_code == 404
+    # Signed out: sign in first; no state changes without CSRF.
+    anonymous = app.test_client()
+    assert anonymous.get(f"/transfers/{transfer.id}").status_code == 302
+    client = signed_in(app, "buyer@example.com")
+    assert client.post(f"/transfers/{transfer.id}/accept").status_code == 400
+    assert Transfer.get_by_id(transfer.id).state == "offered"
+
+
+def test_bad_and_expired_links_say_so(app, owned, seller, sim):
+    client = app.test_client()
+    bad = client.get("/transfers/offer/not-a-token")
+    assert bad.status_code == 400 and "not valid" in bad.get_data(as_text=True)
+    from selfserve import tokens
+
+    transfer = transfers.offer(seller, owned, "buyer@example.com")
+    old = tokens.make("transfer_offer", {"t": transfer.id, "e": tokens.fingerprint("buyer@example.com")},
+                      issued_at=(utcnow() - datetime.timedelta(days=8)).replace(tzinfo=datetime.timezone.utc).timestamp())
+    expired = client.get(f"/transfers/offer/{old}")
+    assert expired.status_code == 410 and "expired" in expired.get_data(as_text=True)
+
+
+def test_seller_cancels_and_buyer_declines(app, owned, seller, buyer, sim):
+    transfer = transfers.offer(seller, owned, "buyer@example.com")
+    client = signed_in(app, "seller@example.com")
+    assert post(client, f"/transfers/{transfer.id}/cancel").status_code == 302
+    assert Transfer.get_by_id(transfer.id).state == "cancelled"
+    assert "Transfer to a new owner" in client.get(f"/devices/{WINDOW}").get_data(as_text=True)
+
+    second = transfers.offer(seller, Device.get_by_id(WINDOW), "buyer@example.com")
+    buyer_client = signed_in(app, "buyer@example.com")
+    assert post(buyer_client, f"/transfers/{second.id}/decline").status_code == 302
+    assert Transfer.get_by_id(second.id).state == "declined"
+    again = post(buyer_client, f"/transfers/{second.id}/accept")
+    assert again.status_code == 409 and "already declined" in again.get_data(as_text=True)
+
+
+def test_claim_of_someone_elses_device_offers_to_ask_without_echoing_the_code(app, owned, seller, buyer, labels, sim, mailbox):
+    label = labels[WINDOW]
+    client = signed_in(app, "buyer@example.com")
+    answer = post(client, "/devices/claim", {"serial": label["serial_number"], "setup_code": label["setup_code"]},
+                  page="/devices/claim")
+    body = answer.get_data(as_text=True)
+    assert answer.status_code == 409
+    assert "Ask the current owner for it" in body
+    assert label["setup_code"] not in body
+    proof = re.search(r'name="proof" value="([^"]+)"', body).group(1)
+    assert label["setup_code"] not in proof
+
+    asked = post(client, "/transfers/request", {"proof": proof}, page="/devices/claim")
+    assert asked.status_code == 302
+    transfer = Transfer.get()
+    assert transfer.kind == "request" and transfer.state == "requested"
+    detail = client.get(f"/transfers/{transfer.id}").get_data(as_text=True)
+    assert "Withdraw my request" in detail
+    # A wrong code never offers it.
+    wrong = post(client, "/devices/claim", {"serial": label["serial_number"], "setup_code": "WRONG-123"}, page="/devices/claim")
+    assert "Ask the current owner" not in wrong.get_data(as_text=True)
+
+    # The owner sees it on the device page and in the email, and objects through the link.
+    seller_client = signed_in(app, "seller@example.com")
+    assert "asked for it" in seller_client.get(f"/devices/{WINDOW}").get_data(as_text=True)
+    message = mailbox.wait_for("seller@example.com")
+    object_url = [u for u in mailbox.links(message) if "/transfers/answer/" in u][1].replace("http://localhost", "")
+    anonymous = app.test_client()
+    page = anonymous.get(object_url)
+    assert page.status_code == 200 and "Object" in page.get_data(as_text=True)
+    assert Transfer.get_by_id(transfer.id).state == "requested"  # GET changed nothing
+    done = anonymous.post(object_url, data={"csrf_token": csrf_token(anonymous, object_url)})
+    assert done.status_code == 200 and "You objected" in done.get_data(as_text=True)
+    assert Transfer.get_by_id(transfer.id).state == "objected"
+    assert anonymous.get(object_url).status_code == 410  # single use
+    assert "contact our support" in mailbox.body(mailbox.wait_for("buyer@example.com"))
+
+
+def test_owner_approves_through_the_link(app, owned, seller, buyer, labels, sim, mailbox):
+    label = labels[WINDOW]
+    with pytest.raises(devices.DeviceError) as caught:
+        devices.claim(buyer, label["serial_number"], label["setup_code"])
+    transfer = transfers.request_device(buyer, transfers.remember_possession(buyer, caught.value.device))
+    approve_url = [u for u in mailbox.links(mailbox.wait_for("seller@example.com")) if "/transfers/answer/" in u][0]
+    approve_url = approve_url.replace("http://localhost", "")
+    anonymous = app.test_client()
+    done = anonymous.post(approve_url, data={"csrf_token": csrf_token(anonymous, approve_url)})
+    assert done.status_code == 200 and "transferred" in done.get_data(as_text=True)
+    assert Transfer.get_by_id(transfer.id).state == "done"
+    assert sim.device(WINDOW)["owner"] == buyer.particle_customer_id
+
+
+def test_requests_are_rate_limited(app, owned, seller, buyer, sim):
+    app.config["TRANSFER_REQUEST_RATE_LIMIT"] = "2 per hour"
+    client = signed_in(app, "buyer@example.com")
+    statuses = [post(client, "/transfers/request", {"proof": "x" * 32}, page="/devices/claim").status_code for _ in range(3)]
+    assert statuses[:2] == [302, 302] and statuses[2] == 429
+
+
+def test_unverified_account_cannot_ask(app, owned, sim):
+    make_user("unverified@example.com", PASSWORD, verified=False)
+    client = signed_in(app, "unverified@example.com")
+    answer = client.post("/transfers/request", data={"proof": "x" * 32, "csrf_token": csrf_token(client, "/verify-email")})
+    assert answer.status_code == 302 and "/verify-email" in answer.headers["Location"]
+    assert Transfer.select().count() == 0
