@@ -101,3 +101,11 @@ def check_production(config):
         raise ConfigError(f"Refusing to start: set {names} (or run the demo: bin/demo).")
     if len(config["SECRET_KEY"]) < 32:
         raise ConfigError("Refusing to start: SELFSERVE_SECRET_KEY must be at least 32 characters.")
+    # Without BASE_URL, emailed links (verify, password reset, transfers) would be built from
+    # the request's Host header, which the sender of the request chooses: a reset requested
+    # with "Host: evil.example" would mail the victim a link that hands its token to evil.example.
+    if not str(config.get("BASE_URL") or "").startswith(("https://", "http://")):
+        raise ConfigError(
+            "Refusing to start: set SELFSERVE_BASE_URL to the site's public address (https://...): "
+            "emailed links are built from it."
+        )
