@@ -25,6 +25,7 @@ from test_security_crawl import concrete_rules
 PASSWORD = "correct horse battery"
 WINDOW = "e00fce68a1b2c3d4e5f60701"
 COOKIE = "selfserve_session"
+PRODUCTION_BASE_URL = "https://devices.example.com"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPLATES = os.path.join(ROOT, "templates")
 
@@ -239,6 +240,7 @@ def production_app(app_config, db_url):
         "TESTING": False,
         "DEMO": False,
         "SECRET_KEY": "production-secret-key-" + "0123456789abcdef" * 2,
+        "BASE_URL": PRODUCTION_BASE_URL,
         "DATABASE_URL": db_url,
         "PARTICLE_API_URL": app_config["PARTICLE_API_URL"],
         "PARTICLE_PRODUCT": config_module.DEMO_PARTICLE_PRODUCT,
@@ -275,14 +277,34 @@ def test_production_session_cookie_is_secure_httponly_lax_and_pages_have_hsts(ap
     assert browser.get(base + "/account").status_code == 200
 
 
-def test_production_refuses_to_start_without_real_secrets(app_config, db_url):
+def test_production_refuses_to_start_without_real_secrets_or_a_base_url(app_config, db_url):
     from selfserve import create_app
 
-    with pytest.raises(config_module.ConfigError):
-        create_app({"TESTING": False, "DEMO": False, "SECRET_KEY": "", "DATABASE_URL": db_url, "SWEEP_SECONDS": 0})
-    with pytest.raises(config_module.ConfigError):
-        create_app({"TESTING": False, "DEMO": False, "SECRET_KEY": "short", "DATABASE_URL": db_url,
-                    "PARTICLE_PRODUCT": "1", "PARTICLE_CLIENT_ID": "x", "PARTICLE_CLIENT_SECRET": "y", "SWEEP_SECONDS": 0})
+    complete = {"TESTING": False, "DEMO": False, "SECRET_KEY": "k" * 40, "DATABASE_URL": db_url,
+                "BASE_URL": PRODUCTION_BASE_URL, "PARTICLE_PRODUCT": "1", "PARTICLE_CLIENT_ID": "x",
+                "PARTICLE_CLIENT_SECRET": "y", "SWEEP_SECONDS": 0}
+    config_module.check_production(complete)  # the complete set starts
+    for missing, value in (("SECRET_KEY", ""), ("SECRET_KEY", "short"), ("PARTICLE_CLIENT_SECRET", ""),
+                           ("BASE_URL", ""), ("BASE_URL", "devices.example.com")):
+        with pytest.raises(config_module.ConfigError) as refused:
+            create_app({**complete, missing: value})
+        assert "SELFSERVE_" + missing in str(refused.value)
+
+
+def test_emailed_links_ignore_a_forged_host_header(app, production_app, mailbox):
+    """Password-reset poisoning: a reset requested with someone else's Host header must still
+    mail a link to the real site."""
+    make_user("victim@example.com", PASSWORD, provisioned=False)
+    attacker = production_app.test_client()
+    forged = "https://evil.example"
+    page = attacker.get(forged + "/forgot")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.get_data(as_text=True)).group(1)
+    response = attacker.post(forged + "/forgot", data={"email": "victim@example.com", "csrf_token": token},
+                             headers={"Referer": forged + "/forgot"})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    links = mailbox.links(mailbox.wait_for("victim@example.com"))
+    assert links and all(link.startswith(PRODUCTION_BASE_URL + "/") for link in links), links
+    assert not any("evil" in link for link in links)
 
 
 def test_the_cookie_holds_only_the_rotatable_session_id(app, client):
