@@ -295,6 +295,11 @@ def test_customer_page_shows_state_devices_and_activity(console, customer, label
     assert labels[WINDOW]["serial_number"] in page or WINDOW in page
     assert "Transfers" in page and "No transfers." in page
     assert "Added device" in page  # activity
+    # Looking is itself recorded on the customer's activity (a trace they can see).
+    looked = events("support.console_viewed", customer)
+    assert len(looked) == 1 and looked[0].actor.email == STAFF_EMAIL
+    console.get(f"/support/devices/{WINDOW}")
+    assert events("support.console_viewed_device", customer)[0].device_id == WINDOW
     staff_account = User.get(User.email == STAFF_EMAIL)
     assert console.get(f"/support/customers/{staff_account.id}").status_code == 404
     assert console.get("/support/customers/999999").status_code == 404

@@ -41,6 +41,8 @@ DESCRIPTIONS = {
     "support.view_started": "Support viewed your account",
     "support.view_ended": "Support stopped viewing your account",
     "support.page_viewed": "Support looked at {page}",
+    "support.console_viewed": "Support looked at your account in the support console",
+    "support.console_viewed_device": "Support looked at device {name} in the support console",
     "support.resent_verification": "Support sent you a new verification email",
     "support.released_device": "Support released device {name} from your account",
     "support.retried": "Support retried {operation}",

@@ -114,8 +114,11 @@ class CustomerOverview:
     provisioning_stuck: bool
 
 
-def customer_overview(user):
-    """Everything the customer page shows, from the database only."""
+def customer_overview(user, staff=None):
+    """Everything the customer page shows, from the database only. Looking is recorded on
+    the customer's activity (as `staff`): everything support does leaves a trace they see."""
+    if staff is not None:
+        audit.record("support.console_viewed", user=user, actor=staff)
     owned = list(Device.select().where(Device.owner == user.id).order_by(Device.claimed_at, Device.device_id))
     return CustomerOverview(
         user=user,
@@ -148,12 +151,15 @@ def device_or_404(device_id):
     return device
 
 
-def device_overview(device):
+def device_overview(device, staff=None):
     """The registry row, its owner here, Particle's product view (one product-token read)
-    and where the two disagree."""
+    and where the two disagree. Looking is recorded on the owner's activity (as `staff`)."""
     from selfserve.services import live_values
 
     owner = User.get_or_none(User.id == device.owner_id) if device.owner_id else None
+    if staff is not None and owner is not None:
+        audit.record("support.console_viewed_device", user=owner, actor=staff, device_id=device.device_id,
+                     name=devices.display_name(device))
     particle_view, particle_error = None, ""
     disagreements = []
     try:

@@ -120,7 +120,7 @@ def home():
 @staff_required
 def customer(customer_id):
     user = support.customer_or_404(customer_id)
-    return render_template("support/customer.html", overview=support.customer_overview(user),
+    return render_template("support/customer.html", overview=support.customer_overview(user, real_user()),
                            viewing=getattr(current_user, "staff_view", None))
 
 
@@ -128,7 +128,7 @@ def customer(customer_id):
 @staff_required
 def device(device_id):
     found = support.device_or_404(device_id)
-    return render_template("support/device.html", overview=support.device_overview(found))
+    return render_template("support/device.html", overview=support.device_overview(found, real_user()))
 
 
 @bp.get("/fleet")
