@@ -19,6 +19,13 @@ def create_app(test_config=None):
         settings.update(test_config)
     app.config.update(settings)
     config_module.check_production(app.config)
+    if app.config.get("TRUSTED_PROXIES"):
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        # Behind a proxy every request comes from the proxy's address: without this, per-address
+        # rate limits would count the whole site as one client (and lock everyone out).
+        hops = int(app.config["TRUSTED_PROXIES"])
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)
     if not app.config["SECRET_KEY"]:
         # Only tests and the demo get here (check_production refused everything else).
         app.config["SECRET_KEY"] = secrets.token_hex(32)

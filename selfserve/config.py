@@ -42,6 +42,10 @@ DEFAULTS = {
     "MAIL_TIMEOUT": 10.0,
     # Rate limits: "memory://" per process; "redis://host:port" shares them across workers.
     "RATELIMIT_STORAGE_URI": "memory://",
+    # Reverse proxies in front of the app that append to X-Forwarded-For and set
+    # X-Forwarded-Proto (1 behind one TLS proxy). 0 ignores those headers: a client could
+    # forge them. Rate limits and the audit trail key on the client address this yields.
+    "TRUSTED_PROXIES": 0,
     # Sessions
     "SESSION_IDLE_SECONDS": 30 * 60,
     "SESSION_ABSOLUTE_SECONDS": 12 * 3600,
