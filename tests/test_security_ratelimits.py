@@ -97,3 +97,34 @@ def test_sign_in_limit_is_shared_by_workers_through_redis(shared_store, app_conf
     for key in connection.scan_iter(match="*192.0.2.77*"):
         connection.delete(key)
 
+
+
+def _failed_login(client, token, remote_addr, forwarded=None):
+    headers = {"X-Forwarded-For": forwarded} if forwarded else {}
+    return client.post("/login", data={"email": "someone@example.com", "password": "not it at all", "csrf_token": token},
+                       environ_base={"REMOTE_ADDR": remote_addr}, headers=headers).status_code
+
+
+@pytest.fixture
+def behind_one_proxy(app_config):
+    app_config["TRUSTED_PROXIES"] = 1
+    app_config["ACCOUNT_RATE_LIMITS"] = {"login": "2 per minute"}
+    return app_config
+
+
+def test_behind_a_proxy_limits_count_per_client_not_per_proxy(behind_one_proxy, app, client):
+    proxy = "10.0.0.1"
+    token = csrf_token(client, "/login")
+    assert [_failed_login(client, token, proxy, "198.51.100.1") for _ in range(3)] == [401, 401, 429]
+    # Another client behind the same proxy is not locked out by the first one.
+    assert _failed_login(client, token, proxy, "198.51.100.2") == 401
+    # A client can't escape its limit by sending its own X-Forwarded-For: the proxy appends the
+    # real address, and only the proxy's entry is trusted.
+    assert _failed_login(client, token, proxy, "203.0.113.9, 198.51.100.1") == 429
+
+
+def test_without_trusted_proxies_forwarded_headers_are_ignored(app_config, app, client):
+    app.config["ACCOUNT_RATE_LIMITS"] = {"login": "2 per minute"}
+    token = csrf_token(client, "/login")
+    statuses = [_failed_login(client, token, "192.0.2.10", f"198.51.100.{n}") for n in range(3)]
+    assert statuses == [401, 401, 429]
