@@ -144,6 +144,11 @@ def mask_email(email):
     return f"{local[:1]}***@{domain}" if domain else "***"
 
 
+def _name(transfer):
+    """How activity pages name the device of a transfer (never the seller's private name)."""
+    return device_label(Device.get_by_id(transfer.device_id))
+
+
 def open_transfer_of(device):
     """The device's open transfer, or None."""
     return Transfer.get_or_none(Transfer.open_device == device.device_id)
@@ -243,7 +248,7 @@ def offer(seller, device, buyer_email, now=None):
         if existing is None:
             raise TransferError("This device is busy right now. Please try again.", kind="busy", status=409)
         return _existing_or_refuse(existing, seller, buyer_email)
-    audit.record("transfer.offered", user=seller, device_id=device.device_id, to=mask_email(buyer_email))
+    audit.record("transfer.offered", user=seller, device_id=device.device_id, to=buyer_email, name=_name(transfer))
     return _run(transfer.id)
 
 
@@ -288,7 +293,7 @@ def cancel(user, transfer, now=None):
     closed = _close(transfer, waiting, "cancelled", notify, now)
     if not closed:
         raise TransferError(_too_late(transfer), kind="decided", status=409)
-    audit.record("transfer.cancelled", user=user, device_id=transfer.device_id)
+    audit.record("transfer.cancelled", user=user, device_id=transfer.device_id, name=_name(transfer))
     return _run(transfer.id, holding_lease=False) if notify else _fresh(transfer)
 
 
@@ -299,7 +304,7 @@ def decline(user, transfer, now=None):
         raise TransferError("This offer isn't addressed to your account.", kind="forbidden", status=403)
     if not _close(transfer, "offered", "declined", "mail_declined", now, buyer=user.id):
         raise TransferError(_too_late(transfer), kind="decided", status=409)
-    audit.record("transfer.declined", user=user, device_id=transfer.device_id)
+    audit.record("transfer.declined", user=user, device_id=transfer.device_id, name=_name(transfer))
     return _run(transfer.id, holding_lease=False)
 
 
@@ -356,7 +361,7 @@ def _start_move(transfer, waiting, buyer, now, take_lease=True):
             )
         raise TransferError("This device is busy right now. Please try again in a minute.", kind="busy", status=409)
     audit.record("transfer.accepted" if transfer.kind == "offer" else "transfer.approved",
-                 user=buyer, device_id=transfer.device_id)
+                 user=buyer, device_id=transfer.device_id, name=_name(transfer))
     if not take_lease:
         return _fresh(transfer)
     return _run(transfer.id, holding_lease=True)
@@ -489,7 +494,7 @@ def approve(owner, transfer, now=None, actor=None):
     buyer = User.get_or_none(User.id == transfer.buyer_id)
     if buyer is None:
         raise TransferError("The account that asked for this device no longer exists.", kind="gone", status=409)
-    audit.record("transfer.owner_approved", user=owner, device_id=transfer.device_id)
+    audit.record("transfer.owner_approved", user=owner, device_id=transfer.device_id, name=_name(transfer))
     return _start_move(transfer, "requested", buyer, now)
 
 
@@ -501,7 +506,7 @@ def object_to(owner, transfer, now=None):
         raise TransferError("Only the device's owner can answer this request.", kind="forbidden", status=403)
     if not _close(transfer, "requested", "objected", "mail_objected", now):
         raise TransferError(_too_late(transfer), kind="decided", status=409)
-    audit.record("transfer.objected", user=owner, device_id=transfer.device_id)
+    audit.record("transfer.objected", user=owner, device_id=transfer.device_id, name=_name(transfer))
     return _run(transfer.id, holding_lease=False)
 
 
@@ -656,6 +661,11 @@ def _step_return_record(transfer):
         Transfer.update(state="failed_returned", open_device=None, finished_at=now).where(
             Transfer.id == transfer.id
         ).execute()
+    for side in (transfer.seller_id, transfer.buyer_id):
+        account = User.get_or_none(User.id == side) if side else None
+        if account is not None:
+            audit.record("transfer.failed_returned", user=account, actor=None, device_id=transfer.device_id,
+                         name=_name(transfer))
     _alert(transfer, transfer.last_error or "the move failed")
     return "mail_returned_seller"
 
