@@ -110,8 +110,9 @@ class User(BaseModel):
     # The last accepted TOTP time step: a code works once (no replay within its 30 s window).
     totp_last_step = peewee.BigIntegerField(null=True)
 
-    # Flask-Login protocol. get_id() is the login session's random id, never the primary key
-    # (Flask-Login "Alternative Tokens"), so ending a session on the server really ends it.
+    # Flask-Login protocol. get_id() is the login session's random cookie id, never the primary
+    # key (Flask-Login "Alternative Tokens"), so ending a session on the server really ends it.
+    # The database keeps only a hash of it (security.stored_session_id).
     login_session = None
 
     @property
@@ -127,7 +128,7 @@ class User(BaseModel):
         return False
 
     def get_id(self):
-        return self.login_session.id if self.login_session is not None else None
+        return getattr(self.login_session, "cookie_id", None)
 
     @property
     def is_verified(self):
@@ -141,6 +142,7 @@ class User(BaseModel):
 class LoginSession(BaseModel):
     """One signed-in browser. Logging out, or a password reset, ends it on the server."""
 
+    # sha256 hex of the random id in the session cookie (never the cookie's id itself).
     id = peewee.CharField(primary_key=True, max_length=64)
     user = peewee.ForeignKeyField(User, backref="login_sessions", on_delete="CASCADE")
     created_at = peewee.DateTimeField(default=utcnow)

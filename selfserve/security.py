@@ -8,6 +8,7 @@
 """
 import datetime
 import functools
+import hashlib
 import logging
 import secrets
 
@@ -143,17 +144,32 @@ def _htmx_sign_in():
     return htmx.redirect(url_for(login_manager.login_view, next=next_page))
 
 
+def _new_session_id():
+    """(cookie id, stored id): the cookie carries a random id, the database only its hash, so
+    a database copy, a backup or a query log holds no session anyone could use."""
+    cookie_id = secrets.token_urlsafe(32)
+    return cookie_id, stored_session_id(cookie_id)
+
+
+def stored_session_id(cookie_id):
+    """The LoginSession primary key for the id in a session cookie."""
+    return hashlib.sha256(cookie_id.encode()).hexdigest()
+
+
 @login_manager.user_loader
-def _load_user(login_session_id):
+def _load_user(cookie_id):
     """Return the user of a live LoginSession, ending it when idle or too old."""
     from flask import current_app
 
+    if not isinstance(cookie_id, str) or not cookie_id or len(cookie_id) > 100:
+        return None
     try:
         login_session = LoginSession.select(LoginSession, User).join(User).where(
-            (LoginSession.id == login_session_id) & LoginSession.ended_at.is_null()
+            (LoginSession.id == stored_session_id(cookie_id)) & LoginSession.ended_at.is_null()
         ).get()
     except LoginSession.DoesNotExist:
         return None
+    login_session.cookie_id = cookie_id
     now = utcnow()
     idle = datetime.timedelta(seconds=current_app.config["SESSION_IDLE_SECONDS"])
     absolute = datetime.timedelta(seconds=current_app.config["SESSION_ABSOLUTE_SECONDS"])
@@ -224,11 +240,13 @@ def _second_factor_first(app):
 def start_login_session(user):
     """Sign `user` in with a fresh server-side session; the old cookie session is discarded."""
     session.clear()  # rotate: nothing from the anonymous session survives the login
+    cookie_id, stored_id = _new_session_id()
     login_session = LoginSession.create(
-        id=secrets.token_urlsafe(32),
+        id=stored_id,
         user=user,
         user_agent=(request.user_agent.string or "")[:255],
     )
+    login_session.cookie_id = cookie_id
     user.login_session = login_session
     login_user(user)
     session.permanent = False
@@ -241,8 +259,9 @@ def rotate_login_session(**changes):
     before cannot be reused across the change. `changes` are extra LoginSession fields."""
     old = current_user.login_session
     now = utcnow()
+    cookie_id, stored_id = _new_session_id()
     fields = {
-        "id": secrets.token_urlsafe(32),
+        "id": stored_id,
         "user": old.user_id,
         "created_at": old.created_at,  # the absolute timeout still counts from the sign-in
         "last_seen_at": now,
@@ -251,6 +270,7 @@ def rotate_login_session(**changes):
     }
     fields.update(changes)
     new = LoginSession.create(**fields)
+    new.cookie_id = cookie_id
     LoginSession.update(ended_at=now).where(LoginSession.id == old.id).execute()
     session.clear()
     user = User.get_by_id(old.user_id)
