@@ -166,8 +166,19 @@ def issued_tokens(sim):
 
 
 def session_secrets():
-    """Every server-side session id there is (live or ended)."""
+    """Every server-side session id there is (live or ended; stored hashed)."""
     return {row.id for row in LoginSession.select(LoginSession.id)}
+
+
+def cookie_session_ids(app, cookie_values):
+    """The session ids inside session cookies (what the database stores a hash of)."""
+    serializer = app.session_interface.get_signing_serializer(app)
+    found = set()
+    for value in cookie_values:
+        user_id = serializer.loads(value).get("_user_id")
+        if user_id:
+            found.add(user_id)
+    return found
 
 
 def setup_codes():
@@ -300,6 +311,7 @@ def everything_secret(app, sim, homeowner, crawler):
     values |= {config_module.DEMO_PARTICLE_CLIENT_SECRET, app.config["SECRET_KEY"], PASSWORD}
     values |= setup_codes()
     values |= session_secrets()
+    values |= cookie_session_ids(app, crawler.cookie_values)
     return values
 
 

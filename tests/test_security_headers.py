@@ -17,6 +17,7 @@ from helpers import login
 from helpers import make_user
 from helpers import seed_registry
 from selfserve import config as config_module
+from selfserve import security
 from selfserve.models import LoginSession
 from selfserve.services import devices
 from test_security_crawl import Crawler
@@ -309,12 +310,18 @@ def test_emailed_links_ignore_a_forged_host_header(app, production_app, mailbox)
 
 def test_the_cookie_holds_only_the_rotatable_session_id(app, client):
     """Flask-Login's user id in the cookie is the server-side session's random id, never the
-    account's primary key, so ending the session on the server makes the cookie worthless."""
+    account's primary key, so ending the session on the server makes the cookie worthless; the
+    database stores only its hash."""
     user = make_user("opaque@example.com", PASSWORD, provisioned=False)
     login(client, user.email, PASSWORD)
     serializer = app.session_interface.get_signing_serializer(app)
     data = serializer.loads(client.get_cookie(COOKIE).value)
     live = LoginSession.get((LoginSession.user == user) & LoginSession.ended_at.is_null())
-    assert data["_user_id"] == live.id
     assert data["_user_id"] != str(user.id)
     assert user.email not in repr(data)
+    # The database holds only a hash of it: a copy of the database opens no session.
+    assert data["_user_id"] != live.id
+    assert security.stored_session_id(data["_user_id"]) == live.id
+    replay = app.test_client()
+    replay.set_cookie(COOKIE, serializer.dumps({"_user_id": live.id, "_fresh": True}))
+    assert replay.get("/account").status_code == 302
