@@ -222,3 +222,34 @@ def test_unverified_account_cannot_ask(app, owned, sim):
     answer = client.post("/transfers/request", data={"proof": "x" * 32, "csrf_token": csrf_token(client, "/verify-email")})
     assert answer.status_code == 302 and "/verify-email" in answer.headers["Location"]
     assert Transfer.select().count() == 0
+
+
+def test_an_offer_past_its_date_says_expired(app, owned, seller, sim, mailbox):
+    transfers.offer(seller, owned, "buyer@example.com")
+    link = [u for u in mailbox.links(mailbox.wait_for("buyer@example.com")) if "/transfers/offer/" in u][0]
+    Transfer.update(expires_at=utcnow() - datetime.timedelta(minutes=1)).execute()
+    answer = app.test_client().get(link.replace("http://localhost", ""))
+    assert answer.status_code == 410 and "This offer has expired" in answer.get_data(as_text=True)
+
+
+def test_pages_during_the_move(app, owned, seller, buyer, sim):
+    transfer = transfers.offer(seller, owned, "buyer@example.com")
+    sim.add_fault("POST", "/v1/devices", count=1, status=503)
+    transfers.accept(buyer, transfer)
+    seller_client = signed_in(app, "seller@example.com")
+    assert seller_client.get(f"/devices/{WINDOW}").status_code == 404
+    assert "being transferred to its new owner" in seller_client.get("/devices").get_data(as_text=True)
+    buyer_client = signed_in(app, "buyer@example.com")
+    assert "Moving to the new owner" in buyer_client.get("/devices").get_data(as_text=True)
+    assert "finishes by itself" in buyer_client.get(f"/transfers/{transfer.id}").get_data(as_text=True)
+
+
+def test_transfer_links_are_redacted_from_access_logs():
+    import logging
+
+    from selfserve.tokens import RedactTokenPaths
+
+    for path in ("/transfers/offer/eyJ0Ijox.abc-def_1", "/transfers/answer/eyJ0Ijox.abc-def_1"):
+        record = logging.LogRecord("werkzeug", logging.INFO, __file__, 1, '"GET %s HTTP/1.1" 200 -', (path,), None)
+        RedactTokenPaths().filter(record)
+        assert "eyJ0Ijox" not in record.getMessage() and "<redacted>" in record.getMessage()

@@ -278,6 +278,8 @@ def from_offer_link(token):
     transfer = get(payload.get("t")) if isinstance(payload.get("t"), int) else None
     if transfer is None or not tokens.same(payload.get("e"), tokens.fingerprint(transfer.buyer_email)):
         raise tokens.TokenInvalid()
+    if transfer.state == "offered" and transfer.expires_at <= utcnow():
+        raise tokens.TokenExpired("This offer has expired. Ask the seller to send a new one.")
     return transfer
 
 
