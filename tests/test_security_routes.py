@@ -312,3 +312,37 @@ def test_a_device_mid_claim_or_release_is_404_too(app, owner, sim):
         if "device_id" in rule.arguments and rule.endpoint.startswith("devices."):
             assert client.get(path, headers=HTMX).status_code == 404, path
     assert sim.counters()["total"] == 0
+
+
+def test_another_customers_transfer_is_404_by_every_transfer_url(app, owner, sim, mailbox):
+    """Every route naming a transfer answers a stranger (neither seller nor buyer) with 404 and
+    changes nothing, wherever it sits in the url_map."""
+    from selfserve.services import transfers
+
+    transfer_rules = [rule for rule in app.url_map.iter_rules() if "transfer_id" in rule.arguments]
+    if not transfer_rules:
+        pytest.skip("no transfer routes registered")
+    offer = transfers.offer(owner, devices.device_for(owner, WINDOW), "buyer@example.com")
+    stranger = make_user("stranger@example.com", PASSWORD)
+    client = app.test_client()
+    login(client, stranger.email, PASSWORD)
+    token = csrf_token(client, "/devices")
+    seller = app.test_client()
+    login(seller, owner.email, PASSWORD)
+    assert seller.get(f"/transfers/{offer.id}").status_code == 200  # the id is real
+    before = database_state()
+    sim.reset_counters()
+    checked = 0
+    for transfer_id in (str(offer.id), str(offer.id + 1000)):
+        for method, path, rule in concrete_rules(app, {**values_for(stranger), "transfer_id": transfer_id}):
+            if "transfer_id" not in rule.arguments:
+                continue
+            expected = 403 if rule.endpoint.startswith("support.") else 404
+            for htmx in (False, True):
+                headers = {**HTMX, "X-CSRFToken": token} if htmx else {}
+                response = client.open(path, method=method, headers=headers, data={"csrf_token": token, **FORM})
+                assert response.status_code == expected, (method, path, htmx, response.status_code)
+                checked += 1
+    assert checked >= 8
+    assert sim.counters()["total"] == 0
+    assert diff(before, database_state()) == {}
