@@ -75,6 +75,7 @@ def assert_buyer_owns(device_id, buyer, sim):
     assert device.claim_state is None
     assert device.name is None
     assert sim.device(device_id)["owner"] == customer_of(buyer)
+    assert sim.device(device_id)["name"] == f"device_{device.serial_number}"  # not the seller's name
 
 
 def assert_seller_owns(device_id, seller, sim):
@@ -275,6 +276,7 @@ CRASH_POINTS = [
     ("between release and claim", "client", "remove_device_owner", "after"),
     ("before the claim", "client", "claim_device", "before"),
     ("after the claim, before the database write", "client", "claim_device", "after"),
+    ("while resetting the name", "client", "rename_device", "after"),
     ("during the database write", "step", "_step_record", "before"),
     ("during the buyer's email", "mail", "send", "before"),
 ]

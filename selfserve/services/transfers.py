@@ -8,7 +8,8 @@ one to run):
 
     offer:    offered --accept-------------------> moving
     request:  requested --approve / no objection-> moving
-    moving:   release -> claim -> record -> mail_done_buyer -> mail_done_seller   (state done)
+    moving:   release -> claim -> reset_name -> record -> mail_done_buyer -> mail_done_seller
+              (state done after record)
     returning (the buyer's claim failed for good):
               return_release -> return_claim -> return_record -> mail_returned_* (failed_returned)
 
@@ -586,6 +587,22 @@ def _step_claim(transfer):
     except ParticleError as exc:
         log.error("Transfer %s: the new owner's claim was refused: %s", transfer.id, exc)
         return _turn_back(transfer, f"claim refused: {type(exc).__name__}")
+    return "reset_name"
+
+
+def _step_reset_name(transfer):
+    """The seller's name for the device is theirs: on Particle too, the buyer starts with a
+    neutral one. Not worth failing the move over: a refusal is logged and skipped."""
+    from selfserve.services import devices
+
+    buyer = User.get_by_id(transfer.buyer_id)
+    device = _device(transfer)
+    try:
+        get_client().rename_device(buyer.particle_customer_id, device.device_id, devices.particle_name("", device))
+    except TRANSIENT:
+        raise
+    except ParticleError as exc:
+        log.warning("Transfer %s: resetting the device name refused: %s", transfer.id, exc)
     return "record"
 
 
@@ -756,6 +773,7 @@ def _step_mail(transfer, step):
 STEPS = {
     "release": _step_release,
     "claim": _step_claim,
+    "reset_name": _step_reset_name,
     "record": _step_record,
     "return_release": _step_return_release,
     "return_claim": _step_return_claim,
