@@ -622,3 +622,30 @@ def test_second_factor_guesses_are_rate_limited(app, staff_user):
     # 10 tries per 5 minutes per staff account; the enrolment above was the first.
     assert statuses == [401] * 9 + [429]
     assert client.get("/support").status_code == 302
+
+
+def test_the_homeowner_never_sees_the_staff_members_address(app, console, customer):
+    console.environ_base["REMOTE_ADDR"] = "203.0.113.7"
+    start_view(console, customer)
+    console.get("/devices")
+    post(console, "/support/view/end", token_page="/devices")
+    home = app.test_client()
+    login(home, customer.email, PASSWORD)
+    page = home.get("/account/activity").get_data(as_text=True)
+    assert "Support viewed your account" in page
+    assert "203.0.113.7" not in page
+    assert "<td>Support</td>" in page
+
+
+def test_support_polling_a_pending_account_does_not_drive_its_setup(app, console, sim):
+    waiting = make_user("pending.view@example.com", PASSWORD, verified=True, provisioned=False)
+    User.update(provisioning_next_at=datetime.datetime(2000, 1, 1)).where(User.id == waiting.id).execute()
+    before = User.get_by_id(waiting.id)
+    start_view(console, waiting)
+    response = console.get("/account/status")
+    assert response.status_code == 200
+    after = User.get_by_id(waiting.id)
+    assert after.provisioning_state == "pending"
+    assert after.provisioning_attempts == before.provisioning_attempts
+    assert after.provisioning_error == before.provisioning_error
+    assert writes(sim) == {}
