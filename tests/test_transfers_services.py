@@ -140,6 +140,9 @@ def test_offer_input_errors_and_one_open_transfer_per_device(owned, seller, sim)
         with pytest.raises(transfers.TransferError) as caught:
             transfers.offer(seller, owned, bad)
         assert caught.value.field == "email"
+    with pytest.raises(transfers.TransferError) as caught:
+        transfers.offer(seller, owned, "buyer@example.com", confirmed=False)
+    assert caught.value.field == "confirmed" and Transfer.select().count() == 0
     first = transfers.offer(seller, owned, "buyer@example.com")
     again = transfers.offer(seller, owned, "buyer@example.com")  # a double submit
     assert again.id == first.id

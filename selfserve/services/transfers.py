@@ -211,8 +211,11 @@ def dashboard_of(user):
 # --- offer (the seller starts) ----------------------------------------------------------------
 
 
-def offer(seller, device, buyer_email, now=None):
+def offer(seller, device, buyer_email, confirmed=True, now=None):
     """Offer `device` (owned by `seller`, checked by devices.device_for) to `buyer_email`.
+
+    `confirmed`: the seller confirmed they give the device away (the page asks; giving a
+    device away can't be undone once accepted).
 
     One open transfer per device (a unique index decides between simultaneous submits); a
     repeated submit of the same offer returns the existing transfer. The email with the link
@@ -220,6 +223,9 @@ def offer(seller, device, buyer_email, now=None):
     """
     now = now or utcnow()
     buyer_email = normalize_email(buyer_email)
+    if not confirmed:
+        raise TransferError("Tick the box to confirm you want to give this device away.", kind="invalid",
+                            field="confirmed", status=422)
     problem = email_problem(buyer_email)
     if problem:
         raise TransferError(problem.replace("your email", "the new owner's email"), kind="invalid", field="email", status=422)

@@ -107,12 +107,8 @@ def start(device_id):
     if request.method == "GET":
         return render_template("transfers/start.html", email="", error=None, **context)
     email = request.form.get("email", "")[:254]
-    if request.form.get("confirmed") != "yes":
-        error = transfers.TransferError(
-            "Tick the box to confirm you want to give this device away.", kind="invalid", field="confirmed")
-        return render_template("transfers/start.html", email=email, error=error, **context), 422
     try:
-        transfer = transfers.offer(current_user, device, email)
+        transfer = transfers.offer(current_user, device, email, confirmed=request.form.get("confirmed") == "yes")
     except transfers.TransferError as exc:
         return render_template("transfers/start.html", email=email, error=exc, **context), exc.status
     if transfer.offer_mailed_at:
