@@ -22,6 +22,12 @@ from selfserve import config as config_module
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "particle", "fixtures", "demo.json")
 
+# The demo's support account. Its second factor is a fixed, public demo secret: the demo
+# mailbox page shows the current code, so no authenticator app is needed to try the console.
+DEMO_STAFF_EMAIL = "support@demo.example"
+DEMO_STAFF_PASSWORD = "demo support desk"
+DEMO_STAFF_TOTP_SECRET = "SELFSERVEDEMOSTAFFTOTPSECRET2345"
+
 
 class MailboxHandler:
     """aiosmtpd handler: store each message as JSON for the mailbox page and print it."""
@@ -114,8 +120,14 @@ def seed(app):
 
     with open(FIXTURES, encoding="utf-8") as handle:
         fixtures = json.load(handle)
+    from selfserve.models import User
+    from selfserve.services import staff
+
     with app.app_context():
         registry.seed_from_fixtures(FIXTURES)
+        if not User.get_or_none(User.email == DEMO_STAFF_EMAIL):
+            user = staff.create_staff(DEMO_STAFF_EMAIL, DEMO_STAFF_PASSWORD, role="admin")
+            staff.enrol_with_secret(user, DEMO_STAFF_TOTP_SECRET)
     return fixtures["devices"]
 
 
@@ -140,7 +152,15 @@ def banner(host, port, simulator, devices):
         lines.append(
             f"  {device['serial_number']:<16} {device['setup_code']:<12} {device['model']:<8} {', '.join(notes)}"
         )
-    lines += ["", "Sign up, open the verification mail in the mailbox, then add a device.", "Ctrl-C stops.", ""]
+    lines += [
+        "",
+        f"Support console:  http://{host}:{port}/support  as {DEMO_STAFF_EMAIL} / {DEMO_STAFF_PASSWORD}",
+        "                  (its sign-in code is shown on the demo mailbox page)",
+        "",
+        "Sign up, open the verification mail in the mailbox, then add a device.",
+        "Ctrl-C stops.",
+        "",
+    ]
     print("\n".join(lines), flush=True)
 
 

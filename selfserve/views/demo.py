@@ -1,12 +1,14 @@
 """Demo only: a local mailbox showing the emails the site sent (registered when DEMO is on)."""
 import re
 
+import pyotp
 from flask import Blueprint
 from flask import current_app
 from flask import render_template
 from markupsafe import Markup
 from markupsafe import escape
 
+from selfserve import demo
 from selfserve.demo import read_mailbox
 from selfserve.security import public
 
@@ -27,4 +29,8 @@ def linkify(text):
 @public
 def mailbox():
     messages = read_mailbox(current_app.config.get("DEMO_MAILBOX_DIR"))
-    return render_template("demo/mailbox.html", messages=messages)
+    staff_code = pyotp.TOTP(demo.DEMO_STAFF_TOTP_SECRET).now()
+    return render_template(
+        "demo/mailbox.html", mails=messages, staff_email=demo.DEMO_STAFF_EMAIL,
+        staff_password=demo.DEMO_STAFF_PASSWORD, staff_code=staff_code,
+    )
