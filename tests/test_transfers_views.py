@@ -253,3 +253,16 @@ def test_transfer_links_are_redacted_from_access_logs():
         record = logging.LogRecord("werkzeug", logging.INFO, __file__, 1, '"GET %s HTTP/1.1" 200 -', (path,), None)
         RedactTokenPaths().filter(record)
         assert "eyJ0Ijox" not in record.getMessage() and "<redacted>" in record.getMessage()
+
+
+def test_offer_page_sign_in_link_does_not_carry_the_token(app, owned, seller, buyer, sim, mailbox):
+    transfer = transfers.offer(seller, owned, "buyer@example.com")
+    link = [u for u in mailbox.links(mailbox.wait_for("buyer@example.com")) if "/transfers/offer/" in u][0]
+    token = link.rsplit("/", 1)[1]
+    client = app.test_client()
+    body = client.get(f"/transfers/offer/{token}").get_data(as_text=True)
+    assert body.count(token) == 0
+    sign_in = re.search(r'href="(/login\?next=[^"]+)"', body).group(1)
+    answer = client.post(sign_in.replace("&amp;", "&"), data={
+        "email": "buyer@example.com", "password": PASSWORD, "csrf_token": csrf_token(client, "/login")})
+    assert answer.headers["Location"].endswith(f"/transfers/{transfer.id}")

@@ -227,7 +227,9 @@ def offer_link(token):
     return render_template(
         "transfers/offer_link.html", transfer=transfer, device=device,
         model=device_models.get(device.model), device_label=transfers.device_label(device),
-        here=url_for("transfers.offer_link", token=token),
+        # After signing in, go to the offer itself; the token never goes into a ?next= URL
+        # (access logs would keep it).
+        here=url_for("transfers.detail", transfer_id=transfer.id),
     )
 
 
