@@ -591,3 +591,20 @@ def test_an_open_offer_blocks_a_request(owned, seller, buyer, labels, sim):
     with pytest.raises(transfers.TransferError) as caught:
         transfers.request_device(buyer, _prove(buyer, labels))
     assert caught.value.kind == "open"
+
+
+def test_when_giving_it_back_fails_too_staff_are_alerted_and_it_keeps_trying(owned, seller, buyer, sim):
+    transfer = transfers.offer(seller, owned, "buyer@example.com")
+    sim.add_fault("POST", "/v1/devices", count=2, status=403)  # the buyer's claim, then the seller's
+    stuck = transfers.accept(buyer, transfer)
+    assert stuck.state == "returning" and stuck.step == "return_claim"
+    assert stuck.next_attempt_at - utcnow() > datetime.timedelta(minutes=5)
+    device = Device.get_by_id(WINDOW)
+    assert device.owner_id == seller.id and device.claim_state == "transferring"  # never nobody's
+    assert AuditEvent.select().where(AuditEvent.action == "staff.alert").count() == 1
+    make_due()
+    transfers.resume_pending()
+    final = Transfer.get_by_id(transfer.id)
+    assert final.state == "failed_returned"
+    assert_seller_owns(WINDOW, seller, sim)
+    assert AuditEvent.select().where(AuditEvent.action == "staff.alert").count() == 1  # once per transfer
