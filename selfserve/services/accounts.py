@@ -130,14 +130,9 @@ def _verified_fields(now):
 # --- sign-up and verification ------------------------------------------------------------------
 
 
-def sign_up(email, password):
-    """Create an account and send its verification email.
-
-    If the address already has an account, nothing is created and that address gets a
-    "someone tried to sign up with your address" email instead; the caller can't tell which
-    happened. Raises FormErrors for a bad address or password, MailError if the email could not
-    be sent (the account, if new, is kept: signing in and "resend" work).
-    """
+def checked_credentials(email, password):
+    """The normalized email of a new account, or FormErrors naming what's wrong with the email
+    and the password (both checked at once, so the form shows every problem)."""
     email = normalize_email(email)
     errors = {}
     problem = email_problem(email)
@@ -148,6 +143,18 @@ def sign_up(email, password):
         errors["password"] = problem
     if errors:
         raise FormErrors(errors)
+    return email
+
+
+def sign_up(email, password):
+    """Create an account and send its verification email.
+
+    If the address already has an account, nothing is created and that address gets a
+    "someone tried to sign up with your address" email instead; the caller can't tell which
+    happened. Raises FormErrors for a bad address or password, MailError if the email could not
+    be sent (the account, if new, is kept: signing in and "resend" work).
+    """
+    email = checked_credentials(email, password)
     # Hashed before the lookup so a new and an existing address cost the same work.
     password_hash = passwords.hash_password(password)
     existing = User.get_or_none(User.email == email)

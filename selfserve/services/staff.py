@@ -31,7 +31,7 @@ from selfserve.models import db
 from selfserve.models import utcnow
 from selfserve.services import audit
 from selfserve.services.accounts import FormErrors
-from selfserve.services.accounts import email_problem
+from selfserve.services.accounts import checked_credentials
 from selfserve.services.accounts import normalize_email
 
 ROLES = ("staff", "admin")
@@ -52,18 +52,9 @@ def create_staff(email, password, role="staff"):
     """Create a staff account (verified, no device-cloud customer). Refuses an address that
     already has an account: a customer never becomes staff, and an existing staff member is
     changed with other commands. Raises StaffError / FormErrors."""
-    email = normalize_email(email)
     if role not in ROLES:
         raise StaffError(f"The role must be one of: {', '.join(ROLES)}.")
-    errors = {}
-    problem = email_problem(email)
-    if problem:
-        errors["email"] = problem
-    problem = passwords.problem(password or "")
-    if problem:
-        errors["password"] = problem
-    if errors:
-        raise FormErrors(errors)
+    email = checked_credentials(email, password)
     if User.select().where(User.email == email).exists():
         raise StaffError(
             "That address already has an account. Staff accounts must be new accounts: "
