@@ -80,15 +80,22 @@ def main(argv=None):
     mail_port = _free_port()
     smtp = Controller(sink, hostname="127.0.0.1", port=mail_port)
     smtp.start()
+    migration_log = logging.getLogger("selfserve.services.migration")
+    rate_waits = _Counter("Particle rate limit: waiting")
+    migration_log.addHandler(rate_waits)
+    level = migration_log.level
+    migration_log.setLevel(logging.INFO)
     try:
-        return _run(args, folder, simulator, sink, mail_port, config_module)
+        return _run(args, folder, simulator, sink, mail_port, config_module, rate_waits)
     finally:
+        migration_log.removeHandler(rate_waits)
+        migration_log.setLevel(level)
         smtp.stop()
         simulator.stop()
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _run(args, folder, simulator, sink, mail_port, config_module):
+def _run(args, folder, simulator, sink, mail_port, config_module, rate_waits):
     from selfserve import create_app
     from selfserve import models
     from selfserve import passwords
@@ -101,9 +108,6 @@ def _run(args, folder, simulator, sink, mail_port, config_module):
     from selfserve.services import migration
 
     logging.basicConfig(level=logging.ERROR)
-    rate_waits = _Counter("Particle rate limit: waiting")
-    logging.getLogger("selfserve.services.migration").addHandler(rate_waits)
-    logging.getLogger("selfserve.services.migration").setLevel(logging.INFO)
 
     app = create_app({
         "TESTING": True,
