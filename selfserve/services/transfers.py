@@ -301,7 +301,7 @@ def cancel(user, transfer, now=None):
     notify = "mail_cancelled" if (transfer.kind == "request" or transfer.offer_mailed_at) else None
     closed = _close(transfer, waiting, "cancelled", notify, now)
     if not closed:
-        raise TransferError(_too_late(transfer), kind="decided", status=409)
+        raise TransferError(too_late_message(transfer), kind="decided", status=409)
     audit.record("transfer.cancelled", user=user, device_id=transfer.device_id, name=_name(transfer))
     return _run(transfer.id, holding_lease=False) if notify else _fresh(transfer)
 
@@ -312,7 +312,7 @@ def decline(user, transfer, now=None):
     if transfer.kind != "offer" or role_of(user, transfer) != "buyer":
         raise TransferError("This offer isn't addressed to your account.", kind="forbidden", status=403)
     if not _close(transfer, "offered", "declined", "mail_declined", now, buyer=user.id):
-        raise TransferError(_too_late(transfer), kind="decided", status=409)
+        raise TransferError(too_late_message(transfer), kind="decided", status=409)
     audit.record("transfer.declined", user=user, device_id=transfer.device_id, name=_name(transfer))
     return _run(transfer.id, holding_lease=False)
 
@@ -352,7 +352,7 @@ def _start_move(transfer, waiting, buyer, now, take_lease=True):
         ).where((Transfer.id == transfer.id) & (Transfer.state == waiting)).execute()
         if not started:
             txn.rollback()
-            raise TransferError(_too_late(_fresh(transfer)), kind="decided", status=409)
+            raise TransferError(too_late_message(_fresh(transfer)), kind="decided", status=409)
         marked = Device.update(claim_state=TRANSFERRING, claim_state_at=now, claim_error=None).where(
             (Device.device_id == transfer.device_id) & (Device.owner == transfer.seller_id) & Device.claim_state.is_null()
         ).execute()
@@ -384,7 +384,7 @@ def _close(transfer, waiting, state, notify_step, now, **extra):
     ).where((Transfer.id == transfer.id) & (Transfer.state == waiting)).execute() == 1
 
 
-def _too_late(transfer):
+def too_late_message(transfer):
     current = _fresh(transfer)
     if current.state == "expired":
         return "This transfer has expired."
@@ -514,7 +514,7 @@ def object_to(owner, transfer, now=None):
     if transfer.kind != "request" or owner is None or transfer.seller_id != owner.id:
         raise TransferError("Only the device's owner can answer this request.", kind="forbidden", status=403)
     if not _close(transfer, "requested", "objected", "mail_objected", now):
-        raise TransferError(_too_late(transfer), kind="decided", status=409)
+        raise TransferError(too_late_message(transfer), kind="decided", status=409)
     audit.record("transfer.objected", user=owner, device_id=transfer.device_id, name=_name(transfer))
     return _run(transfer.id, holding_lease=False)
 

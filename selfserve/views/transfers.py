@@ -220,7 +220,7 @@ def offer_link(token):
     except tokens.TokenError as exc:
         return _link_error(exc)
     if transfer.state != "offered":
-        return render_template("transfers/link_error.html", message=transfers._too_late(transfer)), 410
+        return render_template("transfers/link_error.html", message=transfers.too_late_message(transfer)), 410
     if current_user.is_authenticated and transfers.role_of(current_user, transfer) == "buyer":
         return htmx.redirect(url_for("transfers.detail", transfer_id=transfer.id))
     device = Device.get_by_id(transfer.device_id)
@@ -245,7 +245,7 @@ def answer_link(token):
                "device_label": transfers.device_label(device), "error": None}
     if request.method == "GET":
         if transfer.state != "requested":
-            return render_template("transfers/link_error.html", message=transfers._too_late(transfer)), 410
+            return render_template("transfers/link_error.html", message=transfers.too_late_message(transfer)), 410
         return render_template("transfers/answer.html", **context)
     owner = User.get_or_none(User.id == transfer.seller_id)
     try:
