@@ -345,9 +345,13 @@ def test_claim_needs_a_verified_email(client, app, labels):
 
 def test_label_link_page_never_renders_the_code(browser, owner, labels):
     label = labels[WINDOW]
-    # The real label link keeps both in the fragment, which the server never sees; even if a
-    # hand-made link puts them in the query, the page doesn't echo the code.
+    # The real label link keeps both in the fragment, which the server never sees; a hand-made
+    # link with them in the query is sent to the fragment form at once.
     response = browser.get(f"/claim?serial={label['serial_number']}&code={label['setup_code']}")
+    assert response.status_code == 302
+    assert response.headers["Location"] == (
+        f"/claim#serial={label['serial_number']}&code={label['setup_code']}")
+    response = browser.get("/claim")
     page = response.get_data(as_text=True)
     assert response.status_code == 200
     assert "js-claim-form" in page and 'id="label-note"' in page

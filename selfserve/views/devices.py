@@ -5,6 +5,8 @@ before anything else, so another customer's device is a 404 without any Particle
 Fragments (summary, values, function result) answer htmx requests; a plain request for one
 is sent to the device page instead.
 """
+from urllib.parse import urlencode
+
 from flask import Blueprint
 from flask import abort
 from flask import current_app
@@ -19,6 +21,7 @@ from flask_login import current_user
 from selfserve import device_models
 from selfserve import htmx
 from selfserve.models import utcnow
+from selfserve.security import public
 from selfserve.security import verified_required
 from selfserve.services import devices
 from selfserve.services import live_values
@@ -97,10 +100,24 @@ def claim():
 
 
 @bp.get("/claim")
-@verified_required
+@public  # checks the sign-in itself, after taking the setup code out of the query
 def claim_from_label():
     """Where the label's QR code points. The serial and code are in the URL fragment, which
-    never reaches us; static/js/devices.js copies them into the form."""
+    never reaches us; static/js/devices.js copies them into the form.
+
+    A link with them in the query string (a label printed that way, a link typed by hand) is
+    sent to the fragment form at once, before the sign-in redirect would copy the code into
+    its `next` and on into pages, later requests and access logs."""
+    if "code" in request.args or "serial" in request.args:
+        fragment = urlencode({name: request.args.get(name, "")[:64] for name in ("serial", "code")})
+        return flask_redirect(url_for("devices.claim_from_label") + "#" + fragment)
+    if not current_user.is_authenticated:
+        return current_app.login_manager.unauthorized()
+    return _label_claim_page()
+
+
+@verified_required
+def _label_claim_page():
     return _claim_page(from_label=True)
 
 
