@@ -118,16 +118,22 @@ def same(a, b):
 _TOKEN_PATH = re.compile(r"(/(?:verify|reset|confirm-email|transfers/offer|transfers/answer)/)[A-Za-z0-9_.\-]+")
 
 
+# Query parameters that may carry a secret: a label's setup code in a hand-made claim link.
+_SECRET_QUERY = re.compile(r"([?&](?:code|setup_code)=)[^&\s\"]+")
+
+
 class RedactTokenPaths(logging.Filter):
-    """A logging filter that replaces tokens in request paths with '<redacted>'."""
+    """A logging filter that replaces tokens in request paths (and setup codes in query
+    strings) with '<redacted>'."""
 
     def filter(self, record):
         try:
             message = record.getMessage()
         except Exception:  # a malformed record is not ours to fix
             return True
-        if _TOKEN_PATH.search(message):
-            record.msg = _TOKEN_PATH.sub(r"\1<redacted>", message)
+        if _TOKEN_PATH.search(message) or _SECRET_QUERY.search(message):
+            message = _TOKEN_PATH.sub(r"\1<redacted>", message)
+            record.msg = _SECRET_QUERY.sub(r"\1<redacted>", message)
             record.args = None
         return True
 
