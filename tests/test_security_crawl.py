@@ -502,3 +502,41 @@ def test_support_console_crawl_leaks_no_secret(app, sim, homeowner, all_logs):
     cookies = crawler.cookie_values
     assert find_leaks(response_texts(fetched, include_set_cookie=False), secret_values, cookies) == []
     assert find_leaks(log_texts(all_logs.records), secret_values, cookies) == []
+
+
+def test_a_label_link_with_the_code_in_the_query_goes_no_further(app, sim, mailbox, all_logs):
+    """Labels we print keep serial and code in the URL fragment, which never reaches the
+    server. A label printed with them in the query string (or a link typed by hand) must not
+    carry the code any further: not into the sign-in redirect's `next`, the sign-in page, a
+    later request, or the access log."""
+    label = next(d for d in demo_devices() if d["id"] == WINDOW)
+    query = f"/claim?serial={label['serial_number']}&code={label['setup_code']}"
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    seen = []
+    try:
+        browser = requests.Session()
+        response = browser.get(base + query, timeout=10)
+        seen.extend(response.history + [response])
+    finally:
+        server.shutdown()
+        thread.join(timeout=5)
+    # The browser ends on the sign-in page; the code only ever went back in a fragment.
+    assert urlsplit(response.url).path == "/login"
+    first = seen[0]
+    assert first.status_code == 302
+    location = urlsplit(first.headers["Location"])
+    assert location.path == "/claim" and not location.query and label["setup_code"] in location.fragment
+    # What the server was sent (requests, like browsers, keeps the fragment locally) and answered.
+    later = [(f"{r.request.method} {r.request.path_url} -> {r.status_code}",
+              r.request.path_url + " " + r.text + " " + repr(dict(r.headers)))
+             for r in seen[1:]]
+    assert len(later) >= 2  # /claim, then the sign-in page
+    assert find_leaks(later, setup_codes()) == []
+    port = str(server.server_port)
+    server_side = [record for record in all_logs.records
+                   if not (record.name.startswith("urllib3") and port in record.getMessage())]
+    assert any(record.name == "werkzeug" for record in server_side)
+    assert find_leaks(log_texts(server_side), setup_codes()) == []

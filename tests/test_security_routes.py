@@ -42,6 +42,7 @@ PUBLIC = {
     "accounts.verify": "emailed link: GET shows a button, POST verifies; the signed token is the proof",
     "accounts.reset": "emailed link: signed, single-use token",
     "accounts.confirm_email": "emailed link: GET shows a button, POST changes the address",
+    "devices.claim_from_label": "label QR link: moves a code in the query into the fragment, then checks the sign-in itself",
     "demo.mailbox": "demo mode only: the local mailbox (never registered outside DEMO)",
     "transfers.offer_link": "emailed offer link: a signed token shows the offer, accepting needs an account",
     "transfers.answer_link": "emailed link to the recorded owner: a signed token lets them approve or object",
