@@ -331,7 +331,7 @@ def homeowner(app, client, sim, mailbox, all_logs):
 # --- the tests ----------------------------------------------------------------------------------------
 
 
-def test_crawl_every_page_and_fragment_leaks_no_secret(app, sim, homeowner, all_logs):
+def test_crawl_every_page_and_fragment_leaks_no_secret(app, sim, mailbox, homeowner, all_logs):
     crawler = Crawler(homeowner.client)
     start = [path for method, path, rule in concrete_rules(app, crawl_values(homeowner), {"GET"})]
     fetched = crawler.crawl(["/"] + start)
@@ -346,7 +346,8 @@ def test_crawl_every_page_and_fragment_leaks_no_secret(app, sim, homeowner, all_
     assert crawler.urls - set(start) - {"/"}
 
     secret_values = everything_secret(app, sim, homeowner, crawler)
-    texts = response_texts(fetched, include_set_cookie=False)
+    texts = response_texts(fetched, include_set_cookie=False) + mail_texts(mailbox)
+    assert len(mailbox.messages) >= 1  # the verification email is searched too
     assert find_leaks(texts, secret_values, crawler.cookie_values) == []
     # Set-Cookie carries the session cookie by design, but never a token or a setup code.
     cookie_headers = [(w, t) for w, t in response_texts(fetched) if "[header Set-Cookie]" in w]
@@ -540,3 +541,36 @@ def test_a_label_link_with_the_code_in_the_query_goes_no_further(app, sim, mailb
                    if not (record.name.startswith("urllib3") and port in record.getMessage())]
     assert any(record.name == "werkzeug" for record in server_side)
     assert find_leaks(log_texts(server_side), setup_codes()) == []
+
+
+def mail_texts(mailbox):
+    return [(f"mail to {message['To']}: {message['Subject']}", message.as_string() + "\n" + mailbox.body(message))
+            for message in list(mailbox.messages)]
+
+
+def test_proving_possession_of_someone_elses_device_shows_and_mails_no_code(app, sim, mailbox, homeowner, all_logs):
+    """The buyer's path: the right label for a device someone else owns offers to ask the owner
+    (an opaque proof, never the code), and the owner's email holds no code or token either."""
+    from helpers import make_user
+
+    buyer = make_user("holder@example.com", PASSWORD)
+    client = homeowner.client.application.test_client()
+    login(client, buyer.email, PASSWORD)
+    crawler = Crawler(client)
+    token = csrf_token(client, "/devices/claim")
+    label = homeowner.label
+    for htmx in (False, True):
+        item = crawler.fetch("/devices/claim", method="POST", htmx=htmx, headers={"X-CSRFToken": token},
+                             data={"serial": label["serial_number"], "setup_code": label["setup_code"], "csrf_token": token})
+        assert item.status in (200, 409), item.status
+    proof = re.search(r'name="proof" value="([^"]+)"', crawler.fetched[-1].body)
+    assert proof, crawler.fetched[-1].body
+    item = crawler.fetch("/transfers/request", method="POST", data={"proof": proof.group(1), "csrf_token": token})
+    assert item.status == 302, item.body
+    mailbox.wait_for(EMAIL, count=2)  # the owner is asked (after the sign-up's verify mail)
+    crawler.crawl([dict(item.headers)["Location"], "/devices", "/account/activity"])
+
+    secret_values = everything_secret(app, sim, homeowner, crawler)
+    texts = response_texts(crawler.fetched, include_set_cookie=False) + mail_texts(mailbox)
+    assert find_leaks(texts, secret_values, crawler.cookie_values) == []
+    assert find_leaks(log_texts(all_logs.records), secret_values, crawler.cookie_values) == []
