@@ -1,8 +1,9 @@
 """Login, sessions, CSRF, rate limits, deny-by-default and security headers: one place.
 
 - Every endpoint needs a signed-in user unless its view is decorated with `@public`.
-- A login is a server-side LoginSession; the cookie holds only its random id, so logging out
-  (or a password reset) ends it on the server. Idle and absolute timeouts are checked on load.
+- A login is a server-side LoginSession; the cookie holds only a random id (the database only
+  its sha256), so logging out (or a password reset) ends it on the server. Idle and absolute
+  timeouts are checked on load.
 - CSRF (Flask-WTF) covers every POST/PUT/PATCH/DELETE, htmx requests included (they send the
   token in the X-CSRFToken header, set once on <body hx-headers>).
 """
