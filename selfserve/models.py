@@ -298,7 +298,7 @@ class Transfer(BaseModel):
     device = peewee.ForeignKeyField(Device, backref="transfers", on_delete="CASCADE", column_name="device_id")
     kind = peewee.CharField(max_length=8)  # offer | request
     # offered | requested | moving | returning | done | failed_returned | declined | cancelled
-    # | objected | expired
+    # | objected | expired | kept (support kept an objected request's device with its owner)
     state = peewee.CharField(max_length=16, index=True)
     open_device = peewee.CharField(null=True, unique=True, max_length=24)
     seller = peewee.ForeignKeyField(User, null=True, backref="+", on_delete="SET NULL")
@@ -316,6 +316,8 @@ class Transfer(BaseModel):
     last_error = peewee.TextField(null=True)
     offer_mailed_at = peewee.DateTimeField(null=True)
     alerted_at = peewee.DateTimeField(null=True)  # staff were alerted (a move failed for good)
+    # Support's decision of a request the owner objected to: "requester" (it moves) or "owner".
+    dispute_outcome = peewee.CharField(null=True, max_length=16)
 
 
 class PossessionProof(BaseModel):

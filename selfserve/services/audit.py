@@ -47,6 +47,7 @@ DESCRIPTIONS = {
     "support.released_device": "Support released device {name} from your account",
     "support.retried": "Support retried {operation}",
     "support.cancelled": "Support cancelled {operation}",
+    "support.decided_transfer": "Support decided the transfer request: {decision}",
     "support.reconciled": "Support compared the database with the device cloud",
     "staff.created": "Staff account created",
     "staff.second_factor_enrolled": "Set up the authenticator app",
