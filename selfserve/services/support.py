@@ -27,6 +27,7 @@ from selfserve.services import impersonation
 from selfserve.services import provisioning
 from selfserve.services import reconcile
 from selfserve.services import registry
+from selfserve.services import transfers
 
 log = logging.getLogger(__name__)
 
@@ -456,3 +457,21 @@ def cancel_device_step(staff, device, reason):
     audit.record("support.cancelled", user=owner, actor=staff, device_id=device.device_id,
                  operation=_step_label(device, state), reason=reason)
     return _run_step_now(device)
+
+
+def decide_transfer(staff, transfer_id, outcome, reason, confirmed=False):
+    """Decide a disputed transfer (a request its owner objected to) through the transfers
+    service: outcome "requester" moves the device (the staff member must confirm that),
+    "owner" keeps it. The reason is checked first, so a form sent without one explains
+    itself whatever it points at. Returns the transfer afterwards; raises SupportError (404
+    for an unknown transfer)."""
+    check_reason(reason)
+    transfer = transfers.get(transfer_id) if isinstance(transfer_id, int) else None
+    if transfer is None:
+        raise SupportError("There is no such transfer.", 404)
+    if outcome == "requester" and not confirmed:
+        raise SupportError("Tick the box to confirm that the device leaves its owner's account.", 422)
+    try:
+        return transfers.decide_dispute(staff, transfer, outcome, reason)
+    except transfers.TransferError as exc:
+        raise SupportError(exc.message, exc.status) from None

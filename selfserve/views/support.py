@@ -265,3 +265,27 @@ def retry_step(device_id):
 @staff_required
 def cancel_step(device_id):
     return _step_action(device_id, support.cancel_device_step)
+
+
+@bp.post("/transfers/<int:transfer_id>/decide")
+@staff_required
+def decide_transfer(transfer_id):
+    # The form sits on the customer page and in the fleet's stuck list: go back to that page.
+    back = _safe_support_next(request.form.get("next")) or url_for("support.fleet")
+    try:
+        transfer = support.decide_transfer(real_user(), transfer_id, request.form.get("outcome", ""),
+                                           request.form.get("reason", ""), confirmed=request.form.get("confirm") == "yes")
+    except support.SupportError as exc:
+        if exc.status == 404:
+            abort(404)
+        return _action_refused(exc.message, back)
+    if transfer.state == "kept":
+        return _action_done("Decided: the device stays with its owner. Both sides are emailed the outcome.", back)
+    if transfer.state == "done":
+        return _action_done("Decided: the device is now in the requester's account. Both sides are emailed.", back)
+    if transfer.state == "failed_returned":
+        return _action_refused("Decided, but the device cloud refused the move: the device stays with its owner. "
+                               "See the alert on the fleet page.", back)
+    flash("Decided: the device is moving to the requester. The device cloud did not answer yet; the sweep "
+          "finishes the move by itself and both sides are emailed then.", "info")
+    return htmx.redirect(back)
