@@ -40,6 +40,10 @@ DEFAULTS = {
     "MAIL_PASSWORD": "",
     "MAIL_SENDER": "selfserve <no-reply@selfserve.example>",
     "MAIL_TIMEOUT": 10.0,
+    # How customers reach support: shown on the Help page (linked from every page's footer)
+    # and in emails. SUPPORT_PHONE is shown only when set (e.g. "+44 20 7946 0000").
+    "SUPPORT_EMAIL": "support@selfserve.example",
+    "SUPPORT_PHONE": "",
     # Rate limits: "memory://" per process; "redis://host:port" shares them across workers.
     "RATELIMIT_STORAGE_URI": "memory://",
     # Reverse proxies in front of the app that append to X-Forwarded-For and set

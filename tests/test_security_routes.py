@@ -36,6 +36,7 @@ STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
 PUBLIC = {
     "main.index": "landing page",
     "main.healthz": "load balancer health check, says only ok",
+    "main.help": "how to reach support: static text and the configured support address; people who can't sign in need it most",
     "accounts.signup": "sign-up form (POST rate-limited)",
     "accounts.login": "sign-in form (POST rate-limited)",
     "accounts.forgot": "forgotten password form (POST rate-limited)",

@@ -17,6 +17,24 @@ ERROR_MESSAGES = {
     429: "Too many attempts. Please wait a little and try again.",
 }
 
+# Headings of the error page where werkzeug's names ("Not Found") read like a machine talking.
+ERROR_TITLES = {
+    404: "Page not found",
+    429: "Too many attempts",
+}
+
+
+def support_contact(config):
+    """Template values for reaching support: `support_email`, `support_phone` ("" when unset)
+    and `support_phone_link` (a tel: URI of the phone number's digits, "" when unset)."""
+    phone = str(config.get("SUPPORT_PHONE") or "").strip()
+    dialable = "".join(ch for ch in phone if ch.isdigit() or ch == "+")
+    return {
+        "support_email": str(config.get("SUPPORT_EMAIL") or "").strip(),
+        "support_phone": phone,
+        "support_phone_link": f"tel:{dialable}" if dialable else "",
+    }
+
 
 def register(app):
     from selfserve.views import main
@@ -36,6 +54,11 @@ def register(app):
         # Lets shared templates link only to areas that exist.
         return {"url_rules": endpoints}
 
+    @app.context_processor
+    def _support_contact():
+        # Pages and emails (mail.send renders through the same templates) say how to reach support.
+        return support_contact(app.config)
+
     @app.errorhandler(CSRFError)
     def _csrf_error(exc):
         return htmx.error_response(
@@ -51,7 +74,7 @@ def register(app):
     @app.errorhandler(HTTPException)
     def _http_error(exc):
         message = ERROR_MESSAGES.get(exc.code, exc.description)
-        return htmx.error_response(message, exc.code, exc.name)
+        return htmx.error_response(message, exc.code, ERROR_TITLES.get(exc.code, exc.name))
 
     @app.errorhandler(Exception)
     def _unexpected(exc):

@@ -1,4 +1,4 @@
-"""The landing page and a health check."""
+"""The landing page, the Help page (how to reach support) and a health check."""
 from flask import Blueprint
 from flask import redirect
 from flask import render_template
@@ -16,6 +16,13 @@ def index():
     if current_user.is_authenticated:
         return redirect(url_for("devices.dashboard"))
     return render_template("main/index.html")
+
+
+@bp.get("/help", endpoint="help")
+@public
+def help_page():
+    """How to reach support and what to tell them; public, so people who can't sign in find it."""
+    return render_template("main/help.html")
 
 
 @bp.get("/healthz")
