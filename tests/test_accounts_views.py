@@ -416,3 +416,48 @@ def test_logout_is_not_a_get(client):
     login(client, "stays@example.com")
     assert client.get("/logout").status_code == 405
     assert client.get("/account").status_code == 200
+
+
+# --- UX: focus on errors, distinct labels, the sign-in form after verifying -----------------------
+
+
+def test_error_summaries_can_take_the_focus(client):
+    # site.js focuses `.error-summary` on load; a div takes focus only with a tabindex.
+    summary = re.compile(r'<div class="error-summary"[^>]*\btabindex="-1"')
+    assert summary.search(text(sign_up(client, "nope", "short")))
+    assert summary.search(text(post(client, "/login", {"email": "who@example.com", "password": "wrong password"})))
+    make_user("focus@example.com", provisioned=False)
+    login(client, "focus@example.com")
+    assert summary.search(text(post(client, "/account/email", {"new_email": "bad", "email_password": "x"}, token_from="/account")))
+    assert summary.search(text(post(client, "/account/password", {"current_password": "x", "new_password": "y"}, token_from="/account")))
+    assert "error-summary" not in text(client.get("/account"))
+
+
+def test_the_account_pages_password_fields_have_distinct_labels(client):
+    make_user("labels@example.com", provisioned=False)
+    login(client, "labels@example.com")
+    page = text(client.get("/account"))
+    labels = dict(re.findall(r'<label for="([^"]+)">([^<]+)</label>', page))
+    assert labels["current_password"] == "Current password"
+    assert labels["email_password"] == "Your password (to confirm)"
+    assert len(set(labels.values())) == len(labels)  # no two fields read the same to a screen reader
+    ids = re.findall(r'\bid="([^"]+)"', page)
+    assert len(ids) == len(set(ids))
+
+
+def test_after_verifying_the_sign_in_form_fills_in_the_address(client, mailbox, sim):
+    sign_up(client, "Prefill@Example.com")
+    path = link_path(mailbox, "prefill@example.com", "/verify/")
+    response = post(client, path)
+    assert response.status_code == 302 and response.headers["Location"] == "/login"  # nothing in the URL
+
+    page = text(client.get("/login"))
+    assert re.search(r'<input type="email" id="email" name="email" value="prefill@example.com"', page)
+    assert re.search(r'<input type="password" id="password"[^>]*\bautofocus', page)
+    # Read once: the next visit to the sign-in page starts empty.
+    again = text(client.get("/login"))
+    assert re.search(r'id="email" name="email" value=""', again) and "prefill@example.com" not in again
+    assert "autofocus" not in again
+
+    assert login(client, "prefill@example.com").request.path != "/login"
+

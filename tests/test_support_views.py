@@ -649,3 +649,37 @@ def test_support_polling_a_pending_account_does_not_drive_its_setup(app, console
     assert after.provisioning_attempts == before.provisioning_attempts
     assert after.provisioning_error == before.provisioning_error
     assert writes(sim) == {}
+
+
+def test_staff_pages_speak_about_the_customer_not_to_them(app, console, customer):
+    start_view(console, customer)
+    post(console, "/support/view/end", token_page="/devices")
+    page = console.get(f"/support/customers/{customer.id}").get_data(as_text=True)
+    assert "Support viewed the customer&#39;s account" in page or "Support viewed the customer's account" in page
+    assert "your account" not in page
+
+
+def test_pages_say_they_are_read_only_while_viewing_so_site_js_disables_their_controls(app, console, customer, labels):
+    own(customer, labels, WINDOW)
+    body = re.compile(r"<body [^>]*\bdata-read-only\b")
+    # Support without a view, and the homeowner themselves: controls are live.
+    assert not body.search(console.get("/support").get_data(as_text=True))
+    homeowner = app.test_client()
+    login(homeowner, customer.email, PASSWORD)
+    for path in ("/devices", f"/devices/{WINDOW}", "/account"):
+        assert not body.search(homeowner.get(path).get_data(as_text=True)), path
+
+    start_view(console, customer)
+    for path in ("/devices", f"/devices/{WINDOW}", "/devices/claim", "/account", "/help", "/no-such-page"):
+        page = console.get(path).get_data(as_text=True)
+        assert body.search(page), path
+        # The one form that must keep working is marked for site.js to leave alone.
+        end_view = re.search(r'<form[^>]*action="/support/view/end"[^>]*>', page).group(0)
+        assert "data-allowed-while-viewing" in end_view, path
+        assert page.count("data-allowed-while-viewing") == 1, path
+    # The server refuses anyway: the marker is presentation only.
+    response = post(console, f"/devices/{WINDOW}/rename", {"name": "x"}, token_page="/devices")
+    assert response.status_code == 403 and body.search(response.get_data(as_text=True))
+
+    post(console, "/support/view/end", token_page="/devices")
+    assert not body.search(console.get("/devices").get_data(as_text=True))

@@ -9,6 +9,7 @@ from flask import current_app
 from flask import flash
 from flask import render_template
 from flask import request
+from flask import session
 from flask import url_for
 from flask_login import current_user
 
@@ -42,6 +43,9 @@ DEFAULT_LIMITS = {
     "resend_ip": "30 per hour",  # ip
     "account_change": "10 per hour",  # account: guessing the current password
 }
+
+# Session key: the address just verified, for the sign-in form to fill in.
+SIGN_IN_EMAIL = "sign_in_email"
 
 MAIL_FAILED = "We couldn't send the email right now. Nothing was lost; please try again in a few minutes."
 
@@ -169,6 +173,9 @@ def verify(token):
     if current_user.is_authenticated and current_user.id == result.user.id:
         return htmx.redirect(_home(result.user))
     flash("Please sign in to continue.", "info")
+    # The sign-in form fills in the address just confirmed (kept in the session, not the URL;
+    # read once). Signing in rotates the session, so it goes no further.
+    session[SIGN_IN_EMAIL] = result.user.email
     return htmx.redirect(url_for("accounts.login"))
 
 
@@ -182,9 +189,10 @@ def verify(token):
 def login():
     next_url = safe_next(request.values.get("next"))
     if request.method == "GET":
+        email = session.pop(SIGN_IN_EMAIL, "")
         if current_user.is_authenticated:
             return htmx.redirect(next_url or _home(current_user))
-        return render_template("accounts/login.html", next_url=next_url, email="", error=None)
+        return render_template("accounts/login.html", next_url=next_url, email=email, error=None)
     email = request.form.get("email", "")
     user = accounts.authenticate(email, request.form.get("password", ""))
     if user is None:
