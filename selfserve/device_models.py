@@ -70,7 +70,26 @@ class Function:
     done_text: str  # what to say when it worked
     argument: Argument = None
     confirm: str = ""  # ask this before running it ("" = no question)
-    danger: bool = False
+    danger: bool = False  # red: an action that can do harm (not merely one that is confirmed)
+    primary: bool = False  # the model's main action, styled to stand out
+    # The variable whose stored value pre-fills the argument (the current target), if any.
+    prefill_from: str = ""
+
+    def prefill(self, raw_values):
+        """The argument's starting value from stored variable values ({name: value}), as a
+        whole number within bounds, or "" when unknown."""
+        if self.argument is None or not self.prefill_from:
+            return ""
+        value = (raw_values or {}).get(self.prefill_from)
+        if isinstance(value, bool):
+            return ""
+        try:
+            number = int(round(float(value)))
+        except (TypeError, ValueError):
+            return ""
+        if not self.argument.minimum <= number <= self.argument.maximum:
+            return ""
+        return str(number)
 
     def parse_arg(self, raw):
         """Return (arg string for Particle, None) or (None, error message)."""
@@ -124,6 +143,7 @@ WINDOW = DeviceModel(
             "Set position",
             "Moving to the new position.",
             argument=Argument("Position (0 = closed, 100 = open)", 0, 100, "%"),
+            prefill_from="target",
         ),
         Function("stop", "Stop", "Stopped."),
     ),
@@ -146,18 +166,21 @@ PUMP = DeviceModel(
             "Start pump",
             "The pump is starting.",
             confirm="Start the pump? Water will flow as soon as it runs.",
+            primary=True,
         ),
         Function(
             "stop",
             "Stop pump",
             "The pump is stopping.",
+            # Stopping is the safe action: asked first, but not styled as dangerous.
             confirm="Stop the pump? Anything that depends on it will stop getting water.",
-            danger=True,
         ),
         Function(
             "setPressure",
             "Set pressure",
             "The pump is changing to the new pressure.",
+            # No prefill: the pump's firmware reports its pressure, not its set point, and a
+            # reading is not what the homeowner last asked for.
             argument=Argument("Pressure (50 to 400 kPa)", 50, 400, "kPa"),
         ),
     ),
@@ -165,6 +188,16 @@ PUMP = DeviceModel(
 )
 
 MODELS = {model.key: model for model in (WINDOW, PUMP)}
+
+
+def argument_text(function_label, arg):
+    """An argument as the activity page shows it ("40%", "220 kPa"), found by the function's
+    label as the audit trail records it; the bare value for a label we don't know."""
+    for model in MODELS.values():
+        for function in model.functions:
+            if function.label == function_label and function.argument is not None:
+                return f"{arg}{_with_space(function.argument.unit)}"
+    return str(arg)
 
 
 def get(key):

@@ -3,7 +3,18 @@ records it here; the homeowner's activity page reads it back."""
 from flask import has_request_context
 from flask import request
 
+from selfserve import device_models
 from selfserve.models import AuditEvent
+
+class _WithArgument(str):
+    """A description with an optional "{value}": the function's argument, when there was one
+    (" (40%)"), else nothing, so rows without an argument still read well."""
+
+    def format(self, *args, **detail):
+        arg = detail.get("arg")
+        detail["value"] = "" if arg in (None, "") else f" ({device_models.argument_text(detail.get('function'), arg)})"
+        return str.format(self, *args, **detail)
+
 
 # action -> how the activity page says it (the detail dict fills the placeholders).
 DESCRIPTIONS = {
@@ -22,7 +33,7 @@ DESCRIPTIONS = {
     "device.claimed": "Added device {name}",
     "device.released": "Released device {name}",
     "device.renamed": "Renamed device {old} to {new}",
-    "device.function_called": "Ran {function} on {name}",
+    "device.function_called": _WithArgument("Ran {function}{value} on {name}"),
     "device.transferred_out": "Transferred device {name} to its new owner",
     "device.transferred_in": "Device {name} was transferred to you",
     "device.migrated_in": "Device {name} was moved into your account by the manufacturer",
@@ -71,15 +82,29 @@ def record(action, user=None, actor=None, device_id=None, **detail):
     )
 
 
-def describe(event):
-    """A human sentence for an event."""
+# The descriptions speak to the homeowner ("your account"); staff read them about the customer.
+_FOR_STAFF = (
+    ("your account", "the customer's account"),
+    ("your email address", "the customer's email address"),
+    ("goes to you", "goes to the customer"),
+    ("transferred to you", "transferred to the customer"),
+    ("sent you", "sent the customer"),
+)
+
+
+def describe(event, for_staff=False):
+    """A human sentence for an event, addressed to the homeowner, or about them `for_staff`."""
     template = DESCRIPTIONS.get(event.action, event.action)
     detail = dict(event.detail or {})
     detail.setdefault("name", event.device_id or "a device")
     try:
-        return template.format(**detail)
+        text = template.format(**detail)
     except (KeyError, IndexError):
-        return template
+        text = template
+    if for_staff:
+        for homeowner_words, staff_words in _FOR_STAFF:
+            text = text.replace(homeowner_words, staff_words)
+    return text
 
 
 def history(user, limit=100, before_id=None):
