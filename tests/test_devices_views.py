@@ -78,7 +78,8 @@ def test_dashboard_lists_devices_and_makes_no_particle_call(browser, owner, labe
     assert response.status_code == 200
     assert total_calls(sim) == 0
     assert "Garden pump" in page
-    assert "Window covering SSW-24A-000101" in page
+    # The serial never breaks across lines in the heading.
+    assert 'Window covering <span class="serial">SSW-24A-000101</span>' in page
     assert f'hx-get="/devices/{WINDOW}/summary"' in page
     assert f'hx-get="/devices/{PUMP}/summary"' in page
     assert 'hx-trigger="load' in page
@@ -301,7 +302,10 @@ def test_device_owned_by_someone_else_explains_next_steps(browser, labels, app):
     page = response.get_data(as_text=True)
     assert response.status_code == 409
     assert "registered to another account" in page
-    assert "previous owner must release it" in page
+    # The message points to the "ask the owner" card under it instead of contradicting it.
+    assert "ask the current owner for it below" in page
+    assert "must release it" not in page and "contact support" not in page
+    assert 'id="ask-owner"' in page
     assert label["setup_code"] not in page
 
 

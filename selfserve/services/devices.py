@@ -22,6 +22,7 @@ from flask import current_app
 
 from selfserve import device_models
 from selfserve import passwords
+from selfserve.models import AuditEvent
 from selfserve.models import ClaimAttempt
 from selfserve.models import Device
 from selfserve.models import User
@@ -71,6 +72,12 @@ MESSAGES = {
         "This device is registered to another account. If you have the device, the previous owner "
         "must release it from their account first (they can do that on the device's page). If you "
         "can't reach them, contact support with the serial number."
+    ),
+    # Shown instead when the claim page offers to ask the owner (the code was right): the
+    # message points to that card rather than contradicting it.
+    "owned_by_other_can_ask": (
+        "This device is registered to another account. If it's yours now, ask the current "
+        "owner for it below."
     ),
     "busy": "This device is being added or released right now. Please try again in a minute.",
     "cloud_down": "The device cloud isn't answering, so the device was not added. Nothing was changed; please try again in a minute.",
@@ -126,6 +133,46 @@ def device_for(user, device_id):
     if device is None:
         abort(404)
     return device
+
+
+# Audit actions that mean "this device left `user`'s account", and how to say it.
+LEFT_ACCOUNT = {
+    "device.transferred_out": "transferred",
+    "device.released": "released",
+    "support.released_device": "released_by_support",
+}
+
+
+@dataclasses.dataclass
+class FormerOwnership:
+    """How a device left the user's account: `how` is a LEFT_ACCOUNT value, `at` when."""
+
+    how: str
+    at: datetime.datetime
+
+
+def former_ownership(user, device_id):
+    """How and when `device_id` left `user`'s account, if `user` owned it before and doesn't
+    now; else None. Reads only this user's own audit trail (no Particle call), so a stranger
+    learns nothing about a device they never had (their answer stays the plain 404)."""
+    parsed = parse_device_id(device_id)
+    if parsed is None or user is None or not getattr(user, "is_authenticated", False):
+        return None
+    if Device.select().where((Device.device_id == parsed) & (Device.owner == user.id)).exists():
+        return None  # still (or again) theirs, e.g. a claim or release being finished
+    event = (
+        AuditEvent.select()
+        .where(
+            (AuditEvent.user == user.id)
+            & (AuditEvent.device_id == parsed)
+            & AuditEvent.action.in_(list(LEFT_ACCOUNT))
+        )
+        .order_by(AuditEvent.id.desc())
+        .first()
+    )
+    if event is None:
+        return None
+    return FormerOwnership(how=LEFT_ACCOUNT[event.action], at=event.at)
 
 
 def devices_of(user):

@@ -17,6 +17,9 @@ from flask import render_template
 from flask import request
 from flask import url_for
 from flask_login import current_user
+from markupsafe import Markup
+from werkzeug.exceptions import NotFound
+from markupsafe import escape
 
 from selfserve import device_models
 from selfserve import htmx
@@ -55,14 +58,44 @@ def device_iso(moment):
     return moment.replace(microsecond=0).isoformat() + "Z"
 
 
+@bp.app_template_filter("device_title")
+def device_title(device):
+    """The device's name for headings, its serial kept in one piece (no break after a dash)."""
+    if device.name:
+        return escape(device.name)
+    return Markup('{} <span class="serial">{}</span>').format(device_models.label(device.model), device.serial_number)
+
+
+@bp.app_template_filter("serial")
+def serial(device):
+    """The serial number in a span that never breaks across lines."""
+    return Markup('<span class="serial">{}</span>').format(device.serial_number)
+
+
+@bp.app_template_global("device_values_note")
+def device_values_note(snapshot):
+    """The sentence above a device's values: why they may be old, or that there are none yet
+    (never "showing the last known values" when there is nothing to show)."""
+    if not snapshot.fetched_at and not any(reading.at for reading in snapshot.readings):
+        if snapshot.online is False:
+            return "No values yet: the device hasn't been heard from since you added it."
+        if snapshot.message and "last known" in snapshot.message:
+            return "No values yet: " + snapshot.message.split(";")[0].rstrip(".") + "."
+    return snapshot.message or ""
+
+
 def _page_context(device, **extra):
     return {
         "device": device,
         "model": device_models.get(device.model),
         "name": devices.display_name(device),
-        "poll_seconds": int(current_app.config.get("VALUES_POLL_SECONDS", 5)),
+        "poll_seconds": _poll_seconds(),
         **extra,
     }
+
+
+def _poll_seconds():
+    return int(current_app.config.get("VALUES_POLL_SECONDS", 5))
 
 
 # --- dashboard and claim -------------------------------------------------------------------
@@ -72,7 +105,7 @@ def _page_context(device, **extra):
 def dashboard():
     overview = devices.overview(current_user)
     return render_template("devices/dashboard.html", overview=overview, names=devices.display_name,
-                           models=device_models)
+                           models=device_models, summary_poll_seconds=_poll_seconds() * 3)
 
 
 @bp.route("/devices/claim", methods=["GET", "POST"])
@@ -93,6 +126,8 @@ def claim():
             from selfserve.services import transfers
 
             proof = transfers.remember_possession(current_user, exc.device)
+            # Point to the "ask the owner" card below instead of contradicting it.
+            exc.message = devices.MESSAGES["owned_by_other_can_ask"]
         # The serial is echoed back for correction; the setup code never is.
         return _claim_page(error=exc, serial=serial, status=exc.status, transfer_proof=proof)
     flash(f"{devices.display_name(device)} was added to your account.", "success")
@@ -140,7 +175,15 @@ def _claim_page(error=None, serial="", status=200, from_label=False, transfer_pr
 
 @bp.get("/devices/<device_id>")
 def detail(device_id):
-    device = devices.device_for(current_user, device_id)
+    try:
+        device = devices.device_for(current_user, device_id)
+    except NotFound:
+        # A device this user gave away or released: say so (still a 404). Anyone else gets
+        # the plain 404, whatever the device.
+        former = devices.former_ownership(current_user, device_id)
+        if former is None:
+            raise
+        return render_template("devices/former.html", former=former), 404
     # The shell never waits on Particle: it shows the stored snapshot, then polls.
     snapshot = live_values.last_known(device)
     return render_template("devices/detail.html", **_page_context(device, snapshot=snapshot))

@@ -85,6 +85,62 @@
     document.querySelectorAll(".poll").forEach(function (elt) { window.htmx.trigger(elt, "refresh"); });
   });
 
+  // --- Commands in flight ------------------------------------------------------------------
+  // A command can take seconds (the device answers through the cloud). While it is in flight
+  // the status region says which one is being sent (hx-disabled-elt disables every control);
+  // the answer replaces the message. A request htmx doesn't swap (network down, 403, 5xx)
+  // must not leave "Sending…" behind.
+
+  function controlForm(elt) {
+    return elt && elt.closest ? elt.closest("#controls form[data-function-label]") : null;
+  }
+
+  function showStatus(text, className) {
+    var region = document.getElementById("function-result");
+    if (!region) return;
+    var line = document.createElement("p");
+    line.className = className;
+    line.textContent = text;
+    region.replaceChildren(line);
+  }
+
+  document.addEventListener("htmx:beforeRequest", function (event) {
+    var form = controlForm(event.detail && event.detail.elt);
+    if (!form || event.defaultPrevented) return;
+    showStatus("Sending \u2018" + form.dataset.functionLabel + "\u2019 to the device\u2026", "flash flash-info sending");
+  });
+
+  document.addEventListener("htmx:afterRequest", function (event) {
+    var form = controlForm(event.detail && event.detail.elt);
+    if (!form || event.detail.successful) return;
+    showStatus("\u2018" + form.dataset.functionLabel + "\u2019 could not be sent (no answer from our server). " +
+      "Check your connection, then reload the page to see whether it was done.", "flash flash-error");
+  });
+
+  // --- After a rename ----------------------------------------------------------------------
+  // The name region is replaced: focus would fall back to the page body, and the tab title
+  // would keep the old name. Focus the new heading and retitle the tab (only on success: after
+  // a refused name the form with its error keeps the focus flow of the error message).
+
+  function isRenameSwap(event) {
+    var requester = event.detail && event.detail.elt;
+    if (event.target && event.target.id === "device-name") return true;
+    return !!(requester && requester.getAttribute && requester.getAttribute("hx-target") === "#device-name");
+  }
+
+  document.addEventListener("htmx:afterSwap", function (event) {
+    if (!isRenameSwap(event)) return;
+    var region = document.getElementById("device-name");
+    var heading = region && region.querySelector("h1");
+    if (!heading || region.querySelector("[aria-invalid=true]")) return;
+    // base.html's title is "<page title> · selfserve": replace the page-title part.
+    var title = document.title;
+    var separator = title.lastIndexOf(" \u00b7 ");
+    document.title = heading.textContent.trim() + (separator >= 0 ? title.slice(separator) : "");
+    heading.setAttribute("tabindex", "-1");
+    heading.focus();
+  });
+
   if (document.readyState === "loading") {
     document.addEventListener("DOMContentLoaded", handleLabel);
   } else {
