@@ -1,4 +1,5 @@
 """Device pages through the Flask client: dashboard, claim, device page, fragments, actions."""
+import html
 import logging
 import re
 
@@ -575,3 +576,154 @@ def test_activity_lists_device_events(browser, owner, labels):
     assert "Released device Hall blind" in page
     assert re.search(r"Released device Hall blind", page)
     assert User.get_by_id(owner.id).email == "owner@example.com"
+
+
+# --- UX review fixes ------------------------------------------------------------------------------
+
+
+def control_buttons(page):
+    """{label: the <button ...> tag} of the Controls section."""
+    controls = page[page.index('id="controls"'):]
+    return {label: tag for tag, label in re.findall(r'(<button[^>]*>)([^<]+)</button>', controls)}
+
+
+def test_pump_controls_start_is_primary_stop_is_neutral_both_confirmed(browser, owner, labels):
+    own(owner, labels, PUMP)
+    page = browser.get(f"/devices/{PUMP}").get_data(as_text=True)
+    buttons = control_buttons(page)
+    assert 'class="primary"' in buttons["Start pump"]
+    assert "danger" not in buttons["Stop pump"] and "primary" not in buttons["Stop pump"]
+    assert 'hx-confirm="Start the pump?' in page and 'hx-confirm="Stop the pump?' in page
+
+
+def test_a_command_in_flight_disables_every_control_and_names_itself(browser, owner, labels):
+    own(owner, labels, WINDOW)
+    page = browser.get(f"/devices/{WINDOW}").get_data(as_text=True)
+    forms = re.findall(r'<form method="post" action="/devices/[0-9a-f]+/functions/[^"]+"[^>]*>', page)
+    assert len(forms) == 4
+    for form in forms:
+        # Each command disables all the device's control buttons, not just its own.
+        assert 'hx-disabled-elt="#controls button"' in form
+        assert 'data-function-label="' in form
+    assert 'data-function-label="Set position"' in page
+    # The status region the "Sending …" message goes to (static/js/devices.js) is live.
+    assert '<div id="function-result" role="status" aria-live="polite">' in page
+    # Simple buttons first, together; the one taking a value below them.
+    assert page.index(">Stop</button>") < page.index('id="arg-setPosition"')
+
+
+def test_offline_device_without_values_says_so_and_describes_the_controls(browser, owner, labels, sim):
+    own(owner, labels, OFFLINE_WINDOW)
+    fragment = html.unescape(browser.get(f"/devices/{OFFLINE_WINDOW}/values", headers=HTMX).get_data(as_text=True))
+    assert "No values yet: the device hasn't been heard from since you added it." in fragment
+    assert "showing the last known values" not in fragment
+    sim.reset_counters()
+    page = browser.get(f"/devices/{OFFLINE_WINDOW}").get_data(as_text=True)
+    assert total_calls(sim) == 0
+    assert 'id="offline-note"' in page
+    assert "The device is offline. Commands will be sent when you press them, but will fail until it reconnects." in page
+    assert page.index('id="offline-note"') < page.index('id="controls"')
+    buttons = control_buttons(page)
+    for label in ("Open", "Close", "Stop", "Set position"):
+        assert 'aria-describedby="offline-note"' in buttons[label]
+        assert "disabled" not in buttons[label]  # the offline flag may be stale: let them try
+
+
+def test_online_device_has_no_offline_note_and_keeps_last_known_wording(browser, owner, labels, sim):
+    own(owner, labels, WINDOW)
+    browser.get(f"/devices/{WINDOW}/values", headers=HTMX)
+    page = browser.get(f"/devices/{WINDOW}").get_data(as_text=True)
+    assert 'id="offline-note"' not in page and 'aria-describedby="offline-note"' not in page
+    # Once values were read and the device goes offline, the old wording is right.
+    DeviceSnapshot.update(online=False, offline_since=DeviceSnapshot.fetched_at).where(
+        DeviceSnapshot.device_id == WINDOW
+    ).execute()
+    page = browser.get(f"/devices/{WINDOW}").get_data(as_text=True)
+    assert "showing the last known values" in page and "No values yet" not in page
+
+
+def test_position_is_prefilled_from_the_stored_target_without_particle_calls(browser, owner, labels, sim):
+    own(owner, labels, WINDOW)
+    sim.set_device(WINDOW, hung=False)
+    browser.post(f"/devices/{WINDOW}/functions/setPosition", data={"arg": "40"},
+                 headers={**HTMX, "X-CSRFToken": token(browser)})
+    browser.get(f"/devices/{WINDOW}/values", headers=HTMX)
+    target = DeviceSnapshot.get_by_id(WINDOW).values["target"]["value"]
+    assert int(float(target)) == 40
+    sim.reset_counters()
+    page = browser.get(f"/devices/{WINDOW}").get_data(as_text=True)
+    assert total_calls(sim) == 0
+    assert re.search(r'<input type="number" id="arg-setPosition"[^>]*value="40"', page)
+
+
+def test_inputs_stay_empty_when_nothing_is_known(browser, owner, labels, sim):
+    own(owner, labels, WINDOW)
+    own(owner, labels, PUMP)
+    window = browser.get(f"/devices/{WINDOW}").get_data(as_text=True)
+    assert re.search(r'id="arg-setPosition"[^>]*value=""', window)
+    # The pump reports its pressure, not its set point: never guessed from a reading.
+    browser.get(f"/devices/{PUMP}/values", headers=HTMX)
+    pump = browser.get(f"/devices/{PUMP}").get_data(as_text=True)
+    assert re.search(r'id="arg-setPressure"[^>]*value=""', pump)
+
+
+def test_serial_is_unbreakable_in_headings(browser, owner, labels):
+    own(owner, labels, WINDOW)
+    page = browser.get(f"/devices/{WINDOW}").get_data(as_text=True)
+    assert '<h1>Window covering <span class="serial">SSW-24A-000101</span></h1>' in page
+    assert '<span class="serial">' in browser.get("/devices").get_data(as_text=True)
+    css = browser.get("/static/css/site.css").get_data(as_text=True)
+    assert re.search(r"\.serial\s*\{[^}]*white-space:\s*nowrap", css)
+
+
+def test_dashboard_summaries_poll_at_three_times_the_values_interval(app, browser, owner, labels):
+    own(owner, labels, WINDOW)
+    app.config["VALUES_POLL_SECONDS"] = 4
+    page = browser.get("/devices").get_data(as_text=True)
+    assert re.search(rf'class="poll summary" id="summary-{WINDOW}"[^>]*hx-trigger="load, every 12s, refresh"', page, re.S)
+
+
+def test_activity_names_the_argument_of_a_function(browser, owner, labels):
+    own(owner, labels, WINDOW)
+    browser.post(f"/devices/{WINDOW}/rename", data={"name": "Lounge", "csrf_token": token(browser)})
+    browser.post(f"/devices/{WINDOW}/functions/setPosition", data={"arg": "40", "csrf_token": token(browser)})
+    browser.post(f"/devices/{WINDOW}/functions/open", data={"csrf_token": token(browser)})
+    page = browser.get("/account/activity").get_data(as_text=True)
+    assert "Ran Set position (40%) on Lounge" in page
+    assert "Ran Open on Lounge" in page
+    # A row recorded before the value was shown (no "arg") still reads well.
+    AuditEvent.create(action="device.function_called", user=owner.id, actor=owner.id, device_id=WINDOW,
+                      detail={"function": "Close", "name": "Lounge", "result": "done"})
+    assert "Ran Close on Lounge" in browser.get("/account/activity").get_data(as_text=True)
+
+
+def test_released_device_link_says_it_left_the_account(browser, owner, labels, sim, client, app):
+    own(owner, labels, WINDOW)
+    browser.post(f"/devices/{WINDOW}/release", data={"csrf_token": token(browser)})
+    sim.reset_counters()
+    response = browser.get(f"/devices/{WINDOW}")
+    page = response.get_data(as_text=True)
+    assert response.status_code == 404
+    assert total_calls(sim) == 0
+    assert "This device is no longer on your account (you released it on" in page
+    assert 'href="/devices"' in page
+    assert "We couldn" not in page
+
+
+def test_strangers_still_get_the_plain_404(app, labels, sim):
+    former = make_user("former@example.com", PASSWORD)
+    own(former, labels, WINDOW)
+    devices.release(former, devices.device_for(former, WINDOW))
+    make_user("stranger@example.com", PASSWORD)
+    stranger = app.test_client()
+    login(stranger, "stranger@example.com", PASSWORD)
+    for device_id in (WINDOW, PUMP, "0" * 24):
+        response = stranger.get(f"/devices/{device_id}")
+        page = response.get_data(as_text=True)
+        assert response.status_code == 404
+        assert "no longer on your account" not in page and "released it" not in page
+    # A device the user owns again is theirs, not "no longer" theirs.
+    own(former, labels, WINDOW)
+    again = app.test_client()
+    login(again, "former@example.com", PASSWORD)
+    assert again.get(f"/devices/{WINDOW}").status_code == 200
