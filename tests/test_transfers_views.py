@@ -266,3 +266,39 @@ def test_offer_page_sign_in_link_does_not_carry_the_token(app, owned, seller, bu
     answer = client.post(sign_in.replace("&amp;", "&"), data={
         "email": "buyer@example.com", "password": PASSWORD, "csrf_token": csrf_token(client, "/login")})
     assert answer.headers["Location"].endswith(f"/transfers/{transfer.id}")
+
+
+def test_dashboard_card_shows_an_offer_and_a_request_for_the_device(app, owned, seller, buyer, labels, sim, mailbox):
+    seller_client = signed_in(app, "seller@example.com")
+    transfers.offer(seller, owned, "buyer@example.com")
+    card = seller_client.get("/devices").get_data(as_text=True)
+    assert "Offered to <strong" in card and "buyer@example.com" in card
+    transfer = Transfer.get()
+    assert f'href="/transfers/{transfer.id}"' in card
+    transfers.cancel(seller, transfer)
+
+    label = labels[WINDOW]
+    with pytest.raises(devices.DeviceError) as caught:
+        devices.claim(buyer, label["serial_number"], label["setup_code"])
+    request = transfers.request_device(buyer, transfers.remember_possession(buyer, caught.value.device))
+    card = seller_client.get("/devices").get_data(as_text=True)
+    assert "Someone asked for this device — respond by" in card
+    assert request.expires_at.strftime("%d %b %Y") in card
+    assert f'href="/transfers/{request.id}"' in card
+    # The buyer sees nothing of it on their own (empty) device list.
+    assert "Someone asked for this device" not in signed_in(app, "buyer@example.com").get("/devices").get_data(as_text=True)
+
+
+def test_former_owner_after_a_transfer_gets_a_friendly_404(app, owned, seller, buyer, sim):
+    transfer = transfers.offer(seller, owned, "buyer@example.com")
+    transfers.accept(buyer, transfer)
+    assert Device.get_by_id(WINDOW).owner_id == buyer.id
+    seller_client = signed_in(app, "seller@example.com")
+    sim.reset_counters()
+    response = seller_client.get(f"/devices/{WINDOW}")
+    page = response.get_data(as_text=True)
+    assert response.status_code == 404
+    assert sim.counters()["total"] == 0
+    assert "This device is no longer on your account (it was transferred to its new owner on" in page
+    assert 'href="/devices"' in page
+    assert "buyer@example.com" not in page
