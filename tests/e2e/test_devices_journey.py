@@ -69,6 +69,9 @@ def test_claim_from_label_watch_control_rename_release(live_server, page, labels
     page.click("text=Save name")
     expect(page.locator("h1")).to_have_text("Living room blind")
     assert sim.device(WINDOW)["name"] == "Living_room_blind"
+    # Focus moves to the new heading (not the page body) and the tab shows the new name.
+    expect(page.locator("h1")).to_be_focused()
+    expect(page).to_have_title(re.compile(r"^Living room blind · "))
 
     # Polling stops while the tab is hidden and resumes when it is shown again.
     page.evaluate("""() => {
@@ -125,8 +128,14 @@ def test_typed_claim_and_pump_confirmation(live_server, page, labels, sim):
     page.click("button:has-text('Start pump')")  # dismissed: nothing happens
     page.wait_for_timeout(300)
     assert sim.device(PUMP)["variables"]["running"] is False
+    # The device answers slowly: the page says what is being sent and every control waits.
+    sim.add_fault("POST", f"/v1/devices/{PUMP}/start", count=1, status=None, latency=2)
     page.click("button:has-text('Start pump')")  # accepted
+    expect(page.locator("#function-result")).to_contain_text("Sending ‘Start pump’ to the device…")
+    expect(page.locator("button:has-text('Stop pump')")).to_be_disabled()
+    expect(page.locator("button:has-text('Set pressure')")).to_be_disabled()
     expect(page.locator("#function-result")).to_contain_text("The pump is starting")
+    expect(page.locator("button:has-text('Stop pump')")).to_be_enabled()
     assert dialogs[0].startswith("Start the pump?")
     assert sim.device(PUMP)["variables"]["running"] is True
 
