@@ -330,16 +330,22 @@ def test_staff_alerts_are_listed_as_stuck(app, sim, labels):
     assert [(a.device_id, a.detail["reason"]) for a in alerts] == [(WINDOW, "the move failed for good")]
 
 
-def test_transfers_and_migrations_fill_the_extension_points_once_they_exist(app, sim, labels, customer, mailbox):
+def test_transfers_and_migrations_needing_staff_are_listed(app, sim, labels, customer, mailbox):
     from selfserve import models
 
-    if not hasattr(models, "Transfer") or not hasattr(models, "MigrationRow"):
-        pytest.skip("transfers and migration are not built yet")
     from selfserve.services import transfers
 
     own(customer, labels, WINDOW)
     transfer = transfers.offer(customer, Device.get_by_id(WINDOW), "buyer@example.com")
     assert [t.id for t in support.transfers_of(customer)] == [transfer.id]
+    # An offer inside its answer window is waiting on the buyer, not stuck.
+    assert support.stuck()["transfers"] == []
+    # An objected request needs staff; so does a move running far longer than a sweep.
+    models.Transfer.update(state="objected").where(models.Transfer.id == transfer.id).execute()
     assert [t.id for t in support.stuck()["transfers"]] == [transfer.id]
+    models.Transfer.update(state="moving", decided_at=utcnow()).where(models.Transfer.id == transfer.id).execute()
+    assert support.stuck()["transfers"] == []
+    later = utcnow() + datetime.timedelta(seconds=support.TRANSFER_STUCK_SECONDS + 1)
+    assert [t.id for t in support.stuck(now=later)["transfers"]] == [transfer.id]
     models.MigrationRow.create(device_id=PUMP, email="field@example.com", state="failed", last_error="refused")
     assert [row.device_id for row in support.stuck()["migrations"]] == [PUMP]

@@ -600,15 +600,17 @@ def test_customer_page_and_fleet_show_transfers_and_alerts(console, customer, la
     audit.record("staff.alert", user=None, device_id=WINDOW, reason="move failed")
     page = console.get("/support/fleet").get_data(as_text=True)
     assert "Alerts" in page and "move failed" in page
-    if not hasattr(models, "Transfer"):
-        pytest.skip("transfers are not built yet")
     from selfserve.services import transfers
 
     own(customer, labels, WINDOW)
-    transfers.offer(customer, Device.get_by_id(WINDOW), "buyer@example.com")
-    for path in (f"/support/customers/{customer.id}", "/support/fleet"):
-        page = console.get(path).get_data(as_text=True)
-        assert "buyer@example.com" in page and "offered" in page, path
+    transfer = transfers.offer(customer, Device.get_by_id(WINDOW), "buyer@example.com")
+    page = console.get(f"/support/customers/{customer.id}").get_data(as_text=True)
+    assert f"offered by {customer.email} to buyer@example.com" in page
+    # A fresh offer waits on the buyer: not on the fleet's needs-staff list.
+    assert "buyer@example.com" not in console.get("/support/fleet").get_data(as_text=True)
+    models.Transfer.update(state="objected", kind="request").where(models.Transfer.id == transfer.id).execute()
+    page = console.get("/support/fleet").get_data(as_text=True)
+    assert f"asked for by buyer@example.com from {customer.email}" in page
 
 
 def test_second_factor_guesses_are_rate_limited(app, staff_user):

@@ -9,12 +9,12 @@ import dataclasses
 import datetime
 import logging
 
-import peewee
 
-from selfserve import models
 from selfserve.models import AuditEvent
 from selfserve.models import Device
 from selfserve.models import DeviceSnapshot
+from selfserve.models import MigrationRow
+from selfserve.models import Transfer
 from selfserve.models import User
 from selfserve.models import utcnow
 from selfserve.particle import get_client
@@ -107,7 +107,7 @@ def customer_or_404(customer_id):
 
 @dataclasses.dataclass
 class CustomerOverview:
-    user: models.User
+    user: User
     devices: list
     transfers: list
     activity: list
@@ -133,8 +133,8 @@ def customer_overview(user, staff=None):
 
 @dataclasses.dataclass
 class DeviceOverview:
-    device: models.Device
-    owner: models.User
+    device: Device
+    owner: User
     particle: dict  # Particle's product view (None: not in the product or unreadable)
     particle_error: str
     disagreements: list  # [(kind, label, detail)]
@@ -274,7 +274,7 @@ def _provisioning_stuck(user, now):
 
 def stuck(now=None):
     """Work that has not finished: account setups, claims and releases past the sweep's
-    grace, transfers waiting, failed migration rows."""
+    grace, transfers needing staff, failed migration rows, staff alerts."""
     now = now or utcnow()
     pending_accounts = [
         user for user in User.select().where(User.provisioning_state == provisioning.PENDING).order_by(User.id)
@@ -292,7 +292,7 @@ def stuck(now=None):
     return {
         "provisioning": pending_accounts,
         "device_steps": steps,
-        "transfers": waiting_transfers(),
+        "transfers": transfers_needing_staff(now),
         "migrations": failed_migrations(),
         "alerts": staff_alerts(),
     }
@@ -304,61 +304,34 @@ def staff_alerts(limit=50):
     return list(query.order_by(AuditEvent.id.desc()).limit(limit))
 
 
-# --- extension points: areas that may not exist yet -------------------------------------------
-# Transfers (issue 4) and migration are built separately. Until their models exist these
-# return []; when they land, fill these in (or replace them with calls into their services).
-
-
-def _model(name):
-    return getattr(models, name, None)
-
-
-def _field(model, *names):
-    for name in names:
-        if model is not None and isinstance(getattr(model, name, None), peewee.Field):
-            return getattr(model, name)
-    return None
-
-
-# Transfer states that wait on someone (a buyer, an owner's objection window, the steps of a
-# move) or on staff (an objection: staff decide disputes).
-WAITING_TRANSFER_STATES = ["offered", "requested", "moving", "returning", "objected"]
 # Claim steps of the devices service; other claim_state values belong to other areas
 # (transfers set "transferring") and are finished by their own resumers.
 DEVICE_STEPS = ("claiming", "releasing")
+# A move (release, claim, record) normally finishes within a sweep or two; one running longer
+# than this is worth a look. Offers and requests inside their answer windows are not stuck.
+TRANSFER_STUCK_SECONDS = 15 * 60
 
 
 def transfers_of(user):
-    """EXTENSION POINT: the customer's transfers (as seller or buyer), newest first."""
-    transfer = _model("Transfer")
-    if transfer is None:
-        return []
-    sides = [f for f in (_field(transfer, name) for name in ("seller", "buyer", "from_user", "to_user")) if f is not None]
-    if not sides:
-        return []
-    condition = sides[0] == user.id
-    for side in sides[1:]:
-        condition = condition | (side == user.id)
-    return list(transfer.select().where(condition).order_by(transfer.id.desc()).limit(50))
+    """The customer's transfers (as seller or buyer), newest first."""
+    query = Transfer.select().where((Transfer.seller == user) | (Transfer.buyer == user))
+    return list(query.order_by(Transfer.id.desc()).limit(50))
 
 
-def waiting_transfers():
-    """EXTENSION POINT: transfers waiting on someone (pending or disputed)."""
-    transfer = _model("Transfer")
-    field = _field(transfer, "state", "status")
-    if field is None:
-        return []
-    return list(transfer.select().where(field.in_(WAITING_TRANSFER_STATES)).order_by(transfer.id).limit(100))
+def transfers_needing_staff(now=None):
+    """Objected requests (staff decide them) and moves running longer than they should."""
+    now = now or utcnow()
+    cutoff = now - datetime.timedelta(seconds=TRANSFER_STUCK_SECONDS)
+    slow_move = Transfer.state.in_(("moving", "returning")) & (
+        Transfer.decided_at.is_null() | (Transfer.decided_at <= cutoff)
+    )
+    query = Transfer.select().where((Transfer.state == "objected") | slow_move)
+    return list(query.order_by(Transfer.id).limit(100))
 
 
 def failed_migrations():
-    """EXTENSION POINT: migration rows that failed."""
-    for name in ("MigrationRow", "Migration", "MigrationItem"):
-        migration = _model(name)
-        field = _field(migration, "state", "status")
-        if field is not None:
-            return list(migration.select().where(field == "failed").limit(100))
-    return []
+    """Migration rows that failed for good."""
+    return list(MigrationRow.select().where(MigrationRow.state == "failed").limit(100))
 
 
 # --- staff actions (each with a reason, audited) ----------------------------------------------

@@ -5,6 +5,8 @@ service, render or redirect.
 Every route but the second-factor step is `staff_required` (staff, second factor passed);
 customers get 403 everywhere here. The read-only rule while viewing lives in security.py.
 """
+import datetime
+
 from flask import Blueprint
 from flask import abort
 from flask import flash
@@ -30,6 +32,18 @@ from selfserve.services.staff import real_user
 from selfserve.services.staff import staff_required
 
 bp = Blueprint("support", __name__, url_prefix="/support")
+
+
+@bp.app_template_filter("staff_time")
+def staff_time(moment):
+    """A time for staff pages, one format everywhere: "22 Nov 2026, 04:57 UTC". Takes a naive
+    UTC datetime or Particle's ISO-8601 text; text it can't read is shown as it is."""
+    if isinstance(moment, str):
+        try:
+            moment = datetime.datetime.fromisoformat(moment.replace("Z", "+00:00"))
+        except ValueError:
+            return moment
+    return moment.strftime("%d %b %Y, %H:%M") + " UTC"
 
 ENROLMENT_KEY = "totp_enrolment"  # the session key of the secret being enrolled (encrypted)
 

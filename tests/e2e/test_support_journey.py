@@ -97,8 +97,12 @@ def test_staff_views_as_customer_read_only_and_ends_the_view(live_server, page, 
     sim.reset_counters()
     page.goto(f"{live_server}/devices/{WINDOW}/release")
     expect(page.locator("[data-staff-view]")).to_be_visible()
-    page.click("main button:has-text('Release device')")
-    expect(page.locator("#flashes")).to_contain_text("read-only")
+    release = page.locator("main button:has-text('Release device')")
+    expect(release).to_be_disabled()  # the page says so before anyone tries
+    expect(page.locator("[data-read-only-hint]")).to_contain_text("read-only")
+    # And the server refuses it anyway: submit the form as if the button were enabled.
+    page.evaluate("document.querySelector('main form[method=post]').submit()")
+    expect(page.locator("main")).to_contain_text("read-only")
     assert all("403" in e for e in page.problems.errors), page.problems.errors
     page.problems.errors.clear()
     assert Device.get_by_id(WINDOW).owner_id == homeowner.id
@@ -110,7 +114,7 @@ def test_staff_views_as_customer_read_only_and_ends_the_view(live_server, page, 
     expect(page.locator("#flashes")).to_contain_text("The view has ended")
     expect(page.locator("[data-staff-view]")).to_have_count(0)
     expect(page.locator("#activity-title")).to_be_visible()
-    expect(page.locator("main")).to_contain_text("Support viewed your account")
+    expect(page.locator("main")).to_contain_text("Support viewed the customer's account")
     check_page(page)
     assert StaffView.get().end_cause == "ended"
 
