@@ -14,6 +14,7 @@ import time
 import pytest
 from aiosmtpd.controller import Controller
 from flask.testing import FlaskClient
+from playhouse.db_url import connect
 
 from selfserve import config as config_module
 
@@ -150,10 +151,21 @@ def mailbox(smtp_server):
 # --- The app ----------------------------------------------------------------------------------
 
 
+_schema_fresh = set()
+
+
 def _reset_database(url):
-    """Bind and empty the test database (tables are created by init_db)."""
+    """Bind and empty the test database (tables are created by init_db).
+
+    A shared server database outlives test runs, and its tables may have an older schema: the
+    first time in a run, drop our tables so init_db creates them as the models say now."""
     from selfserve import models
 
+    if url not in _schema_fresh:
+        models.db.initialize(connect(url))
+        with models.db.connection_context():
+            models.db.drop_tables(models.ALL_MODELS, safe=True, cascade=True)
+        _schema_fresh.add(url)
     models.init_db(url)
     with models.db.connection_context():
         for model in reversed(models.ALL_MODELS):
