@@ -616,6 +616,8 @@ def test_offline_device_without_values_says_so_and_describes_the_controls(browse
     own(owner, labels, OFFLINE_WINDOW)
     fragment = html.unescape(browser.get(f"/devices/{OFFLINE_WINDOW}/values", headers=HTMX).get_data(as_text=True))
     assert "No values yet: the device hasn't been heard from since you added it." in fragment
+    summary = browser.get(f"/devices/{OFFLINE_WINDOW}/summary", headers=HTMX).get_data(as_text=True)
+    assert "not heard from since you added it" in summary and "last heard" not in summary
     assert "showing the last known values" not in fragment
     sim.reset_counters()
     page = browser.get(f"/devices/{OFFLINE_WINDOW}").get_data(as_text=True)
