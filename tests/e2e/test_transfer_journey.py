@@ -106,7 +106,7 @@ def test_seller_offers_and_new_buyer_signs_up_and_accepts(live_server, page, sec
     new_owner = User.get(User.email == "buyer@example.com")
     assert sim.device(WINDOW)["owner"] == new_owner.particle_customer_id
     page.goto(f"{live_server}/devices/{WINDOW}")
-    expect(page.locator("main")).to_contain_text("couldn't find")  # the seller's page is gone
+    expect(page.locator("main")).to_contain_text("no longer on your account")  # the seller's page is gone
     page.problems.errors.clear()  # that 404 (and the old page's last poll) are logged by Chromium
 
 
