@@ -22,6 +22,7 @@ from selfserve.models import db
 from selfserve.models import utcnow
 from selfserve.services import accounts
 from selfserve.services import provisioning
+from selfserve.services import steps
 from selfserve.services.accounts import FormErrors
 
 PASSWORD = "correct horse battery"
@@ -336,8 +337,8 @@ def test_resume_user_respects_the_backoff(app, sim):
 
 
 def test_backoff_grows_and_is_capped():
-    assert [provisioning.backoff_seconds(n) for n in (1, 2, 3, 4)] == [5, 10, 20, 40]
-    assert provisioning.backoff_seconds(50) == provisioning.BACKOFF_MAX_SECONDS
+    assert [steps.backoff_seconds(n) for n in (1, 2, 3, 4)] == [5, 10, 20, 40]
+    assert steps.backoff_seconds(50) == steps.BACKOFF_MAX_SECONDS
 
 
 def test_sweep_runs_the_provisioning_resumer(app, sim):

@@ -17,6 +17,7 @@ from selfserve.models import User
 from selfserve.models import utcnow
 from selfserve.services import devices
 from selfserve.services import live_values
+from selfserve.services import steps
 from selfserve.services import transfers
 
 WINDOW = "e00fce68a1b2c3d4e5f60701"
@@ -358,7 +359,7 @@ def test_transient_faults_are_retried_with_backoff(owned, seller, buyer, sim, ma
     second = transfers.resume_pending() and Transfer.get_by_id(transfer.id)
     assert second.attempts == 2
     # The wait grows.
-    assert second.next_attempt_at - utcnow() > datetime.timedelta(seconds=transfers.backoff_seconds(1))
+    assert second.next_attempt_at - utcnow() > datetime.timedelta(seconds=steps.backoff_seconds(1))
     make_due()
     transfers.resume_pending()
     assert Transfer.get_by_id(transfer.id).state == "done"

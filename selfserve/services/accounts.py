@@ -29,6 +29,7 @@ from selfserve.models import utcnow
 from selfserve.security import end_all_login_sessions
 from selfserve.services import audit
 from selfserve.services import provisioning
+from selfserve.services import steps
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def _verified_fields(now):
         User.particle_customer_id: peewee.fn.COALESCE(
             User.particle_customer_id, provisioning.new_customer_id()
         ),
-        User.provisioning_next_at: provisioning.lease_until(now),
+        User.provisioning_next_at: steps.lease_until(now),
     }
 
 

@@ -49,6 +49,7 @@ from selfserve.particle.errors import RateLimited
 from selfserve.services import audit
 from selfserve.services import provisioning
 from selfserve.services import registry
+from selfserve.services import steps
 from selfserve.services.accounts import absolute_url
 from selfserve.services.accounts import email_problem
 from selfserve.services.accounts import normalize_email
@@ -61,12 +62,6 @@ MAX_INLINE_RATE_WAITS = 5
 MAX_RATE_WAIT_SECONDS = 60.0
 MAIL_MAX_ATTEMPTS = 8
 TRANSIENT = (CloudUnavailable, RateLimited)
-
-
-class _Retry(Exception):
-    def __init__(self, message, wait=None):
-        super().__init__(message)
-        self.wait = wait
 
 
 # --- the pacer ----------------------------------------------------------------------------------
@@ -240,7 +235,7 @@ def migrate_row(row, now=None):
         with db.atomic():
             MigrationRow.create(
                 device_id=row.device_id, email=row.email, state="invited", created_at=now,
-                step=None if user else "mail_invite", lease_until=None if user else provisioning.lease_until(now),
+                step=None if user else "mail_invite", lease_until=None if user else steps.lease_until(now),
             )
     except peewee.IntegrityError:
         return plan(row)  # another run created it just now
@@ -284,7 +279,7 @@ def start_claim(device_id, user, now=None):
     now = now or utcnow()
     return MigrationRow.update(
         state="claiming", user=user.id, step="take", attempts=0, next_attempt_at=None,
-        lease_until=provisioning.lease_until(now), last_error=None,
+        lease_until=steps.lease_until(now), last_error=None,
     ).where(
         (MigrationRow.device_id == device_id) & (MigrationRow.state == "invited") & (MigrationRow.email == user.email)
         & (MigrationRow.step.is_null() | (MigrationRow.step == "mail_invite"))
@@ -333,7 +328,7 @@ def _step_take(migration):
         if device.owner_id is not None and device.owner_id != user.id:
             return _fail(migration, "the device belongs to another account here")
         if device.claim_state != MIGRATING:
-            raise _Retry("the device is busy (a claim or release is running)")
+            raise steps.Retry("the device is busy (a claim or release is running)")
     return "unclaim"
 
 
@@ -398,7 +393,7 @@ def _step_mail(migration, template):
         if migration.attempts + 1 >= MAIL_MAX_ATTEMPTS:
             log.error("Migration of %s: giving up on email %s", migration.device_id, template)
             return None
-        raise _Retry(str(exc))
+        raise steps.Retry(str(exc))
     if template == "migration_invite":
         MigrationRow.update(invited_at=utcnow()).where(MigrationRow.device_id == migration.device_id).execute()
     return None
@@ -422,7 +417,7 @@ def _due(now):
 
 def take(device_id, now=None):
     now = now or utcnow()
-    return MigrationRow.update(lease_until=provisioning.lease_until(now)).where(
+    return MigrationRow.update(lease_until=steps.lease_until(now)).where(
         (MigrationRow.device_id == device_id) & _due(now)
     ).execute() == 1
 
@@ -436,10 +431,10 @@ def run(device_id):
             break
         try:
             next_step = STEPS[step](migration)
-        except (_Retry, *TRANSIENT) as exc:
+        except (steps.Retry, *TRANSIENT) as exc:
             wait = getattr(exc, "retry_after", None) or getattr(exc, "wait", None) or 0
             attempts = migration.attempts + 1
-            delay = max(provisioning.backoff_seconds(attempts), float(wait))
+            delay = max(steps.backoff_seconds(attempts), float(wait))
             MigrationRow.update(
                 attempts=MigrationRow.attempts + 1, lease_until=None, last_error=str(exc)[:500],
                 next_attempt_at=utcnow() + datetime.timedelta(seconds=delay),
@@ -449,7 +444,7 @@ def run(device_id):
             log.exception("Migration of %s: step %s failed unexpectedly", device_id, step)
             MigrationRow.update(
                 attempts=MigrationRow.attempts + 1, lease_until=None, last_error=str(exc)[:500],
-                next_attempt_at=utcnow() + datetime.timedelta(seconds=provisioning.backoff_seconds(migration.attempts + 1)),
+                next_attempt_at=utcnow() + datetime.timedelta(seconds=steps.backoff_seconds(migration.attempts + 1)),
             ).where((MigrationRow.device_id == device_id) & (MigrationRow.step == step)).execute()
             return MigrationRow.get_by_id(device_id)
         MigrationRow.update(step=next_step, attempts=0, next_attempt_at=None).where(

@@ -19,7 +19,6 @@ import datetime
 import logging
 import secrets
 
-from flask import current_app
 
 from selfserve import sweep
 from selfserve.models import User
@@ -28,14 +27,14 @@ from selfserve.particle import get_client
 from selfserve.particle.errors import CustomerExists
 from selfserve.particle.errors import ParticleError
 from selfserve.services import audit
+from selfserve.services.steps import backoff_seconds
+from selfserve.services.steps import lease_until
 
 log = logging.getLogger(__name__)
 
 PENDING = "pending"
 READY = "ready"
 
-BACKOFF_FIRST_SECONDS = 5
-BACKOFF_MAX_SECONDS = 600
 UNEXPECTED_ERROR = "Something went wrong on our side. We'll keep trying automatically."
 
 
@@ -62,22 +61,6 @@ def _run_ready_callbacks(user):
 def new_customer_id():
     """An opaque, lowercase Particle customer id: "c" + 24 hex characters."""
     return "c" + secrets.token_hex(12)
-
-
-def backoff_seconds(attempts):
-    """Seconds to wait after the `attempts`-th failure: 5, 10, 20, ... up to 10 minutes."""
-    exponent = max(0, attempts - 1)
-    if exponent > 16:
-        return BACKOFF_MAX_SECONDS
-    return min(BACKOFF_MAX_SECONDS, BACKOFF_FIRST_SECONDS * 2 ** exponent)
-
-
-def lease_until(now):
-    """How long a worker may hold the work: longer than any one Particle call can take, so a
-    lease only runs out when its worker died."""
-    config = current_app.config
-    call_seconds = config["PARTICLE_CONNECT_TIMEOUT"] + config["PARTICLE_READ_TIMEOUT"]
-    return now + datetime.timedelta(seconds=max(120.0, 3 * call_seconds))
 
 
 def _due(now):

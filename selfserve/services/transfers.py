@@ -62,6 +62,7 @@ from selfserve.services import audit
 from selfserve.services import impersonation
 from selfserve.services import live_values
 from selfserve.services import provisioning
+from selfserve.services import steps
 from selfserve.services.accounts import absolute_url
 from selfserve.services.accounts import email_problem
 from selfserve.services.accounts import normalize_email
@@ -73,8 +74,6 @@ OBJECTION_DAYS = 7
 PROOF_MINUTES = 15
 REQUESTS_PER_DAY = 3  # per account: asking for other people's devices is rare
 MAIL_MAX_ATTEMPTS = 8
-BACKOFF_FIRST_SECONDS = 5
-BACKOFF_MAX_SECONDS = 600
 TRANSIENT = (CloudUnavailable, RateLimited)
 
 TRANSFERRING = "transferring"  # Device.claim_state while a move runs (owned by this module)
@@ -108,27 +107,11 @@ class TransferError(Exception):
         self.transfer = transfer
 
 
-class _Retry(Exception):
-    """A step failed for now; try again after `wait` seconds (at least)."""
-
-    def __init__(self, message, wait=None):
-        super().__init__(message)
-        self.wait = wait
-
-
 # --- small helpers ----------------------------------------------------------------------------
 
 
 def _setting(key, default):
     return type(default)(current_app.config.get(key, default))
-
-
-def backoff_seconds(attempts):
-    """5, 10, 20, ... seconds after the `attempts`-th failure, at most 10 minutes."""
-    exponent = max(0, attempts - 1)
-    if exponent > 16:
-        return BACKOFF_MAX_SECONDS
-    return min(BACKOFF_MAX_SECONDS, BACKOFF_FIRST_SECONDS * 2 ** exponent)
 
 
 def is_open(transfer):
@@ -252,7 +235,7 @@ def offer(seller, device, buyer_email, confirmed=True, now=None):
                 created_at=now,
                 expires_at=now + datetime.timedelta(days=OFFER_DAYS),
                 step="mail_offer",
-                lease_until=provisioning.lease_until(now),
+                lease_until=steps.lease_until(now),
             )
     except peewee.IntegrityError:
         existing = open_transfer_of(device)
@@ -352,7 +335,7 @@ def _start_move(transfer, waiting, buyer, now, take_lease=True):
         started = Transfer.update(
             state="moving", step="release", buyer=buyer.id, decided_at=now, attempts=0,
             next_attempt_at=None, last_error=None,
-            lease_until=provisioning.lease_until(now) if take_lease else None,
+            lease_until=steps.lease_until(now) if take_lease else None,
         ).where((Transfer.id == transfer.id) & (Transfer.state == waiting)).execute()
         if not started:
             txn.rollback()
@@ -467,7 +450,7 @@ def request_device(user, opaque_proof, now=None):
                 device=device.device_id, kind="request", state="requested", open_device=device.device_id,
                 seller=device.owner_id, buyer=user.id, buyer_email=user.email, created_at=now,
                 expires_at=now + datetime.timedelta(days=OBJECTION_DAYS), step="mail_request",
-                lease_until=provisioning.lease_until(now),
+                lease_until=steps.lease_until(now),
             )
     except peewee.IntegrityError:
         existing = open_transfer_of(device)
@@ -565,7 +548,7 @@ def decide_dispute(staff, transfer, outcome, reason, now=None):
         with db.atomic():
             closed = Transfer.update(
                 state="kept", dispute_outcome="owner", decided_at=now, finished_at=now, step="mail_kept_buyer",
-                attempts=0, next_attempt_at=None, lease_until=provisioning.lease_until(now),
+                attempts=0, next_attempt_at=None, lease_until=steps.lease_until(now),
             ).where(_undecided(transfer, now)).execute()
             if not closed:
                 raise TransferError(_not_disputed_message(transfer), kind="decided", status=409)
@@ -583,7 +566,7 @@ def decide_dispute(staff, transfer, outcome, reason, now=None):
             started = Transfer.update(
                 state="moving", step="release", open_device=transfer.device_id, dispute_outcome="requester",
                 decided_at=now, finished_at=None, attempts=0, next_attempt_at=None, last_error=None,
-                lease_until=provisioning.lease_until(now),
+                lease_until=steps.lease_until(now),
             ).where(_undecided(transfer, now)).execute()
             if not started:
                 raise TransferError(_not_disputed_message(transfer), kind="decided", status=409)
@@ -792,7 +775,7 @@ def _step_return_claim(transfer):
     except ParticleError as exc:
         # Neither side can have it on Particle: staff must look. Keep retrying slowly.
         _alert(transfer, f"giving the device back failed: {type(exc).__name__}")
-        raise _Retry(f"return claim refused: {type(exc).__name__}", wait=BACKOFF_MAX_SECONDS)
+        raise steps.Retry(f"return claim refused: {type(exc).__name__}", wait=steps.BACKOFF_MAX_SECONDS)
     return "return_record"
 
 
@@ -902,7 +885,7 @@ def _step_mail(transfer, step):
         if transfer.attempts + 1 >= _setting("TRANSFER_MAIL_MAX_ATTEMPTS", MAIL_MAX_ATTEMPTS):
             log.error("Transfer %s: giving up on email %s after %d attempts", transfer.id, template, transfer.attempts + 1)
             return next_step
-        raise _Retry(f"email not sent: {exc}")
+        raise steps.Retry(f"email not sent: {exc}")
     if step == "mail_offer":
         Transfer.update(offer_mailed_at=utcnow()).where(Transfer.id == transfer.id).execute()
     return next_step
@@ -921,7 +904,7 @@ STEPS = {
 
 def run_step(transfer):
     """Run the transfer's current step once; return the next step (None: finished). Raises
-    _Retry or a Particle error for a transient failure."""
+    steps.Retry or a Particle error for a transient failure."""
     if transfer.step in STEPS:
         return STEPS[transfer.step](transfer)
     if transfer.step in MAILS:
@@ -941,7 +924,7 @@ def _due(now):
 def take(transfer_id, now=None):
     """Take a transfer's next step for this worker. True for exactly one taker."""
     now = now or utcnow()
-    return Transfer.update(lease_until=provisioning.lease_until(now)).where(
+    return Transfer.update(lease_until=steps.lease_until(now)).where(
         (Transfer.id == transfer_id) & _due(now)
     ).execute() == 1
 
@@ -959,7 +942,7 @@ def _run(transfer_id, holding_lease=True):
             break
         try:
             next_step = run_step(transfer)
-        except (_Retry, *TRANSIENT) as exc:
+        except (steps.Retry, *TRANSIENT) as exc:
             wait = getattr(exc, "retry_after", None) or getattr(exc, "wait", None)
             if isinstance(exc, TRANSIENT) and quick_retries and (wait is None or wait <= 1):
                 # A blip: the person is waiting on the page, so try again right away, briefly.
@@ -984,7 +967,7 @@ def _run(transfer_id, holding_lease=True):
 
 def _postpone(transfer, step, exc, wait):
     attempts = transfer.attempts + 1
-    delay = max(backoff_seconds(attempts), float(wait or 0))
+    delay = max(steps.backoff_seconds(attempts), float(wait or 0))
     message = str(exc)[:500]
     Transfer.update(
         attempts=Transfer.attempts + 1,
