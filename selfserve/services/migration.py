@@ -34,7 +34,6 @@ from flask import current_app
 from flask.cli import with_appcontext
 
 from selfserve import device_models
-from selfserve import mail
 from selfserve import sweep
 from selfserve.models import Device
 from selfserve.models import MigrationRow
@@ -387,14 +386,9 @@ def _step_mail(migration, template):
         "site_url": absolute_url("main.index"),
     }
     subject = "Your device is ready for selfserve" if template == "migration_invite" else "Your device is in your account"
-    try:
-        mail.send(migration.email, subject, template, **context)
-    except mail.MailError as exc:
-        if migration.attempts + 1 >= MAIL_MAX_ATTEMPTS:
-            log.error("Migration of %s: giving up on email %s", migration.device_id, template)
-            return None
-        raise steps.Retry(str(exc))
-    if template == "migration_invite":
+    sent = steps.send_mail(migration.email, subject, template, context, migration.attempts,
+                           MAIL_MAX_ATTEMPTS, f"Migration of {migration.device_id}")
+    if sent and template == "migration_invite":
         MigrationRow.update(invited_at=utcnow()).where(MigrationRow.device_id == migration.device_id).execute()
     return None
 

@@ -44,7 +44,6 @@ import peewee
 from flask import current_app
 
 from selfserve import device_models
-from selfserve import mail
 from selfserve import sweep
 from selfserve import tokens
 from selfserve.models import Device
@@ -879,14 +878,9 @@ def _step_mail(transfer, step):
     elif step == "mail_request":
         context["approve_link"] = answer_link(transfer, "approve")
         context["object_link"] = answer_link(transfer, "object")
-    try:
-        mail.send(to, subject, template, **context)
-    except mail.MailError as exc:
-        if transfer.attempts + 1 >= _setting("TRANSFER_MAIL_MAX_ATTEMPTS", MAIL_MAX_ATTEMPTS):
-            log.error("Transfer %s: giving up on email %s after %d attempts", transfer.id, template, transfer.attempts + 1)
-            return next_step
-        raise steps.Retry(f"email not sent: {exc}")
-    if step == "mail_offer":
+    sent = steps.send_mail(to, subject, template, context, transfer.attempts,
+                           _setting("TRANSFER_MAIL_MAX_ATTEMPTS", MAIL_MAX_ATTEMPTS), f"Transfer {transfer.id}")
+    if sent and step == "mail_offer":
         Transfer.update(offer_mailed_at=utcnow()).where(Transfer.id == transfer.id).execute()
     return next_step
 

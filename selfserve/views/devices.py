@@ -72,18 +72,6 @@ def serial(device):
     return Markup('<span class="serial">{}</span>').format(device.serial_number)
 
 
-@bp.app_template_global("device_values_note")
-def device_values_note(snapshot):
-    """The sentence above a device's values: why they may be old, or that there are none yet
-    (never "showing the last known values" when there is nothing to show)."""
-    if not snapshot.fetched_at and not any(reading.at for reading in snapshot.readings):
-        if snapshot.online is False:
-            return "No values yet: the device hasn't been heard from since you added it."
-        if snapshot.message and "last known" in snapshot.message:
-            return "No values yet: " + snapshot.message.split(";")[0].rstrip(".") + "."
-    return snapshot.message or ""
-
-
 def _page_context(device, **extra):
     return {
         "device": device,
@@ -191,20 +179,22 @@ def detail(device_id):
 
 @bp.get("/devices/<device_id>/summary")
 def summary(device_id):
-    device = devices.device_for(current_user, device_id)
-    if not htmx.is_htmx():
-        return flask_redirect(url_for("devices.detail", device_id=device.device_id))
-    snapshot = live_values.current(device)
-    return render_template("devices/_summary.html", **_page_context(device, snapshot=snapshot))
+    return _live_fragment(device_id, "devices/_summary.html")
 
 
 @bp.get("/devices/<device_id>/values")
 def values(device_id):
+    return _live_fragment(device_id, "devices/_values.html")
+
+
+def _live_fragment(device_id, template):
+    """A fragment with the device's live values (from the shared cache); without htmx the
+    device page, which includes the same fragment."""
     device = devices.device_for(current_user, device_id)
     if not htmx.is_htmx():
         return flask_redirect(url_for("devices.detail", device_id=device.device_id))
     snapshot = live_values.current(device)
-    return render_template("devices/_values.html", **_page_context(device, snapshot=snapshot))
+    return render_template(template, **_page_context(device, snapshot=snapshot))
 
 
 @bp.post("/devices/<device_id>/functions/<function_name>")
