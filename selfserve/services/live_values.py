@@ -47,6 +47,13 @@ _device_locks = {}
 _device_locks_guard = threading.Lock()
 
 NOT_ANSWERING = "The device is not answering right now."
+OFFLINE = "The device is offline."
+UNREACHABLE = "The device cloud is not reachable right now."
+PARTLY_READ = "Some values could not be read."
+# Reasons after which the values shown are simply old: the page says so (or, before the first
+# successful read, that there are none yet). Stored in DeviceSnapshot.last_error as plain reasons.
+STALE_REASONS = (NOT_ANSWERING, OFFLINE, UNREACHABLE, PARTLY_READ)
+NEVER_HEARD = "No values yet: the device hasn't been heard from since you added it. It is offline."
 
 
 @dataclasses.dataclass
@@ -345,10 +352,10 @@ def _message_for(exc):
     if isinstance(exc, PermissionDenied):
         return "The device cloud says this device is not available to your account. Please contact support."
     if isinstance(exc, CloudUnavailable):
-        return "The device cloud is not reachable right now; showing the last known values."
+        return UNREACHABLE
     if isinstance(exc, RateLimited):
         return exc.user_message
-    return "Some values could not be read; showing the last known ones."
+    return PARTLY_READ
 
 
 # --- presenting ------------------------------------------------------------------------------
@@ -364,8 +371,8 @@ def _to_snapshot(device, row):
         snapshot.checked_at = row.checked_at
         snapshot.message = row.last_error or ""
         values = row.values or {}
-    if snapshot.online is False and not snapshot.message:
-        snapshot.message = "The device is offline; showing the last known values."
+    snapshot.message = _note(snapshot.message or (OFFLINE if snapshot.online is False else ""),
+                             has_values=bool(snapshot.fetched_at or values), offline=snapshot.online is False)
     model = device_models.get(device.model)
     catalogue = list(model.variables) if model else []
     names = [variable.name for variable in catalogue]
@@ -380,6 +387,16 @@ def _to_snapshot(device, row):
             Reading(name=name, label=variable.label, text=variable.format(value) if entry else "—", unit=variable.unit if entry else "", at=at)
         )
     return snapshot
+
+
+def _note(reason, has_values, offline):
+    """The sentence above the values: the reason they may be old, saying whether old values
+    are shown or there are none yet (never "last known values" when there is nothing)."""
+    if reason not in STALE_REASONS:
+        return reason
+    if not has_values:
+        return NEVER_HEARD if offline else "No values yet: " + reason
+    return reason.rstrip(".") + "; showing the last known values."
 
 
 def _iso(moment):
