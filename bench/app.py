@@ -9,6 +9,7 @@ drives the site from one loopback address over plain http:
 - the session cookie is not marked Secure (production sets Secure; the bench talks http on
   loopback, and an http client never sends a Secure cookie back).
 """
+
 from selfserve import create_app
 
 BENCH_SETTINGS = {

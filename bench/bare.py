@@ -1,5 +1,6 @@
 """The baseline: a bare Flask app with one small HTML page, served by the same gunicorn
 settings as the site, so the bench can say what the site's own work costs."""
+
 from flask import Flask
 
 app = Flask(__name__)

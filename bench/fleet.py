@@ -2,6 +2,7 @@
 the simulated cloud, imported into the registry (and the Particle product) by the registry
 service, each account is verified with the link sign-up would mail (which creates its Particle
 customer through the real client) and claims its device with serial + setup code."""
+
 import dataclasses
 import secrets
 
@@ -40,8 +41,13 @@ def create(app, simulator, count, offline_owner=1):
     labels = [_label(index) for index in range(count)]
     offline_label = _label(offline_owner, offline=True)
     for label in labels + [offline_label]:
-        simulator.add_device(label["device_id"], model=label["model"], serial_number=label["serial_number"],
-                             setup_code=label["setup_code"], online=True)
+        simulator.add_device(
+            label["device_id"],
+            model=label["model"],
+            serial_number=label["serial_number"],
+            setup_code=label["setup_code"],
+            online=True,
+        )
 
     homeowners = []
     with app.app_context(), models.db.connection_context():
@@ -58,7 +64,9 @@ def create(app, simulator, count, offline_owner=1):
             link = tokens.make("verify_email", {"u": user.id, "e": tokens.fingerprint(email)})
             user = accounts.verify_email(link).user
             if user.provisioning_state != "ready":
-                raise BenchError(f"provisioning {email} ended {user.provisioning_state!r}: {user.provisioning_error}")
+                raise BenchError(
+                    f"provisioning {email} ended {user.provisioning_state!r}: {user.provisioning_error}"
+                )
             owned = [label]
             if index == offline_owner:
                 owned.append(offline_label)

@@ -1,5 +1,6 @@
 """A small load generator: threads, one requests.Session each, loopback only, every loop
 bounded by a request budget AND a deadline (and by a stop event for Ctrl-C)."""
+
 import collections
 import concurrent.futures
 import dataclasses
@@ -69,8 +70,14 @@ class Result:
         return 1000 * statistics.median(self.latencies) if self.latencies else float("nan")
 
     def error_summary(self):
-        return ", ".join(f"{status}: {count}" for status, count in sorted(self.statuses.items(), key=str)
-                         if status != 200) or "none"
+        return (
+            ", ".join(
+                f"{status}: {count}"
+                for status, count in sorted(self.statuses.items(), key=str)
+                if status != 200
+            )
+            or "none"
+        )
 
 
 class _Recorder:
@@ -91,7 +98,7 @@ def _get(session, url, recorder, headers=None):
     started = time.perf_counter()
     try:
         answer = session.get(url, headers=headers, allow_redirects=False, timeout=REQUEST_TIMEOUT)
-        answer.content  # read the whole body
+        answer.content  # noqa: B018 - read the whole body
         status = answer.status_code
     except requests.RequestException as exc:
         status = type(exc).__name__
@@ -175,7 +182,8 @@ def login(base_url, email, password, check_url):
     answer = session.post(
         base_url + "/login",
         data={"email": email, "password": password, "csrf_token": match.group(1)},
-        allow_redirects=False, timeout=REQUEST_TIMEOUT,
+        allow_redirects=False,
+        timeout=REQUEST_TIMEOUT,
     )
     if answer.status_code not in (302, 303):
         raise BenchError(f"signing in as {email} answered {answer.status_code} (expected a redirect)")

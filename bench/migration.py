@@ -16,6 +16,7 @@
 4. Checks every device in our database and in the simulator, and prints the times, the
    Particle requests, the 429s met and the failures (the goal: zero).
 """
+
 import argparse
 import csv
 import logging
@@ -34,9 +35,12 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="bench/migrate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, help="devices to migrate (default 1000; 200 with --quick)")
     parser.add_argument("--new-owners", type=int, help="owners without an account yet (default 10%%)")
-    parser.add_argument("--rate", type=float, default=40.0, help="client-side pacing, Particle requests/s (default 40)")
-    parser.add_argument("--limit", default="1500/30",
-                        help="simulator rate limit as requests/seconds (default 1500/30 = 50/s)")
+    parser.add_argument(
+        "--rate", type=float, default=40.0, help="client-side pacing, Particle requests/s (default 40)"
+    )
+    parser.add_argument(
+        "--limit", default="1500/30", help="simulator rate limit as requests/seconds (default 1500/30 = 50/s)"
+    )
     parser.add_argument("--quick", action="store_true", help="200 devices")
     args = parser.parse_args(argv)
     args.devices = args.devices or (200 if args.quick else 1000)
@@ -72,7 +76,7 @@ def main(argv=None):
     from aiosmtpd.controller import Controller
 
     from selfserve import config as config_module
-    from selfserve.particle.simulator import SimulatorServer
+    from selfserve.simulator.server import SimulatorServer
 
     folder = tempfile.mkdtemp(prefix="selfserve-bench-migrate-")
     simulator = SimulatorServer(port=0).start()
@@ -105,26 +109,29 @@ def _run(args, folder, simulator, sink, mail_port, config_module, rate_waits):
     from selfserve.models import MigrationRow
     from selfserve.models import User
     from selfserve.services import accounts
-    from selfserve.services import migration
 
     logging.basicConfig(level=logging.ERROR)
 
-    app = create_app({
-        "TESTING": True,
-        "SECRET_KEY": secrets.token_hex(32),
-        "DATABASE_URL": f"sqlite:///{folder}/bench.db",
-        "BASE_URL": "http://127.0.0.1",
-        "PARTICLE_API_URL": simulator.url,
-        **config_module.demo_particle_settings(),
-        "MAIL_SERVER": "127.0.0.1",
-        "MAIL_PORT": mail_port,
-        "SWEEP_SECONDS": 0,
-        "MIGRATION_REQUESTS_PER_SECOND": args.rate,
-        "MIGRATION_MAX_INLINE_RATE_WAITS": 8,
-    })
+    app = create_app(
+        {
+            "TESTING": True,
+            "SECRET_KEY": secrets.token_hex(32),
+            "DATABASE_URL": f"sqlite:///{folder}/bench.db",
+            "BASE_URL": "http://127.0.0.1",
+            "PARTICLE_API_URL": simulator.url,
+            **config_module.demo_particle_settings(),
+            "MAIL_SERVER": "127.0.0.1",
+            "MAIL_PORT": mail_port,
+            "SWEEP_SECONDS": 0,
+            "MIGRATION_REQUESTS_PER_SECOND": args.rate,
+            "MIGRATION_MAX_INLINE_RATE_WAITS": 8,
+        }
+    )
     client = app.extensions["particle"]
     rows = []
-    print(f"Setting up {args.devices} devices ({args.new_owners} owners without an account)...", file=sys.stderr)
+    print(
+        f"Setting up {args.devices} devices ({args.new_owners} owners without an account)...", file=sys.stderr
+    )
     with app.app_context(), models.db.connection_context():
         setup_hash = passwords.hash_password(secrets.token_hex(8))
         password_hash = passwords.hash_password(PASSWORD_HASH_SOURCE)
@@ -133,21 +140,35 @@ def _run(args, folder, simulator, sink, mail_port, config_module, rate_waits):
             device_id = secrets.token_hex(12)
             model = "window" if index % 2 == 0 else "pump"
             serial = f"MIGR-{index:05d}"
-            simulator.add_device(device_id, model=model, serial_number=serial, setup_code="UNUSED00", online=True)
+            simulator.add_device(
+                device_id, model=model, serial_number=serial, setup_code="UNUSED00", online=True
+            )
             simulator.set_device(device_id, in_product=True, owner=COMPANY_ACCOUNT)
-            devices.append({"device_id": device_id, "serial_number": serial, "setup_code_hash": setup_hash,
-                            "model": model, "in_product": True})
+            devices.append(
+                {
+                    "device_id": device_id,
+                    "serial_number": serial,
+                    "setup_code_hash": setup_hash,
+                    "model": model,
+                    "in_product": True,
+                }
+            )
         with models.db.atomic():
             for start in range(0, len(devices), 200):
-                Device.insert_many(devices[start:start + 200]).execute()
+                Device.insert_many(devices[start : start + 200]).execute()
         for index, device in enumerate(devices):
             email = f"owner{index:05d}@field.example"
             rows.append((device["device_id"], email))
             if index >= args.new_owners:
                 customer_id = "c" + secrets.token_hex(12)
                 client.create_customer(customer_id)
-                User.create(email=email, password_hash=password_hash, email_verified_at=models.utcnow(),
-                            particle_customer_id=customer_id, provisioning_state="ready")
+                User.create(
+                    email=email,
+                    password_hash=password_hash,
+                    email_verified_at=models.utcnow(),
+                    particle_customer_id=customer_id,
+                    provisioning_state="ready",
+                )
     csv_path = os.path.join(folder, "owners.csv")
     with open(csv_path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -166,7 +187,7 @@ def _run(args, folder, simulator, sink, mail_port, config_module, rate_waits):
     # Phase 2: the invited owners verify their addresses.
     started = time.monotonic()
     with app.app_context(), models.db.connection_context():
-        for device_id, email in rows[:args.new_owners]:
+        for _device_id, email in rows[: args.new_owners]:
             # What accounts.sign_up saves (its verification email is not needed here).
             user = User.create(email=email, password_hash=password_hash)
             link = tokens.make("verify_email", {"u": user.id, "e": tokens.fingerprint(email)})
@@ -198,7 +219,9 @@ def _run(args, folder, simulator, sink, mail_port, config_module, rate_waits):
             device = Device.get_by_id(device_id)
             user = users.get(email)
             if row is None or row.state != "claimed":
-                failures.append((device_id, f"row {row.state if row else 'missing'}: {row.last_error if row else ''}"))
+                failures.append(
+                    (device_id, f"row {row.state if row else 'missing'}: {row.last_error if row else ''}")
+                )
             elif user is None or device.owner_id != user.id or device.claim_state is not None:
                 failures.append((device_id, "database owner wrong"))
             elif state[device_id]["owner"] != user.particle_customer_id:
@@ -210,10 +233,14 @@ def _run(args, folder, simulator, sink, mail_port, config_module, rate_waits):
     print("Migration bench (selfserve migrate-devices against the Particle Cloud simulator)")
     print(f"  devices                         {args.devices}")
     print(f"  owners with an account / invited {args.devices - args.new_owners} / {args.new_owners}")
-    print(f"  simulator rate limit            {args.limit_requests} requests / {args.limit_window:g} s"
-          f" ({args.limit_requests / args.limit_window:.0f}/s)")
+    print(
+        f"  simulator rate limit            {args.limit_requests} requests / {args.limit_window:g} s"
+        f" ({args.limit_requests / args.limit_window:.0f}/s)"
+    )
     print(f"  client pacing                   {args.rate:g} requests/s")
-    print(f"  command                         {command_seconds:8.1f} s   {summary_line[0] if summary_line else ''}")
+    print(
+        f"  command                         {command_seconds:8.1f} s   {summary_line[0] if summary_line else ''}"
+    )
     print(f"  invited owners verify           {verify_seconds:8.1f} s")
     print(f"  sweep until done                {sweep_seconds:8.1f} s")
     print(f"  total                           {total:8.1f} s")

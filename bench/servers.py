@@ -1,5 +1,6 @@
 """Processes the bench starts: gunicorn servers on free loopback ports, stopped by their own
 process group (each is started in a new session) even after Ctrl-C or an error."""
+
 import os
 import signal
 import socket
@@ -44,12 +45,23 @@ class Gunicorn:
     @property
     def command(self):
         return [
-            sys.executable, "-m", "gunicorn",
-            "-k", "gthread", "-w", str(WORKERS), "--threads", str(THREADS),
-            "-b", f"127.0.0.1:{self.port}",
-            "--chdir", REPO_ROOT,
-            "--graceful-timeout", "5",
-            "--log-level", "warning",
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-k",
+            "gthread",
+            "-w",
+            str(WORKERS),
+            "--threads",
+            str(THREADS),
+            "-b",
+            f"127.0.0.1:{self.port}",
+            "--chdir",
+            REPO_ROOT,
+            "--graceful-timeout",
+            "5",
+            "--log-level",
+            "warning",
             self.app_path,
         ]
 
@@ -63,8 +75,13 @@ class Gunicorn:
         log = open(self.log_path, "wb")
         try:
             self.process = subprocess.Popen(
-                self.command, cwd=REPO_ROOT, env=self.env, stdin=subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                self.command,
+                cwd=REPO_ROOT,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         finally:
             log.close()
@@ -75,7 +92,9 @@ class Gunicorn:
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise BenchError(f"gunicorn ({self.name}) exited with {self.process.returncode}:\n{self.log_tail()}")
+                raise BenchError(
+                    f"gunicorn ({self.name}) exited with {self.process.returncode}:\n{self.log_tail()}"
+                )
             try:
                 answer = requests.get(self.url + ready_path, timeout=2, allow_redirects=False)
                 if answer.status_code < 500:
@@ -83,7 +102,9 @@ class Gunicorn:
             except requests.RequestException:
                 pass
             time.sleep(0.2)
-        raise BenchError(f"gunicorn ({self.name}) did not answer within {START_TIMEOUT_SECONDS} s:\n{self.log_tail()}")
+        raise BenchError(
+            f"gunicorn ({self.name}) did not answer within {START_TIMEOUT_SECONDS} s:\n{self.log_tail()}"
+        )
 
     def stop(self):
         """SIGTERM to its process group (master and workers), SIGKILL after 10 s."""

@@ -1,4 +1,5 @@
 """selfserve: homeowners look after their own Particle-based controllers."""
+
 import secrets
 
 from flask import Flask

@@ -4,6 +4,7 @@ Every key in DEFAULTS can be overridden by an environment variable of the same n
 prefix SELFSERVE_ (SELFSERVE_DATABASE_URL, SELFSERVE_PARTICLE_CLIENT_SECRET, ...). Values are
 parsed to the type of their default.
 """
+
 import os
 
 # Demo settings of the bundled Particle Cloud simulator. They are public on purpose: the demo

@@ -1,4 +1,5 @@
 """Symmetric encryption for secrets at rest (Particle tokens, TOTP secrets)."""
+
 import base64
 import hashlib
 

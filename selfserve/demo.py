@@ -7,6 +7,7 @@ over SMTP to a sink that keeps each message for the mailbox page (/demo/mailbox)
 to the terminal. The SQLite database is started afresh each time (the simulator forgets its
 customers when it stops, so an old database would disagree with it) unless --keep is given.
 """
+
 import argparse
 import email
 import email.policy
@@ -20,7 +21,7 @@ from aiosmtpd.controller import Controller
 
 from selfserve import config as config_module
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "particle", "fixtures", "demo.json")
+FIXTURES = os.path.join(os.path.dirname(__file__), "simulator", "fixtures", "demo.json")
 
 # The demo's support account. Its second factor is a fixed, public demo secret: the demo
 # mailbox page shows the current code, so no authenticator app is needed to try the console.
@@ -74,7 +75,7 @@ def _free_port():
 def build(host, port, sim_port, instance_dir, keep):
     """Start the simulator and the mail sink; return (app, simulator, mail controller)."""
     from selfserve import create_app
-    from selfserve.particle.simulator import SimulatorServer
+    from selfserve.simulator.server import SimulatorServer
 
     os.makedirs(instance_dir, exist_ok=True)
     db_path = os.path.join(instance_dir, "demo.db")

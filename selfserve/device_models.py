@@ -4,6 +4,7 @@ homeowner may run, with the argument each one takes and when to ask before runni
 The catalogue is the allow-list for function calls: a function that is not listed here is
 never sent to a device, whatever the device itself reports.
 """
+
 import dataclasses
 import re
 
@@ -54,10 +55,16 @@ class Argument:
         """Return (value as the string sent to the device, None) or (None, error message)."""
         text = (raw or "").strip()
         if not re.fullmatch(r"-?\d{1,6}", text):
-            return None, f"Enter a whole number from {self.minimum} to {self.maximum}{_with_space(self.unit)}."
+            return (
+                None,
+                f"Enter a whole number from {self.minimum} to {self.maximum}{_with_space(self.unit)}.",
+            )
         number = int(text)
         if not self.minimum <= number <= self.maximum:
-            return None, f"Enter a whole number from {self.minimum} to {self.maximum}{_with_space(self.unit)}."
+            return (
+                None,
+                f"Enter a whole number from {self.minimum} to {self.maximum}{_with_space(self.unit)}.",
+            )
         return str(number), None
 
 

@@ -1,4 +1,5 @@
 """htmx-aware responses in one place: redirects, out-of-band flashes, error fragments."""
+
 from flask import get_flashed_messages
 from flask import redirect as flask_redirect
 from flask import render_template
@@ -7,9 +8,10 @@ from flask import request
 
 def is_htmx():
     """True for requests made by htmx (HX-Request header), except history restores."""
-    return request.headers.get("HX-Request") == "true" and request.headers.get(
-        "HX-History-Restore-Request"
-    ) != "true"
+    return (
+        request.headers.get("HX-Request") == "true"
+        and request.headers.get("HX-History-Restore-Request") != "true"
+    )
 
 
 def redirect(location):

@@ -1,4 +1,5 @@
 """Outgoing mail over SMTP. Messages are rendered from templates/emails/<name>.txt."""
+
 import logging
 import smtplib
 import ssl
@@ -31,7 +32,9 @@ def send(to, subject, template, **context):
     try:
         if config["MAIL_USE_SSL"]:
             smtp = smtplib.SMTP_SSL(
-                config["MAIL_SERVER"], config["MAIL_PORT"], timeout=config["MAIL_TIMEOUT"],
+                config["MAIL_SERVER"],
+                config["MAIL_PORT"],
+                timeout=config["MAIL_TIMEOUT"],
                 context=ssl.create_default_context(),
             )
         else:

@@ -3,6 +3,7 @@
 `db` is a DatabaseProxy bound at start-up by `init_db(url)`: SQLite by default (WAL, foreign
 keys), PostgreSQL when the URL says so.
 """
+
 import datetime
 import json
 import os
@@ -15,13 +16,13 @@ db = peewee.DatabaseProxy()
 
 def utcnow():
     """Naive UTC now; every timestamp in the database is naive UTC."""
-    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    return datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
 
 
 def init_db(url):
     """Bind `db` to the database at `url` and create missing tables."""
     if url.startswith("sqlite:///"):
-        path = url[len("sqlite:///"):]
+        path = url[len("sqlite:///") :]
         if path and path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         database = connect(

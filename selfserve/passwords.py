@@ -1,4 +1,5 @@
 """Password hashing (Argon2id via argon2-cffi) and the one password rule: length."""
+
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError
 from argon2.exceptions import VerificationError

@@ -7,6 +7,7 @@
 - CSRF (Flask-WTF) covers every POST/PUT/PATCH/DELETE, htmx requests included (they send the
   token in the X-CSRFToken header, set once on <body hx-headers>).
 """
+
 import datetime
 import functools
 import hashlib
@@ -51,7 +52,11 @@ class HideSqlParameters(logging.Filter):
     hashes. Keep the SQL (useful when debugging), drop the values."""
 
     def filter(self, record):
-        if isinstance(record.msg, tuple) and len(record.msg) == 2 and isinstance(record.msg[1], (list, tuple)):
+        if (
+            isinstance(record.msg, tuple)
+            and len(record.msg) == 2
+            and isinstance(record.msg[1], (list, tuple))
+        ):
             sql, params = record.msg
             record.msg = (sql, f"[{len(params)} parameter(s) not logged]")
         return True
@@ -165,9 +170,12 @@ def _load_user(cookie_id):
     if not isinstance(cookie_id, str) or not cookie_id or len(cookie_id) > 100:
         return None
     try:
-        login_session = LoginSession.select(LoginSession, User).join(User).where(
-            (LoginSession.id == stored_session_id(cookie_id)) & LoginSession.ended_at.is_null()
-        ).get()
+        login_session = (
+            LoginSession.select(LoginSession, User)
+            .join(User)
+            .where((LoginSession.id == stored_session_id(cookie_id)) & LoginSession.ended_at.is_null())
+            .get()
+        )
     except LoginSession.DoesNotExist:
         return None
     login_session.cookie_id = cookie_id
@@ -214,7 +222,11 @@ def _read_only_while_viewing(app, view):
         if request.endpoint in WRITES_ALLOWED_WHILE_VIEWING:
             return None
         return htmx.error_response(READ_ONLY_MESSAGE, 403, "Read-only view")
-    if request.method == "GET" and not request.headers.get("HX-Request") and not request.endpoint.startswith("support."):
+    if (
+        request.method == "GET"
+        and not request.headers.get("HX-Request")
+        and not request.endpoint.startswith("support.")
+    ):
         view_function = app.view_functions.get(request.endpoint)
         # Public pages may carry a token in their path: record only their name.
         page = request.endpoint if getattr(view_function, "is_public", False) else request.path

@@ -8,6 +8,7 @@ when there is nothing to do.
 `start(app)` runs the sweep once right away and then every SWEEP_SECONDS in a daemon thread
 (0 disables the thread: tests call `run_once` themselves).
 """
+
 import logging
 import threading
 

@@ -6,6 +6,7 @@ current password hash, ...), so a link dies as soon as that changes: that is how
 once. Tokens are only ever put in emails and the URLs they link to, never in logs (see
 `RedactTokenPaths`).
 """
+
 import hashlib
 import hmac
 import logging
@@ -115,7 +116,9 @@ def same(a, b):
 
 # URL paths that carry a token. Access logs (werkzeug, gunicorn) print request lines; these
 # paths are cut down to their prefix so links never land in a log file.
-_TOKEN_PATH = re.compile(r"(/(?:verify|reset|confirm-email|transfers/offer|transfers/answer)/)[A-Za-z0-9_.\-]+")
+_TOKEN_PATH = re.compile(
+    r"(/(?:verify|reset|confirm-email|transfers/offer|transfers/answer)/)[A-Za-z0-9_.\-]+"
+)
 
 
 # Query parameters that may carry a secret: a label's setup code in a hand-made claim link.

@@ -3,6 +3,7 @@
 Set SELFSERVE_TEST_DATABASE_URL=postgresql://... to run everything against PostgreSQL
 (bin/test does this as a second pass when SELFSERVE_TEST_POSTGRES_URL is set).
 """
+
 import email
 import ipaddress
 import os
@@ -14,11 +15,10 @@ import time
 import pytest
 from aiosmtpd.controller import Controller
 from flask.testing import FlaskClient
+from helpers import free_port
 from playhouse.db_url import connect
 
 from selfserve import config as config_module
-
-from helpers import free_port
 
 TEST_DATABASE_URL = os.environ.get("SELFSERVE_TEST_DATABASE_URL", "")
 
@@ -63,7 +63,7 @@ socket.socket.connect_ex = _guarded_connect_ex
 @pytest.fixture(scope="session")
 def sim_server():
     """One simulator for the whole run, on an ephemeral port, with the demo fixtures."""
-    from selfserve.particle.simulator import SimulatorServer
+    from selfserve.simulator.server import SimulatorServer
 
     server = SimulatorServer(
         host="127.0.0.1",

@@ -1,4 +1,5 @@
 """Helpers for view tests."""
+
 import re
 import socket
 
@@ -49,11 +50,11 @@ def login(client, email="home@example.com", password="correct horse battery"):
 
 
 def demo_fixtures_path():
-    """The simulator's demo fixtures (selfserve/particle/fixtures/demo.json)."""
+    """The simulator's demo fixtures (selfserve/simulator/fixtures/demo.json)."""
     import os
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.path.join(root, "selfserve", "particle", "fixtures", "demo.json")
+    return os.path.join(root, "selfserve", "simulator", "fixtures", "demo.json")
 
 
 def demo_devices():

@@ -3,6 +3,7 @@
 Real parts only: mail goes over SMTP to the `mailbox` sink, Particle calls go over HTTP to the
 simulator (`sim`).
 """
+
 import datetime
 import re
 import socket
@@ -10,8 +11,8 @@ import threading
 import time
 
 import pytest
-
 from helpers import make_user
+
 from selfserve import passwords
 from selfserve import tokens
 from selfserve.mail import MailError
@@ -281,7 +282,9 @@ def test_resume_after_a_crash_before_and_after_the_particle_call(app, sim, parti
         fresh = User.get_by_id(user.id)
         assert fresh.provisioning_state == "ready", fresh.provisioning_error
         assert CUSTOMER_ID.match(fresh.particle_customer_id)
-    assert sorted(customers(sim)) == sorted(User.get_by_id(u.id).particle_customer_id for u in (before, after, no_id))
+    assert sorted(customers(sim)) == sorted(
+        User.get_by_id(u.id).particle_customer_id for u in (before, after, no_id)
+    )
 
 
 def test_a_lease_gives_the_work_to_one_worker_until_it_runs_out(app):
@@ -397,7 +400,8 @@ def test_authenticate_answers_the_same_for_unknown_address_and_wrong_password(ap
 
 def _sessions(user, count):
     return [
-        LoginSession.create(id=f"session-{user.id}-{i}-{time.monotonic_ns()}", user=user) for i in range(count)
+        LoginSession.create(id=f"session-{user.id}-{i}-{time.monotonic_ns()}", user=user)
+        for i in range(count)
     ]
 
 
@@ -414,9 +418,10 @@ def test_password_reset_works_once_and_ends_every_session(app, mailbox):
 
     fresh = User.get_by_id(user.id)
     assert passwords.check_password(fresh.password_hash, "a brand new passphrase")
-    assert LoginSession.select().where(
-        (LoginSession.user == user) & LoginSession.ended_at.is_null()
-    ).count() == 0
+    assert (
+        LoginSession.select().where((LoginSession.user == user) & LoginSession.ended_at.is_null()).count()
+        == 0
+    )
     with pytest.raises(tokens.TokenInvalid):
         accounts.reset_password(token, "yet another passphrase")
     assert passwords.check_password(User.get_by_id(user.id).password_hash, "a brand new passphrase")
@@ -538,7 +543,7 @@ def test_activity_pages_newest_first(app):
     other = make_user("someone.else@example.com", provisioned=False)
     from selfserve.services import audit
 
-    for i in range(30):
+    for _i in range(30):
         audit.record("account.signed_in", user=user)
     audit.record("account.signed_in", user=other)
 
@@ -560,8 +565,13 @@ def test_token_paths_are_redacted_from_access_logs():
     import logging
 
     record = logging.LogRecord(
-        "werkzeug", logging.INFO, __file__, 1, '127.0.0.1 - - "%s %s HTTP/1.1" 200 -',
-        ("GET", "/verify/eyJ1IjoxfQ.aBc-_9.sig?x=1"), None,
+        "werkzeug",
+        logging.INFO,
+        __file__,
+        1,
+        '127.0.0.1 - - "%s %s HTTP/1.1" 200 -',
+        ("GET", "/verify/eyJ1IjoxfQ.aBc-_9.sig?x=1"),
+        None,
     )
     tokens.RedactTokenPaths().filter(record)
     assert "eyJ1" not in record.getMessage()

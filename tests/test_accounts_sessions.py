@@ -1,15 +1,16 @@
 """Signing in and out through the Flask test client: server-side logout, session rotation,
 idle and absolute timeouts, safe `next`, no enumeration, and rate limits."""
+
 import datetime
 import re
 from urllib.parse import parse_qs
 from urllib.parse import urlsplit
 
 import pytest
-
 from helpers import csrf_token
 from helpers import login
 from helpers import make_user
+
 from selfserve.models import AuditEvent
 from selfserve.models import LoginSession
 from selfserve.models import User
@@ -106,7 +107,13 @@ def test_next_is_honoured_only_for_paths_on_this_site(app):
 
     response = post_login(app.test_client(), "next@example.com", next_url="/account/activity")
     assert response.headers["Location"] == "/account/activity"
-    for evil in ("//evil.example/x", "https://evil.example/", "/\\evil.example", "javascript:alert(1)", "account"):
+    for evil in (
+        "//evil.example/x",
+        "https://evil.example/",
+        "/\\evil.example",
+        "javascript:alert(1)",
+        "account",
+    ):
         response = post_login(app.test_client(), "next@example.com", next_url=evil)
         assert response.status_code == 302
         assert "evil" not in response.headers["Location"]
@@ -181,7 +188,9 @@ def test_login_is_limited_per_address_for_failures_only(tight_limits, app, clien
 def test_successful_logins_do_not_use_up_the_per_address_limit(tight_limits, app):
     make_user("regular@example.com", provisioned=False)
     for n in range(3):
-        assert post_login(app.test_client(), "regular@example.com", REMOTE_ADDR=f"10.0.1.{n}").status_code == 302
+        assert (
+            post_login(app.test_client(), "regular@example.com", REMOTE_ADDR=f"10.0.1.{n}").status_code == 302
+        )
 
 
 def test_login_is_limited_per_client_address(tight_limits, app, client):
@@ -192,7 +201,11 @@ def test_login_is_limited_per_client_address(tight_limits, app, client):
 
 def test_signup_and_forgot_are_limited_per_address(tight_limits, app, client, mailbox):
     def signup(ip):
-        data = {"email": "flood@example.com", "password": PASSWORD, "csrf_token": csrf_token(client, "/signup")}
+        data = {
+            "email": "flood@example.com",
+            "password": PASSWORD,
+            "csrf_token": csrf_token(client, "/signup"),
+        }
         return client.post("/signup", data=data, environ_base={"REMOTE_ADDR": ip})
 
     def forgot(ip):
@@ -208,7 +221,9 @@ def test_resend_is_limited_per_account(client, mailbox):
     make_user("eager@example.com", verified=False)
     login(client, "eager@example.com")
     statuses = [
-        client.post("/verify-email/resend", data={"csrf_token": csrf_token(client, "/verify-email")}).status_code
+        client.post(
+            "/verify-email/resend", data={"csrf_token": csrf_token(client, "/verify-email")}
+        ).status_code
         for _ in range(4)
     ]
     assert statuses == [302, 302, 302, 429]
@@ -228,5 +243,7 @@ def test_an_htmx_poll_after_the_session_ended_sends_the_whole_page_to_sign_in(ap
     assert response.status_code == 200 and response.get_data() == b""  # nothing swapped in
     target = urlsplit(response.headers["HX-Redirect"])
     assert target.path == "/login" and parse_qs(target.query) == {"next": ["/account?tab=1"]}
-    foreign = client.get("/account/status", headers={"HX-Request": "true", "HX-Current-URL": "https://evil.example/x"})
+    foreign = client.get(
+        "/account/status", headers={"HX-Request": "true", "HX-Current-URL": "https://evil.example/x"}
+    )
     assert foreign.headers["HX-Redirect"] == "/login"

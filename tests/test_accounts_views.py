@@ -3,6 +3,7 @@ email change, settings, activity, the setup banner, CSRF and "GET changes nothin
 
 Real parts only: SMTP sink (`mailbox`), Particle simulator (`sim`).
 """
+
 import datetime
 import re
 import socket
@@ -10,10 +11,10 @@ import time
 from urllib.parse import urlsplit
 
 import pytest
-
 from helpers import csrf_token
 from helpers import login
 from helpers import make_user
+
 from selfserve import passwords
 from selfserve import tokens
 from selfserve.models import User
@@ -225,7 +226,9 @@ def test_verify_while_particle_is_down_shows_setting_up_until_it_finishes(client
 
 def test_the_status_poll_itself_finishes_setup_once_the_backoff_passed(client, sim):
     user = make_user("poller@example.com", verified=True, provisioned=False)
-    User.update(provisioning_next_at=utcnow() - datetime.timedelta(seconds=1)).where(User.id == user.id).execute()
+    User.update(provisioning_next_at=utcnow() - datetime.timedelta(seconds=1)).where(
+        User.id == user.id
+    ).execute()
     login(client, "poller@example.com")
 
     done = client.get("/account/status", headers={"HX-Request": "true"})
@@ -299,24 +302,46 @@ def test_change_password_needs_the_current_one_and_signs_out_other_sessions(app,
     login(client, "rotate@example.com")
     login(other, "rotate@example.com")
 
-    assert client.post("/account/password", data={"current_password": PASSWORD, "new_password": "x" * 12}).status_code == 400
-    wrong = post(client, "/account/password", {"current_password": "nope nope nope", "new_password": "new passphrase ok"}, token_from="/account")
+    assert (
+        client.post(
+            "/account/password", data={"current_password": PASSWORD, "new_password": "x" * 12}
+        ).status_code
+        == 400
+    )
+    wrong = post(
+        client,
+        "/account/password",
+        {"current_password": "nope nope nope", "new_password": "new passphrase ok"},
+        token_from="/account",
+    )
     assert wrong.status_code == 400
     assert re.search(r'id="current_password"[^>]*aria-invalid="true"', text(wrong))
     assert other.get("/account").status_code == 200
 
-    done = post(client, "/account/password", {"current_password": PASSWORD, "new_password": "new passphrase ok"}, token_from="/account")
+    done = post(
+        client,
+        "/account/password",
+        {"current_password": PASSWORD, "new_password": "new passphrase ok"},
+        token_from="/account",
+    )
     assert done.status_code == 302
     assert client.get("/account").status_code == 200  # this session stays
     assert other.get("/account").status_code == 302  # the other one ended
-    assert passwords.check_password(User.get(User.email == "rotate@example.com").password_hash, "new passphrase ok")
+    assert passwords.check_password(
+        User.get(User.email == "rotate@example.com").password_hash, "new passphrase ok"
+    )
 
 
 def test_change_email_through_a_link_to_the_new_address(client, mailbox):
     user = make_user("before@example.com")
     login(client, "before@example.com")
 
-    response = post(client, "/account/email", {"new_email": "after@example.com", "email_password": PASSWORD}, token_from="/account")
+    response = post(
+        client,
+        "/account/email",
+        {"new_email": "after@example.com", "email_password": PASSWORD},
+        token_from="/account",
+    )
     assert response.status_code == 302
     assert "after@example.com" in text(client.get("/account"))  # shown as pending
     assert User.get_by_id(user.id).email == "before@example.com"
@@ -337,7 +362,9 @@ def test_change_email_through_a_link_to_the_new_address(client, mailbox):
 def test_change_email_errors_are_shown_on_the_form(client):
     make_user("stay@example.com", provisioned=False)
     login(client, "stay@example.com")
-    response = post(client, "/account/email", {"new_email": "bad", "email_password": "wrong"}, token_from="/account")
+    response = post(
+        client, "/account/email", {"new_email": "bad", "email_password": "wrong"}, token_from="/account"
+    )
     page = text(response)
     assert response.status_code == 400
     assert 'href="#new_email"' in page and 'href="#email_password"' in page
@@ -350,7 +377,12 @@ def test_a_verify_link_is_dead_after_the_email_changed(client, mailbox, sim):
     login(client, "first@example.com")
     post(client, "/verify-email/resend", token_from="/verify-email")
     verify_path = link_path(mailbox, "first@example.com", "/verify/")
-    post(client, "/account/email", {"new_email": "second@example.com", "email_password": PASSWORD}, token_from="/account")
+    post(
+        client,
+        "/account/email",
+        {"new_email": "second@example.com", "email_password": PASSWORD},
+        token_from="/account",
+    )
     post(client, link_path(mailbox, "second@example.com", "/confirm-email/"))
 
     response = client.get(verify_path)
@@ -371,7 +403,12 @@ def test_activity_lists_the_accounts_own_events_newest_first_with_paging(client)
         audit.record("account.sign_in_failed", user=user)
     audit.record("account.password_changed", user=stranger)
     login(client, "busy@example.com")
-    post(client, "/account/password", {"current_password": PASSWORD, "new_password": "fresh passphrase!"}, token_from="/account")
+    post(
+        client,
+        "/account/password",
+        {"current_password": PASSWORD, "new_password": "fresh passphrase!"},
+        token_from="/account",
+    )
 
     page = text(client.get("/account/activity"))
     assert page.index("Changed password") < page.index("Signed in") < page.index("Failed sign-in attempt")
@@ -397,14 +434,32 @@ def test_account_pages_need_a_sign_in(client, path):
 
 
 @pytest.mark.parametrize(
-    "path", ["/signup", "/login", "/forgot", "/logout", "/account/password", "/account/email", "/verify-email/resend"]
+    "path",
+    [
+        "/signup",
+        "/login",
+        "/forgot",
+        "/logout",
+        "/account/password",
+        "/account/email",
+        "/verify-email/resend",
+    ],
 )
 def test_posts_without_csrf_are_refused(client, path):
     make_user("csrf@example.com", provisioned=False)
     login(client, "csrf@example.com")
     before = User.get(User.email == "csrf@example.com")
-    response = client.post(path, data={"email": "csrf@example.com", "password": PASSWORD, "current_password": PASSWORD,
-                                       "new_password": "something new!!", "new_email": "x@example.com", "email_password": PASSWORD})
+    response = client.post(
+        path,
+        data={
+            "email": "csrf@example.com",
+            "password": PASSWORD,
+            "current_password": PASSWORD,
+            "new_password": "something new!!",
+            "new_email": "x@example.com",
+            "email_password": PASSWORD,
+        },
+    )
     assert response.status_code == 400
     after = User.get(User.email == "csrf@example.com")
     assert (after.password_hash, after.pending_email) == (before.password_hash, before.pending_email)
@@ -425,11 +480,26 @@ def test_error_summaries_can_take_the_focus(client):
     # site.js focuses `.error-summary` on load; a div takes focus only with a tabindex.
     summary = re.compile(r'<div class="error-summary"[^>]*\btabindex="-1"')
     assert summary.search(text(sign_up(client, "nope", "short")))
-    assert summary.search(text(post(client, "/login", {"email": "who@example.com", "password": "wrong password"})))
+    assert summary.search(
+        text(post(client, "/login", {"email": "who@example.com", "password": "wrong password"}))
+    )
     make_user("focus@example.com", provisioned=False)
     login(client, "focus@example.com")
-    assert summary.search(text(post(client, "/account/email", {"new_email": "bad", "email_password": "x"}, token_from="/account")))
-    assert summary.search(text(post(client, "/account/password", {"current_password": "x", "new_password": "y"}, token_from="/account")))
+    assert summary.search(
+        text(
+            post(client, "/account/email", {"new_email": "bad", "email_password": "x"}, token_from="/account")
+        )
+    )
+    assert summary.search(
+        text(
+            post(
+                client,
+                "/account/password",
+                {"current_password": "x", "new_password": "y"},
+                token_from="/account",
+            )
+        )
+    )
     assert "error-summary" not in text(client.get("/account"))
 
 
@@ -460,4 +530,3 @@ def test_after_verifying_the_sign_in_form_fills_in_the_address(client, mailbox, 
     assert "autofocus" not in again
 
     assert login(client, "prefill@example.com").request.path != "/login"
-

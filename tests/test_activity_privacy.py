@@ -1,6 +1,8 @@
 """The activity page shows an address only for the account holder's own actions."""
+
 from helpers import login
 from helpers import make_user
+
 from selfserve.models import AuditEvent
 from selfserve.services import audit
 

@@ -2,6 +2,7 @@
 
 No timing asserts: speed is only measured by the bench itself, never judged by tests.
 """
+
 import os
 import subprocess
 import sys
@@ -27,8 +28,18 @@ EXPECTED_ROWS = [
 
 def test_quickest_bench_run_prints_the_table():
     command = [
-        sys.executable, "-m", "bench.main", "--quick", "--duration", "1",
-        "--users", "3", "--viewers", "4", "--views", "60",
+        sys.executable,
+        "-m",
+        "bench.main",
+        "--quick",
+        "--duration",
+        "1",
+        "--users",
+        "3",
+        "--viewers",
+        "4",
+        "--views",
+        "60",
     ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,5 +1,6 @@
 """The demo (bin/demo) wires a working site: simulator, mailbox sink, seeded registry, a
 support account whose second-factor code the demo mailbox page shows."""
+
 import re
 
 import pyotp
@@ -38,8 +39,10 @@ def test_demo_mailbox_shows_sent_mail_and_the_staff_code(demo_site):
     client = app.test_client()
     page = client.get("/signup").get_data(as_text=True)
     token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
-    client.post("/signup", data={"email": "new@example.com", "password": "a long enough password",
-                                 "csrf_token": token})
+    client.post(
+        "/signup",
+        data={"email": "new@example.com", "password": "a long enough password", "csrf_token": token},
+    )
     for _ in range(50):
         mailbox = client.get("/demo/mailbox").get_data(as_text=True)
         if "new@example.com" in mailbox:

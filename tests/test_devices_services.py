@@ -1,12 +1,13 @@
 """Device rules without HTTP: ownership check, claim, release, rename, functions, crash recovery."""
+
 import logging
 import threading
 
 import pytest
-from werkzeug.exceptions import NotFound
-
 from helpers import make_user
 from helpers import seed_registry
+from werkzeug.exceptions import NotFound
+
 from selfserve import passwords
 from selfserve.models import AuditEvent
 from selfserve.models import ClaimAttempt
@@ -78,7 +79,11 @@ def test_claim_makes_the_device_ours_here_and_on_particle(labels, owner, sim, ca
     caplog.set_level(logging.DEBUG)
     label = labels[WINDOW]
     # Typed the way people type: lower case, spaces, dashes moved.
-    device = devices.claim(owner, " " + label["serial_number"].lower() + " ", label["setup_code"].lower()[:4] + "-" + label["setup_code"][4:])
+    device = devices.claim(
+        owner,
+        " " + label["serial_number"].lower() + " ",
+        label["setup_code"].lower()[:4] + "-" + label["setup_code"][4:],
+    )
     assert device.owner_id == owner.id
     assert device.claim_state is None
     assert device.claimed_at is not None
@@ -165,9 +170,14 @@ def test_too_many_wrong_codes_per_account(labels, owner, sim):
 
 def test_too_many_wrong_codes_per_serial_across_accounts(app, labels, sim):
     label = labels[PUMP]
-    guessers = [make_user(f"guesser{n}@example.com", provisioned=False) for n in range(devices.CLAIM_MAX_FAILURES_PER_SERIAL)]
+    guessers = [
+        make_user(f"guesser{n}@example.com", provisioned=False)
+        for n in range(devices.CLAIM_MAX_FAILURES_PER_SERIAL)
+    ]
     for guesser in guessers:
-        User.update(provisioning_state="ready", particle_customer_id=f"cguesser{guesser.id}").where(User.id == guesser.id).execute()
+        User.update(provisioning_state="ready", particle_customer_id=f"cguesser{guesser.id}").where(
+            User.id == guesser.id
+        ).execute()
     for guesser in guessers:
         with pytest.raises(devices.DeviceError) as error:
             devices.claim(User.get_by_id(guesser.id), label["serial_number"], "WRONG123")
@@ -307,7 +317,10 @@ def test_claim_when_particle_lists_another_owner_is_refused_and_logged(labels, o
     assert device.owner_id is None and device.claim_state is None
     assert device.claim_error  # for staff
     assert sim.device(WINDOW)["owner"] == "someone-else"  # we don't "fix" it by guessing
-    assert any("drift" in record.getMessage().lower() and record.levelno >= logging.ERROR for record in caplog.records)
+    assert any(
+        "drift" in record.getMessage().lower() and record.levelno >= logging.ERROR
+        for record in caplog.records
+    )
 
 
 def test_device_missing_from_the_product_is_added_when_claimed(labels, owner, sim):
@@ -349,7 +362,9 @@ def test_resume_finishes_a_claim_interrupted_after_the_particle_step(labels, own
 
 
 def test_resume_leaves_fresh_steps_alone(labels, owner, sim):
-    Device.update(owner=owner.id, claim_state="claiming", claim_state_at=utcnow()).where(Device.device_id == PUMP).execute()
+    Device.update(owner=owner.id, claim_state="claiming", claim_state_at=utcnow()).where(
+        Device.device_id == PUMP
+    ).execute()
     assert devices.resume_pending()["claimed"] == 0
     assert Device.get_by_id(PUMP).claim_state == "claiming"
     assert devices.resume_pending(grace_seconds=0)["claimed"] == 1
@@ -453,7 +468,10 @@ def test_rename_here_and_on_particle(labels, owner, sim):
     assert labels[WINDOW]["serial_number"] in event.detail["old"]
 
 
-@pytest.mark.parametrize("name, message", [("", "Enter a name"), ("   ", "Enter a name"), ("x" * 65, "at most 64"), ("a\x00b", "letters")])
+@pytest.mark.parametrize(
+    "name, message",
+    [("", "Enter a name"), ("   ", "Enter a name"), ("x" * 65, "at most 64"), ("a\x00b", "letters")],
+)
 def test_rename_validation(labels, owner, sim, name, message):
     device = claim(owner, labels, WINDOW)
     sim.reset_counters()
@@ -491,7 +509,12 @@ def test_call_function_with_a_valid_argument(labels, owner, sim):
     # The cached values are stale now: the next poll reads the device again.
     assert DeviceSnapshot.get_by_id(WINDOW).checked_at is None
     event = AuditEvent.get(AuditEvent.action == "device.function_called")
-    assert event.detail == {"function": "Set position", "name": devices.display_name(device), "arg": "40", "result": "done"}
+    assert event.detail == {
+        "function": "Set position",
+        "name": devices.display_name(device),
+        "arg": "40",
+        "result": "done",
+    }
 
 
 @pytest.mark.parametrize("arg", ["", "abc", "101", "-1", "4.5", "1e2", "50; reboot"])

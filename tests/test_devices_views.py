@@ -1,14 +1,15 @@
 """Device pages through the Flask client: dashboard, claim, device page, fragments, actions."""
+
 import html
 import logging
 import re
 
 import pytest
-
 from helpers import csrf_token
 from helpers import login
 from helpers import make_user
 from helpers import seed_registry
+
 from selfserve.models import AuditEvent
 from selfserve.models import Device
 from selfserve.models import DeviceSnapshot
@@ -143,7 +144,9 @@ def test_values_fragment_with_and_without_htmx(browser, owner, labels, sim):
 def test_pump_page_has_pump_controls_with_confirmation(browser, owner, labels):
     own(owner, labels, PUMP)
     page = browser.get(f"/devices/{PUMP}").get_data(as_text=True)
-    assert ">Start pump</button>" in page and ">Stop pump</button>" in page and ">Set pressure</button>" in page
+    assert (
+        ">Start pump</button>" in page and ">Stop pump</button>" in page and ">Set pressure</button>" in page
+    )
     assert 'hx-confirm="Start the pump?' in page
     assert 'min="50" max="400"' in page
     assert ">Open</button>" not in page
@@ -212,7 +215,11 @@ def test_claim_form_and_success(browser, owner, labels, sim):
     label = labels[WINDOW]
     response = browser.post(
         "/devices/claim",
-        data={"serial": label["serial_number"], "setup_code": label["setup_code"], "csrf_token": token(browser)},
+        data={
+            "serial": label["serial_number"],
+            "setup_code": label["setup_code"],
+            "csrf_token": token(browser),
+        },
     )
     assert response.status_code == 302
     assert response.headers["Location"].endswith(f"/devices/{WINDOW}")
@@ -261,7 +268,9 @@ def test_wrong_code_answer_never_shows_the_code(browser, owner, labels):
 
 def test_claim_without_csrf_is_refused(browser, owner, labels):
     label = labels[WINDOW]
-    response = browser.post("/devices/claim", data={"serial": label["serial_number"], "setup_code": label["setup_code"]})
+    response = browser.post(
+        "/devices/claim", data={"serial": label["serial_number"], "setup_code": label["setup_code"]}
+    )
     assert response.status_code == 400
     assert Device.get_by_id(WINDOW).owner_id is None
 
@@ -269,7 +278,9 @@ def test_claim_without_csrf_is_refused(browser, owner, labels):
 def test_too_many_attempts(browser, owner, labels):
     csrf = token(browser)
     for _ in range(devices.CLAIM_MAX_FAILURES_PER_SERIAL):
-        browser.post("/devices/claim", data={"serial": "SSW-24A-000101", "setup_code": "WRONG123", "csrf_token": csrf})
+        browser.post(
+            "/devices/claim", data={"serial": "SSW-24A-000101", "setup_code": "WRONG123", "csrf_token": csrf}
+        )
     label = labels[WINDOW]
     response = browser.post(
         "/devices/claim",
@@ -285,7 +296,11 @@ def test_claiming_your_own_device_again_goes_to_it(browser, owner, labels):
     label = labels[WINDOW]
     response = browser.post(
         "/devices/claim",
-        data={"serial": label["serial_number"], "setup_code": label["setup_code"], "csrf_token": token(browser)},
+        data={
+            "serial": label["serial_number"],
+            "setup_code": label["setup_code"],
+            "csrf_token": token(browser),
+        },
         follow_redirects=True,
     )
     assert response.request.path == f"/devices/{WINDOW}"
@@ -298,7 +313,11 @@ def test_device_owned_by_someone_else_explains_next_steps(browser, labels, app):
     label = labels[WINDOW]
     response = browser.post(
         "/devices/claim",
-        data={"serial": label["serial_number"], "setup_code": label["setup_code"], "csrf_token": token(browser)},
+        data={
+            "serial": label["serial_number"],
+            "setup_code": label["setup_code"],
+            "csrf_token": token(browser),
+        },
     )
     page = response.get_data(as_text=True)
     assert response.status_code == 409
@@ -315,7 +334,11 @@ def test_claim_while_the_cloud_is_down(browser, owner, labels, sim):
     label = labels[WINDOW]
     response = browser.post(
         "/devices/claim",
-        data={"serial": label["serial_number"], "setup_code": label["setup_code"], "csrf_token": token(browser)},
+        data={
+            "serial": label["serial_number"],
+            "setup_code": label["setup_code"],
+            "csrf_token": token(browser),
+        },
     )
     assert response.status_code == 503
     assert "Nothing was changed" in response.get_data(as_text=True)
@@ -332,7 +355,11 @@ def test_claim_while_the_account_is_being_set_up(client, app, labels):
     label = labels[WINDOW]
     response = client.post(
         "/devices/claim",
-        data={"serial": label["serial_number"], "setup_code": label["setup_code"], "csrf_token": token(client)},
+        data={
+            "serial": label["serial_number"],
+            "setup_code": label["setup_code"],
+            "csrf_token": token(client),
+        },
     )
     assert response.status_code == 409
     assert "still being set up" in response.get_data(as_text=True)
@@ -355,7 +382,8 @@ def test_label_link_page_never_renders_the_code(browser, owner, labels):
     response = browser.get(f"/claim?serial={label['serial_number']}&code={label['setup_code']}")
     assert response.status_code == 302
     assert response.headers["Location"] == (
-        f"/claim#serial={label['serial_number']}&code={label['setup_code']}")
+        f"/claim#serial={label['serial_number']}&code={label['setup_code']}"
+    )
     response = browser.get("/claim")
     page = response.get_data(as_text=True)
     assert response.status_code == 200
@@ -490,13 +518,17 @@ def test_function_without_csrf_is_refused(browser, owner, labels, sim):
 def test_rename_with_and_without_htmx(browser, owner, labels, sim):
     own(owner, labels, WINDOW)
     response = browser.post(
-        f"/devices/{WINDOW}/rename", data={"name": "Kitchen blind"}, headers={**HTMX, "X-CSRFToken": token(browser)}
+        f"/devices/{WINDOW}/rename",
+        data={"name": "Kitchen blind"},
+        headers={**HTMX, "X-CSRFToken": token(browser)},
     )
     fragment = response.get_data(as_text=True)
     assert response.status_code == 200
     assert "<h1>Kitchen blind</h1>" in fragment and "<html" not in fragment
     assert Device.get_by_id(WINDOW).name == "Kitchen blind"
-    response = browser.post(f"/devices/{WINDOW}/rename", data={"name": "Study blind", "csrf_token": token(browser)})
+    response = browser.post(
+        f"/devices/{WINDOW}/rename", data={"name": "Study blind", "csrf_token": token(browser)}
+    )
     assert response.status_code == 302
     assert Device.get_by_id(WINDOW).name == "Study blind"
     assert sim.device(WINDOW)["name"] == "Study_blind"
@@ -508,7 +540,9 @@ def test_rename_errors(browser, owner, labels):
         f"/devices/{WINDOW}/rename", data={"name": "x" * 70}, headers={**HTMX, "X-CSRFToken": token(browser)}
     ).get_data(as_text=True)
     assert "at most 64" in fragment and 'aria-invalid="true"' in fragment
-    response = browser.post(f"/devices/{WINDOW}/rename", data={"name": "  ", "csrf_token": token(browser)}, follow_redirects=True)
+    response = browser.post(
+        f"/devices/{WINDOW}/rename", data={"name": "  ", "csrf_token": token(browser)}, follow_redirects=True
+    )
     assert "Enter a name" in response.get_data(as_text=True)
     assert browser.post(f"/devices/{WINDOW}/rename", data={"name": "Nope"}).status_code == 400
     assert Device.get_by_id(WINDOW).name is None
@@ -583,8 +617,8 @@ def test_activity_lists_device_events(browser, owner, labels):
 
 def control_buttons(page):
     """{label: the <button ...> tag} of the Controls section."""
-    controls = page[page.index('id="controls"'):]
-    return {label: tag for tag, label in re.findall(r'(<button[^>]*>)([^<]+)</button>', controls)}
+    controls = page[page.index('id="controls"') :]
+    return {label: tag for tag, label in re.findall(r"(<button[^>]*>)([^<]+)</button>", controls)}
 
 
 def test_pump_controls_start_is_primary_stop_is_neutral_both_confirmed(browser, owner, labels):
@@ -614,7 +648,9 @@ def test_a_command_in_flight_disables_every_control_and_names_itself(browser, ow
 
 def test_offline_device_without_values_says_so_and_describes_the_controls(browser, owner, labels, sim):
     own(owner, labels, OFFLINE_WINDOW)
-    fragment = html.unescape(browser.get(f"/devices/{OFFLINE_WINDOW}/values", headers=HTMX).get_data(as_text=True))
+    fragment = html.unescape(
+        browser.get(f"/devices/{OFFLINE_WINDOW}/values", headers=HTMX).get_data(as_text=True)
+    )
     assert "No values yet: the device hasn't been heard from since you added it." in fragment
     summary = browser.get(f"/devices/{OFFLINE_WINDOW}/summary", headers=HTMX).get_data(as_text=True)
     assert "not heard from since you added it" in summary and "last heard" not in summary
@@ -623,7 +659,10 @@ def test_offline_device_without_values_says_so_and_describes_the_controls(browse
     page = browser.get(f"/devices/{OFFLINE_WINDOW}").get_data(as_text=True)
     assert total_calls(sim) == 0
     assert 'id="offline-note"' in page
-    assert "The device is offline. Commands will be sent when you press them, but will fail until it reconnects." in page
+    assert (
+        "The device is offline. Commands will be sent when you press them, but will fail until it reconnects."
+        in page
+    )
     assert page.index('id="offline-note"') < page.index('id="controls"')
     buttons = control_buttons(page)
     for label in ("Open", "Close", "Stop", "Set position"):
@@ -647,8 +686,11 @@ def test_online_device_has_no_offline_note_and_keeps_last_known_wording(browser,
 def test_position_is_prefilled_from_the_stored_target_without_particle_calls(browser, owner, labels, sim):
     own(owner, labels, WINDOW)
     sim.set_device(WINDOW, hung=False)
-    browser.post(f"/devices/{WINDOW}/functions/setPosition", data={"arg": "40"},
-                 headers={**HTMX, "X-CSRFToken": token(browser)})
+    browser.post(
+        f"/devices/{WINDOW}/functions/setPosition",
+        data={"arg": "40"},
+        headers={**HTMX, "X-CSRFToken": token(browser)},
+    )
     browser.get(f"/devices/{WINDOW}/values", headers=HTMX)
     target = DeviceSnapshot.get_by_id(WINDOW).values["target"]["value"]
     assert int(float(target)) == 40
@@ -682,7 +724,9 @@ def test_dashboard_summaries_poll_at_three_times_the_values_interval(app, browse
     own(owner, labels, WINDOW)
     app.config["VALUES_POLL_SECONDS"] = 4
     page = browser.get("/devices").get_data(as_text=True)
-    assert re.search(rf'class="poll summary" id="summary-{WINDOW}"[^>]*hx-trigger="load, every 12s, refresh"', page, re.S)
+    assert re.search(
+        rf'class="poll summary" id="summary-{WINDOW}"[^>]*hx-trigger="load, every 12s, refresh"', page, re.S
+    )
 
 
 def test_activity_names_the_argument_of_a_function(browser, owner, labels):
@@ -694,8 +738,13 @@ def test_activity_names_the_argument_of_a_function(browser, owner, labels):
     assert "Ran Set position (40%) on Lounge" in page
     assert "Ran Open on Lounge" in page
     # A row recorded before the value was shown (no "arg") still reads well.
-    AuditEvent.create(action="device.function_called", user=owner.id, actor=owner.id, device_id=WINDOW,
-                      detail={"function": "Close", "name": "Lounge", "result": "done"})
+    AuditEvent.create(
+        action="device.function_called",
+        user=owner.id,
+        actor=owner.id,
+        device_id=WINDOW,
+        detail={"function": "Close", "name": "Lounge", "result": "done"},
+    )
     assert "Ran Close on Lounge" in browser.get("/account/activity").get_data(as_text=True)
 
 

@@ -1,11 +1,12 @@
 """Live values: one shared, short-lived cache with single-flight reads; offline memory."""
+
 import datetime
 import threading
 
 import pytest
-
 from helpers import make_user
 from helpers import seed_registry
+
 from selfserve.models import DeviceSnapshot
 from selfserve.models import db
 from selfserve.models import utcnow

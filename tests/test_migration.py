@@ -1,12 +1,13 @@
 """Migrating devices already in the field: the CSV command (dry run, per-row report, re-runs),
 invitations claimed on verification, crash recovery, Particle rate limits, against the
 simulator and a real SMTP sink."""
+
 import datetime
 
 import pytest
-
 from helpers import make_user
 from helpers import seed_registry
+
 from selfserve import tokens
 from selfserve.models import AuditEvent
 from selfserve.models import Device
@@ -61,21 +62,27 @@ def verify_new_account(email):
 
 def test_dry_run_reports_and_changes_nothing(app, field, sim, tmp_path, mailbox):
     make_user("existing@example.com")
-    path = write_csv(tmp_path, [
-        "device_id,email",
-        f"{WINDOW},new.owner@example.com",
-        f"{PUMP},Existing@Example.com",
-        "not-a-device,someone@example.com",
-        "e00fce68a1b2c3d4e5f6ffff,someone@example.com",
-        f"{WINDOW[:-1]}2,not-an-email",
-    ])
+    path = write_csv(
+        tmp_path,
+        [
+            "device_id,email",
+            f"{WINDOW},new.owner@example.com",
+            f"{PUMP},Existing@Example.com",
+            "not-a-device,someone@example.com",
+            "e00fce68a1b2c3d4e5f6ffff,someone@example.com",
+            f"{WINDOW[:-1]}2,not-an-email",
+        ],
+    )
     sim.reset_counters()
     result = run_command(app, path, "--dry-run")
     assert result.exit_code == 0, result.output
     assert f"line 2: {WINDOW} new.owner@example.com: would invite" in result.output
     assert f"line 3: {PUMP} existing@example.com: would claim" in result.output
     assert "line 4: not-a-device someone@example.com: skipped: the device id must be 24" in result.output
-    assert "line 5: e00fce68a1b2c3d4e5f6ffff someone@example.com: skipped: not in the device registry" in result.output
+    assert (
+        "line 5: e00fce68a1b2c3d4e5f6ffff someone@example.com: skipped: not in the device registry"
+        in result.output
+    )
     assert "line 6:" in result.output and "the email address is not valid" in result.output
     assert "Dry run, nothing changed." in result.output
     assert MigrationRow.select().count() == 0
@@ -95,7 +102,12 @@ def test_existing_owner_gets_the_device_now_and_new_owner_on_verification(app, f
     assert sim.device(PUMP)["owner"] == existing.particle_customer_id
     assert devices.device_for(existing, PUMP)
     assert "in your selfserve account" in mailbox.body(mailbox.wait_for("existing@example.com"))
-    assert AuditEvent.select().where((AuditEvent.action == "device.migrated_in") & (AuditEvent.user == existing.id)).count() == 1
+    assert (
+        AuditEvent.select()
+        .where((AuditEvent.action == "device.migrated_in") & (AuditEvent.user == existing.id))
+        .count()
+        == 1
+    )
     # New owner: invited, and the device stays on the company's account until they verify.
     invite = mailbox.wait_for("new.owner@example.com")
     assert "/signup" in mailbox.body(invite)
@@ -203,7 +215,9 @@ def test_persistent_rate_limit_is_left_to_the_sweep(app, field, sim, tmp_path):
 
 def test_permanent_refusal_fails_the_row_and_alerts_staff(app, field, sim, tmp_path):
     make_user("existing@example.com")
-    sim.add_fault("POST", "/v1/devices", count=1, status=403, body={"ok": False, "error": "Permission Denied"})
+    sim.add_fault(
+        "POST", "/v1/devices", count=1, status=403, body={"ok": False, "error": "Permission Denied"}
+    )
     result = run_command(app, write_csv(tmp_path, [f"{WINDOW},existing@example.com"]))
     assert result.exit_code != 0
     assert "failed: claim refused: PermissionDenied" in result.output

@@ -1,11 +1,12 @@
 """The device registry: CSV import (validation, hashing, re-runs) and the Particle product import."""
+
 import io
 import logging
 
 import pytest
-
 from helpers import demo_devices
 from helpers import seed_registry
+
 from selfserve import passwords
 from selfserve.models import Device
 from selfserve.services import registry
@@ -98,8 +99,9 @@ def test_failed_product_import_is_retried_on_rerun(app, sim):
 
 def test_serial_taken_by_another_device_is_invalid(app, sim):
     _import(CSV)
-    results = _import("device_id,serial_number,setup_code,model\n"
-                      "e00fce68a1b2c3d4e5f60703,SSW-24A-000101,ABCDEFGH,window\n")
+    results = _import(
+        "device_id,serial_number,setup_code,model\ne00fce68a1b2c3d4e5f60703,SSW-24A-000101,ABCDEFGH,window\n"
+    )
     assert results[0].status == "invalid"
     assert GOOD_ID in results[0].reason
     assert Device.get_or_none(Device.device_id == "e00fce68a1b2c3d4e5f60703") is None

@@ -10,6 +10,7 @@ cloud fails with bodies that echo the tokens, and the error pages and logs are s
 
 The crawl helpers here are shared by the other test_security_* modules.
 """
+
 import collections
 import dataclasses
 import logging
@@ -20,12 +21,12 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
-from werkzeug.serving import make_server
-
 from helpers import csrf_token
 from helpers import demo_devices
 from helpers import login
 from helpers import seed_registry
+from werkzeug.serving import make_server
+
 from selfserve import config as config_module
 from selfserve.models import Device
 from selfserve.models import LoginSession
@@ -72,7 +73,9 @@ def concrete_rules(app, values, methods=None):
 
 # --- the crawler ---------------------------------------------------------------------------------
 
-_LINK = re.compile(r'\b(?:href|src|action|hx-get|hx-post|hx-put|hx-patch|hx-delete)\s*=\s*"([^"]*)"', re.IGNORECASE)
+_LINK = re.compile(
+    r'\b(?:href|src|action|hx-get|hx-post|hx-put|hx-patch|hx-delete)\s*=\s*"([^"]*)"', re.IGNORECASE
+)
 
 
 @dataclasses.dataclass
@@ -112,8 +115,14 @@ class Crawler:
         if htmx:
             headers.update(HTMX)
         response = self.client.open(url, method=method, headers=headers, **kwargs)
-        item = Fetched(method, url, htmx, response.status_code, list(response.headers.items()),
-                       response.get_data(as_text=True))
+        item = Fetched(
+            method,
+            url,
+            htmx,
+            response.status_code,
+            list(response.headers.items()),
+            response.get_data(as_text=True),
+        )
         self.fetched.append(item)
         cookie = self.client.get_cookie(COOKIE)
         if cookie is not None:
@@ -155,7 +164,7 @@ def fragments(secret, size=16):
     if len(secret) <= size:
         return [secret]
     starts = sorted({0, len(secret) - size, *range(0, len(secret) - size, size // 2)})
-    return [secret] + [secret[start:start + size] for start in starts]
+    return [secret] + [secret[start : start + size] for start in starts]
 
 
 def issued_tokens(sim):
@@ -195,7 +204,7 @@ def find_leaks(texts, secret_values, whole_values=()):
     leaks = []
     pieces = [(secret, fragments(secret)) for secret in secret_values if secret]
     pieces += [(value, [value]) for value in whole_values if value]
-    for secret, parts in pieces:
+    for _secret, parts in pieces:
         for piece in parts:
             for where, text in texts:
                 if piece and piece in text:
@@ -264,8 +273,9 @@ def sign_up_and_claim(app, client, sim, mailbox, planted, email=EMAIL):
     sim.configure(issue_tokens=list(planted), reject_query_tokens=True)
     labels = {device["id"]: device for device in seed_registry()}
 
-    response = client.post("/signup", data={"email": email, "password": PASSWORD,
-                                            "csrf_token": csrf_token(client, "/signup")})
+    response = client.post(
+        "/signup", data={"email": email, "password": PASSWORD, "csrf_token": csrf_token(client, "/signup")}
+    )
     assert response.status_code == 200, response.get_data(as_text=True)
     message = mailbox.wait_for(email)
     verify_path = urlsplit([link for link in mailbox.links(message) if "/verify/" in link][-1]).path
@@ -278,13 +288,18 @@ def sign_up_and_claim(app, client, sim, mailbox, planted, email=EMAIL):
 
     label = labels[WINDOW]
     token = csrf_token(client, "/devices/claim")
-    response = client.post("/devices/claim", data={"serial": label["serial_number"], "setup_code": label["setup_code"],
-                                                   "csrf_token": token})
+    response = client.post(
+        "/devices/claim",
+        data={"serial": label["serial_number"], "setup_code": label["setup_code"], "csrf_token": token},
+    )
     assert response.status_code == 302, response.get_data(as_text=True)
     assert Device.get_by_id(WINDOW).owner_id == user.id
     token = csrf_token(client, f"/devices/{WINDOW}")
-    response = client.post(f"/devices/{WINDOW}/functions/setPosition", data={"arg": "40", "csrf_token": token},
-                           headers={**HTMX, "X-CSRFToken": token})
+    response = client.post(
+        f"/devices/{WINDOW}/functions/setPosition",
+        data={"arg": "40", "csrf_token": token},
+        headers={**HTMX, "X-CSRFToken": token},
+    )
     assert response.status_code == 200 and "HX-Trigger" in response.headers, response.get_data(as_text=True)
     response = client.post(f"/devices/{WINDOW}/rename", data={"name": "Kitchen blind", "csrf_token": token})
     assert response.status_code == 302
@@ -387,13 +402,25 @@ def test_error_pages_and_logs_hide_tokens_the_cloud_echoes(app, sim, homeowner, 
         # (method, path glob, status, body) and the request that runs into it
         ("GET", "/v1/devices/*", 503, body, ("GET", f"/devices/{WINDOW}/values", None)),
         ("GET", "/v1/devices/*", 500, text_body, ("GET", f"/devices/{WINDOW}/summary", None)),
-        ("POST", "/v1/devices/*", 503, body, ("POST", f"/devices/{WINDOW}/functions/setPosition", {"arg": "10"})),
+        (
+            "POST",
+            "/v1/devices/*",
+            503,
+            body,
+            ("POST", f"/devices/{WINDOW}/functions/setPosition", {"arg": "10"}),
+        ),
         ("POST", "/v1/devices/*", 429, body, ("POST", f"/devices/{WINDOW}/functions/open", {})),
         ("POST", "/v1/devices/*", 400, text_body, ("POST", f"/devices/{WINDOW}/functions/close", {})),
         ("PUT", "/v1/devices/*", 400, body, ("POST", f"/devices/{WINDOW}/rename", {"name": "Echo"})),
         ("PUT", "/v1/devices/*", 502, text_body, ("POST", f"/devices/{WINDOW}/rename", {"name": "Echo two"})),
         ("DELETE", "/v1/products/*/devices/*/owner", 500, body, ("POST", f"/devices/{WINDOW}/release", {})),
-        ("DELETE", "/v1/products/*/devices/*/owner", 403, text_body, ("POST", f"/devices/{WINDOW}/release", {})),
+        (
+            "DELETE",
+            "/v1/products/*/devices/*/owner",
+            403,
+            text_body,
+            ("POST", f"/devices/{WINDOW}/release", {}),
+        ),
     ]
     for method, glob, status, fault_body, (our_method, our_path, data) in cases:
         for htmx in (False, True):
@@ -402,16 +429,26 @@ def test_error_pages_and_logs_hide_tokens_the_cloud_echoes(app, sim, homeowner, 
             if our_method == "GET":
                 crawler.fetch(our_path, htmx=htmx)
             else:
-                crawler.fetch(our_path, method="POST", htmx=htmx, headers=post_headers,
-                              data={**data, "csrf_token": token})
+                crawler.fetch(
+                    our_path,
+                    method="POST",
+                    htmx=htmx,
+                    headers=post_headers,
+                    data={**data, "csrf_token": token},
+                )
     sim.clear_faults()
     # The device is still the homeowner's: every failure above changed nothing.
     assert Device.get_by_id(WINDOW).owner_id == homeowner.user.id
 
     # Token minting fails with an echo: drop the cached customer token first.
     particle.forget_customer_token(homeowner.user.particle_customer_id)
-    sim.add_fault("POST", "/oauth/token", count=2, status=400,
-                  body={"error": "invalid_grant", "error_description": text_body})
+    sim.add_fault(
+        "POST",
+        "/oauth/token",
+        count=2,
+        status=400,
+        body={"error": "invalid_grant", "error_description": text_body},
+    )
     for htmx in (False, True):
         crawler.fetch(f"/devices/{WINDOW}/values", htmx=htmx)
     sim.clear_faults()
@@ -419,8 +456,12 @@ def test_error_pages_and_logs_hide_tokens_the_cloud_echoes(app, sim, homeowner, 
     # A claim that fails upstream with an echo (another label).
     other = next(d for d in demo_devices() if d["id"] == PUMP)
     sim.add_fault("POST", "/v1/devices", count=None, status=503, body=body)
-    crawler.fetch("/devices/claim", method="POST", headers=post_headers,
-                  data={"serial": other["serial_number"], "setup_code": other["setup_code"], "csrf_token": token})
+    crawler.fetch(
+        "/devices/claim",
+        method="POST",
+        headers=post_headers,
+        data={"serial": other["serial_number"], "setup_code": other["setup_code"], "csrf_token": token},
+    )
     sim.clear_faults()
 
     failures = [item for item in crawler.fetched if item.status >= 400 or "error" in item.body.lower()]
@@ -449,15 +490,30 @@ def test_access_log_of_a_real_server_holds_no_secret(app, sim, mailbox, all_logs
             page = browser.get(base + path, timeout=10).text
             return re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
 
-        browser.post(base + "/signup", data={"email": EMAIL, "password": PASSWORD, "csrf_token": token_from("/signup")},
-                     timeout=10)
-        verify_path = urlsplit([link for link in mailbox.links(mailbox.wait_for(EMAIL)) if "/verify/" in link][-1]).path
+        browser.post(
+            base + "/signup",
+            data={"email": EMAIL, "password": PASSWORD, "csrf_token": token_from("/signup")},
+            timeout=10,
+        )
+        verify_path = urlsplit(
+            [link for link in mailbox.links(mailbox.wait_for(EMAIL)) if "/verify/" in link][-1]
+        ).path
         browser.post(base + verify_path, data={"csrf_token": token_from(verify_path)}, timeout=10)
-        browser.post(base + "/login", data={"email": EMAIL, "password": PASSWORD, "csrf_token": token_from("/login")},
-                     timeout=10)
+        browser.post(
+            base + "/login",
+            data={"email": EMAIL, "password": PASSWORD, "csrf_token": token_from("/login")},
+            timeout=10,
+        )
         label = next(d for d in demo_devices() if d["id"] == WINDOW)
-        response = browser.post(base + "/devices/claim", timeout=10, data={
-            "serial": label["serial_number"], "setup_code": label["setup_code"], "csrf_token": token_from("/devices/claim")})
+        response = browser.post(
+            base + "/devices/claim",
+            timeout=10,
+            data={
+                "serial": label["serial_number"],
+                "setup_code": label["setup_code"],
+                "csrf_token": token_from("/devices/claim"),
+            },
+        )
         assert response.url.endswith(f"/devices/{WINDOW}")
         for path in ("/devices", f"/devices/{WINDOW}", "/account", "/account/activity"):
             assert browser.get(base + path, timeout=10).status_code == 200
@@ -470,9 +526,12 @@ def test_access_log_of_a_real_server_holds_no_secret(app, sim, mailbox, all_logs
     # The test's own HTTP client (urllib3 talking to our server) is the browser, and the SMTP
     # sink (aiosmtpd's "mail.log") is the mail provider: neither is the app.
     port = str(server.server_port)
-    server_side = [record for record in all_logs.records
-                   if not (record.name.startswith("urllib3") and port in record.getMessage())
-                   and not record.name.startswith("mail.log")]
+    server_side = [
+        record
+        for record in all_logs.records
+        if not (record.name.startswith("urllib3") and port in record.getMessage())
+        and not record.name.startswith("mail.log")
+    ]
     access = [record for record in server_side if record.name == "werkzeug"]
     assert any("/devices/claim" in record.getMessage() for record in access)
     secret_values = set(planted) | issued_tokens(sim) | setup_codes() | session_secrets() | {PASSWORD}
@@ -483,22 +542,32 @@ def test_access_log_of_a_real_server_holds_no_secret(app, sim, mailbox, all_logs
 def test_support_console_crawl_leaks_no_secret(app, sim, homeowner, all_logs):
     """Staff pages show Particle's view of devices (product token at work): no token, session
     id, cookie or setup code there either, and crawling them writes nothing to the cloud."""
-    from selfserve.services import staff
     from test_support_views import sign_in_staff
+
+    from selfserve.services import staff
 
     staff_user = staff.create_staff("crawler@support.example", PASSWORD)
     console = sign_in_staff(homeowner.client.application.test_client(), staff_user)
     sim.reset_counters()
     crawler = Crawler(console)
     values = {**crawl_values(homeowner), "customer_id": [str(homeowner.user.id), str(staff_user.id)]}
-    start = [path for method, path, rule in concrete_rules(app, values, {"GET"}) if rule.endpoint.startswith("support.")]
-    fetched = crawler.crawl(["/support", "/support?q=leak.hunter", f"/support?q={WINDOW}", "/support/fleet"] + start)
+    start = [
+        path
+        for method, path, rule in concrete_rules(app, values, {"GET"})
+        if rule.endpoint.startswith("support.")
+    ]
+    fetched = crawler.crawl(
+        ["/support", "/support?q=leak.hunter", f"/support?q={WINDOW}", "/support/fleet"] + start
+    )
 
     statuses = {(item.url, item.htmx): item.status for item in fetched}
     assert statuses[(f"/support/devices/{WINDOW}", False)] == 200
     assert statuses[(f"/support/customers/{homeowner.user.id}", False)] == 200
-    writes = {route: n for route, n in sim.counters()["routes"].items()
-              if n and not route.startswith("GET ") and route != "POST /oauth/token"}
+    writes = {
+        route: n
+        for route, n in sim.counters()["routes"].items()
+        if n and not route.startswith("GET ") and route != "POST /oauth/token"
+    }
     assert writes == {}
     secret_values = everything_secret(app, sim, homeowner, crawler)
     cookies = crawler.cookie_values
@@ -532,24 +601,35 @@ def test_a_label_link_with_the_code_in_the_query_goes_no_further(app, sim, mailb
     location = urlsplit(first.headers["Location"])
     assert location.path == "/claim" and not location.query and label["setup_code"] in location.fragment
     # What the server was sent (requests, like browsers, keeps the fragment locally) and answered.
-    later = [(f"{r.request.method} {r.request.path_url} -> {r.status_code}",
-              r.request.path_url + " " + r.text + " " + repr(dict(r.headers)))
-             for r in seen[1:]]
+    later = [
+        (
+            f"{r.request.method} {r.request.path_url} -> {r.status_code}",
+            r.request.path_url + " " + r.text + " " + repr(dict(r.headers)),
+        )
+        for r in seen[1:]
+    ]
     assert len(later) >= 2  # /claim, then the sign-in page
     assert find_leaks(later, setup_codes()) == []
     port = str(server.server_port)
-    server_side = [record for record in all_logs.records
-                   if not (record.name.startswith("urllib3") and port in record.getMessage())]
+    server_side = [
+        record
+        for record in all_logs.records
+        if not (record.name.startswith("urllib3") and port in record.getMessage())
+    ]
     assert any(record.name == "werkzeug" for record in server_side)
     assert find_leaks(log_texts(server_side), setup_codes()) == []
 
 
 def mail_texts(mailbox):
-    return [(f"mail to {message['To']}: {message['Subject']}", message.as_string() + "\n" + mailbox.body(message))
-            for message in list(mailbox.messages)]
+    return [
+        (f"mail to {message['To']}: {message['Subject']}", message.as_string() + "\n" + mailbox.body(message))
+        for message in list(mailbox.messages)
+    ]
 
 
-def test_proving_possession_of_someone_elses_device_shows_and_mails_no_code(app, sim, mailbox, homeowner, all_logs):
+def test_proving_possession_of_someone_elses_device_shows_and_mails_no_code(
+    app, sim, mailbox, homeowner, all_logs
+):
     """The buyer's path: the right label for a device someone else owns offers to ask the owner
     (an opaque proof, never the code), and the owner's email holds no code or token either."""
     from helpers import make_user
@@ -561,12 +641,19 @@ def test_proving_possession_of_someone_elses_device_shows_and_mails_no_code(app,
     token = csrf_token(client, "/devices/claim")
     label = homeowner.label
     for htmx in (False, True):
-        item = crawler.fetch("/devices/claim", method="POST", htmx=htmx, headers={"X-CSRFToken": token},
-                             data={"serial": label["serial_number"], "setup_code": label["setup_code"], "csrf_token": token})
+        item = crawler.fetch(
+            "/devices/claim",
+            method="POST",
+            htmx=htmx,
+            headers={"X-CSRFToken": token},
+            data={"serial": label["serial_number"], "setup_code": label["setup_code"], "csrf_token": token},
+        )
         assert item.status in (200, 409), item.status
     proof = re.search(r'name="proof" value="([^"]+)"', crawler.fetched[-1].body)
     assert proof, crawler.fetched[-1].body
-    item = crawler.fetch("/transfers/request", method="POST", data={"proof": proof.group(1), "csrf_token": token})
+    item = crawler.fetch(
+        "/transfers/request", method="POST", data={"proof": proof.group(1), "csrf_token": token}
+    )
     assert item.status == 302, item.body
     mailbox.wait_for(EMAIL, count=2)  # the owner is asked (after the sign-up's verify mail)
     crawler.crawl([dict(item.headers)["Location"], "/devices", "/account/activity"])

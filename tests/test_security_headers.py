@@ -5,23 +5,24 @@ pages included) carries the headers; the CSP allows no inline script or style; t
 rendered pages have no inline <script>, no on*= handlers, no style= attributes; the session
 cookie is HttpOnly and SameSite=Lax everywhere and Secure in production settings.
 """
+
 import glob
 import html.parser
 import os
 import re
 
 import pytest
-
 from helpers import csrf_token
 from helpers import login
 from helpers import make_user
 from helpers import seed_registry
+from test_security_crawl import Crawler
+from test_security_crawl import concrete_rules
+
 from selfserve import config as config_module
 from selfserve import security
 from selfserve.models import LoginSession
 from selfserve.services import devices
-from test_security_crawl import Crawler
-from test_security_crawl import concrete_rules
 
 PASSWORD = "correct horse battery"
 WINDOW = "e00fce68a1b2c3d4e5f60701"
@@ -74,9 +75,15 @@ class InlineCode(html.parser.HTMLParser):
                 self.problems.append(f"{tag} {name}=")
             if name == "style":
                 self.problems.append(f"{tag} style=")
-            if name.startswith("hx-on") or name.startswith("data-hx-on") or name in ("hx-vars", "data-hx-vars"):
+            if (
+                name.startswith("hx-on")
+                or name.startswith("data-hx-on")
+                or name in ("hx-vars", "data-hx-vars")
+            ):
                 self.problems.append(f"{tag} {name}= (evaluated by htmx)")
-            if name in ("hx-vals", "data-hx-vals") and (value or "").strip().startswith(("js:", "javascript:")):
+            if name in ("hx-vals", "data-hx-vals") and (value or "").strip().startswith(
+                ("js:", "javascript:")
+            ):
                 self.problems.append(f"{tag} hx-vals with js:")
             if (value or "").strip().lower().startswith("javascript:"):
                 self.problems.append(f"{tag} {name}=javascript:")
@@ -108,7 +115,12 @@ def homeowner_client(app, sim):
 
 
 def crawl_everything(app, client, user):
-    values = {"device_id": WINDOW, "customer_id": str(user.id), "function_name": "open", "token": "not-a-token"}
+    values = {
+        "device_id": WINDOW,
+        "customer_id": str(user.id),
+        "function_name": "open",
+        "token": "not-a-token",
+    }
     paths = sorted({path for method, path, rule in concrete_rules(app, values)})
     crawler = Crawler(client)
     crawler.crawl(["/", "/no/such/page", f"/devices/{'0' * 24}"] + paths)
@@ -134,7 +146,11 @@ def test_every_response_has_the_security_headers(app, homeowner_client):
             headers.setdefault(name.lower(), []).append(value)
         assert headers.get("x-content-type-options") == ["nosniff"], where
         assert headers.get("x-frame-options") == ["DENY"], where
-        assert headers.get("referrer-policy", [""])[0] in ("same-origin", "no-referrer", "strict-origin-when-cross-origin"), where
+        assert headers.get("referrer-policy", [""])[0] in (
+            "same-origin",
+            "no-referrer",
+            "strict-origin-when-cross-origin",
+        ), where
         assert len(headers.get("content-security-policy", [])) == 1, where
         check_csp(headers["content-security-policy"][0], where)
         # Pages hold personal data and live values: never cached, also not by shared caches.
@@ -169,9 +185,13 @@ def test_templates_have_no_inline_script_handlers_or_styles():
         markup = re.sub(r"\{\{.*?\}\}", "x", source, flags=re.S)
         found = inline_code(markup)
         # Belt and braces for what the parser can't see inside Jinja conditionals.
-        for pattern, label in ((r"\son[a-z]+\s*=", "on*= handler"), (r"\sstyle\s*=", "style="),
-                               (r"<style", "<style> block"), (r"javascript:", "javascript: URL"),
-                               (r"\shx-on", "hx-on")):
+        for pattern, label in (
+            (r"\son[a-z]+\s*=", "on*= handler"),
+            (r"\sstyle\s*=", "style="),
+            (r"<style", "<style> block"),
+            (r"javascript:", "javascript: URL"),
+            (r"\shx-on", "hx-on"),
+        ):
             if re.search(pattern, source, flags=re.I):
                 found.append(label)
         if found:
@@ -195,7 +215,9 @@ def test_rendered_pages_and_fragments_have_no_inline_code(app, homeowner_client)
             # htmx may not inject its indicator <style> or evaluate strings.
             config = re.search(r'<meta name="htmx-config" content=\'([^\']+)\'', item.body)
             assert config, item.url
-            assert '"includeIndicatorStyles": false' in config.group(1) and '"allowEval": false' in config.group(1)
+            assert '"includeIndicatorStyles": false' in config.group(
+                1
+            ) and '"allowEval": false' in config.group(1)
             assert '"allowScriptTags": false' in config.group(1)
     assert problems == {}
     assert full_pages >= 20
@@ -215,17 +237,21 @@ def _cookie_attributes(header):
 
 
 def _session_cookies(response):
-    return [_cookie_attributes(h) for h in response.headers.getlist("Set-Cookie") if h.startswith(COOKIE + "=")]
+    return [
+        _cookie_attributes(h) for h in response.headers.getlist("Set-Cookie") if h.startswith(COOKIE + "=")
+    ]
 
 
 def test_session_cookie_is_httponly_and_samesite_lax_in_tests(app, client):
     make_user("cookie@example.com", PASSWORD, provisioned=False)
     cookies = _session_cookies(client.get("/login"))
     token = csrf_token(client, "/login")
-    response = client.post("/login", data={"email": "cookie@example.com", "password": PASSWORD, "csrf_token": token})
+    response = client.post(
+        "/login", data={"email": "cookie@example.com", "password": PASSWORD, "csrf_token": token}
+    )
     cookies += _session_cookies(response)
     assert cookies
-    for name, value, attributes in cookies:
+    for _name, _value, attributes in cookies:
         assert "httponly" in attributes
         assert attributes.get("samesite") == "Lax"
         assert "expires" not in attributes and "max-age" not in attributes  # ends with the browser
@@ -266,12 +292,15 @@ def test_production_session_cookie_is_secure_httponly_lax_and_pages_have_hsts(ap
     check_csp(page.headers["Content-Security-Policy"], "/login")
     cookies = _session_cookies(page)
     token = re.search(r'name="csrf_token" value="([^"]+)"', page.get_data(as_text=True)).group(1)
-    response = browser.post(base + "/login", data={"email": "prod@example.com", "password": PASSWORD, "csrf_token": token},
-                            headers={"Referer": base + "/login"})
+    response = browser.post(
+        base + "/login",
+        data={"email": "prod@example.com", "password": PASSWORD, "csrf_token": token},
+        headers={"Referer": base + "/login"},
+    )
     assert response.status_code == 302, response.get_data(as_text=True)
     cookies += _session_cookies(response)
     assert len(cookies) >= 2
-    for name, value, attributes in cookies:
+    for _name, _value, attributes in cookies:
         assert "secure" in attributes, attributes
         assert "httponly" in attributes, attributes
         assert attributes.get("samesite") == "Lax", attributes
@@ -281,12 +310,25 @@ def test_production_session_cookie_is_secure_httponly_lax_and_pages_have_hsts(ap
 def test_production_refuses_to_start_without_real_secrets_or_a_base_url(app_config, db_url):
     from selfserve import create_app
 
-    complete = {"TESTING": False, "DEMO": False, "SECRET_KEY": "k" * 40, "DATABASE_URL": db_url,
-                "BASE_URL": PRODUCTION_BASE_URL, "PARTICLE_PRODUCT": "1", "PARTICLE_CLIENT_ID": "x",
-                "PARTICLE_CLIENT_SECRET": "y", "SWEEP_SECONDS": 0}
+    complete = {
+        "TESTING": False,
+        "DEMO": False,
+        "SECRET_KEY": "k" * 40,
+        "DATABASE_URL": db_url,
+        "BASE_URL": PRODUCTION_BASE_URL,
+        "PARTICLE_PRODUCT": "1",
+        "PARTICLE_CLIENT_ID": "x",
+        "PARTICLE_CLIENT_SECRET": "y",
+        "SWEEP_SECONDS": 0,
+    }
     config_module.check_production(complete)  # the complete set starts
-    for missing, value in (("SECRET_KEY", ""), ("SECRET_KEY", "short"), ("PARTICLE_CLIENT_SECRET", ""),
-                           ("BASE_URL", ""), ("BASE_URL", "devices.example.com")):
+    for missing, value in (
+        ("SECRET_KEY", ""),
+        ("SECRET_KEY", "short"),
+        ("PARTICLE_CLIENT_SECRET", ""),
+        ("BASE_URL", ""),
+        ("BASE_URL", "devices.example.com"),
+    ):
         with pytest.raises(config_module.ConfigError) as refused:
             create_app({**complete, missing: value})
         assert "SELFSERVE_" + missing in str(refused.value)
@@ -300,8 +342,11 @@ def test_emailed_links_ignore_a_forged_host_header(app, production_app, mailbox)
     forged = "https://evil.example"
     page = attacker.get(forged + "/forgot")
     token = re.search(r'name="csrf_token" value="([^"]+)"', page.get_data(as_text=True)).group(1)
-    response = attacker.post(forged + "/forgot", data={"email": "victim@example.com", "csrf_token": token},
-                             headers={"Referer": forged + "/forgot"})
+    response = attacker.post(
+        forged + "/forgot",
+        data={"email": "victim@example.com", "csrf_token": token},
+        headers={"Referer": forged + "/forgot"},
+    )
     assert response.status_code == 200, response.get_data(as_text=True)
     links = mailbox.links(mailbox.wait_for("victim@example.com"))
     assert links and all(link.startswith(PRODUCTION_BASE_URL + "/") for link in links), links

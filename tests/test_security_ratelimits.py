@@ -7,6 +7,7 @@ so every worker shares them). What is left is the promise that Flask-Limiter's c
 shared by workers once RATELIMIT_STORAGE_URI points at Redis: a second process (another
 worker) uses up the sign-in limit, and this process is refused.
 """
+
 import json
 import os
 import random
@@ -15,7 +16,6 @@ import sys
 import textwrap
 
 import pytest
-
 from helpers import csrf_token
 
 REDIS_URI = "redis://127.0.0.1:6379"
@@ -78,31 +78,45 @@ def test_sign_in_limit_is_shared_by_workers_through_redis(shared_store, app_conf
         "ATTEMPTS": 3,
         "IP": address,
     }
-    worker = subprocess.run([sys.executable, "-c", WORKER, json.dumps(settings)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=60)
+    worker = subprocess.run(
+        [sys.executable, "-c", WORKER, json.dumps(settings)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert worker.returncode == 0, worker.stderr[-2000:]
     assert json.loads(worker.stdout.strip().splitlines()[-1]) == [401, 401, 401]
     assert any(address in key.decode() for key in connection.scan_iter(match=f"*{address}*"))
 
     # This worker has seen no attempt from that address, yet refuses the next one.
     token = csrf_token(client, "/login")
-    response = client.post("/login", data={"email": "guess9@example.com", "password": "not it at all",
-                                           "csrf_token": token}, environ_base={"REMOTE_ADDR": address})
+    response = client.post(
+        "/login",
+        data={"email": "guess9@example.com", "password": "not it at all", "csrf_token": token},
+        environ_base={"REMOTE_ADDR": address},
+    )
     assert response.status_code == 429
     assert "Too many attempts" in response.get_data(as_text=True)
     # Another address is unaffected.
-    other = client.post("/login", data={"email": "guess9@example.com", "password": "not it at all",
-                                        "csrf_token": token}, environ_base={"REMOTE_ADDR": "192.0.2.77"})
+    other = client.post(
+        "/login",
+        data={"email": "guess9@example.com", "password": "not it at all", "csrf_token": token},
+        environ_base={"REMOTE_ADDR": "192.0.2.77"},
+    )
     assert other.status_code == 401
     for key in connection.scan_iter(match="*192.0.2.77*"):
         connection.delete(key)
 
 
-
 def _failed_login(client, token, remote_addr, forwarded=None):
     headers = {"X-Forwarded-For": forwarded} if forwarded else {}
-    return client.post("/login", data={"email": "someone@example.com", "password": "not it at all", "csrf_token": token},
-                       environ_base={"REMOTE_ADDR": remote_addr}, headers=headers).status_code
+    return client.post(
+        "/login",
+        data={"email": "someone@example.com", "password": "not it at all", "csrf_token": token},
+        environ_base={"REMOTE_ADDR": remote_addr},
+        headers=headers,
+    ).status_code
 
 
 @pytest.fixture

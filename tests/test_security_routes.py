@@ -10,20 +10,21 @@ anyone remembering to add them here.
 - ownership: another customer's device, or a malformed id, by every device-scoped URL, is a
   404 with no Particle call at all.
 """
+
 import datetime
 
 import pytest
-
 from helpers import csrf_token
 from helpers import login
 from helpers import make_user
 from helpers import seed_registry
-from selfserve import models
-from selfserve.models import Device
-from selfserve.services import devices
 from test_security_crawl import HTMX
 from test_security_crawl import Crawler
 from test_security_crawl import concrete_rules
+
+from selfserve import models
+from selfserve.models import Device
+from selfserve.services import devices
 
 PASSWORD = "correct horse battery"
 WINDOW = "e00fce68a1b2c3d4e5f60701"
@@ -103,8 +104,13 @@ def browser(app, owner):
 
 
 def values_for(user, device_id=WINDOW):
-    return {"device_id": device_id, "customer_id": str(user.id), "function_name": "open", "token": "not-a-token",
-            "transfer_id": "1"}
+    return {
+        "device_id": device_id,
+        "customer_id": str(user.id),
+        "function_name": "open",
+        "token": "not-a-token",
+        "transfer_id": "1",
+    }
 
 
 def database_state(page_views_allowed=False):
@@ -120,30 +126,45 @@ def database_state(page_views_allowed=False):
         columns = [f for f in model._meta.sorted_fields if (table, f.column_name) not in IGNORED_COLUMNS]
         query = model.select(*columns)
         if page_views_allowed and model is models.AuditEvent:
-            query = query.where(~(models.AuditEvent.action.startswith("support.")
-                                  & models.AuditEvent.action.contains("viewed")))
-        state[table] = sorted((tuple(str(v) for v in row) for row in query.tuples()))
+            query = query.where(
+                ~(
+                    models.AuditEvent.action.startswith("support.")
+                    & models.AuditEvent.action.contains("viewed")
+                )
+            )
+        state[table] = sorted(tuple(str(v) for v in row) for row in query.tuples())
     return state
 
 
 def diff(before, after):
-    return {table: {"gone": sorted(set(before[table]) - set(after[table])),
-                    "new": sorted(set(after[table]) - set(before[table]))}
-            for table in before if before[table] != after[table]}
+    return {
+        table: {
+            "gone": sorted(set(before[table]) - set(after[table])),
+            "new": sorted(set(after[table]) - set(before[table])),
+        }
+        for table in before
+        if before[table] != after[table]
+    }
 
 
 def particle_writes(sim):
     """Calls that change something in the cloud: every method but GET, except minting tokens."""
-    return {route: count for route, count in sim.counters()["routes"].items()
-            if count and not route.startswith("GET ") and route != "POST /oauth/token"}
+    return {
+        route: count
+        for route, count in sim.counters()["routes"].items()
+        if count and not route.startswith("GET ") and route != "POST /oauth/token"
+    }
 
 
 # --- deny by default ------------------------------------------------------------------------------
 
 
 def test_public_views_are_exactly_the_reviewed_list(app):
-    public = {endpoint for endpoint, view in app.view_functions.items()
-              if endpoint != "static" and getattr(view, "is_public", False)}
+    public = {
+        endpoint
+        for endpoint, view in app.view_functions.items()
+        if endpoint != "static" and getattr(view, "is_public", False)
+    }
     assert public - set(PUBLIC) == set(), "new public views: review them and add them to PUBLIC"
     registered = set(app.view_functions)
     assert {"demo.mailbox", "accounts.login", "devices.dashboard"} <= registered
@@ -160,7 +181,9 @@ def test_anonymous_requests_are_sent_to_sign_in(app, owner):
             continue
         for htmx in (False, True):
             headers = {**HTMX, "X-CSRFToken": token} if htmx else {}
-            response = anonymous.open(path, method=method, headers=headers, data={"csrf_token": token, **FORM})
+            response = anonymous.open(
+                path, method=method, headers=headers, data={"csrf_token": token, **FORM}
+            )
             where = (method, path, htmx, response.status_code)
             if htmx:
                 # htmx: navigate the whole page to sign-in, nothing swapped in.
@@ -175,7 +198,7 @@ def test_anonymous_requests_are_sent_to_sign_in(app, owner):
 
 def test_public_views_answer_anonymous_requests_without_errors(app, owner):
     anonymous = app.test_client()
-    for method, path, rule in concrete_rules(app, values_for(owner), {"GET"}):
+    for _method, path, rule in concrete_rules(app, values_for(owner), {"GET"}):
         if rule.endpoint in PUBLIC:
             response = anonymous.get(path)
             assert response.status_code < 500, (path, response.status_code)
@@ -218,8 +241,14 @@ def test_every_state_change_needs_the_csrf_token(app, owner, browser, sim):
         checked.add(rule.endpoint)
     assert diff(before, database_state()) == {}
     assert sim.counters()["total"] == 0
-    assert {"accounts.login", "accounts.logout", "devices.claim", "devices.call_function", "devices.rename",
-            "devices.release"} <= checked
+    assert {
+        "accounts.login",
+        "accounts.logout",
+        "devices.claim",
+        "devices.call_function",
+        "devices.rename",
+        "devices.release",
+    } <= checked
     # The signed-in session survived every forged logout.
     assert browser.get("/account").status_code == 200
 
@@ -228,8 +257,11 @@ def test_the_real_token_works_where_the_forged_ones_failed(app, owner, browser, 
     """The refusals above are CSRF refusals, not broken routes: with the token the same rename
     goes through."""
     token = csrf_token(browser, f"/devices/{WINDOW}")
-    response = browser.post(f"/devices/{WINDOW}/rename", data={"name": "Bedroom", "csrf_token": token},
-                            headers={**HTMX, "X-CSRFToken": token})
+    response = browser.post(
+        f"/devices/{WINDOW}/rename",
+        data={"name": "Bedroom", "csrf_token": token},
+        headers={**HTMX, "X-CSRFToken": token},
+    )
     assert response.status_code == 200
     assert Device.get_by_id(WINDOW).name == "Bedroom"
 
@@ -250,8 +282,11 @@ def test_no_get_changes_state(app, owner, browser, sim):
 
     for item in signed_in.fetched + anonymous.fetched:
         assert item.status < 500, (item.url, item.status)
-    post_only = [path for method, path, rule in concrete_rules(app, values)
-                 if "GET" not in rule.methods and method == "POST"]
+    post_only = [
+        path
+        for method, path, rule in concrete_rules(app, values)
+        if "GET" not in rule.methods and method == "POST"
+    ]
     assert post_only
     for item in signed_in.fetched:
         if item.url in post_only:
@@ -264,13 +299,18 @@ def test_no_get_changes_state(app, owner, browser, sim):
 
 
 def test_no_get_changes_state_for_staff_in_the_console_and_viewing_as_a_customer(app, owner, sim):
+    from test_support_views import sign_in_staff
+
     from selfserve.models import AuditEvent
     from selfserve.services import staff
-    from test_support_views import sign_in_staff
 
     staff_user = staff.create_staff("gets@support.example", PASSWORD)
     console = sign_in_staff(app.test_client(), staff_user)
-    values = {**values_for(owner), "device_id": [WINDOW, OTHERS_WINDOW], "customer_id": [str(owner.id), "999"]}
+    values = {
+        **values_for(owner),
+        "device_id": [WINDOW, OTHERS_WINDOW],
+        "customer_id": [str(owner.id), "999"],
+    }
     paths = sorted({path for method, path, rule in concrete_rules(app, values)})
     before = database_state(page_views_allowed=True)
     sim.reset_counters()
@@ -280,14 +320,18 @@ def test_no_get_changes_state_for_staff_in_the_console_and_viewing_as_a_customer
 
     # While viewing as the customer, GETs record page views and nothing else.
     token = csrf_token(console, "/support")
-    started = console.post(f"/support/customers/{owner.id}/view", data={"reason": "ticket 77", "csrf_token": token})
+    started = console.post(
+        f"/support/customers/{owner.id}/view", data={"reason": "ticket 77", "csrf_token": token}
+    )
     assert started.status_code == 302
     before = database_state(page_views_allowed=True)
     views_before = AuditEvent.select().where(AuditEvent.action == "support.page_viewed").count()
     sim.reset_counters()
     viewer = Crawler(console)
     viewer.crawl(["/devices", f"/devices/{WINDOW}", "/account"] + paths)
-    assert all(item.status < 500 for item in viewer.fetched), [(i.url, i.status) for i in viewer.fetched if i.status >= 500]
+    assert all(item.status < 500 for item in viewer.fetched), [
+        (i.url, i.status) for i in viewer.fetched if i.status >= 500
+    ]
     assert particle_writes(sim) == {}
     assert diff(before, database_state(page_views_allowed=True)) == {}
     assert AuditEvent.select().where(AuditEvent.action == "support.page_viewed").count() > views_before
@@ -319,8 +363,14 @@ def test_another_customers_device_is_404_by_every_device_url_without_particle_ca
     sim.reset_counters()
 
     device_rules = [rule for rule in app.url_map.iter_rules() if "device_id" in rule.arguments]
-    assert {"devices.detail", "devices.values", "devices.summary", "devices.rename", "devices.release",
-            "devices.call_function"} <= {rule.endpoint for rule in device_rules}
+    assert {
+        "devices.detail",
+        "devices.values",
+        "devices.summary",
+        "devices.rename",
+        "devices.release",
+        "devices.call_function",
+    } <= {rule.endpoint for rule in device_rules}
     checked = 0
     for device_id in [WINDOW, PUMP, WINDOW.upper(), "f" * 24] + MALFORMED_IDS:
         for method, path, rule in concrete_rules(app, {**values_for(other), "device_id": device_id}):
@@ -330,7 +380,9 @@ def test_another_customers_device_is_404_by_every_device_url_without_particle_ca
             expected = 403 if rule.endpoint.startswith("support.") else 404
             for htmx in (False, True):
                 headers = {**HTMX, "X-CSRFToken": token} if htmx else {}
-                response = client.open(path, method=method, headers=headers, data={"csrf_token": token, **FORM})
+                response = client.open(
+                    path, method=method, headers=headers, data={"csrf_token": token, **FORM}
+                )
                 assert response.status_code == expected, (method, path, htmx, response.status_code)
                 checked += 1
     assert checked >= 100
@@ -342,11 +394,12 @@ def test_another_customers_device_is_404_by_every_device_url_without_particle_ca
 def test_a_device_mid_claim_or_release_is_404_too(app, owner, sim):
     """device_for only hands out devices with no claim or release in flight."""
     Device.update(claim_state="releasing", claim_state_at=datetime.datetime(2020, 1, 1)).where(
-        Device.device_id == PUMP).execute()
+        Device.device_id == PUMP
+    ).execute()
     client = app.test_client()
     login(client, owner.email, PASSWORD)
     sim.reset_counters()
-    for method, path, rule in concrete_rules(app, values_for(owner, PUMP), {"GET"}):
+    for _method, path, rule in concrete_rules(app, values_for(owner, PUMP), {"GET"}):
         if "device_id" in rule.arguments and rule.endpoint.startswith("devices."):
             assert client.get(path, headers=HTMX).status_code == 404, path
     assert sim.counters()["total"] == 0
@@ -378,7 +431,9 @@ def test_another_customers_transfer_is_404_by_every_transfer_url(app, owner, sim
             expected = 403 if rule.endpoint.startswith("support.") else 404
             for htmx in (False, True):
                 headers = {**HTMX, "X-CSRFToken": token} if htmx else {}
-                response = client.open(path, method=method, headers=headers, data={"csrf_token": token, **FORM})
+                response = client.open(
+                    path, method=method, headers=headers, data={"csrf_token": token, **FORM}
+                )
                 assert response.status_code == expected, (method, path, htmx, response.status_code)
                 checked += 1
     assert checked >= 8

@@ -1,6 +1,7 @@
 """Support decides disputed transfers (a request the recorded owner objected to): through the
 console for the journeys and refusals, through the service for crashes and races. Giving the
 device to the requester runs the transfers' own step machine against the simulator."""
+
 import datetime
 import threading
 
@@ -117,7 +118,8 @@ def expire_leases():
 
 
 def test_giving_it_to_the_requester_moves_the_device_on_particle_and_tells_both(
-        app, console, disputed, owner, requester, staff_account, sim, mailbox):
+    app, console, disputed, owner, requester, staff_account, sim, mailbox
+):
     response = decide(console, disputed, "requester")
     page = response.get_data(as_text=True)
     assert response.request.path == f"/support/customers/{owner.id}"  # back where the form was
@@ -136,7 +138,9 @@ def test_giving_it_to_the_requester_moves_the_device_on_particle_and_tells_both(
 
     assert "decided that it goes to you" in text(mailbox, REQUESTER)
     assert "decided that the device goes to the person who asked" in text(mailbox, OWNER)
-    assert len(mailbox.to(REQUESTER)) == 1 and len(mailbox.to(OWNER)) == 1  # the dispute mails, not the generic ones
+    assert (
+        len(mailbox.to(REQUESTER)) == 1 and len(mailbox.to(OWNER)) == 1
+    )  # the dispute mails, not the generic ones
 
     for user, sentence in ((owner, "goes to the person who asked for it"), (requester, "goes to you")):
         (row,) = decisions(user)
@@ -150,7 +154,8 @@ def test_giving_it_to_the_requester_moves_the_device_on_particle_and_tells_both(
 
 
 def test_keeping_it_with_the_owner_moves_nothing_and_tells_both(
-        app, console, disputed, owner, requester, staff_account, sim, mailbox):
+    app, console, disputed, owner, requester, staff_account, sim, mailbox
+):
     sim.reset_counters()
     response = decide(console, disputed, "owner", confirm=False)
     assert "Decided: the device stays with its owner" in response.get_data(as_text=True)
@@ -203,7 +208,9 @@ def test_only_an_objected_request_can_be_decided(console, labels, owner, request
     transfers.cancel(owner, offer)
     with pytest.raises(devices.DeviceError) as caught:
         devices.claim(requester, label["serial_number"], label["setup_code"])
-    waiting = transfers.request_device(requester, transfers.remember_possession(requester, caught.value.device))
+    waiting = transfers.request_device(
+        requester, transfers.remember_possession(requester, caught.value.device)
+    )
     response = decide(console, waiting, "requester")
     assert "This transfer is: requested" in response.get_data(as_text=True)
     assert Transfer.get_by_id(waiting.id).state == "requested"
@@ -235,14 +242,18 @@ def test_two_staff_deciding_at_once_decide_once(app, disputed, owner, requester,
             models.db.connect(reuse_if_open=True)
             barrier.wait()
             try:
-                results[index] = transfers.decide_dispute(User.get_by_id(staff_account.id),
-                                                          Transfer.get_by_id(disputed.id), outcome, REASON)
+                results[index] = transfers.decide_dispute(
+                    User.get_by_id(staff_account.id), Transfer.get_by_id(disputed.id), outcome, REASON
+                )
             except Exception as exc:  # noqa: BLE001 - collected for the assertions
                 results[index] = exc
             finally:
                 models.db.close()
 
-    threads = [threading.Thread(target=run, args=(0, "requester")), threading.Thread(target=run, args=(1, "owner"))]
+    threads = [
+        threading.Thread(target=run, args=(0, "requester")),
+        threading.Thread(target=run, args=(1, "owner")),
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -250,7 +261,9 @@ def test_two_staff_deciding_at_once_decide_once(app, disputed, owner, requester,
     won = [r for r in results if isinstance(r, Transfer)]
     refused = [r for r in results if isinstance(r, transfers.TransferError)]
     assert len(won) == 1 and len(refused) == 1, results
-    assert len(decisions()) == 2 and {row.detail["outcome"] for row in decisions()} == {won[0].dispute_outcome}
+    assert len(decisions()) == 2 and {row.detail["outcome"] for row in decisions()} == {
+        won[0].dispute_outcome
+    }
     expected = requester if won[0].dispute_outcome == "requester" else owner
     assert Device.get_by_id(WINDOW).owner_id == expected.id
     assert sim.device(WINDOW)["owner"] == customer_of(expected)
@@ -261,9 +274,16 @@ def test_customers_get_403(app, disputed, owner, requester):
         client = app.test_client()
         login(client, user.email, PASSWORD)
         token = csrf_token(client, "/account")
-        response = client.post(decide_path(disputed), data={
-            "csrf_token": token, "outcome": "requester" if user == requester else "owner", "reason": REASON,
-            "confirm": "yes", "next": "/support/fleet"})
+        response = client.post(
+            decide_path(disputed),
+            data={
+                "csrf_token": token,
+                "outcome": "requester" if user == requester else "owner",
+                "reason": REASON,
+                "confirm": "yes",
+                "next": "/support/fleet",
+            },
+        )
         assert response.status_code == 403
     assert Transfer.get_by_id(disputed.id).state == "objected" and decisions() == []
 
@@ -272,8 +292,10 @@ def test_refused_while_viewing_as_a_customer(console, disputed, owner, sim, mail
     start_view(console, owner)
     sim.reset_counters()
     token = csrf_token(console, "/devices")
-    response = console.post(decide_path(disputed), data={
-        "csrf_token": token, "outcome": "requester", "reason": REASON, "confirm": "yes"})
+    response = console.post(
+        decide_path(disputed),
+        data={"csrf_token": token, "outcome": "requester", "reason": REASON, "confirm": "yes"},
+    )
     assert response.status_code == 403 and "read-only" in response.get_data(as_text=True)
     assert Transfer.get_by_id(disputed.id).state == "objected"
     assert Device.get_by_id(WINDOW).owner_id == owner.id
@@ -334,8 +356,9 @@ CRASH_POINTS = [
 
 
 @pytest.mark.parametrize("where,name,after", [p[1:] for p in CRASH_POINTS], ids=[p[0] for p in CRASH_POINTS])
-def test_a_crash_after_deciding_resumes_in_the_sweep(disputed, owner, requester, staff_account, sim, mailbox,
-                                                     particle, monkeypatch, where, name, after):
+def test_a_crash_after_deciding_resumes_in_the_sweep(
+    disputed, owner, requester, staff_account, sim, mailbox, particle, monkeypatch, where, name, after
+):
     _crash_in(monkeypatch, {"client": particle, "mail": mail}[where], name, after=after)
     with pytest.raises(Crash):
         transfers.decide_dispute(staff_account, disputed, "requester", REASON)
@@ -362,7 +385,9 @@ def test_a_crash_after_deciding_resumes_in_the_sweep(disputed, owner, requester,
     assert len(decisions()) == 2
 
 
-def test_a_cloud_outage_after_deciding_leaves_the_move_to_the_sweep(console, disputed, owner, requester, sim, mailbox):
+def test_a_cloud_outage_after_deciding_leaves_the_move_to_the_sweep(
+    console, disputed, owner, requester, sim, mailbox
+):
     sim.add_fault("DELETE", "/v1/products/*/devices/*/owner", count=1, status=503)
     response = decide(console, disputed, "requester")
     assert "the sweep finishes the move" in response.get_data(as_text=True)
@@ -378,7 +403,9 @@ def test_a_cloud_outage_after_deciding_leaves_the_move_to_the_sweep(console, dis
 
 
 def test_a_refused_claim_gives_it_back_to_the_owner(console, disputed, owner, sim, mailbox):
-    sim.add_fault("POST", "/v1/devices", count=1, status=403, body={"ok": False, "error": "Permission Denied"})
+    sim.add_fault(
+        "POST", "/v1/devices", count=1, status=403, body={"ok": False, "error": "Permission Denied"}
+    )
     response = decide(console, disputed, "requester")
     assert "the device stays with its owner" in response.get_data(as_text=True)
     assert Transfer.get_by_id(disputed.id).state == "failed_returned"

@@ -1,5 +1,6 @@
 """Support services without HTTP: staff accounts and TOTP, view-as rules and expiry, the
 reconciliation (each drift type, never a fix), the operator commands."""
+
 import datetime
 
 import pyotp
@@ -40,13 +41,16 @@ def own(user, labels, device_id):
 
 
 def utc(moment):
-    return moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.replace(tzinfo=datetime.UTC)
 
 
 def signed_in(user, verified=True):
     """A login session for `user` (second factor passed unless told otherwise)."""
-    row = LoginSession.create(id=f"s-{user.id}-{LoginSession.select().count()}", user=user,
-                              mfa_verified_at=utcnow() if verified else None)
+    row = LoginSession.create(
+        id=f"s-{user.id}-{LoginSession.select().count()}",
+        user=user,
+        mfa_verified_at=utcnow() if verified else None,
+    )
     user.login_session = row
     return user
 
@@ -105,12 +109,16 @@ def test_enrolment_in_two_windows_keeps_the_first(app):
     assert first != second
     staff.confirm_enrolment(user, first_sealed, pyotp.TOTP(first).now(), user.login_session)
     with pytest.raises(staff.StaffError):
-        staff.confirm_enrolment(User.get_by_id(user.id), second_sealed, pyotp.TOTP(second).now(), user.login_session)
+        staff.confirm_enrolment(
+            User.get_by_id(user.id), second_sealed, pyotp.TOTP(second).now(), user.login_session
+        )
     assert staff._secret(User.get_by_id(user.id)) == first
 
 
 def signed_in_id(user):
-    return LoginSession.select().where(LoginSession.user == user.id).order_by(LoginSession.created_at).first().id
+    return (
+        LoginSession.select().where(LoginSession.user == user.id).order_by(LoginSession.created_at).first().id
+    )
 
 
 def test_reset_second_factor_forgets_the_app_and_signs_out(app):
@@ -120,7 +128,11 @@ def test_reset_second_factor_forgets_the_app_and_signs_out(app):
     staff.reset_second_factor("helper@support.example")
     user = User.get_by_id(user.id)
     assert not staff.is_enrolled(user) and user.totp_secret_encrypted is None
-    assert not LoginSession.select().where((LoginSession.user == user.id) & LoginSession.ended_at.is_null()).exists()
+    assert (
+        not LoginSession.select()
+        .where((LoginSession.user == user.id) & LoginSession.ended_at.is_null())
+        .exists()
+    )
     with pytest.raises(staff.StaffError):
         staff.reset_second_factor("nobody@example.com")
 
@@ -185,7 +197,9 @@ def test_effective_user_is_the_customer_until_the_view_expires(app, helper, cust
     seen = impersonation.effective_user(staff_user, session)
     assert seen.id == customer.id and seen.viewed_by.id == helper.id and seen.staff_view.id == view.id
     assert 29 * 60 < impersonation.seconds_left(seen.staff_view) <= 30 * 60
-    StaffView.update(expires_at=utcnow() - datetime.timedelta(seconds=1)).where(StaffView.id == view.id).execute()
+    StaffView.update(expires_at=utcnow() - datetime.timedelta(seconds=1)).where(
+        StaffView.id == view.id
+    ).execute()
     with app.test_request_context("/devices"):
         assert impersonation.effective_user(staff_user, session).id == helper.id
     ended = StaffView.get_by_id(view.id)
@@ -201,7 +215,9 @@ def test_sweep_ends_expired_views_and_views_of_ended_sessions(app, helper, custo
     second = make_user("second@example.com", PASSWORD)
     other_helper = signed_in(staff.create_staff("other@support.example", PASSWORD))
     other_view = start(app, other_helper, second.id)
-    StaffView.update(expires_at=utcnow() - datetime.timedelta(minutes=1)).where(StaffView.id == view.id).execute()
+    StaffView.update(expires_at=utcnow() - datetime.timedelta(minutes=1)).where(
+        StaffView.id == view.id
+    ).execute()
     LoginSession.update(ended_at=utcnow()).where(LoginSession.id == other_view.login_session_id).execute()
     results = sweep.run_once(app)
     assert results["selfserve.services.impersonation.end_stale_views"] == 2
@@ -249,11 +265,15 @@ def test_reconciliation_finds_each_drift_type_and_fixes_nothing(app, sim, labels
     assert sim.device(WINDOW)["owner"] is None and sim.device(PUMP)["owner"] == "stranger"
 
 
-def test_reconciliation_pages_through_the_product_and_skips_steps_in_flight(app, sim, labels, customer, monkeypatch):
+def test_reconciliation_pages_through_the_product_and_skips_steps_in_flight(
+    app, sim, labels, customer, monkeypatch
+):
     monkeypatch.setattr(reconcile, "PAGE_SIZE", 2)
     own(customer, labels, WINDOW)
     sim.set_device(WINDOW, owner=None)
-    Device.update(claim_state="releasing", claim_state_at=utcnow()).where(Device.device_id == WINDOW).execute()
+    Device.update(claim_state="releasing", claim_state_at=utcnow()).where(
+        Device.device_id == WINDOW
+    ).execute()
     run = reconcile.run()
     assert run.status == "done" and run.findings_count == 0
     assert run.particle_devices == len(labels)
@@ -282,8 +302,9 @@ def test_reconcile_command_prints_findings(app, sim, labels, customer):
 
 def test_create_staff_command(app):
     runner = app.test_cli_runner()
-    result = runner.invoke(args=["create-staff", "desk@support.example", "--role", "admin"],
-                           input=f"{PASSWORD}\n{PASSWORD}\n")
+    result = runner.invoke(
+        args=["create-staff", "desk@support.example", "--role", "admin"], input=f"{PASSWORD}\n{PASSWORD}\n"
+    )
     assert result.exit_code == 0, result.output
     assert User.get(User.email == "desk@support.example").role == "admin"
     assert PASSWORD not in result.output
@@ -301,7 +322,8 @@ def test_stuck_lists_provisioning_and_device_steps_and_empty_extension_points(ap
     User.update(provisioning_attempts=2).where(User.id == waiting.id).execute()
     own(customer, labels, WINDOW)
     Device.update(claim_state="claiming", claim_state_at=utcnow() - datetime.timedelta(hours=1)).where(
-        Device.device_id == WINDOW).execute()
+        Device.device_id == WINDOW
+    ).execute()
     found = support.stuck()
     assert [u.email for u in found["provisioning"]] == ["pending@example.com"]
     assert [d.device_id for d in found["device_steps"]] == [WINDOW]
@@ -316,7 +338,9 @@ def test_support_release_calls_the_devices_service_and_audits_both(app, sim, lab
         support.release_device(helper, device, "")
     support.release_device(helper, device, "returned, RMA 5")
     assert Device.get_by_id(WINDOW).owner_id is None and sim.device(WINDOW)["owner"] is None
-    actions = [e.action for e in AuditEvent.select().where(AuditEvent.user == customer.id).order_by(AuditEvent.id)]
+    actions = [
+        e.action for e in AuditEvent.select().where(AuditEvent.user == customer.id).order_by(AuditEvent.id)
+    ]
     assert actions[-2:] == ["device.released", "support.released_device"]
     with pytest.raises(support.SupportError):
         support.release_device(helper, Device.get_by_id(WINDOW), "again 1")
@@ -332,7 +356,6 @@ def test_staff_alerts_are_listed_as_stuck(app, sim, labels):
 
 def test_transfers_and_migrations_needing_staff_are_listed(app, sim, labels, customer, mailbox):
     from selfserve import models
-
     from selfserve.services import transfers
 
     own(customer, labels, WINDOW)
@@ -343,9 +366,13 @@ def test_transfers_and_migrations_needing_staff_are_listed(app, sim, labels, cus
     # An objected request needs staff; so does a move running far longer than a sweep.
     models.Transfer.update(state="objected").where(models.Transfer.id == transfer.id).execute()
     assert [t.id for t in support.stuck()["transfers"]] == [transfer.id]
-    models.Transfer.update(state="moving", decided_at=utcnow()).where(models.Transfer.id == transfer.id).execute()
+    models.Transfer.update(state="moving", decided_at=utcnow()).where(
+        models.Transfer.id == transfer.id
+    ).execute()
     assert support.stuck()["transfers"] == []
     later = utcnow() + datetime.timedelta(seconds=support.TRANSFER_STUCK_SECONDS + 1)
     assert [t.id for t in support.stuck(now=later)["transfers"]] == [transfer.id]
-    models.MigrationRow.create(device_id=PUMP, email="field@example.com", state="failed", last_error="refused")
+    models.MigrationRow.create(
+        device_id=PUMP, email="field@example.com", state="failed", last_error="refused"
+    )
     assert [row.device_id for row in support.stuck()["migrations"]] == [PUMP]

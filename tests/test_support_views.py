@@ -1,5 +1,6 @@
 """Support console through the Flask client: staff sign-in with TOTP, the role x route matrix,
 "view as customer" (read-only matrix, expiry, banner, audit), staff actions."""
+
 import datetime
 import re
 
@@ -24,6 +25,7 @@ STAFF_EMAIL = "helper@support.example"
 WINDOW = "e00fce68a1b2c3d4e5f60701"
 PUMP = "e00fce68a1b2c3d4e5f60801"
 HTMX = {"HX-Request": "true"}
+
 
 class FreshContextClient(FlaskClient):
     """Each request in its own app context, as a real server (CSRF tokens cached in `g` must
@@ -59,7 +61,7 @@ def code_for(user, offset_steps=0):
     """A TOTP code for the staff member's secret (the next step if the current one was used)."""
     user = User.get_by_id(user.id)
     totp = pyotp.TOTP(staff._secret(user))
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     if user.totp_last_step is not None and user.totp_last_step >= totp.timecode(now):
         offset_steps = max(offset_steps, 1)
     return totp.at(now + datetime.timedelta(seconds=30 * offset_steps))
@@ -81,8 +83,9 @@ def sign_in_staff(client, user, password=PASSWORD):
         assert User.get_by_id(user.id).totp_secret_encrypted is None
         code = pyotp.TOTP(secret).now()
     token = csrf_token(client, "/support/second-factor")
-    response = client.post("/support/second-factor", data={"code": code, "csrf_token": token},
-                           follow_redirects=True)
+    response = client.post(
+        "/support/second-factor", data={"code": code, "csrf_token": token}, follow_redirects=True
+    )
     assert response.status_code == 200, response.get_data(as_text=True)
     assert response.request.path == "/support"
     return client
@@ -105,8 +108,11 @@ def start_view(client, customer_user, reason="ticket #4411"):
 def writes(sim):
     """Particle calls that change something: every method but GET, except minting a token."""
     routes = sim.counters()["routes"]
-    return {route: count for route, count in routes.items()
-            if count and not route.startswith("GET ") and route != "POST /oauth/token"}
+    return {
+        route: count
+        for route, count in routes.items()
+        if count and not route.startswith("GET ") and route != "POST /oauth/token"
+    }
 
 
 def events(action, user=None):
@@ -118,6 +124,7 @@ def events(action, user=None):
 
 def fill(rule, values):
     """The rule's path with its arguments filled in (1 for ints, "x" for unknown names)."""
+
     def value(match):
         converter, name = match.group(1), match.group(2)
         return values.get(name, "1" if converter == "int" else "x")
@@ -170,7 +177,7 @@ def test_wrong_and_replayed_codes_are_refused(app, staff_user):
     # The code the first browser used (its step is spent) doesn't work again.
     user = User.get_by_id(staff_user.id)
     totp = pyotp.TOTP(staff._secret(user))
-    spent = totp.at(datetime.datetime.fromtimestamp(user.totp_last_step * 30, datetime.timezone.utc))
+    spent = totp.at(datetime.datetime.fromtimestamp(user.totp_last_step * 30, datetime.UTC))
     response = other.post("/support/second-factor", data={"code": spent, "csrf_token": token})
     assert response.status_code == 401
     assert other.get("/support").status_code == 302
@@ -184,8 +191,12 @@ def test_staff_without_the_second_factor_get_nothing(app, staff_user, customer):
         response = client.get(path)
         assert response.status_code == 302, path
         assert "/support/second-factor" in response.headers["Location"]
-    response = post(client, f"/support/customers/{customer.id}/view", {"reason": "ticket 1"},
-                    token_page="/support/second-factor")
+    response = post(
+        client,
+        f"/support/customers/{customer.id}/view",
+        {"reason": "ticket 1"},
+        token_page="/support/second-factor",
+    )
     assert response.status_code == 403
     assert not StaffView.select().exists()
     # htmx requests get a refusal, not a page.
@@ -232,7 +243,9 @@ def test_role_route_matrix(app, staff_user, customer, labels):
         response = anonymous.open(path, method=method, data={"csrf_token": csrf_token(anonymous, "/login")})
         assert response.status_code == 302 and "/login" in response.headers["Location"], (method, path)
         # Customers: 403 on every staff route.
-        response = customer_client.open(path, method=method, data={"csrf_token": customer_token, "reason": "x" * 10})
+        response = customer_client.open(
+            path, method=method, data={"csrf_token": customer_token, "reason": "x" * 10}
+        )
         assert response.status_code == 403, (method, path, response.status_code)
         if endpoint == "support.second_factor":
             continue
@@ -249,7 +262,7 @@ def test_role_route_matrix(app, staff_user, customer, labels):
             assert response.status_code == expected, (path, response.status_code)
     # Full staff: every action is reachable (without a reason each one explains and redirects).
     full_token = csrf_token(full_staff, "/support")
-    for method, path, endpoint in rules:
+    for method, path, _endpoint in rules:
         if method == "POST":
             response = full_staff.post(path, data={"csrf_token": full_token})
             assert response.status_code == 302, (path, response.status_code)
@@ -329,7 +342,8 @@ def test_fleet_runs_reconciliation_and_lists_stuck_work(console, customer, label
     # Online state as Particle reported it in the run (the demo has online and offline devices).
     assert 'class="badge online"' in page and 'class="badge offline"' in page
     Device.update(claim_state="releasing", claim_state_at=datetime.datetime(2020, 1, 1)).where(
-        Device.device_id == WINDOW).execute()
+        Device.device_id == WINDOW
+    ).execute()
     page = console.get("/support/fleet").get_data(as_text=True)
     assert "Claims and releases not finished" in page
     assert console.get("/support/fleet?show=drift").status_code == 200
@@ -358,11 +372,18 @@ def test_view_as_customer_shows_their_pages_with_a_banner_and_audits(console, cu
     assert view.reason == "ticket #4411" and view.ended_at is None
     assert view.login_session_id != before.id  # rotated
     assert LoginSession.get_by_id(before.id).ended_at is not None
-    pages = ["/devices", f"/devices/{WINDOW}", "/account", "/account/activity", "/support",
-             f"/support/customers/{customer.id}", "/devices/claim"]
+    pages = [
+        "/devices",
+        f"/devices/{WINDOW}",
+        "/account",
+        "/account/activity",
+        "/support",
+        f"/support/customers/{customer.id}",
+        "/devices/claim",
+    ]
     for path in pages:
         page = console.get(path).get_data(as_text=True)
-        assert 'data-staff-view' in page, path
+        assert "data-staff-view" in page, path
         assert f"<strong>{STAFF_EMAIL}</strong> is viewing as <strong>home@example.com</strong>" in page, path
         assert "End view" in page and "Time left" in page
     # The customer's pages render as the customer.
@@ -373,7 +394,14 @@ def test_view_as_customer_shows_their_pages_with_a_banner_and_audits(console, cu
     assert sim.counters()["routes"].get("GET /v1/devices/:id/:name", 0) > 0
     # Every full page viewed outside the console is audited against the customer.
     viewed = events("support.page_viewed", customer)
-    assert [e.detail["page"] for e in viewed] == ["/devices", f"/devices/{WINDOW}", "/account", "/account/activity", "/devices/claim", "/devices"]
+    assert [e.detail["page"] for e in viewed] == [
+        "/devices",
+        f"/devices/{WINDOW}",
+        "/account",
+        "/account/activity",
+        "/devices/claim",
+        "/devices",
+    ]
     assert all(e.actor_id == staff_account.id and e.detail["reason"] == "ticket #4411" for e in viewed)
     started = events("support.view_started", customer)
     assert len(started) == 1 and started[0].actor_id == staff_account.id
@@ -400,8 +428,12 @@ def test_read_only_matrix_every_state_changing_route_is_refused(app, console, cu
     start_view(console, customer)
     token = csrf_token(console, "/devices")
     sim.reset_counters()
-    values = {"device_id": WINDOW, "customer_id": str(customer.id), "function_name": "stop",
-              "token": "x" * 20}
+    values = {
+        "device_id": WINDOW,
+        "customer_id": str(customer.id),
+        "function_name": "stop",
+        "token": "x" * 20,
+    }
     checked = []
     for rule in app.url_map.iter_rules():
         methods = rule.methods - {"GET", "HEAD", "OPTIONS"}
@@ -409,17 +441,37 @@ def test_read_only_matrix_every_state_changing_route_is_refused(app, console, cu
             continue
         path = fill(rule, values)
         for method in methods:
-            response = console.open(path, method=method, data={
-                "csrf_token": token, "reason": "ticket 5", "confirm": "yes", "confirmed": "yes",
-                "name": "Renamed", "arg": "50", "serial": "X", "setup_code": "Y", "email": "a@b.example",
-                "password": PASSWORD, "code": "123456"})
+            response = console.open(
+                path,
+                method=method,
+                data={
+                    "csrf_token": token,
+                    "reason": "ticket 5",
+                    "confirm": "yes",
+                    "confirmed": "yes",
+                    "name": "Renamed",
+                    "arg": "50",
+                    "serial": "X",
+                    "setup_code": "Y",
+                    "email": "a@b.example",
+                    "password": PASSWORD,
+                    "code": "123456",
+                },
+            )
             assert response.status_code == 403, (method, path, response.status_code)
             assert "read-only" in response.get_data(as_text=True)
             checked.append((method, rule.endpoint))
     endpoints = {endpoint for _, endpoint in checked}
-    for expected in ("devices.release", "devices.rename", "devices.call_function", "devices.claim",
-                     "accounts.logout", "accounts.change_password", "support.release_device",
-                     "support.start_view"):
+    for expected in (
+        "devices.release",
+        "devices.rename",
+        "devices.call_function",
+        "devices.claim",
+        "accounts.logout",
+        "accounts.change_password",
+        "support.release_device",
+        "support.start_view",
+    ):
         if expected in app.view_functions:
             assert expected in endpoints
     assert writes(sim) == {}
@@ -449,7 +501,9 @@ def test_end_view_rotates_and_audits_and_the_staff_is_back(console, customer):
     start_view(console, customer)
     view = StaffView.get()
     response = post(console, "/support/view/end", token_page="/devices")
-    assert response.status_code == 302 and response.headers["Location"].endswith(f"/support/customers/{customer.id}")
+    assert response.status_code == 302 and response.headers["Location"].endswith(
+        f"/support/customers/{customer.id}"
+    )
     view = StaffView.get_by_id(view.id)
     assert view.ended_at is not None and view.end_cause == "ended"
     assert LoginSession.get_by_id(view.login_session_id).ended_at is not None
@@ -465,8 +519,9 @@ def test_end_view_rotates_and_audits_and_the_staff_is_back(console, customer):
 def test_view_expires_by_itself(app, console, customer):
     start_view(console, customer)
     view = StaffView.get()
-    StaffView.update(expires_at=datetime.datetime(2020, 1, 1), started_at=datetime.datetime(2019, 12, 31, 23, 30)).where(
-        StaffView.id == view.id).execute()
+    StaffView.update(
+        expires_at=datetime.datetime(2020, 1, 1), started_at=datetime.datetime(2019, 12, 31, 23, 30)
+    ).where(StaffView.id == view.id).execute()
     page = console.get("/devices").get_data(as_text=True)
     assert "data-staff-view" not in page
     assert "ended by itself" in page
@@ -519,17 +574,27 @@ def test_release_needs_reason_and_confirmation_and_is_audited(console, customer,
 def test_release_while_the_cloud_is_down_changes_nothing(console, customer, labels, sim):
     own(customer, labels, WINDOW)
     sim.add_fault("DELETE", "/v1/products/*/devices/*/owner", count=1, status=503)
-    response = post(console, f"/support/devices/{WINDOW}/release", {"reason": "return 12", "confirm": "yes"},
-                    follow_redirects=True)
-    assert "still yours" in response.get_data(as_text=True) or "not released" in response.get_data(as_text=True)
+    response = post(
+        console,
+        f"/support/devices/{WINDOW}/release",
+        {"reason": "return 12", "confirm": "yes"},
+        follow_redirects=True,
+    )
+    assert "still yours" in response.get_data(as_text=True) or "not released" in response.get_data(
+        as_text=True
+    )
     assert own_state(WINDOW).owner_id == customer.id
     assert not events("support.released_device")
 
 
 def test_resend_verification_for_an_unverified_customer(console, mailbox):
     waiting = make_user("waiting@example.com", PASSWORD, verified=False)
-    response = post(console, f"/support/customers/{waiting.id}/resend-verification", {"reason": "call 3"},
-                    follow_redirects=True)
+    response = post(
+        console,
+        f"/support/customers/{waiting.id}/resend-verification",
+        {"reason": "call 3"},
+        follow_redirects=True,
+    )
     assert "new verification link was sent" in response.get_data(as_text=True)
     mailbox.wait_for("waiting@example.com")
     assert events("support.resent_verification", waiting)[0].detail["reason"] == "call 3"
@@ -546,7 +611,9 @@ def test_retry_and_cancel_stuck_device_steps(console, customer, labels, sim):
     # A claim that stopped half-way (Particle already claimed): cancel gives it back to nobody.
     own(customer, labels, WINDOW)
     Device.update(claim_state="claiming", claim_state_at=old).where(Device.device_id == WINDOW).execute()
-    response = post(console, f"/support/devices/{WINDOW}/cancel", {"reason": "stuck 2"}, follow_redirects=True)
+    response = post(
+        console, f"/support/devices/{WINDOW}/cancel", {"reason": "stuck 2"}, follow_redirects=True
+    )
     assert "Done" in response.get_data(as_text=True)
     assert own_state(WINDOW).owner_id is None and own_state(WINDOW).claim_state is None
     assert sim.device(WINDOW)["owner"] is None
@@ -559,10 +626,12 @@ def test_retry_and_cancel_stuck_device_steps(console, customer, labels, sim):
 def test_retry_stuck_account_setup(console, sim):
     waiting = make_user("pending@example.com", PASSWORD, verified=True, provisioned=False)
     User.update(provisioning_attempts=3, provisioning_next_at=datetime.datetime(2999, 1, 1)).where(
-        User.id == waiting.id).execute()
+        User.id == waiting.id
+    ).execute()
     assert "Account setup not finished" in console.get("/support/fleet").get_data(as_text=True)
-    response = post(console, f"/support/customers/{waiting.id}/retry-setup", {"reason": "ticket 8"},
-                    follow_redirects=True)
+    response = post(
+        console, f"/support/customers/{waiting.id}/retry-setup", {"reason": "ticket 8"}, follow_redirects=True
+    )
     assert "now set up" in response.get_data(as_text=True)
     assert User.get_by_id(waiting.id).provisioning_state == "ready"
 
@@ -570,8 +639,13 @@ def test_retry_stuck_account_setup(console, sim):
 def test_banner_on_every_page_while_viewing(app, console, customer, labels):
     own(customer, labels, WINDOW)
     start_view(console, customer)
-    values = {"device_id": WINDOW, "customer_id": str(customer.id), "token": "not-a-token",
-              "function_name": "stop", "filename": "css/site.css"}
+    values = {
+        "device_id": WINDOW,
+        "customer_id": str(customer.id),
+        "token": "not-a-token",
+        "function_name": "stop",
+        "filename": "css/site.css",
+    }
     checked = []
     for rule in app.url_map.iter_rules():
         if "GET" not in rule.methods or rule.endpoint == "static":
@@ -584,8 +658,17 @@ def test_banner_on_every_page_while_viewing(app, console, customer, labels):
         assert "data-staff-view" in page, (path, response.status_code)
         assert "is viewing as <strong>home@example.com</strong>" in page
         checked.append(rule.endpoint)
-    for endpoint in ("devices.dashboard", "devices.detail", "devices.release", "accounts.settings",
-                     "accounts.activity", "support.home", "support.fleet", "support.customer", "main.index"):
+    for endpoint in (
+        "devices.dashboard",
+        "devices.detail",
+        "devices.release",
+        "accounts.settings",
+        "accounts.activity",
+        "support.home",
+        "support.fleet",
+        "support.customer",
+        "main.index",
+    ):
         if endpoint in app.view_functions:
             assert endpoint in checked, endpoint
     # A refused action's error page carries the banner too (a way out).
@@ -608,7 +691,9 @@ def test_customer_page_and_fleet_show_transfers_and_alerts(console, customer, la
     assert f"offered by {customer.email} to buyer@example.com" in page
     # A fresh offer waits on the buyer: not on the fleet's needs-staff list.
     assert "buyer@example.com" not in console.get("/support/fleet").get_data(as_text=True)
-    models.Transfer.update(state="objected", kind="request").where(models.Transfer.id == transfer.id).execute()
+    models.Transfer.update(state="objected", kind="request").where(
+        models.Transfer.id == transfer.id
+    ).execute()
     page = console.get("/support/fleet").get_data(as_text=True)
     assert f"asked for by buyer@example.com from {customer.email}" in page
 
@@ -619,8 +704,10 @@ def test_second_factor_guesses_are_rate_limited(app, staff_user):
     login(client, staff_user.email, PASSWORD)
     token = csrf_token(client, "/support/second-factor")
     wrong = "000000" if code_for(staff_user) != "000000" else "111111"
-    statuses = [client.post("/support/second-factor", data={"code": wrong, "csrf_token": token}).status_code
-                for _ in range(10)]
+    statuses = [
+        client.post("/support/second-factor", data={"code": wrong, "csrf_token": token}).status_code
+        for _ in range(10)
+    ]
     # 10 tries per 5 minutes per staff account; the enrolment above was the first.
     assert statuses == [401] * 9 + [429]
     assert client.get("/support").status_code == 302
@@ -657,11 +744,15 @@ def test_staff_pages_speak_about_the_customer_not_to_them(app, console, customer
     start_view(console, customer)
     post(console, "/support/view/end", token_page="/devices")
     page = console.get(f"/support/customers/{customer.id}").get_data(as_text=True)
-    assert "Support viewed the customer&#39;s account" in page or "Support viewed the customer's account" in page
+    assert (
+        "Support viewed the customer&#39;s account" in page or "Support viewed the customer's account" in page
+    )
     assert "your account" not in page
 
 
-def test_pages_say_they_are_read_only_while_viewing_so_site_js_disables_their_controls(app, console, customer, labels):
+def test_pages_say_they_are_read_only_while_viewing_so_site_js_disables_their_controls(
+    app, console, customer, labels
+):
     own(customer, labels, WINDOW)
     body = re.compile(r"<body [^>]*\bdata-read-only\b")
     # Support without a view, and the homeowner themselves: controls are live.

@@ -1,12 +1,13 @@
 """Transfer rules without HTTP: offers, requests, the step machine, crash injection at every
 step, Particle faults (transient and permanent), concurrency, emails as retried steps."""
+
 import datetime
 import threading
 
 import pytest
-
 from helpers import make_user
 from helpers import seed_registry
+
 from selfserve import mail
 from selfserve import tokens
 from selfserve.models import AuditEvent
@@ -126,8 +127,11 @@ def test_offer_link_is_signed_and_expires(owned, seller, app):
     transfer = transfers.offer(seller, owned, "buyer@example.com")
     with pytest.raises(tokens.TokenInvalid):
         transfers.from_offer_link("nonsense")
-    old = tokens.make("transfer_offer", {"t": transfer.id, "e": tokens.fingerprint("buyer@example.com")},
-                      issued_at=(utcnow() - datetime.timedelta(days=8)).replace(tzinfo=datetime.timezone.utc).timestamp())
+    old = tokens.make(
+        "transfer_offer",
+        {"t": transfer.id, "e": tokens.fingerprint("buyer@example.com")},
+        issued_at=(utcnow() - datetime.timedelta(days=8)).replace(tzinfo=datetime.UTC).timestamp(),
+    )
     with pytest.raises(tokens.TokenExpired):
         transfers.from_offer_link(old)
     # A link of another purpose never works here.
@@ -287,8 +291,9 @@ CRASH_POINTS = [
 
 
 @pytest.mark.parametrize("label,where,name,when", CRASH_POINTS, ids=[p[0] for p in CRASH_POINTS])
-def test_a_crash_at_any_step_resumes_to_the_buyer_owning_it(owned, seller, buyer, sim, mailbox, particle,
-                                                            monkeypatch, label, where, name, when):
+def test_a_crash_at_any_step_resumes_to_the_buyer_owning_it(
+    owned, seller, buyer, sim, mailbox, particle, monkeypatch, label, where, name, when
+):
     transfer = transfers.offer(seller, owned, "buyer@example.com")
     target = {"client": particle, "mail": mail, "step": None}[where]
     if where == "step":
@@ -387,8 +392,9 @@ def test_quick_retries_in_the_request_absorb_a_blip(app, owned, seller, buyer, s
 
 def test_a_permanent_claim_refusal_returns_the_device_and_alerts_staff(owned, seller, buyer, sim, mailbox):
     transfer = transfers.offer(seller, owned, "buyer@example.com")
-    sim.add_fault("POST", "/v1/devices", count=1, status=403,
-                  body={"ok": False, "error": "Permission Denied"})
+    sim.add_fault(
+        "POST", "/v1/devices", count=1, status=403, body={"ok": False, "error": "Permission Denied"}
+    )
     result = transfers.accept(buyer, transfer)
     assert result.state == "failed_returned" and result.open_device is None
     assert "claim refused" in result.last_error
@@ -472,10 +478,13 @@ def _in_threads(app, functions):
 
 def test_two_offers_of_one_device_at_once_make_one_transfer(app, owned, seller, sim):
     device = Device.get_by_id(WINDOW)
-    results = _in_threads(app, [
-        lambda: transfers.offer(seller, device, "one@example.com"),
-        lambda: transfers.offer(seller, device, "two@example.com"),
-    ])
+    results = _in_threads(
+        app,
+        [
+            lambda: transfers.offer(seller, device, "one@example.com"),
+            lambda: transfers.offer(seller, device, "two@example.com"),
+        ],
+    )
     made = [r for r in results if isinstance(r, Transfer)]
     refused = [r for r in results if isinstance(r, transfers.TransferError)]
     assert len(made) == 1 and len(refused) == 1, results
@@ -484,10 +493,13 @@ def test_two_offers_of_one_device_at_once_make_one_transfer(app, owned, seller, 
 
 def test_two_accepts_at_once_move_the_device_once(app, owned, seller, buyer, sim):
     transfer = transfers.offer(seller, owned, "buyer@example.com")
-    results = _in_threads(app, [
-        lambda: transfers.accept(User.get_by_id(buyer.id), Transfer.get_by_id(transfer.id)),
-        lambda: transfers.accept(User.get_by_id(buyer.id), Transfer.get_by_id(transfer.id)),
-    ])
+    results = _in_threads(
+        app,
+        [
+            lambda: transfers.accept(User.get_by_id(buyer.id), Transfer.get_by_id(transfer.id)),
+            lambda: transfers.accept(User.get_by_id(buyer.id), Transfer.get_by_id(transfer.id)),
+        ],
+    )
     assert len([r for r in results if isinstance(r, Transfer)]) == 1, results
     assert len([r for r in results if isinstance(r, transfers.TransferError)]) == 1, results
     assert_buyer_owns(WINDOW, buyer, sim)

@@ -1,15 +1,16 @@
 """Transfer pages over HTTP: the seller's offer with confirmation, the emailed link (GET shows,
 POST acts), accept/decline/cancel, the buyer's request from the claim form (no setup code in
 any HTML), the owner's approve/object links, access rules and rate limits."""
+
 import datetime
 import re
 
 import pytest
-
 from helpers import csrf_token
 from helpers import login
 from helpers import make_user
 from helpers import seed_registry
+
 from selfserve.models import Device
 from selfserve.models import Transfer
 from selfserve.models import utcnow
@@ -65,18 +66,36 @@ def test_seller_offers_from_the_device_page_with_confirmation(app, owned, seller
     form = client.get(f"/devices/{WINDOW}/transfer")
     assert form.status_code == 200 and "I understand" in form.get_data(as_text=True)
 
-    missing = post(client, f"/devices/{WINDOW}/transfer", {"email": "buyer@example.com"}, page=f"/devices/{WINDOW}/transfer")
+    missing = post(
+        client,
+        f"/devices/{WINDOW}/transfer",
+        {"email": "buyer@example.com"},
+        page=f"/devices/{WINDOW}/transfer",
+    )
     assert missing.status_code == 422 and "Tick the box" in missing.get_data(as_text=True)
     assert Transfer.select().count() == 0
-    bad = post(client, f"/devices/{WINDOW}/transfer", {"email": "nope", "confirmed": "yes"}, page=f"/devices/{WINDOW}/transfer")
+    bad = post(
+        client,
+        f"/devices/{WINDOW}/transfer",
+        {"email": "nope", "confirmed": "yes"},
+        page=f"/devices/{WINDOW}/transfer",
+    )
     assert bad.status_code == 422 and 'aria-invalid="true"' in bad.get_data(as_text=True)
 
-    sent = post(client, f"/devices/{WINDOW}/transfer", {"email": "buyer@example.com", "confirmed": "yes"},
-                page=f"/devices/{WINDOW}/transfer")
+    sent = post(
+        client,
+        f"/devices/{WINDOW}/transfer",
+        {"email": "buyer@example.com", "confirmed": "yes"},
+        page=f"/devices/{WINDOW}/transfer",
+    )
     assert sent.status_code == 302 and sent.headers["Location"].endswith(f"/devices/{WINDOW}")
     # A double submit makes one transfer.
-    post(client, f"/devices/{WINDOW}/transfer", {"email": "buyer@example.com", "confirmed": "yes"},
-         page=f"/devices/{WINDOW}/transfer")
+    post(
+        client,
+        f"/devices/{WINDOW}/transfer",
+        {"email": "buyer@example.com", "confirmed": "yes"},
+        page=f"/devices/{WINDOW}/transfer",
+    )
     assert Transfer.select().count() == 1
     page = client.get(f"/devices/{WINDOW}").get_data(as_text=True)
     assert "Offered to" in page and "buyer@example.com" in page and "Cancel the transfer" in page
@@ -96,9 +115,13 @@ def test_offer_link_get_changes_nothing_and_leads_to_accept(app, owned, seller, 
 
     client = signed_in(app, "buyer@example.com")
     to_detail = client.get(path)
-    assert to_detail.status_code == 302 and to_detail.headers["Location"].endswith(f"/transfers/{transfer.id}")
+    assert to_detail.status_code == 302 and to_detail.headers["Location"].endswith(
+        f"/transfers/{transfer.id}"
+    )
     detail = client.get(f"/transfers/{transfer.id}").get_data(as_text=True)
-    assert "Accept the device" in detail and "starts clean" in detail.replace("It starts clean", "starts clean")
+    assert "Accept the device" in detail and "starts clean" in detail.replace(
+        "It starts clean", "starts clean"
+    )
     # The dashboard lists the incoming offer.
     assert "A device is offered to you" in client.get("/devices").get_data(as_text=True)
 
@@ -136,8 +159,11 @@ def test_bad_and_expired_links_say_so(app, owned, seller, sim):
     from selfserve import tokens
 
     transfer = transfers.offer(seller, owned, "buyer@example.com")
-    old = tokens.make("transfer_offer", {"t": transfer.id, "e": tokens.fingerprint("buyer@example.com")},
-                      issued_at=(utcnow() - datetime.timedelta(days=8)).replace(tzinfo=datetime.timezone.utc).timestamp())
+    old = tokens.make(
+        "transfer_offer",
+        {"t": transfer.id, "e": tokens.fingerprint("buyer@example.com")},
+        issued_at=(utcnow() - datetime.timedelta(days=8)).replace(tzinfo=datetime.UTC).timestamp(),
+    )
     expired = client.get(f"/transfers/offer/{old}")
     assert expired.status_code == 410 and "expired" in expired.get_data(as_text=True)
 
@@ -157,11 +183,17 @@ def test_seller_cancels_and_buyer_declines(app, owned, seller, buyer, sim):
     assert again.status_code == 409 and "already declined" in again.get_data(as_text=True)
 
 
-def test_claim_of_someone_elses_device_offers_to_ask_without_echoing_the_code(app, owned, seller, buyer, labels, sim, mailbox):
+def test_claim_of_someone_elses_device_offers_to_ask_without_echoing_the_code(
+    app, owned, seller, buyer, labels, sim, mailbox
+):
     label = labels[WINDOW]
     client = signed_in(app, "buyer@example.com")
-    answer = post(client, "/devices/claim", {"serial": label["serial_number"], "setup_code": label["setup_code"]},
-                  page="/devices/claim")
+    answer = post(
+        client,
+        "/devices/claim",
+        {"serial": label["serial_number"], "setup_code": label["setup_code"]},
+        page="/devices/claim",
+    )
     body = answer.get_data(as_text=True)
     assert answer.status_code == 409
     assert "Ask the current owner for it" in body
@@ -176,14 +208,21 @@ def test_claim_of_someone_elses_device_offers_to_ask_without_echoing_the_code(ap
     detail = client.get(f"/transfers/{transfer.id}").get_data(as_text=True)
     assert "Withdraw my request" in detail
     # A wrong code never offers it.
-    wrong = post(client, "/devices/claim", {"serial": label["serial_number"], "setup_code": "WRONG-123"}, page="/devices/claim")
+    wrong = post(
+        client,
+        "/devices/claim",
+        {"serial": label["serial_number"], "setup_code": "WRONG-123"},
+        page="/devices/claim",
+    )
     assert "Ask the current owner" not in wrong.get_data(as_text=True)
 
     # The owner sees it on the device page and in the email, and objects through the link.
     seller_client = signed_in(app, "seller@example.com")
     assert "asked for it" in seller_client.get(f"/devices/{WINDOW}").get_data(as_text=True)
     message = mailbox.wait_for("seller@example.com")
-    object_url = [u for u in mailbox.links(message) if "/transfers/answer/" in u][1].replace("http://localhost", "")
+    object_url = [u for u in mailbox.links(message) if "/transfers/answer/" in u][1].replace(
+        "http://localhost", ""
+    )
     anonymous = app.test_client()
     page = anonymous.get(object_url)
     assert page.status_code == 200 and "Object" in page.get_data(as_text=True)
@@ -200,7 +239,9 @@ def test_owner_approves_through_the_link(app, owned, seller, buyer, labels, sim,
     with pytest.raises(devices.DeviceError) as caught:
         devices.claim(buyer, label["serial_number"], label["setup_code"])
     transfer = transfers.request_device(buyer, transfers.remember_possession(buyer, caught.value.device))
-    approve_url = [u for u in mailbox.links(mailbox.wait_for("seller@example.com")) if "/transfers/answer/" in u][0]
+    approve_url = [
+        u for u in mailbox.links(mailbox.wait_for("seller@example.com")) if "/transfers/answer/" in u
+    ][0]
     approve_url = approve_url.replace("http://localhost", "")
     anonymous = app.test_client()
     done = anonymous.post(approve_url, data={"csrf_token": csrf_token(anonymous, approve_url)})
@@ -212,14 +253,19 @@ def test_owner_approves_through_the_link(app, owned, seller, buyer, labels, sim,
 def test_requests_are_rate_limited(app, owned, seller, buyer, sim):
     app.config["TRANSFER_REQUEST_RATE_LIMIT"] = "2 per hour"
     client = signed_in(app, "buyer@example.com")
-    statuses = [post(client, "/transfers/request", {"proof": "x" * 32}, page="/devices/claim").status_code for _ in range(3)]
+    statuses = [
+        post(client, "/transfers/request", {"proof": "x" * 32}, page="/devices/claim").status_code
+        for _ in range(3)
+    ]
     assert statuses[:2] == [302, 302] and statuses[2] == 429
 
 
 def test_unverified_account_cannot_ask(app, owned, sim):
     make_user("unverified@example.com", PASSWORD, verified=False)
     client = signed_in(app, "unverified@example.com")
-    answer = client.post("/transfers/request", data={"proof": "x" * 32, "csrf_token": csrf_token(client, "/verify-email")})
+    answer = client.post(
+        "/transfers/request", data={"proof": "x" * 32, "csrf_token": csrf_token(client, "/verify-email")}
+    )
     assert answer.status_code == 302 and "/verify-email" in answer.headers["Location"]
     assert Transfer.select().count() == 0
 
@@ -250,7 +296,9 @@ def test_transfer_links_are_redacted_from_access_logs():
     from selfserve.tokens import RedactTokenPaths
 
     for path in ("/transfers/offer/eyJ0Ijox.abc-def_1", "/transfers/answer/eyJ0Ijox.abc-def_1"):
-        record = logging.LogRecord("werkzeug", logging.INFO, __file__, 1, '"GET %s HTTP/1.1" 200 -', (path,), None)
+        record = logging.LogRecord(
+            "werkzeug", logging.INFO, __file__, 1, '"GET %s HTTP/1.1" 200 -', (path,), None
+        )
         RedactTokenPaths().filter(record)
         assert "eyJ0Ijox" not in record.getMessage() and "<redacted>" in record.getMessage()
 
@@ -263,12 +311,16 @@ def test_offer_page_sign_in_link_does_not_carry_the_token(app, owned, seller, bu
     body = client.get(f"/transfers/offer/{token}").get_data(as_text=True)
     assert body.count(token) == 0
     sign_in = re.search(r'href="(/login\?next=[^"]+)"', body).group(1)
-    answer = client.post(sign_in.replace("&amp;", "&"), data={
-        "email": "buyer@example.com", "password": PASSWORD, "csrf_token": csrf_token(client, "/login")})
+    answer = client.post(
+        sign_in.replace("&amp;", "&"),
+        data={"email": "buyer@example.com", "password": PASSWORD, "csrf_token": csrf_token(client, "/login")},
+    )
     assert answer.headers["Location"].endswith(f"/transfers/{transfer.id}")
 
 
-def test_dashboard_card_shows_an_offer_and_a_request_for_the_device(app, owned, seller, buyer, labels, sim, mailbox):
+def test_dashboard_card_shows_an_offer_and_a_request_for_the_device(
+    app, owned, seller, buyer, labels, sim, mailbox
+):
     seller_client = signed_in(app, "seller@example.com")
     transfers.offer(seller, owned, "buyer@example.com")
     card = seller_client.get("/devices").get_data(as_text=True)
@@ -286,7 +338,9 @@ def test_dashboard_card_shows_an_offer_and_a_request_for_the_device(app, owned, 
     assert request.expires_at.strftime("%d %b %Y") in card
     assert f'href="/transfers/{request.id}"' in card
     # The buyer sees nothing of it on their own (empty) device list.
-    assert "Someone asked for this device" not in signed_in(app, "buyer@example.com").get("/devices").get_data(as_text=True)
+    assert "Someone asked for this device" not in signed_in(app, "buyer@example.com").get(
+        "/devices"
+    ).get_data(as_text=True)
 
 
 def test_former_owner_after_a_transfer_gets_a_friendly_404(app, owned, seller, buyer, sim):

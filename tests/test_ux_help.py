@@ -1,13 +1,14 @@
 """Reaching support: the public Help page, the footer link on every page, "contact support"
 linked to it, the support address in emails (SUPPORT_EMAIL / SUPPORT_PHONE), and a 404 page
 that says what probably happened and where to go next."""
+
 import html
 import re
 
 import pytest
-
 from helpers import login
 from helpers import make_user
+
 from selfserve import config as config_module
 from selfserve import htmx
 from selfserve import mail
@@ -88,10 +89,13 @@ def test_flash_messages_that_say_contact_support_link_to_help(app):
     from flask import render_template
 
     with app.test_request_context("/"):
-        page = render_template("_flashes.html", messages=[
-            ("error", "The device cloud refused the new name. Please try again or contact support."),
-            ("info", "Your email address is verified."),
-        ])
+        page = render_template(
+            "_flashes.html",
+            messages=[
+                ("error", "The device cloud refused the new name. Please try again or contact support."),
+                ("info", "Your email address is verified."),
+            ],
+        )
     messages = re.findall(r'<div class="flash[^"]*"[^>]*>(.*?)</div>', page, re.S)
     assert len(messages) == 2
     assert '<a href="/help">How to contact support</a>' in messages[0]
@@ -100,7 +104,9 @@ def test_flash_messages_that_say_contact_support_link_to_help(app):
 
 def test_error_pages_that_say_contact_support_link_to_help(app):
     with app.test_request_context("/"):
-        page = htmx.error_response("The device cloud refused this. Please contact support.", 502).get_data(as_text=True)
+        page = htmx.error_response("The device cloud refused this. Please contact support.", 502).get_data(
+            as_text=True
+        )
     main = page.split("<main", 1)[1].split("</main>", 1)[0]
     assert 'Please contact support. <a href="/help">How to contact support</a>' in main
 
@@ -110,10 +116,18 @@ def test_error_pages_that_say_contact_support_link_to_help(app):
 
 def test_emails_that_say_contact_support_carry_the_address(app, mailbox):
     # Sent outside any request, as the sweep does: the address comes from the settings anyway.
-    mail.send("owner@example.com", "Objected", "transfer_objected",
-              device_label="window controller", device={"serial_number": "SSW-24A-000101"})
+    mail.send(
+        "owner@example.com",
+        "Objected",
+        "transfer_objected",
+        device_label="window controller",
+        device={"serial_number": "SSW-24A-000101"},
+    )
     body = " ".join(mailbox.body(mailbox.wait_for("owner@example.com")).split())
-    assert "contact our support team at support@selfserve.example with its serial number (SSW-24A-000101)" in body
+    assert (
+        "contact our support team at support@selfserve.example with its serial number (SSW-24A-000101)"
+        in body
+    )
 
 
 def test_emails_carry_a_configured_phone_and_read_well_without_any_contact(app_config, mailbox):
@@ -140,7 +154,7 @@ def test_not_found_page_explains_expired_links_and_offers_a_way_on(client):
     response = client.get("/devices/e00fce68ffffffffffffffff/nothing-here")
     assert response.status_code == 404
     page = text(response)
-    assert "<h1 id=\"error-title\">Page not found</h1>" in page
+    assert '<h1 id="error-title">Page not found</h1>' in page
     assert "We couldn't find that page." in page
     assert "If you followed a link from an email, it may have expired or been used already." in page
     main = page.split("<main", 1)[1].split("</main>", 1)[0]

@@ -1,4 +1,5 @@
 """The one way to talk to the Particle Cloud (client.py) and a local stand-in (simulator.py)."""
+
 from flask import current_app
 from flask import g
 from flask import has_request_context

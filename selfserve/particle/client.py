@@ -16,6 +16,7 @@ Tokens are the company's keys to its fleet, so:
 
 Reference: /work/shared/particle-cloud-api.md (sections cited as §n).
 """
+
 import datetime
 import email.utils
 import json
@@ -52,7 +53,7 @@ DEVICE_LIST_FILTERS = {
 
 
 def _utcnow():
-    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    return datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
 
 
 def _customer_key(customer_id):
@@ -80,8 +81,8 @@ def _parse_retry_after(value):
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.timezone.utc)
-    return max(0, int((when - datetime.datetime.now(datetime.timezone.utc)).total_seconds()))
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0, int((when - datetime.datetime.now(datetime.UTC)).total_seconds()))
 
 
 def _message_from(body, fallback):
@@ -194,9 +195,19 @@ class ParticleClient:
     """A Particle Cloud client for one product, acting as the product (product token) or as one
     of its shadow customers (customer tokens). Safe to share between threads."""
 
-    def __init__(self, api_url, product, client_id, client_secret, connect_timeout=3.05,
-                 read_timeout=20.0, customer_token_lifetime=86400, token_store=None,
-                 token_failure_limit=5, token_pause_seconds=300):
+    def __init__(
+        self,
+        api_url,
+        product,
+        client_id,
+        client_secret,
+        connect_timeout=3.05,
+        read_timeout=20.0,
+        customer_token_lifetime=86400,
+        token_store=None,
+        token_failure_limit=5,
+        token_pause_seconds=300,
+    ):
         self.api_url = api_url.rstrip("/")
         self.product = str(product)
         self.client_id = client_id
@@ -256,8 +267,9 @@ class ParticleClient:
             lifetime["expires_in"] = str(int(self.customer_token_lifetime))
         if stale is not None and stale.refresh_token:
             try:
-                return self._mint(key, {"grant_type": "refresh_token", "refresh_token": stale.refresh_token,
-                                        **lifetime})
+                return self._mint(
+                    key, {"grant_type": "refresh_token", "refresh_token": stale.refresh_token, **lifetime}
+                )
             except errors.InvalidClient:
                 raise
             except errors.BadRequest:
@@ -282,7 +294,9 @@ class ParticleClient:
         token = StoredToken(
             access_token=answer["access_token"],
             expires_at=_early_expiry(expires_in),
-            refresh_token=answer.get("refresh_token") if isinstance(answer.get("refresh_token"), str) else None,
+            refresh_token=answer.get("refresh_token")
+            if isinstance(answer.get("refresh_token"), str)
+            else None,
         )
         self.token_store.put(key, token)
         return token.access_token
@@ -303,8 +317,9 @@ class ParticleClient:
         if reason:
             raise errors.TokenRequestsSuspended(f"token requests paused after {reason}", None, None)
         try:
-            answer = self._request(method, path, form=True,
-                                   auth=(self.client_id, self._client_secret), **kwargs)
+            answer = self._request(
+                method, path, form=True, auth=(self.client_id, self._client_secret), **kwargs
+            )
         except errors.CustomerExists:
             self._token_request_succeeded()  # the credentials worked; nothing failed
             raise
@@ -323,7 +338,8 @@ class ParticleClient:
     def _token_request_failed(self, immediately=False):
         # The count lives in the token store: with the database store every worker shares it.
         reason = self.token_store.record_token_failure(
-            self.token_failure_limit, self.token_pause_seconds, immediately=immediately)
+            self.token_failure_limit, self.token_pause_seconds, immediately=immediately
+        )
         if reason:
             log.error("Particle token requests paused for %ss: %s", self.token_pause_seconds, reason)
 
@@ -338,8 +354,19 @@ class ParticleClient:
             self._local.session = session
         return session
 
-    def _request(self, method, path, *, token=None, data=None, params=None, form=False,
-                 auth=None, stream=False, segments=None):
+    def _request(
+        self,
+        method,
+        path,
+        *,
+        token=None,
+        data=None,
+        params=None,
+        form=False,
+        auth=None,
+        stream=False,
+        segments=None,
+    ):
         """Send one API request and return the parsed JSON answer (None when empty), or for
         `stream=True` the open response. Raises a typed ParticleError for anything else.
 
@@ -386,8 +413,14 @@ class ParticleClient:
         started = time.monotonic()
         try:
             response = self._session().request(
-                method, url, params=params, auth=auth,
-                timeout=self.timeout, stream=stream, allow_redirects=False, **body,
+                method,
+                url,
+                params=params,
+                auth=auth,
+                timeout=self.timeout,
+                stream=stream,
+                allow_redirects=False,
+                **body,
             )
         except requests.Timeout as exc:
             failure = f"timed out ({type(exc).__name__})"
@@ -481,8 +514,12 @@ class ParticleClient:
     @staticmethod
     def _customer_id(customer_id):
         """The customer id lowercased (Particle lowercases it on creation, §5.1)."""
-        if not isinstance(customer_id, str) or not customer_id.strip() or len(customer_id) > 200 \
-                or any(c.isspace() or not c.isprintable() for c in customer_id):
+        if (
+            not isinstance(customer_id, str)
+            or not customer_id.strip()
+            or len(customer_id) > 200
+            or any(c.isspace() or not c.isprintable() for c in customer_id)
+        ):
             raise errors.BadRequest("A customer id is a non-empty string without spaces.", None, None)
         return customer_id.lower()
 
@@ -503,7 +540,8 @@ class ParticleClient:
         with self._lock_for(key):
             try:
                 answer = self._token_request(
-                    "POST", "/v1/products/{product}/customers",
+                    "POST",
+                    "/v1/products/{product}/customers",
                     data={"email": customer_id, "no_password": "true"},
                 )
             except errors.CustomerExists:
@@ -518,13 +556,18 @@ class ParticleClient:
     def add_device_to_product(self, device_id):
         """Import the device into the product (it must be before a customer can claim it).
         Returns Particle's answer {"updated", "nonmemberDeviceIds", "invalidDeviceIds"}."""
-        return self._request("POST", "/v1/products/{product}/devices", token="product",
-                             data={"id": self._device_id(device_id)})
+        return self._request(
+            "POST", "/v1/products/{product}/devices", token="product", data={"id": self._device_id(device_id)}
+        )
 
     def remove_device_owner(self, device_id):
         """Unclaim the device from whoever owns it; it stays in the product (§8.2)."""
-        self._request("DELETE", "/v1/products/{product}/devices/{device_id}/owner", token="product",
-                      segments={"device_id": self._device_id(device_id)})
+        self._request(
+            "DELETE",
+            "/v1/products/{product}/devices/{device_id}/owner",
+            token="product",
+            segments={"device_id": self._device_id(device_id)},
+        )
 
     def list_product_devices(self, page=1, per_page=25, **filters):
         """One page of the product's devices: {"devices": [...], "customers": [...], "meta":
@@ -544,13 +587,21 @@ class ParticleClient:
 
     def get_product_device(self, device_id):
         """The device as the product sees it, including `owner` (§9.2)."""
-        return self._request("GET", "/v1/products/{product}/devices/{device_id}", token="product",
-                             segments={"device_id": self._device_id(device_id)})
+        return self._request(
+            "GET",
+            "/v1/products/{product}/devices/{device_id}",
+            token="product",
+            segments={"device_id": self._device_id(device_id)},
+        )
 
     def remove_device_from_product(self, device_id):
         """Remove the device from the product (also unclaims a customer-owned device, §8.3)."""
-        self._request("DELETE", "/v1/products/{product}/devices/{device_id}", token="product",
-                      segments={"device_id": self._device_id(device_id)})
+        self._request(
+            "DELETE",
+            "/v1/products/{product}/devices/{device_id}",
+            token="product",
+            segments={"device_id": self._device_id(device_id)},
+        )
 
     # --- customer level (that customer's token) -------------------------------------------
 
@@ -558,8 +609,7 @@ class ParticleClient:
         """Claim the device to the customer (POST /v1/devices, id in the body). The device must
         be in the product. DeviceOwnedByOther when it belongs to someone else."""
         device_id = self._device_id(device_id)
-        return self._request("POST", "/v1/devices", token=("customer", customer_id),
-                             data={"id": device_id})
+        return self._request("POST", "/v1/devices", token=("customer", customer_id), data={"id": device_id})
 
     def list_devices(self, customer_id):
         """The customer's devices (a list of device dicts)."""
@@ -570,15 +620,23 @@ class ParticleClient:
 
     def get_device(self, customer_id, device_id):
         """One of the customer's devices. PermissionDenied when it isn't theirs (or doesn't exist)."""
-        return self._request("GET", "/v1/devices/{device_id}", token=("customer", customer_id),
-                             segments={"device_id": self._device_id(device_id)})
+        return self._request(
+            "GET",
+            "/v1/devices/{device_id}",
+            token=("customer", customer_id),
+            segments={"device_id": self._device_id(device_id)},
+        )
 
     def get_variable(self, customer_id, device_id, name):
         """The variable's typed value (number, string or bool). NotFound for an unknown
         variable, DeviceOffline when the device doesn't answer."""
         device_id = self._device_id(device_id)
-        answer = self._request("GET", "/v1/devices/{device_id}/{name}", token=("customer", customer_id),
-                               segments={"device_id": device_id, "name": self._name(name, "variable")})
+        answer = self._request(
+            "GET",
+            "/v1/devices/{device_id}/{name}",
+            token=("customer", customer_id),
+            segments={"device_id": device_id, "name": self._name(name, "variable")},
+        )
         if not isinstance(answer, dict) or "result" not in answer:
             raise self._answer_error(errors.ParticleError, answer, "variable answer without a result")
         return answer["result"]
@@ -589,9 +647,13 @@ class ParticleClient:
         device_id = self._device_id(device_id)
         if not isinstance(arg, str):
             raise errors.BadRequest("A function argument is a string.", None, None)
-        answer = self._request("POST", "/v1/devices/{device_id}/{name}", token=("customer", customer_id),
-                               segments={"device_id": device_id, "name": self._name(name, "function")},
-                               data={"arg": arg})
+        answer = self._request(
+            "POST",
+            "/v1/devices/{device_id}/{name}",
+            token=("customer", customer_id),
+            segments={"device_id": device_id, "name": self._name(name, "function")},
+            data={"arg": arg},
+        )
         if not isinstance(answer, dict) or answer.get("ok") is False or "return_value" not in answer:
             raise self._answer_error(errors.FunctionFailed, answer, "the function did not return a value")
         return answer["return_value"]
@@ -599,13 +661,19 @@ class ParticleClient:
     def rename_device(self, customer_id, device_id, name):
         """Rename the device; returns Particle's answer ({"id", "name", "updated_at"})."""
         device_id = self._device_id(device_id)
-        return self._request("PUT", "/v1/devices/{device_id}", token=("customer", customer_id),
-                             segments={"device_id": device_id}, data={"name": self._name(name, "device")})
+        return self._request(
+            "PUT",
+            "/v1/devices/{device_id}",
+            token=("customer", customer_id),
+            segments={"device_id": device_id},
+            data={"name": self._name(name, "device")},
+        )
 
     def get_claim_code(self, customer_id):
         """A claim code for the customer: {"claim_code": "...", "device_ids": [...]} (§6)."""
-        return self._request("POST", "/v1/products/{product}/device_claims",
-                             token=("customer", customer_id), data={})
+        return self._request(
+            "POST", "/v1/products/{product}/device_claims", token=("customer", customer_id), data={}
+        )
 
     def get_event_stream(self, customer_id, device_id=None, prefix=None):
         """An EventStream of the customer's events (all their devices, or one), optionally only

@@ -10,11 +10,11 @@ the whole IP out after 10 in a row, whichever process sent them. Two stores exis
 - `DatabaseTokenStore(fernet)`: the `ParticleToken` table, tokens encrypted at rest, shared by
   every worker and surviving restarts (what the app uses).
 """
+
 import contextlib
 import dataclasses
 import datetime
 import threading
-from typing import Optional
 
 from selfserve import crypto
 from selfserve import models
@@ -25,13 +25,15 @@ class StoredToken:
     """An access token, when to stop using it (naive UTC; None = never) and its refresh token."""
 
     access_token: str
-    expires_at: Optional[datetime.datetime]
-    refresh_token: Optional[str] = None
+    expires_at: datetime.datetime | None
+    refresh_token: str | None = None
 
     def __repr__(self):
         # Never let a token reach a log line or a traceback through repr().
-        return f"StoredToken(access_token='[redacted]', expires_at={self.expires_at!r}, " \
-               f"refresh_token={'[redacted]' if self.refresh_token else None})"
+        return (
+            f"StoredToken(access_token='[redacted]', expires_at={self.expires_at!r}, "
+            f"refresh_token={'[redacted]' if self.refresh_token else None})"
+        )
 
     def usable(self, now=None):
         """True when the token has not reached its (early) expiry time."""

@@ -11,6 +11,7 @@ No answer reveals whether an email address has an account: sign-up and "forgot p
 answer the same either way (the owner of an existing address gets a different email instead),
 and a failed sign-in costs the same work for unknown addresses (a dummy hash is checked).
 """
+
 import logging
 import re
 from dataclasses import dataclass
@@ -45,12 +46,10 @@ EMAIL_CHANGE_HOURS = tokens.PURPOSES["confirm_email_change"].max_age // 3600
 ACTIVITY_PAGE_SIZE = 25
 
 LINK_USED = (
-    "This link has already been used or is no longer valid. "
-    "If you still need one, please ask for a new link."
+    "This link has already been used or is no longer valid. If you still need one, please ask for a new link."
 )
 VERIFY_LINK_OUTDATED = (
-    "This link was sent to an email address that is no longer on the account. "
-    "Please ask for a new link."
+    "This link was sent to an email address that is no longer on the account. Please ask for a new link."
 )
 
 
@@ -221,9 +220,11 @@ def verify_email(token, now=None):
     if user.is_verified:
         return VerifyResult(user, False)
     now = now or utcnow()
-    won = User.update(_verified_fields(now)).where(
-        (User.id == user.id) & User.email_verified_at.is_null() & (User.email == user.email)
-    ).execute()
+    won = (
+        User.update(_verified_fields(now))
+        .where((User.id == user.id) & User.email_verified_at.is_null() & (User.email == user.email))
+        .execute()
+    )
     if not won:
         user = User.get_by_id(user.id)
         if not user.is_verified:  # the address changed in between
@@ -312,14 +313,21 @@ def reset_password(token, new_password):
     problem = passwords.problem(new_password or "")
     if problem:
         raise FormErrors({"password": problem})
-    changed = User.update(
-        password_hash=passwords.hash_password(new_password), password_changed_at=utcnow()
-    ).where((User.id == user.id) & (User.password_hash == user.password_hash)).execute()
+    changed = (
+        User.update(password_hash=passwords.hash_password(new_password), password_changed_at=utcnow())
+        .where((User.id == user.id) & (User.password_hash == user.password_hash))
+        .execute()
+    )
     if not changed:
         raise tokens.TokenInvalid(LINK_USED)
     end_all_login_sessions(user)
     audit.record("account.password_reset", user=user)
-    _notify(user.email, "Your password was changed", "password_changed", forgot_url=absolute_url("accounts.forgot"))
+    _notify(
+        user.email,
+        "Your password was changed",
+        "password_changed",
+        forgot_url=absolute_url("accounts.forgot"),
+    )
     return User.get_by_id(user.id)
 
 
@@ -336,14 +344,23 @@ def change_password(user, current_password, new_password, keep_session=None):
         errors["new_password"] = problem
     if errors:
         raise FormErrors(errors)
-    changed = User.update(
-        password_hash=passwords.hash_password(new_password), password_changed_at=utcnow()
-    ).where((User.id == user.id) & (User.password_hash == user.password_hash)).execute()
+    changed = (
+        User.update(password_hash=passwords.hash_password(new_password), password_changed_at=utcnow())
+        .where((User.id == user.id) & (User.password_hash == user.password_hash))
+        .execute()
+    )
     if not changed:
-        raise FormErrors({"current_password": "Your password was just changed elsewhere. Please reload the page."})
+        raise FormErrors(
+            {"current_password": "Your password was just changed elsewhere. Please reload the page."}
+        )
     end_all_login_sessions(user, keep=keep_session)
     audit.record("account.password_changed", user=user)
-    _notify(user.email, "Your password was changed", "password_changed", forgot_url=absolute_url("accounts.forgot"))
+    _notify(
+        user.email,
+        "Your password was changed",
+        "password_changed",
+        forgot_url=absolute_url("accounts.forgot"),
+    )
     return User.get_by_id(user.id)
 
 
@@ -418,9 +435,11 @@ def confirm_email_change(token, now=None):
         fields.update(_verified_fields(now))
     try:
         with db.atomic():
-            changed = User.update(fields).where(
-                (User.id == user.id) & (User.email == old_email) & (User.pending_email == new_email)
-            ).execute()
+            changed = (
+                User.update(fields)
+                .where((User.id == user.id) & (User.email == old_email) & (User.pending_email == new_email))
+                .execute()
+            )
     except peewee.IntegrityError:
         User.update(pending_email=None).where(User.id == user.id).execute()
         raise tokens.TokenInvalid(
@@ -455,4 +474,3 @@ def activity(user, before=None, page_size=ACTIVITY_PAGE_SIZE):
     events = audit.history(user, limit=page_size + 1, before_id=before)
     older = events[page_size - 1].id if len(events) > page_size else None
     return events[:page_size], older
-

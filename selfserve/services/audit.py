@@ -1,10 +1,12 @@
 """The append-only audit trail. Every service that changes ownership or acts for a person
 records it here; the homeowner's activity page reads it back."""
+
 from flask import has_request_context
 from flask import request
 
 from selfserve import device_models
 from selfserve.models import AuditEvent
+
 
 class _WithArgument(str):
     """A description with an optional "{value}": the function's argument, when there was one
@@ -12,7 +14,9 @@ class _WithArgument(str):
 
     def format(self, *args, **detail):
         arg = detail.get("arg")
-        detail["value"] = "" if arg in (None, "") else f" ({device_models.argument_text(detail.get('function'), arg)})"
+        detail["value"] = (
+            "" if arg in (None, "") else f" ({device_models.argument_text(detail.get('function'), arg)})"
+        )
         return str.format(self, *args, **detail)
 
 

@@ -12,6 +12,7 @@ A crash between the steps leaves claim_state set; `resume_pending` (run by the s
 finishes the step or undoes it. If Particle says a device belongs to someone else while our
 database says it's free, we don't guess: we refuse, keep it free, and log it for staff.
 """
+
 import dataclasses
 import datetime
 import logging
@@ -76,8 +77,7 @@ MESSAGES = {
     # Shown instead when the claim page offers to ask the owner (the code was right): the
     # message points to that card rather than contradicting it.
     "owned_by_other_can_ask": (
-        "This device is registered to another account. If it's yours now, ask the current "
-        "owner for it below."
+        "This device is registered to another account. If it's yours now, ask the current owner for it below."
     ),
     "busy": "This device is being added or released right now. Please try again in a minute.",
     "cloud_down": "The device cloud isn't answering, so the device was not added. Nothing was changed; please try again in a minute.",
@@ -234,9 +234,13 @@ def claim(user, serial, setup_code):
     if problem:
         raise DeviceError(problem, kind="not_ready", status=409)
     if not serial:
-        raise DeviceError("Enter the serial number from the device's label.", kind="invalid", field="serial", status=422)
+        raise DeviceError(
+            "Enter the serial number from the device's label.", kind="invalid", field="serial", status=422
+        )
     if not setup_code:
-        raise DeviceError("Enter the setup code from the device's label.", kind="invalid", field="setup_code", status=422)
+        raise DeviceError(
+            "Enter the setup code from the device's label.", kind="invalid", field="setup_code", status=422
+        )
     serial = serial[:64]
     _check_attempts(user, serial)
 
@@ -341,7 +345,11 @@ def _claim_on_particle(user, device, undo_on_transient=True):
         get_client().claim_device(user.particle_customer_id, device.device_id)
     except DeviceOwnedByOther as exc:
         _undo_claim(device, user, "Particle says the device belongs to someone else")
-        log.error("Ownership drift: device %s is free in our database but claimed on Particle (%s)", device.device_id, exc)
+        log.error(
+            "Ownership drift: device %s is free in our database but claimed on Particle (%s)",
+            device.device_id,
+            exc,
+        )
         raise DeviceError(MESSAGES["drift"], kind="drift", status=409)
     except TRANSIENT as exc:
         # A 5xx/429 means Particle did nothing. A timeout is ambiguous: the claim may land
@@ -364,7 +372,11 @@ def _finish_claim(device, user):
     now = utcnow()
     done = (
         Device.update(claim_state=None, claim_state_at=None, claimed_at=now, name=None, claim_error=None)
-        .where((Device.device_id == device.device_id) & (Device.owner == user.id) & (Device.claim_state == "claiming"))
+        .where(
+            (Device.device_id == device.device_id)
+            & (Device.owner == user.id)
+            & (Device.claim_state == "claiming")
+        )
         .execute()
     )
     device = Device.get_by_id(device.device_id)
@@ -380,7 +392,9 @@ def _finish_claim(device, user):
 
 def _undo_claim(device, user, error):
     Device.update(owner=None, claim_state=None, claim_state_at=None, claim_error=error).where(
-        (Device.device_id == device.device_id) & (Device.owner == user.id) & (Device.claim_state == "claiming")
+        (Device.device_id == device.device_id)
+        & (Device.owner == user.id)
+        & (Device.claim_state == "claiming")
     ).execute()
 
 
@@ -393,7 +407,9 @@ def release(user, device):
     name = display_name(device)
     started = (
         Device.update(claim_state="releasing", claim_state_at=utcnow())
-        .where((Device.device_id == device.device_id) & (Device.owner == user.id) & Device.claim_state.is_null())
+        .where(
+            (Device.device_id == device.device_id) & (Device.owner == user.id) & Device.claim_state.is_null()
+        )
         .execute()
     )
     if started != 1:
@@ -421,8 +437,14 @@ def release(user, device):
 
 def _finish_release(device, user, name):
     done = (
-        Device.update(owner=None, name=None, claimed_at=None, claim_state=None, claim_state_at=None, claim_error=None)
-        .where((Device.device_id == device.device_id) & (Device.owner == user.id) & (Device.claim_state == "releasing"))
+        Device.update(
+            owner=None, name=None, claimed_at=None, claim_state=None, claim_state_at=None, claim_error=None
+        )
+        .where(
+            (Device.device_id == device.device_id)
+            & (Device.owner == user.id)
+            & (Device.claim_state == "releasing")
+        )
         .execute()
     )
     if done:
@@ -432,7 +454,9 @@ def _finish_release(device, user, name):
 
 def _undo_release(device, user):
     Device.update(claim_state=None, claim_state_at=None).where(
-        (Device.device_id == device.device_id) & (Device.owner == user.id) & (Device.claim_state == "releasing")
+        (Device.device_id == device.device_id)
+        & (Device.owner == user.id)
+        & (Device.claim_state == "releasing")
     ).execute()
 
 
@@ -539,7 +563,9 @@ def rename(user, device, new_name):
     if len(name) > NAME_MAX:
         raise DeviceError(f"Use at most {NAME_MAX} characters.", kind="invalid", field="name", status=422)
     if any(ord(char) < 32 or ord(char) == 127 for char in name):
-        raise DeviceError("Use letters, digits, spaces and punctuation only.", kind="invalid", field="name", status=422)
+        raise DeviceError(
+            "Use letters, digits, spaces and punctuation only.", kind="invalid", field="name", status=422
+        )
     old = display_name(device)
     if name == device.name:
         return device
@@ -553,8 +579,14 @@ def rename(user, device, new_name):
         ) from exc
     except ParticleError as exc:
         log.warning("Rename of %s refused: %s", device.device_id, exc)
-        raise DeviceError("The device cloud refused the new name. Please try again or contact support.", kind="refused", status=502)
-    Device.update(name=name).where((Device.device_id == device.device_id) & (Device.owner == user.id)).execute()
+        raise DeviceError(
+            "The device cloud refused the new name. Please try again or contact support.",
+            kind="refused",
+            status=502,
+        )
+    Device.update(name=name).where(
+        (Device.device_id == device.device_id) & (Device.owner == user.id)
+    ).execute()
     device.name = name
     audit.record("device.renamed", user=user, device_id=device.device_id, old=old, new=name, name=name)
     return device
@@ -577,25 +609,48 @@ def call_function(user, device, function_name, raw_arg="", confirmed=False):
         raise DeviceError(function.confirm, kind="confirm", status=409)
     name = display_name(device)
     try:
-        return_value = get_client().call_function(user.particle_customer_id, device.device_id, function.name, arg)
+        return_value = get_client().call_function(
+            user.particle_customer_id, device.device_id, function.name, arg
+        )
     except DeviceOffline:
         live_values.mark_offline(device.device_id)
-        return FunctionResult(False, f"The device is offline or not answering, so “{function.label}” was not done. Try again when it is back online.")
+        return FunctionResult(
+            False,
+            f"The device is offline or not answering, so “{function.label}” was not done. Try again when it is back online.",
+        )
     except NotFound:
-        return FunctionResult(False, f"The device doesn't know “{function.label}”. Its firmware may need an update; please contact support.")
+        return FunctionResult(
+            False,
+            f"The device doesn't know “{function.label}”. Its firmware may need an update; please contact support.",
+        )
     except FunctionFailed:
         return FunctionResult(False, f"The device did not carry out “{function.label}”. Please try again.")
     except RateLimited:
-        return FunctionResult(False, "The device cloud is busy, so the command was not sent. Please try again in a minute.")
+        return FunctionResult(
+            False, "The device cloud is busy, so the command was not sent. Please try again in a minute."
+        )
     except CloudUnavailable as exc:
         if exc.status is None:
             # A timeout: the command may have reached the device before the answer got lost.
             live_values.invalidate(device.device_id)
-            return FunctionResult(False, "We didn't hear back from the device cloud in time. The command may or may not have reached the device; check its values before trying again.")
-        return FunctionResult(False, "The device cloud isn't answering, so the command was not sent. Please try again in a minute.")
+            return FunctionResult(
+                False,
+                "We didn't hear back from the device cloud in time. The command may or may not have reached the device; check its values before trying again.",
+            )
+        return FunctionResult(
+            False,
+            "The device cloud isn't answering, so the command was not sent. Please try again in a minute.",
+        )
     except PermissionDenied:
-        log.error("Function call on %s denied by Particle although the database says %s owns it", device.device_id, user.id)
-        return FunctionResult(False, "The device cloud says this device is not available to your account. Please contact support.")
+        log.error(
+            "Function call on %s denied by Particle although the database says %s owns it",
+            device.device_id,
+            user.id,
+        )
+        return FunctionResult(
+            False,
+            "The device cloud says this device is not available to your account. Please contact support.",
+        )
     except ParticleError as exc:
         log.warning("Function %s on %s failed: %s", function.name, device.device_id, exc)
         return FunctionResult(False, f"“{function.label}” failed: {exc.user_message}")
@@ -611,5 +666,7 @@ def call_function(user, device, function_name, raw_arg="", confirmed=False):
         result="refused" if refused else "done",
     )
     if refused:
-        return FunctionResult(False, f"The device refused the value ({function.label}: code {return_value}).", return_value)
+        return FunctionResult(
+            False, f"The device refused the value ({function.label}: code {return_value}).", return_value
+        )
     return FunctionResult(True, function.done_text, return_value)

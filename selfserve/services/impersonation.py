@@ -12,6 +12,7 @@ a banner on every page, audited, reversible. Ours is also read-only and time-lim
 - Audited against the customer (user = customer, actor = staff, with the reason): start,
   end, and every full page viewed; the homeowner's activity page shows them.
 """
+
 import datetime
 import logging
 
@@ -100,7 +101,12 @@ def start_view(staff, customer_id, reason, now=None):
     """
     from selfserve.security import rotate_login_session
 
-    if staff is None or not staff.is_staff or staff.login_session is None or staff.login_session.mfa_verified_at is None:
+    if (
+        staff is None
+        or not staff.is_staff
+        or staff.login_session is None
+        or staff.login_session.mfa_verified_at is None
+    ):
         raise ViewRefused("Only staff who passed the second factor can view as a customer.", 403)
     if getattr(staff, "staff_view", None) is not None or live_view(staff.login_session, now) is not None:
         raise ViewRefused("You are already viewing an account. End that view first.", 409)
@@ -131,9 +137,11 @@ def end_view(view, cause="ended", now=None):
     """End `view` (cause: ended | expired | signed_out). True if this call ended it; a view
     already ended is left alone (recorded once)."""
     now = now or utcnow()
-    done = StaffView.update(ended_at=now, end_cause=cause).where(
-        (StaffView.id == view.id) & StaffView.ended_at.is_null()
-    ).execute()
+    done = (
+        StaffView.update(ended_at=now, end_cause=cause)
+        .where((StaffView.id == view.id) & StaffView.ended_at.is_null())
+        .execute()
+    )
     if not done:
         return False
     minutes = max(0, int((now - view.started_at).total_seconds() // 60))
@@ -184,7 +192,10 @@ def end_stale_views(now=None):
     stale = (
         StaffView.select(StaffView)
         .join(LoginSession)
-        .where(StaffView.ended_at.is_null() & ((StaffView.expires_at <= now) | LoginSession.ended_at.is_null(False)))
+        .where(
+            StaffView.ended_at.is_null()
+            & ((StaffView.expires_at <= now) | LoginSession.ended_at.is_null(False))
+        )
     )
     ended = 0
     for view in list(stale):

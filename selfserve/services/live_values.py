@@ -14,6 +14,7 @@ So many viewers of one device cost one upstream read per interval, and a slow or
 device shows its last known values with their age instead of hanging the page. Reads use the
 customer token of the device's owner in our database.
 """
+
 import concurrent.futures
 import dataclasses
 import datetime
@@ -131,7 +132,11 @@ def last_known(device):
 def last_known_many(devices):
     """`last_known` for several devices with one query: {device_id: Snapshot}."""
     ids = [device.device_id for device in devices]
-    rows = {row.device_id: row for row in DeviceSnapshot.select().where(DeviceSnapshot.device_id.in_(ids))} if ids else {}
+    rows = (
+        {row.device_id: row for row in DeviceSnapshot.select().where(DeviceSnapshot.device_id.in_(ids))}
+        if ids
+        else {}
+    )
     return {device.device_id: _to_snapshot(device, rows.get(device.device_id)) for device in devices}
 
 
@@ -164,7 +169,9 @@ def _settings():
     config = current_app.config
     cache = float(config.get("VALUES_CACHE_SECONDS", 4.0))
     offline = max(cache, float(config.get("OFFLINE_REMEMBER_SECONDS", 60.0)))
-    timeout = float(config.get("PARTICLE_CONNECT_TIMEOUT", 3.05)) + float(config.get("PARTICLE_READ_TIMEOUT", 20.0))
+    timeout = float(config.get("PARTICLE_CONNECT_TIMEOUT", 3.05)) + float(
+        config.get("PARTICLE_READ_TIMEOUT", 20.0)
+    )
     # A lease outlives the slowest possible read (get_device, then one parallel round of
     # variables) so a second worker doesn't start a duplicate read, and expires by itself
     # when its holder crashed.
@@ -242,7 +249,9 @@ def _executor():
     global _pool
     with _pool_guard:
         if _pool is None:
-            _pool = concurrent.futures.ThreadPoolExecutor(max_workers=_POOL_SIZE, thread_name_prefix="live-values")
+            _pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=_POOL_SIZE, thread_name_prefix="live-values"
+            )
         return _pool
 
 
@@ -313,9 +322,7 @@ def _refresh(device, row):
 
 def _read_variables(client, customer_id, device_id, names):
     """Read variables in parallel; {name: (value, None) | (None, ParticleError)}."""
-    futures = {
-        name: _executor().submit(client.get_variable, customer_id, device_id, name) for name in names
-    }
+    futures = {name: _executor().submit(client.get_variable, customer_id, device_id, name) for name in names}
     results = {}
     for name, future in futures.items():
         try:
@@ -371,20 +378,31 @@ def _to_snapshot(device, row):
         snapshot.checked_at = row.checked_at
         snapshot.message = row.last_error or ""
         values = row.values or {}
-    snapshot.message = _note(snapshot.message or (OFFLINE if snapshot.online is False else ""),
-                             has_values=bool(snapshot.fetched_at or values), offline=snapshot.online is False)
+    snapshot.message = _note(
+        snapshot.message or (OFFLINE if snapshot.online is False else ""),
+        has_values=bool(snapshot.fetched_at or values),
+        offline=snapshot.online is False,
+    )
     model = device_models.get(device.model)
     catalogue = list(model.variables) if model else []
     names = [variable.name for variable in catalogue]
     names += sorted(name for name in values if name not in names)
     for name in names:
-        variable = (model.variable(name) if model else None) or device_models.Variable(name, name, kind="text")
+        variable = (model.variable(name) if model else None) or device_models.Variable(
+            name, name, kind="text"
+        )
         entry = values.get(name)
         value = entry.get("value") if isinstance(entry, dict) else None
         at = _parse_time(entry.get("at")) if isinstance(entry, dict) else None
         snapshot.raw[name] = value
         snapshot.readings.append(
-            Reading(name=name, label=variable.label, text=variable.format(value) if entry else "—", unit=variable.unit if entry else "", at=at)
+            Reading(
+                name=name,
+                label=variable.label,
+                text=variable.format(value) if entry else "—",
+                unit=variable.unit if entry else "",
+                at=at,
+            )
         )
     return snapshot
 
@@ -412,5 +430,5 @@ def _parse_time(text):
     except ValueError:
         return None
     if moment.tzinfo is not None:
-        moment = moment.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+        moment = moment.astimezone(datetime.UTC).replace(tzinfo=None)
     return moment

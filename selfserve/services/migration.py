@@ -19,6 +19,7 @@ with the live site, so migration calls go through a client-side pacer
 (`MIGRATION_REQUESTS_PER_SECOND`) and a 429 waits its Retry-After (with backoff) before trying
 again.
 """
+
 import csv
 import dataclasses
 import datetime
@@ -112,7 +113,7 @@ def _paced(call, *args):
             waits += 1
             if waits > int(current_app.config.get("MIGRATION_MAX_INLINE_RATE_WAITS", MAX_INLINE_RATE_WAITS)):
                 raise
-            delay = min(MAX_RATE_WAIT_SECONDS, float(exc.retry_after or 0) or 2.0 ** waits)
+            delay = min(MAX_RATE_WAIT_SECONDS, float(exc.retry_after or 0) or 2.0**waits)
             log.info("Particle rate limit: waiting %.1f s", delay)
             time.sleep(delay)
 
@@ -209,7 +210,9 @@ def plan(row):
         if existing.state == "claimed":
             return Result(row.line, row.device_id, row.email, "already_claimed")
         if existing.state == "failed":
-            return Result(row.line, row.device_id, row.email, "failed", existing.last_error or "failed earlier")
+            return Result(
+                row.line, row.device_id, row.email, "failed", existing.last_error or "failed earlier"
+            )
         if existing.state == "claiming":
             return Result(row.line, row.device_id, row.email, "postponed", "in progress")
         return Result(row.line, row.device_id, row.email, "already_invited")
@@ -233,8 +236,12 @@ def migrate_row(row, now=None):
     try:
         with db.atomic():
             MigrationRow.create(
-                device_id=row.device_id, email=row.email, state="invited", created_at=now,
-                step=None if user else "mail_invite", lease_until=None if user else steps.lease_until(now),
+                device_id=row.device_id,
+                email=row.email,
+                state="invited",
+                created_at=now,
+                step=None if user else "mail_invite",
+                lease_until=None if user else steps.lease_until(now),
             )
     except peewee.IntegrityError:
         return plan(row)  # another run created it just now
@@ -276,21 +283,37 @@ def summarize(results):
 def start_claim(device_id, user, now=None):
     """invited -> claiming for `user` (exactly one caller wins). True if this call started it."""
     now = now or utcnow()
-    return MigrationRow.update(
-        state="claiming", user=user.id, step="take", attempts=0, next_attempt_at=None,
-        lease_until=steps.lease_until(now), last_error=None,
-    ).where(
-        (MigrationRow.device_id == device_id) & (MigrationRow.state == "invited") & (MigrationRow.email == user.email)
-        & (MigrationRow.step.is_null() | (MigrationRow.step == "mail_invite"))
-    ).execute() == 1
+    return (
+        MigrationRow.update(
+            state="claiming",
+            user=user.id,
+            step="take",
+            attempts=0,
+            next_attempt_at=None,
+            lease_until=steps.lease_until(now),
+            last_error=None,
+        )
+        .where(
+            (MigrationRow.device_id == device_id)
+            & (MigrationRow.state == "invited")
+            & (MigrationRow.email == user.email)
+            & (MigrationRow.step.is_null() | (MigrationRow.step == "mail_invite"))
+        )
+        .execute()
+        == 1
+    )
 
 
 def claim_for_new_account(user):
     """Provisioning-ready callback: claim every device `user`'s address was invited for."""
     if not user.is_verified:
         return 0
-    device_ids = [r.device_id for r in MigrationRow.select(MigrationRow.device_id).where(
-        (MigrationRow.email == user.email) & (MigrationRow.state == "invited"))]
+    device_ids = [
+        r.device_id
+        for r in MigrationRow.select(MigrationRow.device_id).where(
+            (MigrationRow.email == user.email) & (MigrationRow.state == "invited")
+        )
+    ]
     started = 0
     for device_id in device_ids:
         if start_claim(device_id, user):
@@ -306,9 +329,12 @@ def _fail(migration, reason):
             (Device.device_id == migration.device_id) & (Device.claim_state == MIGRATING)
         ).execute()
         MigrationRow.update(state="failed", last_error=reason).where(
-            MigrationRow.device_id == migration.device_id).execute()
+            MigrationRow.device_id == migration.device_id
+        ).execute()
     log.error("STAFF ALERT: migration of device %s failed: %s", migration.device_id, reason)
-    audit.record("staff.alert", user=None, device_id=migration.device_id, reason=f"migration failed: {reason}")
+    audit.record(
+        "staff.alert", user=None, device_id=migration.device_id, reason=f"migration failed: {reason}"
+    )
     return None
 
 
@@ -317,9 +343,11 @@ def _step_take(migration):
     device = Device.get_or_none(Device.device_id == migration.device_id)
     if device is None:
         return _fail(migration, "the device is no longer in the registry")
-    taken = Device.update(owner=user.id, claim_state=MIGRATING, claim_state_at=utcnow(), claim_error=None).where(
-        (Device.device_id == device.device_id) & Device.owner.is_null() & Device.claim_state.is_null()
-    ).execute()
+    taken = (
+        Device.update(owner=user.id, claim_state=MIGRATING, claim_state_at=utcnow(), claim_error=None)
+        .where((Device.device_id == device.device_id) & Device.owner.is_null() & Device.claim_state.is_null())
+        .execute()
+    )
     if not taken:
         device = Device.get_by_id(device.device_id)
         if device.owner_id == user.id and device.claim_state is None:
@@ -364,15 +392,25 @@ def _step_record(migration):
     user = User.get_by_id(migration.user_id)
     device = Device.get_by_id(migration.device_id)
     with db.atomic():
-        Device.update(claim_state=None, claim_state_at=None, claimed_at=now, name=None, claim_error=None).where(
-            (Device.device_id == device.device_id) & (Device.owner == user.id) & (Device.claim_state == MIGRATING)
+        Device.update(
+            claim_state=None, claim_state_at=None, claimed_at=now, name=None, claim_error=None
+        ).where(
+            (Device.device_id == device.device_id)
+            & (Device.owner == user.id)
+            & (Device.claim_state == MIGRATING)
         ).execute()
-        changed = MigrationRow.update(state="claimed", claimed_at=now).where(
-            (MigrationRow.device_id == device.device_id) & (MigrationRow.state == "claiming")
-        ).execute()
+        changed = (
+            MigrationRow.update(state="claimed", claimed_at=now)
+            .where((MigrationRow.device_id == device.device_id) & (MigrationRow.state == "claiming"))
+            .execute()
+        )
         if changed:
-            audit.record("device.migrated_in", user=user, device_id=device.device_id,
-                         name=f"{device_models.label(device.model)} {device.serial_number}")
+            audit.record(
+                "device.migrated_in",
+                user=user,
+                device_id=device.device_id,
+                name=f"{device_models.label(device.model)} {device.serial_number}",
+            )
     return "mail_claimed"
 
 
@@ -385,11 +423,24 @@ def _step_mail(migration, template):
         "signup_url": absolute_url("accounts.signup"),
         "site_url": absolute_url("main.index"),
     }
-    subject = "Your device is ready for selfserve" if template == "migration_invite" else "Your device is in your account"
-    sent = steps.send_mail(migration.email, subject, template, context, migration.attempts,
-                           MAIL_MAX_ATTEMPTS, f"Migration of {migration.device_id}")
+    subject = (
+        "Your device is ready for selfserve"
+        if template == "migration_invite"
+        else "Your device is in your account"
+    )
+    sent = steps.send_mail(
+        migration.email,
+        subject,
+        template,
+        context,
+        migration.attempts,
+        MAIL_MAX_ATTEMPTS,
+        f"Migration of {migration.device_id}",
+    )
     if sent and template == "migration_invite":
-        MigrationRow.update(invited_at=utcnow()).where(MigrationRow.device_id == migration.device_id).execute()
+        MigrationRow.update(invited_at=utcnow()).where(
+            MigrationRow.device_id == migration.device_id
+        ).execute()
     return None
 
 
@@ -404,16 +455,21 @@ STEPS = {
 
 
 def _due(now):
-    return MigrationRow.step.is_null(False) & (
-        MigrationRow.next_attempt_at.is_null() | (MigrationRow.next_attempt_at <= now)
-    ) & (MigrationRow.lease_until.is_null() | (MigrationRow.lease_until <= now))
+    return (
+        MigrationRow.step.is_null(False)
+        & (MigrationRow.next_attempt_at.is_null() | (MigrationRow.next_attempt_at <= now))
+        & (MigrationRow.lease_until.is_null() | (MigrationRow.lease_until <= now))
+    )
 
 
 def take(device_id, now=None):
     now = now or utcnow()
-    return MigrationRow.update(lease_until=steps.lease_until(now)).where(
-        (MigrationRow.device_id == device_id) & _due(now)
-    ).execute() == 1
+    return (
+        MigrationRow.update(lease_until=steps.lease_until(now))
+        .where((MigrationRow.device_id == device_id) & _due(now))
+        .execute()
+        == 1
+    )
 
 
 def run(device_id):
@@ -430,15 +486,20 @@ def run(device_id):
             attempts = migration.attempts + 1
             delay = max(steps.backoff_seconds(attempts), float(wait))
             MigrationRow.update(
-                attempts=MigrationRow.attempts + 1, lease_until=None, last_error=str(exc)[:500],
+                attempts=MigrationRow.attempts + 1,
+                lease_until=None,
+                last_error=str(exc)[:500],
                 next_attempt_at=utcnow() + datetime.timedelta(seconds=delay),
             ).where((MigrationRow.device_id == device_id) & (MigrationRow.step == step)).execute()
             return MigrationRow.get_by_id(device_id)
         except Exception as exc:  # noqa: BLE001 - one bad row must not stop the others
             log.exception("Migration of %s: step %s failed unexpectedly", device_id, step)
             MigrationRow.update(
-                attempts=MigrationRow.attempts + 1, lease_until=None, last_error=str(exc)[:500],
-                next_attempt_at=utcnow() + datetime.timedelta(seconds=steps.backoff_seconds(migration.attempts + 1)),
+                attempts=MigrationRow.attempts + 1,
+                lease_until=None,
+                last_error=str(exc)[:500],
+                next_attempt_at=utcnow()
+                + datetime.timedelta(seconds=steps.backoff_seconds(migration.attempts + 1)),
             ).where((MigrationRow.device_id == device_id) & (MigrationRow.step == step)).execute()
             return MigrationRow.get_by_id(device_id)
         MigrationRow.update(step=next_step, attempts=0, next_attempt_at=None).where(
@@ -455,8 +516,12 @@ def resume_pending(now=None, limit=100):
     ready = (
         MigrationRow.select(MigrationRow.device_id, User.id.alias("uid"))
         .join(User, on=(User.email == MigrationRow.email))
-        .where((MigrationRow.state == "invited") & (MigrationRow.step.is_null())
-               & (User.provisioning_state == provisioning.READY) & User.particle_customer_id.is_null(False))
+        .where(
+            (MigrationRow.state == "invited")
+            & (MigrationRow.step.is_null())
+            & (User.provisioning_state == provisioning.READY)
+            & User.particle_customer_id.is_null(False)
+        )
         .limit(limit)
         .dicts()
     )
@@ -500,12 +565,19 @@ def migrate_devices_command(csv_file, dry_run):
         raise click.ClickException(f"{csv_file.name}: {exc}")
     if not rows:
         raise click.ClickException(f"{csv_file.name}: no rows")
-    with click.progressbar(length=len(rows), label="Dry run" if dry_run else "Migrating", file=sys.stderr) as bar:
+    with click.progressbar(
+        length=len(rows), label="Dry run" if dry_run else "Migrating", file=sys.stderr
+    ) as bar:
         results = migrate(rows, dry_run=dry_run, progress=bar.update)
     for result in results:
         click.echo(f"line {result.line}: {result.device_id} {result.email}: {describe(result)}")
     counts = summarize(results)
-    click.echo(("Dry run, nothing changed. " if dry_run else "") + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+    click.echo(
+        ("Dry run, nothing changed. " if dry_run else "")
+        + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+    )
     failed = counts.get("failed", 0)
     if failed and not dry_run:
-        raise click.ClickException(f"{failed} row(s) failed; staff were alerted (see the support fleet page).")
+        raise click.ClickException(
+            f"{failed} row(s) failed; staff were alerted (see the support fleet page)."
+        )

@@ -15,10 +15,10 @@ ends in the right state without an operator:
 `resume_pending()` is run by the background sweep; `resume_user()` by the account's own
 status poll, so a pending account finishes even when no sweep runs.
 """
+
 import datetime
 import logging
 import secrets
-
 
 from selfserve import sweep
 from selfserve.models import User
@@ -72,9 +72,9 @@ def _due(now):
 def take(user_id, now=None):
     """Take the provisioning of one account for this worker. True for exactly one taker."""
     now = now or utcnow()
-    taken = User.update(provisioning_next_at=lease_until(now)).where(
-        (User.id == user_id) & _due(now)
-    ).execute()
+    taken = (
+        User.update(provisioning_next_at=lease_until(now)).where((User.id == user_id) & _due(now)).execute()
+    )
     return taken == 1
 
 
@@ -103,9 +103,11 @@ def attempt(user_id, now=None):
     except Exception as exc:  # noqa: BLE001 - one bad account must not stop the sweep
         log.exception("Provisioning account %s failed unexpectedly", user.id)
         return _failed(user, now, UNEXPECTED_ERROR, exc)
-    finished = User.update(
-        provisioning_state=READY, provisioning_error=None, provisioning_next_at=None
-    ).where((User.id == user_id) & (User.provisioning_state == PENDING)).execute()
+    finished = (
+        User.update(provisioning_state=READY, provisioning_error=None, provisioning_next_at=None)
+        .where((User.id == user_id) & (User.provisioning_state == PENDING))
+        .execute()
+    )
     if finished:
         audit.record("account.provisioned", user=user, actor=None)
         log.info("Provisioned account %s", user.id)
@@ -145,13 +147,7 @@ def resume_pending(now=None, limit=50):
     Several workers may run this at once: each account goes to the one whose `take()` matched.
     """
     now = now or utcnow()
-    due_ids = [
-        row.id
-        for row in User.select(User.id)
-        .where(_due(now))
-        .order_by(User.id)
-        .limit(limit)
-    ]
+    due_ids = [row.id for row in User.select(User.id).where(_due(now)).order_by(User.id).limit(limit)]
     ready = 0
     for user_id in due_ids:
         if take(user_id, now) and attempt(user_id, now).provisioning_state == READY:

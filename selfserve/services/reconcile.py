@@ -15,6 +15,7 @@ Kinds of drift:
 
 Devices with a claim or release in flight (`claim_state`) are skipped: the sweep finishes them.
 """
+
 import logging
 
 import click
@@ -77,9 +78,18 @@ def compare(device, particle_view, customers_by_particle_id):
     if device.claim_state is not None:
         return []
     db_owner = device.owner if device.owner_id is not None else None
-    expected = db_owner.particle_customer_id.lower() if db_owner is not None and db_owner.particle_customer_id else None
+    expected = (
+        db_owner.particle_customer_id.lower()
+        if db_owner is not None and db_owner.particle_customer_id
+        else None
+    )
     if particle_view is None:
-        return [("not_in_product", {"db_owner": db_owner.email if db_owner else None, "db_in_product": device.in_product})]
+        return [
+            (
+                "not_in_product",
+                {"db_owner": db_owner.email if db_owner else None, "db_in_product": device.in_product},
+            )
+        ]
     particle_owner = particle_view.get("owner")
     known = customers_by_particle_id.get(particle_owner) if particle_owner else None
     detail = {
@@ -124,23 +134,27 @@ def run(trigger="cli", started_by=None):
         checked += 1
         registry_ids.add(device.device_id)
         for kind, detail in compare(device, particle.get(device.device_id), customers):
-            findings.append({"run": started.id, "device_id": device.device_id, "kind": kind, "detail": detail})
+            findings.append(
+                {"run": started.id, "device_id": device.device_id, "kind": kind, "detail": detail}
+            )
     for device_id in sorted(set(particle) - registry_ids):
         view = particle[device_id]
         known = customers.get(view["owner"]) if view["owner"] else None
-        findings.append({
-            "run": started.id,
-            "device_id": device_id,
-            "kind": "not_in_registry",
-            "detail": {
-                "particle_owner": view["owner"],
-                "particle_owner_account": known.email if known else None,
-                "serial_number": view.get("serial_number"),
-            },
-        })
+        findings.append(
+            {
+                "run": started.id,
+                "device_id": device_id,
+                "kind": "not_in_registry",
+                "detail": {
+                    "particle_owner": view["owner"],
+                    "particle_owner_account": known.email if known else None,
+                    "serial_number": view.get("serial_number"),
+                },
+            }
+        )
     with db.atomic():
         for start in range(0, len(findings), 200):
-            ReconcileFinding.insert_many(findings[start:start + 200]).execute()
+            ReconcileFinding.insert_many(findings[start : start + 200]).execute()
         ReconcileRun.update(
             status="done",
             finished_at=utcnow(),
@@ -153,14 +167,18 @@ def run(trigger="cli", started_by=None):
             },
         ).where(ReconcileRun.id == started.id).execute()
     if started_by is not None:
-        audit.record("support.reconciled", user=None, actor=started_by, run=started.id, findings=len(findings))
+        audit.record(
+            "support.reconciled", user=None, actor=started_by, run=started.id, findings=len(findings)
+        )
     log.info("Reconciliation %s: %d devices, %d findings", started.id, checked, len(findings))
     return ReconcileRun.get_by_id(started.id)
 
 
 def latest_run():
     """The newest finished run (done or failed), or None."""
-    return ReconcileRun.select().where(ReconcileRun.status != "running").order_by(ReconcileRun.id.desc()).first()
+    return (
+        ReconcileRun.select().where(ReconcileRun.status != "running").order_by(ReconcileRun.id.desc()).first()
+    )
 
 
 def findings_of(run_row, kind=None):

@@ -4,6 +4,7 @@ Importing is safe to re-run: rows are matched by device id, unchanged rows stay 
 setup codes are stored only as Argon2 hashes, and every device not yet in the Particle product
 is (re-)added to it, so a device whose product import failed last time is retried.
 """
+
 import csv
 import dataclasses
 import json
@@ -176,7 +177,9 @@ def _add_to_product(results):
             answer = client.add_device_to_product(device.device_id) or {}
         except ParticleError as exc:
             log.warning("Adding device %s to the product failed: %s", device.device_id, exc)
-            result.product_error = f"not added to the Particle product ({type(exc).__name__}); re-run to retry"
+            result.product_error = (
+                f"not added to the Particle product ({type(exc).__name__}); re-run to retry"
+            )
             continue
         refused = [str(x).lower() for x in (answer.get("invalidDeviceIds") or [])]
         elsewhere = [str(x).lower() for x in (answer.get("nonmemberDeviceIds") or [])]
@@ -240,8 +243,14 @@ def summarize(results):
 
 @click.command("import-registry")
 @click.argument("csv_file", type=click.File("r", encoding="utf-8-sig"))
-@click.option("--labels", is_flag=True, help="Also print each device's label URL (holds the setup code: keep it private).")
-@click.option("--qr-dir", type=click.Path(file_okay=False), help="Also write one label QR code (SVG) per device here.")
+@click.option(
+    "--labels",
+    is_flag=True,
+    help="Also print each device's label URL (holds the setup code: keep it private).",
+)
+@click.option(
+    "--qr-dir", type=click.Path(file_okay=False), help="Also write one label QR code (SVG) per device here."
+)
 @with_appcontext
 def import_registry_command(csv_file, labels, qr_dir):
     """Import the manufacturing registry CSV (device_id, serial_number, setup_code, model)."""
@@ -260,8 +269,10 @@ def import_registry_command(csv_file, labels, qr_dir):
         if result.status != "invalid":
             product = "in product" if result.in_product else result.product_error
             note = "; ".join(part for part in (note, product) if part)
-        click.echo(f"line {result.line}: {result.status:<9} {result.device_id or '-'} {result.serial_number or '-'}"
-                   + (f"  ({note})" if note else ""))
+        click.echo(
+            f"line {result.line}: {result.status:<9} {result.device_id or '-'} {result.serial_number or '-'}"
+            + (f"  ({note})" if note else "")
+        )
         if result.status != "invalid" and labels:
             click.echo(f"    label: {label_url(result.serial_number, result.setup_code, base_url)}")
     if qr_dir:
@@ -285,8 +296,10 @@ def _write_qr_codes(results, qr_dir, base_url):
     for result in results:
         if result.status == "invalid":
             continue
-        image = qrcode.make(label_url(result.serial_number, result.setup_code, base_url),
-                            image_factory=qrcode.image.svg.SvgPathImage)
+        image = qrcode.make(
+            label_url(result.serial_number, result.setup_code, base_url),
+            image_factory=qrcode.image.svg.SvgPathImage,
+        )
         path = os.path.join(qr_dir, f"{result.serial_number}.svg")
         image.save(path)
     click.echo(f"QR codes written to {qr_dir}")

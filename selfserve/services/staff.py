@@ -9,6 +9,7 @@ need a login session that passed the second factor (`LoginSession.mfa_verified_a
 The secret is stored encrypted (crypto.fernet_for). A code works once: the accepted time
 step is saved with an atomic UPDATE, so a replayed or concurrently reused code is refused.
 """
+
 import base64
 import datetime
 import functools
@@ -152,7 +153,7 @@ def _matching_step(secret, code, now):
     if len(code) != CODE_LENGTH or not code.isdigit() or not secret:
         return None
     totp = pyotp.TOTP(secret)
-    moment = now.replace(tzinfo=datetime.timezone.utc)
+    moment = now.replace(tzinfo=datetime.UTC)
     for offset in range(-VALID_WINDOW, VALID_WINDOW + 1):
         at = moment + datetime.timedelta(seconds=offset * totp.interval)
         if secrets.compare_digest(totp.at(at), code):
@@ -166,9 +167,11 @@ def _accept_code(user, secret, code, now=None):
     step = _matching_step(secret, code, now or utcnow())
     if step is None:
         return None
-    used = User.update(totp_last_step=step).where(
-        (User.id == user.id) & (User.totp_last_step.is_null() | (User.totp_last_step < step))
-    ).execute()
+    used = (
+        User.update(totp_last_step=step)
+        .where((User.id == user.id) & (User.totp_last_step.is_null() | (User.totp_last_step < step)))
+        .execute()
+    )
     return step if used else None
 
 
@@ -182,9 +185,13 @@ def confirm_enrolment(user, sealed, code, login_session, now=None):
     if step is None:
         audit.record("staff.second_factor_failed", user=user)
         raise FormErrors({"code": "That code is not right. Enter the 6 digits your app shows now."})
-    enrolled = User.update(
-        totp_secret_encrypted=crypto.encrypt(_fernet(), secret), totp_enrolled_at=now, totp_last_step=step
-    ).where((User.id == user.id) & User.totp_enrolled_at.is_null()).execute()
+    enrolled = (
+        User.update(
+            totp_secret_encrypted=crypto.encrypt(_fernet(), secret), totp_enrolled_at=now, totp_last_step=step
+        )
+        .where((User.id == user.id) & User.totp_enrolled_at.is_null())
+        .execute()
+    )
     if not enrolled:
         raise StaffError("The authenticator was just set up in another window. Sign in again with its code.")
     _mark_verified(login_session, now)
@@ -197,7 +204,9 @@ def verify_code(user, code, login_session, now=None):
         raise StaffError("The authenticator is not set up yet.")
     if _accept_code(user, _secret(user), code, now) is None:
         audit.record("staff.second_factor_failed", user=user)
-        raise FormErrors({"code": "That code is not right (or was already used). Enter the 6 digits your app shows now."})
+        raise FormErrors(
+            {"code": "That code is not right (or was already used). Enter the 6 digits your app shows now."}
+        )
     _mark_verified(login_session, now or utcnow())
     audit.record("staff.second_factor_passed", user=user)
 
@@ -251,7 +260,9 @@ def create_staff_command(email, role, password):
         raise click.ClickException("; ".join(exc.errors.values())) from None
     except StaffError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"Created {user.role} account {user.email}. On first sign-in they set up an authenticator app.")
+    click.echo(
+        f"Created {user.role} account {user.email}. On first sign-in they set up an authenticator app."
+    )
 
 
 @click.command("reset-staff-second-factor")

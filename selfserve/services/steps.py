@@ -1,6 +1,7 @@
 """What every recorded multi-step job shares (account set-up, transfers, migration rows): how
 long a worker may hold a job, how long to wait after a failure, and the "try again later"
 signal a step raises. Each job type keeps its own steps; the sweep resumes them."""
+
 import datetime
 import logging
 
@@ -27,7 +28,7 @@ def backoff_seconds(attempts):
     exponent = max(0, attempts - 1)
     if exponent > 16:
         return BACKOFF_MAX_SECONDS
-    return min(BACKOFF_MAX_SECONDS, BACKOFF_FIRST_SECONDS * 2 ** exponent)
+    return min(BACKOFF_MAX_SECONDS, BACKOFF_FIRST_SECONDS * 2**exponent)
 
 
 def lease_until(now):

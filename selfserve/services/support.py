@@ -5,10 +5,10 @@ the customer with the staff member as actor).
 Staff actions call the areas' own services (accounts, provisioning, devices) instead of
 re-implementing them: a release by support is the homeowner's release, done on their behalf.
 """
+
 import dataclasses
 import datetime
 import logging
-
 
 from selfserve.models import AuditEvent
 from selfserve.models import Device
@@ -71,7 +71,9 @@ def search(query):
     Raises SupportError for a query too short to be useful."""
     text = " ".join((query or "").split())[:254]
     if len(text) < SEARCH_MIN:
-        raise SupportError(f"Type at least {SEARCH_MIN} characters of an email address, device id or serial number.", 422)
+        raise SupportError(
+            f"Type at least {SEARCH_MIN} characters of an email address, device id or serial number.", 422
+        )
     customers = list(
         User.select()
         .where((User.role == "customer") & User.email.contains(text.lower()))
@@ -83,7 +85,14 @@ def search(query):
     if all(char in "0123456789abcdef" for char in lowered):
         condition = condition | Device.device_id.contains(lowered)
     found = list(Device.select().where(condition).order_by(Device.serial_number).limit(SEARCH_LIMIT))
-    owners = {user.id: user for user in User.select().where(User.id.in_([d.owner_id for d in found if d.owner_id]))} if found else {}
+    owners = (
+        {
+            user.id: user
+            for user in User.select().where(User.id.in_([d.owner_id for d in found if d.owner_id]))
+        }
+        if found
+        else {}
+    )
     for device in found:
         device.owner_account = owners.get(device.owner_id)
     return SearchResults(text, customers, found)
@@ -98,7 +107,9 @@ def customer_or_404(customer_id):
     from flask import abort
 
     user = None
-    if isinstance(customer_id, int) or (isinstance(customer_id, str) and customer_id.isdigit() and len(customer_id) < 12):
+    if isinstance(customer_id, int) or (
+        isinstance(customer_id, str) and customer_id.isdigit() and len(customer_id) < 12
+    ):
         user = User.get_or_none(User.id == int(customer_id))
     if user is None or user.is_staff:
         abort(404)
@@ -159,8 +170,13 @@ def device_overview(device, staff=None):
 
     owner = User.get_or_none(User.id == device.owner_id) if device.owner_id else None
     if staff is not None and owner is not None:
-        audit.record("support.console_viewed_device", user=owner, actor=staff, device_id=device.device_id,
-                     name=devices.display_name(device))
+        audit.record(
+            "support.console_viewed_device",
+            user=owner,
+            actor=staff,
+            device_id=device.device_id,
+            name=devices.display_name(device),
+        )
     particle_view, particle_error = None, ""
     disagreements = []
     try:
@@ -247,12 +263,21 @@ def fleet(page=1, filter_name="all"):
     owner_ids = {d.owner_id for d in rows if d.owner_id}
     owners = {u.id: u for u in User.select().where(User.id.in_(list(owner_ids)))} if owner_ids else {}
     ids = [d.device_id for d in rows]
-    snapshots = {s.device_id: s for s in DeviceSnapshot.select().where(DeviceSnapshot.device_id.in_(ids))} if ids else {}
+    snapshots = (
+        {s.device_id: s for s in DeviceSnapshot.select().where(DeviceSnapshot.device_id.in_(ids))}
+        if ids
+        else {}
+    )
     seen_by_particle = reconcile.particle_status(run)
     return Fleet(
         rows=[
-            (d, owners.get(d.owner_id), snapshots.get(d.device_id), seen_by_particle.get(d.device_id),
-             drift.get(d.device_id, []))
+            (
+                d,
+                owners.get(d.owner_id),
+                snapshots.get(d.device_id),
+                seen_by_particle.get(d.device_id),
+                drift.get(d.device_id, []),
+            )
             for d in rows
         ],
         page=page,
@@ -269,7 +294,9 @@ def _provisioning_stuck(user, now):
     if user.provisioning_state != provisioning.PENDING:
         return False
     since = user.email_verified_at or user.created_at
-    return user.provisioning_attempts > 0 or now - since > datetime.timedelta(seconds=PROVISIONING_STUCK_SECONDS)
+    return user.provisioning_attempts > 0 or now - since > datetime.timedelta(
+        seconds=PROVISIONING_STUCK_SECONDS
+    )
 
 
 def stuck(now=None):
@@ -277,16 +304,24 @@ def stuck(now=None):
     grace, transfers needing staff, failed migration rows, staff alerts."""
     now = now or utcnow()
     pending_accounts = [
-        user for user in User.select().where(User.provisioning_state == provisioning.PENDING).order_by(User.id)
+        user
+        for user in User.select().where(User.provisioning_state == provisioning.PENDING).order_by(User.id)
         if _provisioning_stuck(user, now)
     ]
     cutoff = now - datetime.timedelta(seconds=devices.RESUME_GRACE_SECONDS)
     steps = list(
-        Device.select().where(
-            Device.claim_state.in_(DEVICE_STEPS) & (Device.claim_state_at.is_null() | (Device.claim_state_at <= cutoff))
-        ).order_by(Device.claim_state_at)
+        Device.select()
+        .where(
+            Device.claim_state.in_(DEVICE_STEPS)
+            & (Device.claim_state_at.is_null() | (Device.claim_state_at <= cutoff))
+        )
+        .order_by(Device.claim_state_at)
     )
-    owners = {u.id: u for u in User.select().where(User.id.in_([d.owner_id for d in steps if d.owner_id]))} if steps else {}
+    owners = (
+        {u.id: u for u in User.select().where(User.id.in_([d.owner_id for d in steps if d.owner_id]))}
+        if steps
+        else {}
+    )
     for device in steps:
         device.owner_account = owners.get(device.owner_id)
     return {
@@ -356,10 +391,19 @@ def release_device(staff, device, reason):
     if owner is None:
         raise SupportError("This device has no owner, so there is nothing to release.", 409)
     if device.claim_state is not None:
-        raise SupportError("A claim or release of this device is in progress; retry or cancel that instead.", 409)
+        raise SupportError(
+            "A claim or release of this device is in progress; retry or cancel that instead.", 409
+        )
     name = devices.display_name(device)
     devices.release(owner, device)
-    audit.record("support.released_device", user=owner, actor=staff, device_id=device.device_id, name=name, reason=reason)
+    audit.record(
+        "support.released_device",
+        user=owner,
+        actor=staff,
+        device_id=device.device_id,
+        name=name,
+        reason=reason,
+    )
     log.info("Staff %s released device %s", staff.id, device.device_id)
 
 
@@ -399,10 +443,18 @@ def retry_device_step(staff, device, reason):
     if state is None:
         raise SupportError("Nothing is in progress for this device.", 409)
     if state not in DEVICE_STEPS:
-        raise SupportError(f"This device is busy with another operation ({state}); it finishes by itself.", 409)
+        raise SupportError(
+            f"This device is busy with another operation ({state}); it finishes by itself.", 409
+        )
     owner = User.get_or_none(User.id == device.owner_id) if device.owner_id else None
-    audit.record("support.retried", user=owner, actor=staff, device_id=device.device_id,
-                 operation=_step_label(device, state), reason=reason)
+    audit.record(
+        "support.retried",
+        user=owner,
+        actor=staff,
+        device_id=device.device_id,
+        operation=_step_label(device, state),
+        reason=reason,
+    )
     return _run_step_now(device)
 
 
@@ -421,14 +473,24 @@ def cancel_device_step(staff, device, reason):
     if reverse is None:
         raise SupportError(f"Support can't cancel a step “{state}”.", 409)
     if reverse == "claiming" and not owner.particle_customer_id:
-        raise SupportError("The owner's account isn't set up with the device cloud, so the release can't be undone.", 409)
-    changed = Device.update(claim_state=reverse).where(
-        (Device.device_id == device.device_id) & (Device.claim_state == state)
-    ).execute()
+        raise SupportError(
+            "The owner's account isn't set up with the device cloud, so the release can't be undone.", 409
+        )
+    changed = (
+        Device.update(claim_state=reverse)
+        .where((Device.device_id == device.device_id) & (Device.claim_state == state))
+        .execute()
+    )
     if not changed:
         raise SupportError("The step finished or changed meanwhile. Reload the page.", 409)
-    audit.record("support.cancelled", user=owner, actor=staff, device_id=device.device_id,
-                 operation=_step_label(device, state), reason=reason)
+    audit.record(
+        "support.cancelled",
+        user=owner,
+        actor=staff,
+        device_id=device.device_id,
+        operation=_step_label(device, state),
+        reason=reason,
+    )
     return _run_step_now(device)
 
 

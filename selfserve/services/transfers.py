@@ -33,6 +33,7 @@ library: the sweep already runs in every web process and in the demo, needs no b
 extra service, and the work is a handful of rows polled with one indexed query; the lease
 makes it safe with any number of workers. See README "Transfers and migration".
 """
+
 import dataclasses
 import datetime
 import hashlib
@@ -126,7 +127,7 @@ def device_label(device):
 
 
 def mask_email(email):
-    """"b***@example.com": enough for the seller to recognise, not a full address to others."""
+    """ "b***@example.com": enough for the seller to recognise, not a full address to others."""
     local, _, domain = (email or "").partition("@")
     return f"{local[:1]}***@{domain}" if domain else "***"
 
@@ -150,7 +151,7 @@ def _fresh(transfer):
 
 
 def role_of(user, transfer):
-    """"seller", "buyer" or None: what `user` is to this transfer. A buyer of an offer is the
+    """ "seller", "buyer" or None: what `user` is to this transfer. A buyer of an offer is the
     verified account with the address it was sent to (until it accepts, then that account)."""
     if user is None or not getattr(user, "is_authenticated", False):
         return None
@@ -158,7 +159,12 @@ def role_of(user, transfer):
         return "seller"
     if transfer.buyer_id == user.id:
         return "buyer"
-    if transfer.kind == "offer" and transfer.buyer_id is None and user.is_verified and user.email == transfer.buyer_email:
+    if (
+        transfer.kind == "offer"
+        and transfer.buyer_id is None
+        and user.is_verified
+        and user.email == transfer.buyer_email
+    ):
         return "buyer"
     return None
 
@@ -182,14 +188,18 @@ def dashboard_of(user):
     if not user.is_verified:
         return Dashboard([], [])
     incoming = list(
-        Transfer.select().where(
-            (Transfer.state == "offered") & (Transfer.buyer_email == user.email) & (Transfer.seller != user.id)
-        ).order_by(Transfer.id)
+        Transfer.select()
+        .where(
+            (Transfer.state == "offered")
+            & (Transfer.buyer_email == user.email)
+            & (Transfer.seller != user.id)
+        )
+        .order_by(Transfer.id)
     )
     outgoing = list(
-        Transfer.select().where(
-            Transfer.state.in_(["requested", "moving", "returning"]) & (Transfer.buyer == user.id)
-        ).order_by(Transfer.id)
+        Transfer.select()
+        .where(Transfer.state.in_(["requested", "moving", "returning"]) & (Transfer.buyer == user.id))
+        .order_by(Transfer.id)
     )
     return Dashboard(incoming, outgoing)
 
@@ -210,18 +220,31 @@ def offer(seller, device, buyer_email, confirmed=True, now=None):
     now = now or utcnow()
     buyer_email = normalize_email(buyer_email)
     if not confirmed:
-        raise TransferError("Tick the box to confirm you want to give this device away.", kind="invalid",
-                            field="confirmed", status=422)
+        raise TransferError(
+            "Tick the box to confirm you want to give this device away.",
+            kind="invalid",
+            field="confirmed",
+            status=422,
+        )
     problem = email_problem(buyer_email)
     if problem:
-        raise TransferError(problem.replace("your email", "the new owner's email"), kind="invalid", field="email", status=422)
+        raise TransferError(
+            problem.replace("your email", "the new owner's email"), kind="invalid", field="email", status=422
+        )
     if buyer_email == seller.email:
-        raise TransferError("That is your own email address. Enter the new owner's address.", kind="invalid", field="email", status=422)
+        raise TransferError(
+            "That is your own email address. Enter the new owner's address.",
+            kind="invalid",
+            field="email",
+            status=422,
+        )
     existing = open_transfer_of(device)
     if existing is not None:
         return _existing_or_refuse(existing, seller, buyer_email)
     if device.owner_id != seller.id or device.claim_state is not None:
-        raise TransferError("This device is busy right now. Please try again in a minute.", kind="busy", status=409)
+        raise TransferError(
+            "This device is busy right now. Please try again in a minute.", kind="busy", status=409
+        )
     try:
         with db.atomic():
             transfer = Transfer.create(
@@ -241,7 +264,9 @@ def offer(seller, device, buyer_email, confirmed=True, now=None):
         if existing is None:
             raise TransferError("This device is busy right now. Please try again.", kind="busy", status=409)
         return _existing_or_refuse(existing, seller, buyer_email)
-    audit.record("transfer.offered", user=seller, device_id=device.device_id, to=buyer_email, name=_name(transfer))
+    audit.record(
+        "transfer.offered", user=seller, device_id=device.device_id, to=buyer_email, name=_name(transfer)
+    )
     return _run(transfer.id)
 
 
@@ -251,11 +276,15 @@ def _existing_or_refuse(existing, seller, buyer_email):
     if existing.kind == "request":
         raise TransferError(
             "Someone has asked for this device. Answer that request on this page first.",
-            kind="open", status=409, transfer=existing,
+            kind="open",
+            status=409,
+            transfer=existing,
         )
     raise TransferError(
         "This device already has a pending transfer. Cancel it first to offer the device to someone else.",
-        kind="open", status=409, transfer=existing,
+        kind="open",
+        status=409,
+        transfer=existing,
     )
 
 
@@ -280,9 +309,13 @@ def cancel(user, transfer, now=None):
     """The seller withdraws an offer, or the buyer withdraws a request (until it is decided)."""
     now = now or utcnow()
     role = role_of(user, transfer)
-    allowed = (transfer.kind == "offer" and role == "seller") or (transfer.kind == "request" and role == "buyer")
+    allowed = (transfer.kind == "offer" and role == "seller") or (
+        transfer.kind == "request" and role == "buyer"
+    )
     if not allowed:
-        raise TransferError("Only the person who started this transfer can cancel it.", kind="forbidden", status=403)
+        raise TransferError(
+            "Only the person who started this transfer can cancel it.", kind="forbidden", status=403
+        )
     waiting = "offered" if transfer.kind == "offer" else "requested"
     notify = "mail_cancelled" if (transfer.kind == "request" or transfer.offer_mailed_at) else None
     closed = _close(transfer, waiting, "cancelled", notify, now)
@@ -312,7 +345,9 @@ def accept(user, transfer, now=None):
     _check_buyer_ready(user)
     if transfer.state == "offered" and transfer.expires_at <= now:
         expire_lapsed(now)
-        raise TransferError("This offer has expired. Ask the seller to send a new one.", kind="expired", status=410)
+        raise TransferError(
+            "This offer has expired. Ask the seller to send a new one.", kind="expired", status=410
+        )
     return _start_move(transfer, "offered", user, now)
 
 
@@ -323,7 +358,8 @@ def _check_buyer_ready(user):
         raise TransferError(
             "Your account is still being set up with the device cloud. This usually takes less than a "
             "minute; please try again shortly.",
-            kind="not_ready", status=409,
+            kind="not_ready",
+            status=409,
         )
 
 
@@ -331,17 +367,32 @@ def _start_move(transfer, waiting, buyer, now, take_lease=True):
     """offered/requested -> moving, and the device row -> "transferring", in one transaction.
     Exactly one caller wins (the UPDATE matches the waiting state once)."""
     with db.atomic() as txn:
-        started = Transfer.update(
-            state="moving", step="release", buyer=buyer.id, decided_at=now, attempts=0,
-            next_attempt_at=None, last_error=None,
-            lease_until=steps.lease_until(now) if take_lease else None,
-        ).where((Transfer.id == transfer.id) & (Transfer.state == waiting)).execute()
+        started = (
+            Transfer.update(
+                state="moving",
+                step="release",
+                buyer=buyer.id,
+                decided_at=now,
+                attempts=0,
+                next_attempt_at=None,
+                last_error=None,
+                lease_until=steps.lease_until(now) if take_lease else None,
+            )
+            .where((Transfer.id == transfer.id) & (Transfer.state == waiting))
+            .execute()
+        )
         if not started:
             txn.rollback()
             raise TransferError(too_late_message(_fresh(transfer)), kind="decided", status=409)
-        marked = Device.update(claim_state=TRANSFERRING, claim_state_at=now, claim_error=None).where(
-            (Device.device_id == transfer.device_id) & (Device.owner == transfer.seller_id) & Device.claim_state.is_null()
-        ).execute()
+        marked = (
+            Device.update(claim_state=TRANSFERRING, claim_state_at=now, claim_error=None)
+            .where(
+                (Device.device_id == transfer.device_id)
+                & (Device.owner == transfer.seller_id)
+                & Device.claim_state.is_null()
+            )
+            .execute()
+        )
         if not marked:
             txn.rollback()
     if not marked:
@@ -352,11 +403,18 @@ def _start_move(transfer, waiting, buyer, now, take_lease=True):
             raise TransferError(
                 "The previous owner no longer has this device in their account, so it can't be "
                 "transferred. If you have it and its label, add it with its setup code.",
-                kind="gone", status=409,
+                kind="gone",
+                status=409,
             )
-        raise TransferError("This device is busy right now. Please try again in a minute.", kind="busy", status=409)
-    audit.record("transfer.accepted" if transfer.kind == "offer" else "transfer.approved",
-                 user=buyer, device_id=transfer.device_id, name=_name(transfer))
+        raise TransferError(
+            "This device is busy right now. Please try again in a minute.", kind="busy", status=409
+        )
+    audit.record(
+        "transfer.accepted" if transfer.kind == "offer" else "transfer.approved",
+        user=buyer,
+        device_id=transfer.device_id,
+        name=_name(transfer),
+    )
     if not take_lease:
         return _fresh(transfer)
     return _run(transfer.id, holding_lease=True)
@@ -364,10 +422,22 @@ def _start_move(transfer, waiting, buyer, now, take_lease=True):
 
 def _close(transfer, waiting, state, notify_step, now, **extra):
     """waiting -> a closed state (frees the device for a new transfer). True if it was us."""
-    return Transfer.update(
-        state=state, open_device=None, decided_at=now, finished_at=now, step=notify_step,
-        attempts=0, next_attempt_at=None, lease_until=None, **extra,
-    ).where((Transfer.id == transfer.id) & (Transfer.state == waiting)).execute() == 1
+    return (
+        Transfer.update(
+            state=state,
+            open_device=None,
+            decided_at=now,
+            finished_at=now,
+            step=notify_step,
+            attempts=0,
+            next_attempt_at=None,
+            lease_until=None,
+            **extra,
+        )
+        .where((Transfer.id == transfer.id) & (Transfer.state == waiting))
+        .execute()
+        == 1
+    )
 
 
 def too_late_message(transfer):
@@ -390,7 +460,9 @@ def remember_possession(user, device, now=None):
     opaque = secrets.token_urlsafe(24)
     PossessionProof.delete().where(PossessionProof.expires_at < now).execute()
     PossessionProof.create(
-        id=_proof_key(opaque), user=user.id, device=device.device_id,
+        id=_proof_key(opaque),
+        user=user.id,
+        device=device.device_id,
         expires_at=now + datetime.timedelta(minutes=PROOF_MINUTES),
     )
     return opaque
@@ -414,21 +486,27 @@ def request_device(user, opaque_proof, now=None):
     if proof is None or proof.used_at is not None or proof.expires_at <= now:
         raise TransferError(
             "Please enter the serial number and setup code again, then ask the owner.",
-            kind="proof", status=422,
+            kind="proof",
+            status=422,
         )
     device = Device.get_by_id(proof.device_id)
     if device.owner_id is None:
-        raise TransferError("This device is free now: add it with its serial number and setup code.", kind="free", status=409)
+        raise TransferError(
+            "This device is free now: add it with its serial number and setup code.", kind="free", status=409
+        )
     if device.owner_id == user.id:
         raise TransferError("This device is already in your account.", kind="already_yours", status=409)
     since = now - datetime.timedelta(days=1)
-    recent = Transfer.select().where(
-        (Transfer.kind == "request") & (Transfer.buyer == user.id) & (Transfer.created_at > since)
-    ).count()
+    recent = (
+        Transfer.select()
+        .where((Transfer.kind == "request") & (Transfer.buyer == user.id) & (Transfer.created_at > since))
+        .count()
+    )
     if recent >= _setting("TRANSFER_REQUESTS_PER_DAY", REQUESTS_PER_DAY):
         raise TransferError(
             "You have asked for several devices today. Please contact support if you need more.",
-            kind="too_many", status=429,
+            kind="too_many",
+            status=429,
         )
     existing = open_transfer_of(device)
     if existing is not None:
@@ -436,19 +514,29 @@ def request_device(user, opaque_proof, now=None):
             return existing  # a double submit
         raise TransferError(
             "This device already has a transfer in progress. Please contact support with the serial number.",
-            kind="open", status=409,
+            kind="open",
+            status=409,
         )
     try:
         with db.atomic():
-            used = PossessionProof.update(used_at=now).where(
-                (PossessionProof.id == proof.id) & PossessionProof.used_at.is_null()
-            ).execute()
+            used = (
+                PossessionProof.update(used_at=now)
+                .where((PossessionProof.id == proof.id) & PossessionProof.used_at.is_null())
+                .execute()
+            )
             if not used:
                 raise peewee.IntegrityError("proof used")
             transfer = Transfer.create(
-                device=device.device_id, kind="request", state="requested", open_device=device.device_id,
-                seller=device.owner_id, buyer=user.id, buyer_email=user.email, created_at=now,
-                expires_at=now + datetime.timedelta(days=OBJECTION_DAYS), step="mail_request",
+                device=device.device_id,
+                kind="request",
+                state="requested",
+                open_device=device.device_id,
+                seller=device.owner_id,
+                buyer=user.id,
+                buyer_email=user.email,
+                created_at=now,
+                expires_at=now + datetime.timedelta(days=OBJECTION_DAYS),
+                step="mail_request",
                 lease_until=steps.lease_until(now),
             )
     except peewee.IntegrityError:
@@ -457,11 +545,17 @@ def request_device(user, opaque_proof, now=None):
             return existing
         raise TransferError(
             "This device already has a transfer in progress. Please contact support with the serial number.",
-            kind="open", status=409,
+            kind="open",
+            status=409,
         )
     audit.record("transfer.requested", user=user, device_id=device.device_id, name=device_label(device))
-    audit.record("transfer.request_received", user=User.get_by_id(device.owner_id), actor=user,
-                 device_id=device.device_id, name=device_label(device))
+    audit.record(
+        "transfer.request_received",
+        user=User.get_by_id(device.owner_id),
+        actor=user,
+        device_id=device.device_id,
+        name=device_label(device),
+    )
     return _run(transfer.id)
 
 
@@ -475,8 +569,13 @@ def from_answer_link(token):
     payload = tokens.read("transfer_answer", token)
     action = payload.get("a")
     transfer = get(payload.get("t")) if isinstance(payload.get("t"), int) else None
-    if transfer is None or action not in ("approve", "object") or transfer.kind != "request" \
-            or payload.get("s") != transfer.seller_id or transfer.seller_id is None:
+    if (
+        transfer is None
+        or action not in ("approve", "object")
+        or transfer.kind != "request"
+        or payload.get("s") != transfer.seller_id
+        or transfer.seller_id is None
+    ):
         raise tokens.TokenInvalid()
     return transfer, action
 
@@ -488,7 +587,9 @@ def approve(owner, transfer, now=None, actor=None):
         raise TransferError("Only the device's owner can answer this request.", kind="forbidden", status=403)
     buyer = User.get_or_none(User.id == transfer.buyer_id)
     if buyer is None:
-        raise TransferError("The account that asked for this device no longer exists.", kind="gone", status=409)
+        raise TransferError(
+            "The account that asked for this device no longer exists.", kind="gone", status=409
+        )
     audit.record("transfer.owner_approved", user=owner, device_id=transfer.device_id, name=_name(transfer))
     return _start_move(transfer, "requested", buyer, now)
 
@@ -538,56 +639,99 @@ def decide_dispute(staff, transfer, outcome, reason, now=None):
     except impersonation.ViewRefused as exc:
         raise TransferError(exc.message, kind="invalid", field="reason", status=422) from None
     if outcome not in DISPUTE_OUTCOMES:
-        raise TransferError("Choose who gets the device: the person who asked, or its current owner.",
-                            kind="invalid", field="outcome", status=422)
+        raise TransferError(
+            "Choose who gets the device: the person who asked, or its current owner.",
+            kind="invalid",
+            field="outcome",
+            status=422,
+        )
     transfer = _fresh(transfer)
     if transfer.kind != "request" or transfer.state != "objected":
         raise TransferError(_not_disputed_message(transfer), kind="decided", status=409)
     if outcome == "owner":
         with db.atomic():
-            closed = Transfer.update(
-                state="kept", dispute_outcome="owner", decided_at=now, finished_at=now, step="mail_kept_buyer",
-                attempts=0, next_attempt_at=None, lease_until=steps.lease_until(now),
-            ).where(_undecided(transfer, now)).execute()
+            closed = (
+                Transfer.update(
+                    state="kept",
+                    dispute_outcome="owner",
+                    decided_at=now,
+                    finished_at=now,
+                    step="mail_kept_buyer",
+                    attempts=0,
+                    next_attempt_at=None,
+                    lease_until=steps.lease_until(now),
+                )
+                .where(_undecided(transfer, now))
+                .execute()
+            )
             if not closed:
                 raise TransferError(_not_disputed_message(transfer), kind="decided", status=409)
             _record_decision(staff, transfer, "owner", reason)
         return _run(transfer.id, holding_lease=True)
     buyer = User.get_or_none(User.id == transfer.buyer_id)
     if buyer is None:
-        raise TransferError("The account that asked for this device no longer exists. Keep the device with its owner.",
-                            kind="gone", status=409)
+        raise TransferError(
+            "The account that asked for this device no longer exists. Keep the device with its owner.",
+            kind="gone",
+            status=409,
+        )
     if buyer.provisioning_state != provisioning.READY or not buyer.particle_customer_id:
-        raise TransferError("The requester's account is not set up with the device cloud yet, so the device can't "
-                            "be moved to it. Retry their setup first.", kind="not_ready", status=409)
+        raise TransferError(
+            "The requester's account is not set up with the device cloud yet, so the device can't "
+            "be moved to it. Retry their setup first.",
+            kind="not_ready",
+            status=409,
+        )
     try:
         with db.atomic():
-            started = Transfer.update(
-                state="moving", step="release", open_device=transfer.device_id, dispute_outcome="requester",
-                decided_at=now, finished_at=None, attempts=0, next_attempt_at=None, last_error=None,
-                lease_until=steps.lease_until(now),
-            ).where(_undecided(transfer, now)).execute()
+            started = (
+                Transfer.update(
+                    state="moving",
+                    step="release",
+                    open_device=transfer.device_id,
+                    dispute_outcome="requester",
+                    decided_at=now,
+                    finished_at=None,
+                    attempts=0,
+                    next_attempt_at=None,
+                    last_error=None,
+                    lease_until=steps.lease_until(now),
+                )
+                .where(_undecided(transfer, now))
+                .execute()
+            )
             if not started:
                 raise TransferError(_not_disputed_message(transfer), kind="decided", status=409)
-            marked = Device.update(claim_state=TRANSFERRING, claim_state_at=now, claim_error=None).where(
-                (Device.device_id == transfer.device_id) & (Device.owner == transfer.seller_id)
-                & Device.claim_state.is_null()
-            ).execute()
+            marked = (
+                Device.update(claim_state=TRANSFERRING, claim_state_at=now, claim_error=None)
+                .where(
+                    (Device.device_id == transfer.device_id)
+                    & (Device.owner == transfer.seller_id)
+                    & Device.claim_state.is_null()
+                )
+                .execute()
+            )
             if not marked:
                 raise _device_not_movable(transfer)
             _record_decision(staff, transfer, "requester", reason)
     except peewee.IntegrityError:
         # The unique open_device: the device has another open transfer since the objection.
-        raise TransferError("This device has another transfer open now. Nothing was changed; that one must finish "
-                            "or be cancelled first.", kind="open", status=409) from None
+        raise TransferError(
+            "This device has another transfer open now. Nothing was changed; that one must finish "
+            "or be cancelled first.",
+            kind="open",
+            status=409,
+        ) from None
     return _run(transfer.id, holding_lease=True)
 
 
 def _undecided(transfer, now):
     """Still objected and no worker busy with it (one may still be sending the objection
     email: the decision's emails replace it)."""
-    return (Transfer.id == transfer.id) & (Transfer.state == "objected") & (
-        Transfer.lease_until.is_null() | (Transfer.lease_until <= now)
+    return (
+        (Transfer.id == transfer.id)
+        & (Transfer.state == "objected")
+        & (Transfer.lease_until.is_null() | (Transfer.lease_until <= now))
     )
 
 
@@ -603,10 +747,17 @@ def _not_disputed_message(transfer):
 def _device_not_movable(transfer):
     device = Device.get_by_id(transfer.device_id)
     if device.owner_id != transfer.seller_id:
-        return TransferError("The device is no longer in the owner's account, so there is nothing to move. Nothing "
-                             "was changed; keep it with the owner to close the dispute.", kind="gone", status=409)
-    return TransferError("This device is busy with another operation right now. Try again in a minute.",
-                         kind="busy", status=409)
+        return TransferError(
+            "The device is no longer in the owner's account, so there is nothing to move. Nothing "
+            "was changed; keep it with the owner to close the dispute.",
+            kind="gone",
+            status=409,
+        )
+    return TransferError(
+        "This device is busy with another operation right now. Try again in a minute.",
+        kind="busy",
+        status=409,
+    )
 
 
 def _decision_text(outcome, side, transfer):
@@ -618,9 +769,17 @@ def _record_decision(staff, transfer, outcome, reason):
     for side, account_id in ((0, transfer.seller_id), (1, transfer.buyer_id)):
         account = User.get_or_none(User.id == account_id) if account_id else None
         if account is not None:
-            audit.record("support.decided_transfer", user=account, actor=staff, device_id=transfer.device_id,
-                         name=_name(transfer), decision=_decision_text(outcome, side, transfer), outcome=outcome,
-                         transfer=transfer.id, reason=reason)
+            audit.record(
+                "support.decided_transfer",
+                user=account,
+                actor=staff,
+                device_id=transfer.device_id,
+                name=_name(transfer),
+                decision=_decision_text(outcome, side, transfer),
+                outcome=outcome,
+                transfer=transfer.id,
+                reason=reason,
+            )
     log.info("Staff %s decided transfer %s: %s", staff.id, transfer.id, outcome)
 
 
@@ -709,7 +868,9 @@ def _step_reset_name(transfer):
     buyer = User.get_by_id(transfer.buyer_id)
     device = _device(transfer)
     try:
-        get_client().rename_device(buyer.particle_customer_id, device.device_id, devices.particle_name("", device))
+        get_client().rename_device(
+            buyer.particle_customer_id, device.device_id, devices.particle_name("", device)
+        )
     except TRANSIENT:
         raise
     except ParticleError as exc:
@@ -732,19 +893,38 @@ def _step_record(transfer):
     buyer = User.get_by_id(transfer.buyer_id)
     old_name = _display(device)
     with db.atomic():
-        moved = Device.update(
-            owner=buyer.id, name=None, claimed_at=now, claim_state=None, claim_state_at=None, claim_error=None,
-        ).where(
-            (Device.device_id == device.device_id) & (Device.claim_state == TRANSFERRING)
-            & ((Device.owner == transfer.seller_id) if transfer.seller_id else Device.owner.is_null())
-        ).execute()
+        moved = (
+            Device.update(
+                owner=buyer.id,
+                name=None,
+                claimed_at=now,
+                claim_state=None,
+                claim_state_at=None,
+                claim_error=None,
+            )
+            .where(
+                (Device.device_id == device.device_id)
+                & (Device.claim_state == TRANSFERRING)
+                & ((Device.owner == transfer.seller_id) if transfer.seller_id else Device.owner.is_null())
+            )
+            .execute()
+        )
         if not moved:
             raise RuntimeError("the device row is no longer the seller's transferring row")
-        Transfer.update(state="done", open_device=None, finished_at=now).where(Transfer.id == transfer.id).execute()
+        Transfer.update(state="done", open_device=None, finished_at=now).where(
+            Transfer.id == transfer.id
+        ).execute()
         if seller is not None:
-            audit.record("device.transferred_out", user=seller, actor=seller, device_id=device.device_id, name=old_name)
-        audit.record("device.transferred_in", user=buyer, actor=buyer, device_id=device.device_id,
-                     name=device_label(device))
+            audit.record(
+                "device.transferred_out", user=seller, actor=seller, device_id=device.device_id, name=old_name
+            )
+        audit.record(
+            "device.transferred_in",
+            user=buyer,
+            actor=buyer,
+            device_id=device.device_id,
+            name=device_label(device),
+        )
     # The buyer starts clean: no name, no values read for the seller.
     live_values.forget(device.device_id)
     # A move support decided tells both sides that support's decision is now carried out.
@@ -786,29 +966,38 @@ def _step_return_record(transfer):
                 (Device.device_id == transfer.device_id) & (Device.claim_state == TRANSFERRING)
             ).execute()
         else:
-            Device.update(owner=None, claim_state=None, claim_state_at=None, claim_error=transfer.last_error).where(
-                (Device.device_id == transfer.device_id) & (Device.claim_state == TRANSFERRING)
-            ).execute()
+            Device.update(
+                owner=None, claim_state=None, claim_state_at=None, claim_error=transfer.last_error
+            ).where((Device.device_id == transfer.device_id) & (Device.claim_state == TRANSFERRING)).execute()
         Transfer.update(state="failed_returned", open_device=None, finished_at=now).where(
             Transfer.id == transfer.id
         ).execute()
     for side in (transfer.seller_id, transfer.buyer_id):
         account = User.get_or_none(User.id == side) if side else None
         if account is not None:
-            audit.record("transfer.failed_returned", user=account, actor=None, device_id=transfer.device_id,
-                         name=_name(transfer))
+            audit.record(
+                "transfer.failed_returned",
+                user=account,
+                actor=None,
+                device_id=transfer.device_id,
+                name=_name(transfer),
+            )
     _alert(transfer, transfer.last_error or "the move failed")
     return "mail_returned_seller"
 
 
 def _alert(transfer, reason):
     """Tell staff (once per transfer): an audit event support lists, and an error log line."""
-    marked = Transfer.update(alerted_at=utcnow()).where(
-        (Transfer.id == transfer.id) & Transfer.alerted_at.is_null()
-    ).execute()
+    marked = (
+        Transfer.update(alerted_at=utcnow())
+        .where((Transfer.id == transfer.id) & Transfer.alerted_at.is_null())
+        .execute()
+    )
     if marked:
         log.error("STAFF ALERT: transfer %s of device %s: %s", transfer.id, transfer.device_id, reason)
-        audit.record("staff.alert", user=None, device_id=transfer.device_id, transfer=transfer.id, reason=reason)
+        audit.record(
+            "staff.alert", user=None, device_id=transfer.device_id, transfer=transfer.id, reason=reason
+        )
 
 
 def _display(device):
@@ -844,23 +1033,53 @@ def _buyer_email(transfer):
 MAILS = {
     "mail_offer": (_buyer_email, "A device is being transferred to you", "transfer_offer", None),
     "mail_request": (_seller_email, "Someone asked for your device", "transfer_request", None),
-    "mail_done_buyer": (_buyer_email, "The device is now in your account", "transfer_done_buyer", "mail_done_seller"),
+    "mail_done_buyer": (
+        _buyer_email,
+        "The device is now in your account",
+        "transfer_done_buyer",
+        "mail_done_seller",
+    ),
     "mail_done_seller": (_seller_email, "Your device was transferred", "transfer_done_seller", None),
     "mail_declined": (_seller_email, "Your transfer offer was declined", "transfer_declined", None),
     "mail_cancelled": (None, "A device transfer was cancelled", "transfer_cancelled", None),
     "mail_objected": (_buyer_email, "Your request for a device was refused", "transfer_objected", None),
     "mail_expired": (_seller_email, "Your transfer offer expired", "transfer_expired", None),
-    "mail_returned_seller": (_seller_email, "Your device could not be transferred", "transfer_returned_seller",
-                             "mail_returned_buyer"),
-    "mail_returned_buyer": (_buyer_email, "The device could not be transferred to you", "transfer_returned_buyer", None),
-    "mail_given_buyer": (_buyer_email, "Support decided: the device is now in your account",
-                         "transfer_dispute_given_buyer", "mail_given_seller"),
-    "mail_given_seller": (_seller_email, "Support decided: your device was transferred",
-                          "transfer_dispute_given_seller", None),
-    "mail_kept_buyer": (_buyer_email, "Support decided: the device stays with its owner",
-                        "transfer_dispute_kept_buyer", "mail_kept_seller"),
-    "mail_kept_seller": (_seller_email, "Support decided: your device stays in your account",
-                         "transfer_dispute_kept_seller", None),
+    "mail_returned_seller": (
+        _seller_email,
+        "Your device could not be transferred",
+        "transfer_returned_seller",
+        "mail_returned_buyer",
+    ),
+    "mail_returned_buyer": (
+        _buyer_email,
+        "The device could not be transferred to you",
+        "transfer_returned_buyer",
+        None,
+    ),
+    "mail_given_buyer": (
+        _buyer_email,
+        "Support decided: the device is now in your account",
+        "transfer_dispute_given_buyer",
+        "mail_given_seller",
+    ),
+    "mail_given_seller": (
+        _seller_email,
+        "Support decided: your device was transferred",
+        "transfer_dispute_given_seller",
+        None,
+    ),
+    "mail_kept_buyer": (
+        _buyer_email,
+        "Support decided: the device stays with its owner",
+        "transfer_dispute_kept_buyer",
+        "mail_kept_seller",
+    ),
+    "mail_kept_seller": (
+        _seller_email,
+        "Support decided: your device stays in your account",
+        "transfer_dispute_kept_seller",
+        None,
+    ),
 }
 
 
@@ -878,8 +1097,15 @@ def _step_mail(transfer, step):
     elif step == "mail_request":
         context["approve_link"] = answer_link(transfer, "approve")
         context["object_link"] = answer_link(transfer, "object")
-    sent = steps.send_mail(to, subject, template, context, transfer.attempts,
-                           _setting("TRANSFER_MAIL_MAX_ATTEMPTS", MAIL_MAX_ATTEMPTS), f"Transfer {transfer.id}")
+    sent = steps.send_mail(
+        to,
+        subject,
+        template,
+        context,
+        transfer.attempts,
+        _setting("TRANSFER_MAIL_MAX_ATTEMPTS", MAIL_MAX_ATTEMPTS),
+        f"Transfer {transfer.id}",
+    )
     if sent and step == "mail_offer":
         Transfer.update(offer_mailed_at=utcnow()).where(Transfer.id == transfer.id).execute()
     return next_step
@@ -910,17 +1136,22 @@ def run_step(transfer):
 
 
 def _due(now):
-    return Transfer.step.is_null(False) & (Transfer.next_attempt_at.is_null() | (Transfer.next_attempt_at <= now)) & (
-        Transfer.lease_until.is_null() | (Transfer.lease_until <= now)
+    return (
+        Transfer.step.is_null(False)
+        & (Transfer.next_attempt_at.is_null() | (Transfer.next_attempt_at <= now))
+        & (Transfer.lease_until.is_null() | (Transfer.lease_until <= now))
     )
 
 
 def take(transfer_id, now=None):
     """Take a transfer's next step for this worker. True for exactly one taker."""
     now = now or utcnow()
-    return Transfer.update(lease_until=steps.lease_until(now)).where(
-        (Transfer.id == transfer_id) & _due(now)
-    ).execute() == 1
+    return (
+        Transfer.update(lease_until=steps.lease_until(now))
+        .where((Transfer.id == transfer_id) & _due(now))
+        .execute()
+        == 1
+    )
 
 
 def _run(transfer_id, holding_lease=True):
@@ -949,12 +1180,15 @@ def _run(transfer_id, holding_lease=True):
             _postpone(transfer, step, exc, None)
             return Transfer.get_by_id(transfer_id)
         # On the way back, last_error keeps why the move failed (staff and the emails read it).
-        keep_reason = transfer.state in ("returning", "failed_returned") or Transfer.select(Transfer.state).where(
-            Transfer.id == transfer_id).scalar() in ("returning", "failed_returned")
-        Transfer.update(step=next_step, attempts=0, next_attempt_at=None,
-                        last_error=Transfer.last_error if keep_reason else None).where(
-            (Transfer.id == transfer_id) & (Transfer.step == step)
-        ).execute()
+        keep_reason = transfer.state in ("returning", "failed_returned") or Transfer.select(
+            Transfer.state
+        ).where(Transfer.id == transfer_id).scalar() in ("returning", "failed_returned")
+        Transfer.update(
+            step=next_step,
+            attempts=0,
+            next_attempt_at=None,
+            last_error=Transfer.last_error if keep_reason else None,
+        ).where((Transfer.id == transfer_id) & (Transfer.step == step)).execute()
     Transfer.update(lease_until=None).where(Transfer.id == transfer_id).execute()
     return Transfer.get_by_id(transfer_id)
 
@@ -969,7 +1203,9 @@ def _postpone(transfer, step, exc, wait):
         lease_until=None,
         last_error=message,
     ).where((Transfer.id == transfer.id) & (Transfer.step == step)).execute()
-    log.warning("Transfer %s: step %s postponed %.0f s (attempt %d): %s", transfer.id, step, delay, attempts, message)
+    log.warning(
+        "Transfer %s: step %s postponed %.0f s (attempt %d): %s", transfer.id, step, delay, attempts, message
+    )
 
 
 def resume_pending(now=None, limit=50):

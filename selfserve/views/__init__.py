@@ -1,4 +1,5 @@
 """Blueprints (thin: parse input, call one service function, render or redirect) and errors."""
+
 import logging
 
 from flask_wtf.csrf import CSRFError

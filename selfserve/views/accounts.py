@@ -1,6 +1,7 @@
 """Accounts: sign-up, verification, sign-in/out, password reset and change, email change,
 settings and the account's activity. Thin: parse input, call one service, render or redirect.
 """
+
 from urllib.parse import urlsplit
 
 from flask import Blueprint
@@ -124,7 +125,10 @@ def signup():
         return render_template("accounts/signup.html", errors=exc.errors, email=email), 400
     except MailError:
         return render_template(
-            "accounts/check_email.html", kind="signup", email=accounts.normalize_email(email), mail_failed=True
+            "accounts/check_email.html",
+            kind="signup",
+            email=accounts.normalize_email(email),
+            mail_failed=True,
         ), 503
     return render_template("accounts/check_email.html", kind="signup", email=accounts.normalize_email(email))
 
@@ -148,7 +152,9 @@ def resend():
     if not sent:
         flash("Your email address is already verified.", "info")
         return htmx.redirect(_home(current_user))
-    flash(f"We sent a new link to {current_user.email}. It works for {accounts.VERIFY_HOURS} hours.", "success")
+    flash(
+        f"We sent a new link to {current_user.email}. It works for {accounts.VERIFY_HOURS} hours.", "success"
+    )
     return htmx.redirect(url_for("accounts.unverified"))
 
 
@@ -248,7 +254,10 @@ def reset(token):
         return render_template("accounts/reset.html", token=token, errors=exc.errors), 400
     if current_user.is_authenticated:
         end_login_session()  # every session of the account was ended; this browser's too
-    flash("Your password is changed and every device was signed out. Please sign in with the new password.", "success")
+    flash(
+        "Your password is changed and every device was signed out. Please sign in with the new password.",
+        "success",
+    )
     return htmx.redirect(url_for("accounts.login"))
 
 
@@ -360,5 +369,9 @@ def activity():
         before = int(before)
     events, older = accounts.activity(_me(), before)
     return render_template(
-        "accounts/activity.html", events=events, older=older, describe=audit.describe, first_page=before is None
+        "accounts/activity.html",
+        events=events,
+        older=older,
+        describe=audit.describe,
+        first_page=before is None,
     )

@@ -1,4 +1,5 @@
 """Demo only: a local mailbox showing the emails the site sent (registered when DEMO is on)."""
+
 import re
 
 import pyotp
@@ -31,6 +32,9 @@ def mailbox():
     messages = read_mailbox(current_app.config.get("DEMO_MAILBOX_DIR"))
     staff_code = pyotp.TOTP(demo.DEMO_STAFF_TOTP_SECRET).now()
     return render_template(
-        "demo/mailbox.html", mails=messages, staff_email=demo.DEMO_STAFF_EMAIL,
-        staff_password=demo.DEMO_STAFF_PASSWORD, staff_code=staff_code,
+        "demo/mailbox.html",
+        mails=messages,
+        staff_email=demo.DEMO_STAFF_EMAIL,
+        staff_password=demo.DEMO_STAFF_PASSWORD,
+        staff_code=staff_code,
     )

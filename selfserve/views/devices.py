@@ -5,6 +5,7 @@ before anything else, so another customer's device is a 404 without any Particle
 Fragments (summary, values, function result) answer htmx requests; a plain request for one
 is sent to the device page instead.
 """
+
 from urllib.parse import urlencode
 
 from flask import Blueprint
@@ -18,8 +19,8 @@ from flask import request
 from flask import url_for
 from flask_login import current_user
 from markupsafe import Markup
-from werkzeug.exceptions import NotFound
 from markupsafe import escape
+from werkzeug.exceptions import NotFound
 
 from selfserve import device_models
 from selfserve import htmx
@@ -63,7 +64,9 @@ def device_title(device):
     """The device's name for headings, its serial kept in one piece (no break after a dash)."""
     if device.name:
         return escape(device.name)
-    return Markup('{} <span class="serial">{}</span>').format(device_models.label(device.model), device.serial_number)
+    return Markup('{} <span class="serial">{}</span>').format(
+        device_models.label(device.model), device.serial_number
+    )
 
 
 @bp.app_template_filter("serial")
@@ -92,8 +95,13 @@ def _poll_seconds():
 @bp.get("/devices")
 def dashboard():
     overview = devices.overview(current_user)
-    return render_template("devices/dashboard.html", overview=overview, names=devices.display_name,
-                           models=device_models, summary_poll_seconds=_poll_seconds() * 3)
+    return render_template(
+        "devices/dashboard.html",
+        overview=overview,
+        names=devices.display_name,
+        models=device_models,
+        summary_poll_seconds=_poll_seconds() * 3,
+    )
 
 
 @bp.route("/devices/claim", methods=["GET", "POST"])
@@ -109,7 +117,11 @@ def claim():
             flash(exc.message, "info")
             return htmx.redirect(url_for("devices.detail", device_id=exc.device.device_id))
         proof = None
-        if exc.kind == "owned_by_other" and exc.device is not None and "transfers.request_device" in current_app.view_functions:
+        if (
+            exc.kind == "owned_by_other"
+            and exc.device is not None
+            and "transfers.request_device" in current_app.view_functions
+        ):
             # The code was right: offer to ask the owner, by an opaque server-side record.
             from selfserve.services import transfers
 
@@ -236,8 +248,12 @@ def rename(device_id):
     if htmx.is_htmx():
         return render_template(
             "devices/_name.html",
-            **_page_context(device, rename_error=error, renamed=error is None,
-                            typed_name=request.form.get("name", "")[:NAME_ECHO_MAX]),
+            **_page_context(
+                device,
+                rename_error=error,
+                renamed=error is None,
+                typed_name=request.form.get("name", "")[:NAME_ECHO_MAX],
+            ),
         )
     if error:
         flash(error.message, "error")
@@ -260,4 +276,3 @@ def release(device_id):
         return render_template("devices/release.html", **_page_context(device, error=exc)), exc.status
     flash(f"{name} was released. It is no longer in your account.", "success")
     return htmx.redirect(url_for("devices.dashboard"))
-

@@ -1,4 +1,5 @@
 """The landing page, the Help page (how to reach support) and a health check."""
+
 from flask import Blueprint
 from flask import redirect
 from flask import render_template

@@ -5,12 +5,12 @@ service, render or redirect.
 Every route but the second-factor step is `staff_required` (staff, second factor passed);
 customers get 403 everywhere here. The read-only rule while viewing lives in security.py.
 """
+
 import datetime
 
 from flask import Blueprint
 from flask import abort
 from flask import flash
-from flask import redirect
 from flask import render_template
 from flask import request
 from flask import session
@@ -45,12 +45,19 @@ def staff_time(moment):
             return moment
     return moment.strftime("%d %b %Y, %H:%M") + " UTC"
 
+
 ENROLMENT_KEY = "totp_enrolment"  # the session key of the secret being enrolled (encrypted)
 
 
 def _safe_support_next(value):
     """Only a page of the console itself (no open redirects)."""
-    if value and value.startswith("/support") and "//" not in value and "\\" not in value and len(value) < 500:
+    if (
+        value
+        and value.startswith("/support")
+        and "//" not in value
+        and "\\" not in value
+        and len(value) < 500
+    ):
         return value
     return None
 
@@ -127,15 +134,20 @@ def home():
             results = support.search(query)
         except support.SupportError as exc:
             error = exc.message
-    return render_template("support/home.html", query=query or "", results=results, error=error), (422 if error else 200)
+    return render_template("support/home.html", query=query or "", results=results, error=error), (
+        422 if error else 200
+    )
 
 
 @bp.get("/customers/<customer_id>")
 @staff_required
 def customer(customer_id):
     user = support.customer_or_404(customer_id)
-    return render_template("support/customer.html", overview=support.customer_overview(user, real_user()),
-                           viewing=getattr(current_user, "staff_view", None))
+    return render_template(
+        "support/customer.html",
+        overview=support.customer_overview(user, real_user()),
+        viewing=getattr(current_user, "staff_view", None),
+    )
 
 
 @bp.get("/devices/<device_id>")
@@ -150,8 +162,11 @@ def device(device_id):
 def fleet():
     page = request.args.get("page", "1")
     page = int(page) if page.isdigit() and len(page) < 7 else 1
-    return render_template("support/fleet.html", fleet=support.fleet(page, request.args.get("show", "all")),
-                           filters=support.FLEET_FILTERS)
+    return render_template(
+        "support/fleet.html",
+        fleet=support.fleet(page, request.args.get("show", "all")),
+        filters=support.FLEET_FILTERS,
+    )
 
 
 @bp.post("/fleet/reconcile")
@@ -159,7 +174,10 @@ def fleet():
 def reconcile_now():
     result = reconcile.run(trigger="console", started_by=real_user())
     if result.status == "done":
-        flash(f"Reconciliation finished: {result.findings_count} finding(s) in {result.devices_checked} devices. Nothing was changed.", "success")
+        flash(
+            f"Reconciliation finished: {result.findings_count} finding(s) in {result.devices_checked} devices. Nothing was changed.",
+            "success",
+        )
     else:
         flash(f"Reconciliation failed: {result.error}", "error")
     return htmx.redirect(url_for("support.fleet"))
@@ -179,8 +197,12 @@ def start_view(customer_id):
             abort(403)
         flash(exc.message, "error")
         return htmx.redirect(url_for("support.customer", customer_id=target.id))
-    flash(f"You are viewing as {target.email}, read-only, for {impersonation.view_minutes()} minutes.", "info")
-    return htmx.redirect(url_for("devices.dashboard") if "devices.dashboard" in _endpoints() else url_for("accounts.settings"))
+    flash(
+        f"You are viewing as {target.email}, read-only, for {impersonation.view_minutes()} minutes.", "info"
+    )
+    return htmx.redirect(
+        url_for("devices.dashboard") if "devices.dashboard" in _endpoints() else url_for("accounts.settings")
+    )
 
 
 @bp.post("/view/end")
@@ -223,7 +245,9 @@ def resend_verification(customer_id):
     except support.SupportError as exc:
         return _action_refused(exc.message, back)
     except MailError:
-        return _action_refused("The email could not be sent right now. Nothing changed; try again in a few minutes.", back)
+        return _action_refused(
+            "The email could not be sent right now. Nothing changed; try again in a few minutes.", back
+        )
     return _action_done(f"A new verification link was sent to {target.email}.", back)
 
 
@@ -238,7 +262,9 @@ def retry_provisioning(customer_id):
         return _action_refused(exc.message, back)
     if result.provisioning_state == "ready":
         return _action_done("The account is now set up with the device cloud.", back)
-    return _action_refused(f"The setup failed again: {result.provisioning_error or 'no answer'}. It will keep retrying.", back)
+    return _action_refused(
+        f"The setup failed again: {result.provisioning_error or 'no answer'}. It will keep retrying.", back
+    )
 
 
 @bp.post("/devices/<device_id>/release")
@@ -266,7 +292,10 @@ def _step_action(device_id, action):
         return _action_refused(exc.message, back)
     if after.claim_state is None:
         return _action_done("Done: nothing is in progress for this device any more.", back)
-    return _action_refused(f"Still in progress ({after.claim_state}): the device cloud did not answer. The sweep keeps trying.", back)
+    return _action_refused(
+        f"Still in progress ({after.claim_state}): the device cloud did not answer. The sweep keeps trying.",
+        back,
+    )
 
 
 @bp.post("/devices/<device_id>/retry")
@@ -287,19 +316,34 @@ def decide_transfer(transfer_id):
     # The form sits on the customer page and in the fleet's stuck list: go back to that page.
     back = _safe_support_next(request.form.get("next")) or url_for("support.fleet")
     try:
-        transfer = support.decide_transfer(real_user(), transfer_id, request.form.get("outcome", ""),
-                                           request.form.get("reason", ""), confirmed=request.form.get("confirm") == "yes")
+        transfer = support.decide_transfer(
+            real_user(),
+            transfer_id,
+            request.form.get("outcome", ""),
+            request.form.get("reason", ""),
+            confirmed=request.form.get("confirm") == "yes",
+        )
     except support.SupportError as exc:
         if exc.status == 404:
             abort(404)
         return _action_refused(exc.message, back)
     if transfer.state == "kept":
-        return _action_done("Decided: the device stays with its owner. Both sides are emailed the outcome.", back)
+        return _action_done(
+            "Decided: the device stays with its owner. Both sides are emailed the outcome.", back
+        )
     if transfer.state == "done":
-        return _action_done("Decided: the device is now in the requester's account. Both sides are emailed.", back)
+        return _action_done(
+            "Decided: the device is now in the requester's account. Both sides are emailed.", back
+        )
     if transfer.state == "failed_returned":
-        return _action_refused("Decided, but the device cloud refused the move: the device stays with its owner. "
-                               "See the alert on the fleet page.", back)
-    flash("Decided: the device is moving to the requester. The device cloud did not answer yet; the sweep "
-          "finishes the move by itself and both sides are emailed then.", "info")
+        return _action_refused(
+            "Decided, but the device cloud refused the move: the device stays with its owner. "
+            "See the alert on the fleet page.",
+            back,
+        )
+    flash(
+        "Decided: the device is moving to the requester. The device cloud did not answer yet; the sweep "
+        "finishes the move by itself and both sides are emailed then.",
+        "info",
+    )
     return htmx.redirect(back)

@@ -4,6 +4,7 @@ the emailed links. Thin: parse input, call one service function, render or redir
 Emailed links only show a page with a button (GET); the button's POST acts, because mail
 scanners fetch links. Links work once: the transfer's state decides.
 """
+
 from flask import Blueprint
 from flask import abort
 from flask import current_app
@@ -108,14 +109,22 @@ def start(device_id):
         return render_template("transfers/start.html", email="", error=None, **context)
     email = request.form.get("email", "")[:254]
     try:
-        transfer = transfers.offer(current_user, device, email, confirmed=request.form.get("confirmed") == "yes")
+        transfer = transfers.offer(
+            current_user, device, email, confirmed=request.form.get("confirmed") == "yes"
+        )
     except transfers.TransferError as exc:
         return render_template("transfers/start.html", email=email, error=exc, **context), exc.status
     if transfer.offer_mailed_at:
-        flash(f"We emailed the offer to {transfer.buyer_email}. It is open until "
-              f"{transfer.expires_at.strftime('%d %b %Y')}.", "success")
+        flash(
+            f"We emailed the offer to {transfer.buyer_email}. It is open until "
+            f"{transfer.expires_at.strftime('%d %b %Y')}.",
+            "success",
+        )
     else:
-        flash(f"The offer to {transfer.buyer_email} is saved; we couldn't send the email yet and will keep trying.", "warning")
+        flash(
+            f"The offer to {transfer.buyer_email} is saved; we couldn't send the email yet and will keep trying.",
+            "warning",
+        )
     return htmx.redirect(url_for("devices.detail", device_id=device.device_id))
 
 
@@ -147,7 +156,9 @@ def _act(transfer_id, action, done_message):
     try:
         transfer = action(current_user, transfer)
     except transfers.TransferError as exc:
-        return render_template("transfers/detail.html", **_context(transfers.get(transfer.id), error=exc)), exc.status
+        return render_template(
+            "transfers/detail.html", **_context(transfers.get(transfer.id), error=exc)
+        ), exc.status
     flash(done_message(transfer), "success" if transfer.state not in ("moving", "returning") else "info")
     if transfer.state == "done" and transfer.buyer_id == current_user.id:
         return htmx.redirect(url_for("devices.detail", device_id=transfer.device_id))
@@ -158,7 +169,9 @@ def _moved_message(transfer):
     if transfer.state == "done":
         return "The device is now in your account."
     if transfer.state == "failed_returned":
-        return "The device could not be moved; it stays with its previous owner. Our support team has been told."
+        return (
+            "The device could not be moved; it stays with its previous owner. Our support team has been told."
+        )
     return "The device is being moved to your account. This finishes by itself, usually within minutes."
 
 
@@ -175,15 +188,24 @@ def decline(transfer_id):
 
 @bp.post("/transfers/<int:transfer_id>/approve")
 def approve(transfer_id):
-    return _act(transfer_id, transfers.approve,
-                lambda t: "Thank you. The device is leaving your account." if t.state != "done"
-                else "The device was transferred.")
+    return _act(
+        transfer_id,
+        transfers.approve,
+        lambda t: (
+            "Thank you. The device is leaving your account."
+            if t.state != "done"
+            else "The device was transferred."
+        ),
+    )
 
 
 @bp.post("/transfers/<int:transfer_id>/object")
 def object_to(transfer_id):
-    return _act(transfer_id, transfers.object_to,
-                lambda t: "You objected. The request is closed and the device stays in your account.")
+    return _act(
+        transfer_id,
+        transfers.object_to,
+        lambda t: "You objected. The request is closed and the device stays in your account.",
+    )
 
 
 # --- the buyer starts (from the claim form) -----------------------------------------------------
@@ -199,8 +221,11 @@ def request_device():
     except transfers.TransferError as exc:
         flash(exc.message, "error")
         return htmx.redirect(url_for("devices.claim"))
-    flash("We asked the owner. If they don't object within "
-          f"{transfers.OBJECTION_DAYS} days, the device moves to your account by itself.", "success")
+    flash(
+        "We asked the owner. If they don't object within "
+        f"{transfers.OBJECTION_DAYS} days, the device moves to your account by itself.",
+        "success",
+    )
     return htmx.redirect(url_for("transfers.detail", transfer_id=transfer.id))
 
 
@@ -225,8 +250,11 @@ def offer_link(token):
         return htmx.redirect(url_for("transfers.detail", transfer_id=transfer.id))
     device = Device.get_by_id(transfer.device_id)
     return render_template(
-        "transfers/offer_link.html", transfer=transfer, device=device,
-        model=device_models.get(device.model), device_label=transfers.device_label(device),
+        "transfers/offer_link.html",
+        transfer=transfer,
+        device=device,
+        model=device_models.get(device.model),
+        device_label=transfers.device_label(device),
         # After signing in, go to the offer itself; the token never goes into a ?next= URL
         # (access logs would keep it).
         here=url_for("transfers.detail", transfer_id=transfer.id),
@@ -241,11 +269,19 @@ def answer_link(token):
     except tokens.TokenError as exc:
         return _link_error(exc)
     device = Device.get_by_id(transfer.device_id)
-    context = {"transfer": transfer, "action": action, "device": device, "token": token,
-               "device_label": transfers.device_label(device), "error": None}
+    context = {
+        "transfer": transfer,
+        "action": action,
+        "device": device,
+        "token": token,
+        "device_label": transfers.device_label(device),
+        "error": None,
+    }
     if request.method == "GET":
         if transfer.state != "requested":
-            return render_template("transfers/link_error.html", message=transfers.too_late_message(transfer)), 410
+            return render_template(
+                "transfers/link_error.html", message=transfers.too_late_message(transfer)
+            ), 410
         return render_template("transfers/answer.html", **context)
     owner = User.get_or_none(User.id == transfer.seller_id)
     try:

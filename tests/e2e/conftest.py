@@ -3,6 +3,7 @@
 Pages run under the real CSP; any CSP violation or page error fails the test. `check_page`
 runs axe-core (serious/critical violations fail) and checks the page fits a phone's width.
 """
+
 import threading
 
 import pytest

@@ -3,14 +3,15 @@ the address through the emailed link, sign in, watch "setting up your account" f
 itself after a Particle outage, then the settings and activity pages. CSP holds throughout
 and every page passes axe. Along the way: focus moves to the error summary, the sign-in form
 fills in the address just confirmed, and tap targets are big enough for a finger."""
+
 import re
 
 import pyotp
-from playwright.sync_api import expect
-
 from helpers import make_user
 from helpers import seed_registry
 from pages import check_page
+from playwright.sync_api import expect
+
 from selfserve.services import devices
 from selfserve.services import staff
 

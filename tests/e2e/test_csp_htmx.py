@@ -1,11 +1,11 @@
 """The CSP in a real browser: htmx loads, polls, posts and swaps under it with no violation,
 and the browser really enforces it (an injected inline script and inline style are blocked).
 Without the second half, a lost CSP header would pass every journey silently."""
-import pytest
-from playwright.sync_api import expect
 
+import pytest
 from helpers import make_user
 from helpers import seed_registry
+from playwright.sync_api import expect
 
 PASSWORD = "correct horse battery"
 WINDOW = "e00fce68a1b2c3d4e5f60701"

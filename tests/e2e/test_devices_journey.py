@@ -2,14 +2,14 @@
 out, sign in, find the form filled (and the code gone from the address bar), add the device,
 watch live values, run functions (with a confirmation for the pump), rename, release. Polling
 pauses in a hidden tab. CSP holds throughout and every page passes axe."""
+
 import re
 
 import pytest
-from playwright.sync_api import expect
-
 from helpers import make_user
 from helpers import seed_registry
 from pages import check_page
+from playwright.sync_api import expect
 
 PASSWORD = "correct horse battery"
 WINDOW = "e00fce68a1b2c3d4e5f60701"

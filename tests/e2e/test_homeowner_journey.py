@@ -2,13 +2,13 @@
 read the verification mail, verify, sign in, add a window covering by typing its label, open
 it and watch the position value change, then release it. Also: a command sent to an offline
 device shows its error message in the page (an htmx error fragment, swapped on purpose)."""
-import re
 
-from playwright.sync_api import expect
+import re
 
 from helpers import make_user
 from helpers import seed_registry
 from pages import check_page
+from playwright.sync_api import expect
 
 PASSWORD = "correct horse battery"
 WINDOW = "e00fce68a1b2c3d4e5f60701"  # starts closed (position 0)

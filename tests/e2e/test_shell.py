@@ -1,4 +1,5 @@
 """The page shell in a real browser: CSP holds, htmx loads, accessible, phone friendly."""
+
 from pages import check_page
 
 

@@ -3,15 +3,15 @@ password and sets up TOTP from the QR page, searches for a customer, views as th
 with the time left on every page, live values load), is refused a release, ends the view.
 The customer's activity then says support viewed the account. CSP holds and every page
 passes axe."""
+
 import re
 
 import pyotp
 import pytest
-from playwright.sync_api import expect
-
 from helpers import make_user
 from helpers import seed_registry
 from pages import check_page
+from playwright.sync_api import expect
 
 from selfserve.models import Device
 from selfserve.models import StaffView
@@ -106,7 +106,11 @@ def test_staff_views_as_customer_read_only_and_ends_the_view(live_server, page, 
     assert all("403" in e for e in page.problems.errors), page.problems.errors
     page.problems.errors.clear()
     assert Device.get_by_id(WINDOW).owner_id == homeowner.id
-    assert not [r for r, n in sim.counters()["routes"].items() if n and not r.startswith("GET ") and r != "POST /oauth/token"]
+    assert not [
+        r
+        for r, n in sim.counters()["routes"].items()
+        if n and not r.startswith("GET ") and r != "POST /oauth/token"
+    ]
 
     # End the view: back on the customer's support page, no banner.
     page.click("[data-staff-view] button:has-text('End view')")

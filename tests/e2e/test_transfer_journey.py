@@ -2,15 +2,16 @@
 buyer signs up from the emailed link and accepts it; a buyer holding a device asks for it and,
 without an objection, it becomes theirs; the owner objects through the emailed link. CSP
 holds throughout and every page passes axe."""
+
 import datetime
 import re
 
 import pytest
-from playwright.sync_api import expect
-
 from helpers import make_user
 from helpers import seed_registry
 from pages import check_page
+from playwright.sync_api import expect
+
 from selfserve.models import Transfer
 from selfserve.models import User
 from selfserve.models import utcnow
@@ -44,7 +45,9 @@ def second_page(browser):
     other = context.new_page()
     errors = []
     other.on("pageerror", lambda exc: errors.append(str(exc)))
-    other.on("console", lambda m: errors.append(m.text) if m.type == "error" and "favicon" not in m.text else None)
+    other.on(
+        "console", lambda m: errors.append(m.text) if m.type == "error" and "favicon" not in m.text else None
+    )
     yield other
     context.close()
     assert not errors, errors
@@ -57,7 +60,9 @@ def sign_in(page, base, email):
     page.click("main button[type=submit]")
 
 
-def test_seller_offers_and_new_buyer_signs_up_and_accepts(live_server, page, second_page, owned, mailbox, sim):
+def test_seller_offers_and_new_buyer_signs_up_and_accepts(
+    live_server, page, second_page, owned, mailbox, sim
+):
     sign_in(page, live_server, "seller@example.com")
     page.goto(f"{live_server}/devices/{WINDOW}")
     page.click("text=Transfer to a new owner")
@@ -75,7 +80,9 @@ def test_seller_offers_and_new_buyer_signs_up_and_accepts(live_server, page, sec
 
     # The buyer opens the emailed link on their phone, signs up with that address, verifies it.
     buyer = second_page
-    link = next(url for url in mailbox.links(mailbox.wait_for("buyer@example.com")) if "/transfers/offer/" in url)
+    link = next(
+        url for url in mailbox.links(mailbox.wait_for("buyer@example.com")) if "/transfers/offer/" in url
+    )
     buyer.goto(link)
     expect(buyer.locator("h1")).to_have_text("A device is offered to you")
     check_page(buyer)
@@ -84,7 +91,9 @@ def test_seller_offers_and_new_buyer_signs_up_and_accepts(live_server, page, sec
     buyer.fill("#password", PASSWORD)
     buyer.click("main button[type=submit]")
     expect(buyer.locator("h1")).to_have_text("Check your email")
-    verify = next(url for url in mailbox.links(mailbox.wait_for("buyer@example.com", count=2)) if "/verify/" in url)
+    verify = next(
+        url for url in mailbox.links(mailbox.wait_for("buyer@example.com", count=2)) if "/verify/" in url
+    )
     buyer.goto(verify)
     buyer.click("text=Confirm my email address")
     buyer.fill("#email", "buyer@example.com")
@@ -133,7 +142,9 @@ def test_buyer_asks_and_nobody_objects(live_server, page, owned, labels, mailbox
     transfer = _ask_for_it(page, live_server, labels)
     mailbox.wait_for("seller@example.com")
     # The objection time runs out (moved back rather than waited for); the sweep completes it.
-    Transfer.update(expires_at=utcnow() - datetime.timedelta(seconds=1)).where(Transfer.id == transfer.id).execute()
+    Transfer.update(expires_at=utcnow() - datetime.timedelta(seconds=1)).where(
+        Transfer.id == transfer.id
+    ).execute()
     transfers.resume_pending()
     page.goto(live_server + "/devices")
     page.click(f"a[href='/devices/{WINDOW}']")
@@ -151,7 +162,7 @@ def test_owner_objects_through_the_emailed_link(live_server, page, second_page, 
     expect(second_page.locator("h1")).to_have_text("Object to the request?")
     check_page(second_page)
     assert Transfer.get_by_id(transfer.id).state == "requested"
-    second_page.click("button:has-text(\"Object: it's still mine\")")
+    second_page.click('button:has-text("Object: it\'s still mine")')
     expect(second_page.locator("#answer-result")).to_contain_text("You objected")
     check_page(second_page)
 

@@ -1,6 +1,7 @@
 """ParticleClient against the live simulator over real HTTP: every method, every error mapping,
 token caching/refresh/breaker, id validation without network calls, no token in any error or
 log line, thread safety, and the encrypted database token store."""
+
 import datetime
 import json
 import logging
@@ -29,7 +30,7 @@ KNOWN_TOKENS = [f"{i:x}" * 40 for i in range(1, 10)]
 
 
 def demo_devices():
-    with open("selfserve/particle/fixtures/demo.json", encoding="utf-8") as handle:
+    with open("selfserve/simulator/fixtures/demo.json", encoding="utf-8") as handle:
         return {d["name"]: d for d in json.load(handle)["devices"]}
 
 
@@ -41,9 +42,17 @@ PUMP = DEVICES["garden_pump"]["id"]
 UNKNOWN_DEVICE = "0123456789abcdef01234567"  # well-formed, not in the simulator
 
 MALFORMED_IDS = [
-    "", "e00fce68a1b2", "e00fce68a1b2c3d4e5f607011", "g00fce68a1b2c3d4e5f60701",
-    " e00fce68a1b2c3d4e5f60701", "e00fce68a1b2c3d4e5f6070\n", "../../v1/products/4242/dev",
-    "e00fce68a1b2c3d4e5f6070١", "e00fce68a1b2c3d4e5f60701\n", None, 12345,
+    "",
+    "e00fce68a1b2",
+    "e00fce68a1b2c3d4e5f607011",
+    "g00fce68a1b2c3d4e5f60701",
+    " e00fce68a1b2c3d4e5f60701",
+    "e00fce68a1b2c3d4e5f6070\n",
+    "../../v1/products/4242/dev",
+    "e00fce68a1b2c3d4e5f6070١",
+    "e00fce68a1b2c3d4e5f60701\n",
+    None,
+    12345,
 ]
 
 
@@ -277,8 +286,13 @@ def test_a_rejected_token_is_replaced_once_and_the_call_succeeds(sim, pc, owner)
 
 
 def test_a_401_after_renewal_is_token_invalid_without_a_loop(sim, pc, owner):
-    sim.add_fault("GET", "/v1/devices/*", count=5, status=401,
-                  body={"error": "invalid_token", "error_description": "The access token provided is invalid."})
+    sim.add_fault(
+        "GET",
+        "/v1/devices/*",
+        count=5,
+        status=401,
+        body={"error": "invalid_token", "error_description": "The access token provided is invalid."},
+    )
     sim.reset_counters()
     with pytest.raises(errors.TokenInvalid) as caught:
         pc.get_device(owner, WINDOW)
@@ -303,9 +317,11 @@ def test_an_expired_token_is_refreshed_with_its_refresh_token(sim, pc, owner):
     assert after.access_token != before.access_token
     assert after.refresh_token != before.refresh_token
     # Proof the refresh grant was used: refresh tokens are single-use.
-    answer = requests.post(f"{sim.url}/oauth/token",
-                           data={"grant_type": "refresh_token", "refresh_token": before.refresh_token},
-                           auth=(config.DEMO_PARTICLE_CLIENT_ID, config.DEMO_PARTICLE_CLIENT_SECRET))
+    answer = requests.post(
+        f"{sim.url}/oauth/token",
+        data={"grant_type": "refresh_token", "refresh_token": before.refresh_token},
+        auth=(config.DEMO_PARTICLE_CLIENT_ID, config.DEMO_PARTICLE_CLIENT_SECRET),
+    )
     assert answer.status_code == 400 and answer.json()["error"] == "invalid_grant"
 
 
@@ -419,8 +435,13 @@ def test_a_wrong_client_secret_on_customer_creation_stops_at_once(sim):
 
 
 def test_rate_limited_with_retry_after_from_an_injected_fault(sim, pc, owner):
-    sim.add_fault("GET", "/v1/devices/*", status=429, headers={"Retry-After": "7"},
-                  body={"ok": False, "error": "Too many requests"})
+    sim.add_fault(
+        "GET",
+        "/v1/devices/*",
+        status=429,
+        headers={"Retry-After": "7"},
+        body={"ok": False, "error": "Too many requests"},
+    )
     with pytest.raises(errors.RateLimited) as caught:
         pc.get_variable(owner, WINDOW, "position")
     assert caught.value.retry_after == 7
@@ -439,9 +460,10 @@ def test_rate_limited_by_the_simulated_cloud(sim, pc, owner):
 
 
 def test_rate_limited_retry_after_as_an_http_date(sim, pc, owner):
-    later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=90)
-    sim.add_fault("GET", "/v1/devices", status=429,
-                  headers={"Retry-After": later.strftime("%a, %d %b %Y %H:%M:%S GMT")})
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=90)
+    sim.add_fault(
+        "GET", "/v1/devices", status=429, headers={"Retry-After": later.strftime("%a, %d %b %Y %H:%M:%S GMT")}
+    )
     with pytest.raises(errors.RateLimited) as caught:
         pc.list_devices(owner)
     assert 60 <= caught.value.retry_after <= 90
@@ -648,8 +670,14 @@ def test_malformed_device_ids_are_refused_without_a_network_call(sim, pc, method
 
 @pytest.mark.parametrize("bad", ["", "   ", "two words", "tab\there", None, 7, "x" * 201])
 def test_malformed_customer_ids_are_refused_without_a_network_call(sim, pc, bad):
-    for call in (pc.create_customer, pc.customer_token, pc.list_devices, pc.get_claim_code,
-                 pc.forget_customer_token, lambda c: pc.get_device(c, WINDOW)):
+    for call in (
+        pc.create_customer,
+        pc.customer_token,
+        pc.list_devices,
+        pc.get_claim_code,
+        pc.forget_customer_token,
+        lambda c: pc.get_device(c, WINDOW),
+    ):
         with pytest.raises(errors.BadRequest):
             call(bad)
     assert sim.counters()["total"] == 0
@@ -690,14 +718,17 @@ def test_no_token_or_secret_in_any_error(sim, pc, caplog):
     customer_token = pc.customer_token("leaky")
 
     echoes = [
-        {"error": f"bad token {customer_token}", "access_token": customer_token,
-         "nested": [{"refresh_token": KNOWN_TOKENS[1]}, f"secret={secret}"]},
+        {
+            "error": f"bad token {customer_token}",
+            "access_token": customer_token,
+            "nested": [{"refresh_token": KNOWN_TOKENS[1]}, f"secret={secret}"],
+        },
         f"plain text {customer_token.upper()} and {secret}",
         {"ok": False, "errors": [f"token {customer_token} rejected"]},
         {"error_description": f"Bearer {customer_token}", "info": secret},
     ]
     raised = []
-    for status, body in zip((400, 403, 404, 500), echoes):
+    for status, body in zip((400, 403, 404, 500), echoes, strict=False):
         sim.add_fault("GET", "/v1/devices/*", status=status, body=body)
         with pytest.raises(errors.ParticleError) as caught:
             pc.get_device("leaky", WINDOW)
@@ -706,8 +737,12 @@ def test_no_token_or_secret_in_any_error(sim, pc, caplog):
     with pytest.raises(errors.TokenInvalid) as caught:
         pc.get_device("leaky", WINDOW)
     raised.append(caught.value)
-    sim.add_fault("POST", "/oauth/token", status=400,
-                  body={"error": "invalid_grant", "error_description": f"refresh {KNOWN_TOKENS[3]} bad"})
+    sim.add_fault(
+        "POST",
+        "/oauth/token",
+        status=400,
+        body={"error": "invalid_grant", "error_description": f"refresh {KNOWN_TOKENS[3]} bad"},
+    )
     pc.forget_customer_token("leaky")
     with pytest.raises(errors.BadRequest) as caught:
         pc.customer_token("leaky")
@@ -770,8 +805,9 @@ def test_twenty_threads_mint_one_customer_token(sim, pc):
 def test_twenty_threads_share_one_product_token_and_work(sim, pc, owner):
     fresh = make_client(sim)
     sim.reset_counters()
-    results = _in_threads(20, lambda: (fresh.get_product_device(WINDOW)["id"],
-                                       fresh.get_variable(owner, WINDOW, "position")))
+    results = _in_threads(
+        20, lambda: (fresh.get_product_device(WINDOW)["id"], fresh.get_variable(owner, WINDOW, "position"))
+    )
     assert set(results) == {(WINDOW, 0)}
     assert token_requests(sim) == 2
 
@@ -795,7 +831,10 @@ def test_database_store_encrypts_and_survives_a_new_client(sim, app):
 
     row = models.ParticleToken.get(models.ParticleToken.key == "customer:stored")
     assert token not in row.token_encrypted
-    assert row.refresh_encrypted and first.token_store.get("customer:stored").refresh_token not in row.refresh_encrypted
+    assert (
+        row.refresh_encrypted
+        and first.token_store.get("customer:stored").refresh_token not in row.refresh_encrypted
+    )
     assert product not in models.ParticleToken.get(models.ParticleToken.key == "product").token_encrypted
 
     sim.reset_counters()

@@ -1,5 +1,6 @@
 """The Particle Cloud simulator, over raw HTTP, against the reference's bodies and statuses
 (/work/shared/particle-cloud-api.md). Uses the live `sim` fixture; nothing is mocked."""
+
 import concurrent.futures
 import json
 import os
@@ -13,7 +14,7 @@ import pytest
 import requests
 
 from selfserve import config as config_module
-from selfserve.particle.simulator import SimulatorServer
+from selfserve.simulator.server import SimulatorServer
 
 CLIENT = (config_module.DEMO_PARTICLE_CLIENT_ID, config_module.DEMO_PARTICLE_CLIENT_SECRET)
 PRODUCT = config_module.DEMO_PARTICLE_PRODUCT
@@ -33,7 +34,7 @@ ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 PERMISSION_DENIED = {
     "error": "Permission Denied",
     "info": "I didn't recognize that device name or ID, try opening "
-            "https://api.particle.io/v1/devices?access_token=undefined",
+    "https://api.particle.io/v1/devices?access_token=undefined",
 }
 ORG_NOT_FOUND = {"ok": False, "error": "Organization not found for user's role."}
 
@@ -58,15 +59,18 @@ def product_token(sim):
 def create_customer(sim, email, **extra):
     response = requests.post(
         f"{sim.url}/v1/products/{PRODUCT}/customers",
-        data={"email": email, "no_password": "true", **extra}, auth=CLIENT, timeout=10,
+        data={"email": email, "no_password": "true", **extra},
+        auth=CLIENT,
+        timeout=10,
     )
     assert response.status_code == 201, response.text
     return response.json()["access_token"]
 
 
 def import_device(sim, token, device_id):
-    response = requests.post(f"{sim.url}/v1/products/{PRODUCT}/devices", data={"id": device_id},
-                             headers=bearer(token), timeout=10)
+    response = requests.post(
+        f"{sim.url}/v1/products/{PRODUCT}/devices", data={"id": device_id}, headers=bearer(token), timeout=10
+    )
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -85,15 +89,18 @@ def owner_of(sim, device_id, email="owner-1", product=None):
 
 
 def get_var(sim, token, device_id, name, **params):
-    return requests.get(f"{sim.url}/v1/devices/{device_id}/{name}", headers=bearer(token), params=params,
-                        timeout=10)
+    return requests.get(
+        f"{sim.url}/v1/devices/{device_id}/{name}", headers=bearer(token), params=params, timeout=10
+    )
 
 
 def call(sim, token, device_id, name, arg=None, **body):
     data = dict(body)
     if arg is not None:
         data["arg"] = arg
-    return requests.post(f"{sim.url}/v1/devices/{device_id}/{name}", headers=bearer(token), data=data, timeout=10)
+    return requests.post(
+        f"{sim.url}/v1/devices/{device_id}/{name}", headers=bearer(token), data=data, timeout=10
+    )
 
 
 def wait_until(check, timeout=8.0, interval=0.05):
@@ -153,8 +160,9 @@ def test_product_token_body_key_order_and_headers(sim):
 
 
 def test_client_credentials_in_the_body_work_too(sim):
-    response = token_request(sim, auth=None, grant_type="client_credentials",
-                             client_id=CLIENT[0], client_secret=CLIENT[1])
+    response = token_request(
+        sim, auth=None, grant_type="client_credentials", client_id=CLIENT[0], client_secret=CLIENT[1]
+    )
     assert response.status_code == 200
     assert HEX40.match(response.json()["access_token"])
 
@@ -172,19 +180,28 @@ def test_token_endpoint_refuses_json(sim):
 def test_token_validation_order(sim):
     # grant_type is checked before the client
     response = token_request(sim, auth=("x", "y"), grant_type="magic")
-    assert (response.status_code, response.json()) == (400, {
-        "error": "invalid_request", "error_description": "Invalid or missing grant_type parameter"})
+    assert (response.status_code, response.json()) == (
+        400,
+        {"error": "invalid_request", "error_description": "Invalid or missing grant_type parameter"},
+    )
     response = token_request(sim, auth=None, scope="")
     assert response.json()["error_description"] == "Invalid or missing grant_type parameter"
     # then the client id, then the secret, then the lookup
     response = token_request(sim, auth=None, grant_type="client_credentials")
-    assert (response.status_code, response.json()) == (400, {
-        "error": "invalid_client", "error_description": "Invalid or missing client_id parameter"})
+    assert (response.status_code, response.json()) == (
+        400,
+        {"error": "invalid_client", "error_description": "Invalid or missing client_id parameter"},
+    )
     response = token_request(sim, auth=None, grant_type="client_credentials", client_id=CLIENT[0])
-    assert response.json() == {"error": "invalid_client", "error_description": "Missing client_secret parameter"}
+    assert response.json() == {
+        "error": "invalid_client",
+        "error_description": "Missing client_secret parameter",
+    }
     response = token_request(sim, auth=(CLIENT[0], "0" * 40), grant_type="client_credentials")
-    assert (response.status_code, response.json()) == (400, {
-        "error": "invalid_client", "error_description": "Client credentials are invalid"})
+    assert (response.status_code, response.json()) == (
+        400,
+        {"error": "invalid_client", "error_description": "Client credentials are invalid"},
+    )
     assert response.headers["WWW-Authenticate"] == 'Basic realm="Service"'
 
 
@@ -223,7 +240,10 @@ def test_short_lived_token_expires_with_the_recorded_401(sim):
         return [response] if response.status_code == 401 else None  # a 401 Response is falsy
 
     [response] = wait_until(expired, timeout=5)
-    assert response.json() == {"error": "invalid_token", "error_description": "The access token provided has expired."}
+    assert response.json() == {
+        "error": "invalid_token",
+        "error_description": "The access token provided has expired.",
+    }
 
 
 def test_expires_at_gives_the_seconds_remaining(sim):
@@ -243,11 +263,16 @@ def test_refresh_token_is_single_use_and_keeps_the_customer(sim):
     assert second["access_token"] != first["access_token"]
     assert HEX40.match(second["refresh_token"])
     again = token_request(sim, grant_type="refresh_token", refresh_token=first["refresh_token"])
-    assert (again.status_code, again.json()) == (400, {"error": "invalid_grant", "error_description": "Invalid refresh token"})
+    assert (again.status_code, again.json()) == (
+        400,
+        {"error": "invalid_grant", "error_description": "Invalid refresh token"},
+    )
     missing = token_request(sim, grant_type="refresh_token")
     assert missing.json() == {"error": "invalid_request", "error_description": 'No "refresh_token" parameter'}
     # the refresh token needs the client credentials too
-    no_client = token_request(sim, auth=None, grant_type="refresh_token", refresh_token=second["refresh_token"])
+    no_client = token_request(
+        sim, auth=None, grant_type="refresh_token", refresh_token=second["refresh_token"]
+    )
     assert no_client.json()["error"] == "invalid_client"
 
 
@@ -264,19 +289,27 @@ def test_issue_tokens_hands_out_chosen_tokens_in_order(sim):
     sim.configure(issue_tokens=chosen)
     body = token_request(sim, grant_type="client_credentials").json()
     assert (body["access_token"], body["refresh_token"]) == ("a" * 40, "b" * 40)
-    assert token_request(sim, grant_type="client_credentials", expires_in="0").json()["access_token"] == "c" * 40
+    assert (
+        token_request(sim, grant_type="client_credentials", expires_in="0").json()["access_token"] == "c" * 40
+    )
     assert requests.get(f"{sim.url}/v1/devices", headers=bearer("a" * 40)).status_code == 200
 
 
 def test_password_grant_only_for_customers_with_a_password(sim):
-    requests.post(f"{sim.url}/v1/products/{PRODUCT}/customers",
-                  data={"email": "pw@example.com", "password": "s3cret!"}, auth=CLIENT)
+    requests.post(
+        f"{sim.url}/v1/products/{PRODUCT}/customers",
+        data={"email": "pw@example.com", "password": "s3cret!"},
+        auth=CLIENT,
+    )
     create_customer(sim, "shadow@example.com")
     ok = token_request(sim, grant_type="password", username="pw@example.com", password="s3cret!")
     assert ok.status_code == 200 and ok.json()["scope"] == "customer=pw@example.com"
     for username, password in (("pw@example.com", "wrong"), ("shadow@example.com", "x"), ("nobody", "x")):
         response = token_request(sim, grant_type="password", username=username, password=password)
-        assert response.json() == {"error": "invalid_grant", "error_description": "User credentials are invalid"}
+        assert response.json() == {
+            "error": "invalid_grant",
+            "error_description": "User credentials are invalid",
+        }
 
 
 # --- passing the token on /v1 ---------------------------------------------------------------------
@@ -286,30 +319,39 @@ def test_token_passing_rules(sim):
     token = product_token(sim)
     url = f"{sim.url}/v1/devices"
     response = requests.get(url)
-    assert (response.status_code, response.json()) == (400, {
-        "error": "invalid_request", "error_description": "The access token was not found"})
+    assert (response.status_code, response.json()) == (
+        400,
+        {"error": "invalid_request", "error_description": "The access token was not found"},
+    )
     response = requests.get(url, headers=bearer(token), params={"access_token": token})
-    assert (response.status_code, response.json()) == (400, {
-        "error": "invalid_request",
-        "error_description": "Only one method may be used to authenticate at a time (Auth header,  GET or POST).",
-    })
+    assert (response.status_code, response.json()) == (
+        400,
+        {
+            "error": "invalid_request",
+            "error_description": "Only one method may be used to authenticate at a time (Auth header,  GET or POST).",
+        },
+    )
     response = requests.get(url, headers={"Authorization": f"Token {token}"})
     assert response.json() == {"error": "invalid_request", "error_description": "Malformed auth header"}
     response = requests.get(url, data={"access_token": token})
-    assert response.json() == {"error": "invalid_request",
-                               "error_description": "Method cannot be GET When putting the token in the body."}
+    assert response.json() == {
+        "error": "invalid_request",
+        "error_description": "Method cannot be GET When putting the token in the body.",
+    }
     response = requests.post(url, json={"access_token": token, "id": WINDOW})
     assert response.json() == {
         "error": "invalid_request",
         "error_description": "When putting the token in the body, content type must be "
-                             "application/x-www-form-urlencoded.",
+        "application/x-www-form-urlencoded.",
     }
     assert requests.get(url, params={"access_token": token}).status_code == 200
 
 
 def test_form_body_token_works(sim):
     token = owner_of(sim, WINDOW)
-    response = requests.post(f"{sim.url}/v1/devices/{WINDOW}/setPosition", data={"access_token": token, "arg": "40"})
+    response = requests.post(
+        f"{sim.url}/v1/devices/{WINDOW}/setPosition", data={"access_token": token, "arg": "40"}
+    )
     assert response.status_code == 200 and response.json()["return_value"] == 1
 
 
@@ -324,8 +366,10 @@ def test_query_tokens_can_be_refused(sim):
 def test_unknown_token_and_client_secret_as_bearer_are_401(sim):
     for token in ("f" * 40, CLIENT[1]):
         response = requests.get(f"{sim.url}/v1/devices", headers=bearer(token))
-        assert (response.status_code, response.json()) == (401, {
-            "error": "invalid_token", "error_description": "The access token provided is invalid."})
+        assert (response.status_code, response.json()) == (
+            401,
+            {"error": "invalid_token", "error_description": "The access token provided is invalid."},
+        )
         assert response.headers["Cache-Control"] == "no-store"
 
 
@@ -333,8 +377,11 @@ def test_unknown_token_and_client_secret_as_bearer_are_401(sim):
 
 
 def test_create_customer_lowercases_and_answers_201_with_a_token(sim):
-    response = requests.post(f"{sim.url}/v1/products/{PRODUCT}/customers",
-                             data={"email": "Jane.Doe@Example.COM", "no_password": "true"}, auth=CLIENT)
+    response = requests.post(
+        f"{sim.url}/v1/products/{PRODUCT}/customers",
+        data={"email": "Jane.Doe@Example.COM", "no_password": "true"},
+        auth=CLIENT,
+    )
     assert response.status_code == 201
     body = response.json()
     assert list(body) == ["token_type", "access_token", "expires_in", "refresh_token", "scope"]
@@ -344,33 +391,55 @@ def test_create_customer_lowercases_and_answers_201_with_a_token(sim):
 
 
 def test_create_customer_with_body_credentials_json_and_a_non_email_id(sim):
-    response = requests.post(f"{sim.url}/v1/products/{SLUG}/customers", json={
-        "email": "7f3c9a0e2b1d4c5e", "no_password": True,
-        "client_id": CLIENT[0], "client_secret": CLIENT[1]})
+    response = requests.post(
+        f"{sim.url}/v1/products/{SLUG}/customers",
+        json={
+            "email": "7f3c9a0e2b1d4c5e",
+            "no_password": True,
+            "client_id": CLIENT[0],
+            "client_secret": CLIENT[1],
+        },
+    )
     assert response.status_code == 201
     assert response.json()["scope"] == "customer=7f3c9a0e2b1d4c5e"
 
 
 def test_product_bearer_token_cannot_create_customers(sim):
     token = product_token(sim)
-    response = requests.post(f"{sim.url}/v1/products/{PRODUCT}/customers",
-                             data={"email": "x@example.com", "no_password": "true"}, headers=bearer(token))
+    response = requests.post(
+        f"{sim.url}/v1/products/{PRODUCT}/customers",
+        data={"email": "x@example.com", "no_password": "true"},
+        headers=bearer(token),
+    )
     assert response.status_code == 403
     assert sim.state()["customers"] == []
 
 
 def test_create_customer_refusals(sim):
     customer = create_customer(sim, "dup@example.com")
-    response = requests.post(f"{sim.url}/v1/products/{PRODUCT}/customers",
-                             data={"email": "DUP@example.com", "no_password": "true"}, auth=CLIENT)
-    assert (response.status_code, response.json()) == (400, {
-        "error": "customer_exists", "error_description": "Customer already exists"})
-    response = requests.post(f"{sim.url}/v1/products/{PRODUCT}/customers",
-                             data={"email": "y@example.com", "no_password": "true"}, auth=(CLIENT[0], "0" * 40))
-    assert (response.status_code, response.json()) == (400, {
-        "error": "invalid_client", "error_description": "Client credentials are invalid"})
-    response = requests.post(f"{sim.url}/v1/products/{PRODUCT}/customers",
-                             data={"email": "z@example.com", "no_password": "true"}, headers=bearer(customer))
+    response = requests.post(
+        f"{sim.url}/v1/products/{PRODUCT}/customers",
+        data={"email": "DUP@example.com", "no_password": "true"},
+        auth=CLIENT,
+    )
+    assert (response.status_code, response.json()) == (
+        400,
+        {"error": "customer_exists", "error_description": "Customer already exists"},
+    )
+    response = requests.post(
+        f"{sim.url}/v1/products/{PRODUCT}/customers",
+        data={"email": "y@example.com", "no_password": "true"},
+        auth=(CLIENT[0], "0" * 40),
+    )
+    assert (response.status_code, response.json()) == (
+        400,
+        {"error": "invalid_client", "error_description": "Client credentials are invalid"},
+    )
+    response = requests.post(
+        f"{sim.url}/v1/products/{PRODUCT}/customers",
+        data={"email": "z@example.com", "no_password": "true"},
+        headers=bearer(customer),
+    )
     assert (response.status_code, response.json()) == (403, ORG_NOT_FOUND)
 
 
@@ -379,8 +448,12 @@ def test_concurrent_creates_of_one_customer_make_one(sim):
 
     def create(_):
         barrier.wait()
-        return requests.post(f"{sim.url}/v1/products/{PRODUCT}/customers",
-                             data={"email": "same-person", "no_password": "true"}, auth=CLIENT, timeout=10)
+        return requests.post(
+            f"{sim.url}/v1/products/{PRODUCT}/customers",
+            data={"email": "same-person", "no_password": "true"},
+            auth=CLIENT,
+            timeout=10,
+        )
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=10) as pool:
         responses = list(pool.map(create, range(10)))
@@ -392,8 +465,11 @@ def test_concurrent_creates_of_one_customer_make_one(sim):
 def test_duplicate_customer_error_is_configurable(sim):
     sim.configure(duplicate_customer_error={"status": 409, "body": {"ok": False, "error": "exists"}})
     create_customer(sim, "dup")
-    response = requests.post(f"{sim.url}/v1/products/{PRODUCT}/customers",
-                             data={"email": "dup", "no_password": "true"}, auth=CLIENT)
+    response = requests.post(
+        f"{sim.url}/v1/products/{PRODUCT}/customers",
+        data={"email": "dup", "no_password": "true"},
+        auth=CLIENT,
+    )
     assert (response.status_code, response.json()) == (409, {"ok": False, "error": "exists"})
 
 
@@ -413,7 +489,9 @@ def test_customer_list_hides_shadow_customers_without_devices(sim):
 def test_delete_customer_revokes_tokens_codes_and_unclaims(sim):
     product = product_token(sim)
     customer = owner_of(sim, WINDOW, "leaving", product=product)
-    code = requests.post(f"{sim.url}/v1/products/{PRODUCT}/device_claims", headers=bearer(customer)).json()["claim_code"]
+    code = requests.post(f"{sim.url}/v1/products/{PRODUCT}/device_claims", headers=bearer(customer)).json()[
+        "claim_code"
+    ]
     response = requests.delete(f"{sim.url}/v1/products/{PRODUCT}/customers/LEAVING", headers=bearer(product))
     assert (response.status_code, response.json()) == (200, {"ok": True})
     assert requests.get(f"{sim.url}/v1/devices", headers=bearer(customer)).status_code == 401
@@ -430,19 +508,32 @@ def test_delete_customer_revokes_tokens_codes_and_unclaims(sim):
 def test_import_device(sim):
     token = product_token(sim)
     assert sim.device(WINDOW)["in_product"] is False
-    assert import_device(sim, token, WINDOW) == {"updated": 1, "nonmemberDeviceIds": [], "invalidDeviceIds": []}
+    assert import_device(sim, token, WINDOW) == {
+        "updated": 1,
+        "nonmemberDeviceIds": [],
+        "invalidDeviceIds": [],
+    }
     assert sim.device(WINDOW)["in_product"] is True
     assert import_device(sim, token, UNKNOWN_ID) == {
-        "updated": 0, "nonmemberDeviceIds": [], "invalidDeviceIds": [UNKNOWN_ID]}
+        "updated": 0,
+        "nonmemberDeviceIds": [],
+        "invalidDeviceIds": [UNKNOWN_ID],
+    }
 
 
 def test_customer_token_on_product_endpoints_is_refused(sim):
     """Pitfall: a customer token (and the id in the query string) on the product import."""
     customer = create_customer(sim, "cust")
-    for method, path in (("POST", "/devices"), ("GET", "/devices"), ("GET", "/customers"),
-                         ("GET", f"/devices/{WINDOW}"), ("DELETE", f"/devices/{WINDOW}/owner")):
-        response = requests.request(method, f"{sim.url}/v1/products/{PRODUCT}{path}", params={"id": WINDOW},
-                                    headers=bearer(customer))
+    for method, path in (
+        ("POST", "/devices"),
+        ("GET", "/devices"),
+        ("GET", "/customers"),
+        ("GET", f"/devices/{WINDOW}"),
+        ("DELETE", f"/devices/{WINDOW}/owner"),
+    ):
+        response = requests.request(
+            method, f"{sim.url}/v1/products/{PRODUCT}{path}", params={"id": WINDOW}, headers=bearer(customer)
+        )
         assert (response.status_code, response.json()) == (403, ORG_NOT_FOUND), (method, path)
     assert sim.device(WINDOW)["in_product"] is False
 
@@ -473,7 +564,9 @@ def test_product_device_list_pages_filters_and_owners(sim):
     assert everything["customers"] == [{"id": sim.state()["customers"][0]["id"], "username": "lister"}]
     by_name = requests.get(url, headers=bearer(token), params={"deviceName": "BEDROOM"}).json()["devices"]
     assert [d["id"] for d in by_name] == [WINDOW_2]
-    by_serial = requests.get(url, headers=bearer(token), params={"serialNumber": "24B-000202"}).json()["devices"]
+    by_serial = requests.get(url, headers=bearer(token), params={"serialNumber": "24B-000202"}).json()[
+        "devices"
+    ]
     assert [d["id"] for d in by_serial] == [STOPPED_PUMP]
     by_id = requests.get(url, headers=bearer(token), params={"deviceId": "60801"}).json()["devices"]
     assert [d["id"] for d in by_id] == [PUMP]
@@ -483,7 +576,9 @@ def test_product_device_list_pages_filters_and_owners(sim):
 def test_unclaim_through_the_product_keeps_membership(sim):
     product = product_token(sim)
     customer = owner_of(sim, WINDOW, product=product)
-    response = requests.delete(f"{sim.url}/v1/products/{PRODUCT}/devices/{WINDOW}/owner", headers=bearer(product))
+    response = requests.delete(
+        f"{sim.url}/v1/products/{PRODUCT}/devices/{WINDOW}/owner", headers=bearer(product)
+    )
     assert (response.status_code, response.json()) == (200, {"ok": True})
     device = requests.get(f"{sim.url}/v1/products/{PRODUCT}/devices/{WINDOW}", headers=bearer(product)).json()
     assert device["owner"] is None and device["product_id"] == 4242
@@ -530,14 +625,20 @@ def test_claim_needs_the_id_in_the_body(sim):
         requests.post(f"{sim.url}/v1/devices", headers=bearer(customer)),
         requests.post(f"{sim.url}/v1/devices", params={"id": WINDOW}, headers=bearer(customer)),
     ):
-        assert (response.status_code, response.json()) == (400, {"ok": False, "errors": ["data.deviceID is empty"]})
+        assert (response.status_code, response.json()) == (
+            400,
+            {"ok": False, "errors": ["data.deviceID is empty"]},
+        )
 
 
 def test_claim_errors(sim):
     product = product_token(sim)
     customer = create_customer(sim, "c1")
     response = claim(sim, customer, UNKNOWN_ID)
-    assert (response.status_code, response.json()) == (404, {"ok": False, "errors": ["device does not exist"]})
+    assert (response.status_code, response.json()) == (
+        404,
+        {"ok": False, "errors": ["device does not exist"]},
+    )
     response = claim(sim, customer, WINDOW)  # not imported into the product (error body invented)
     assert response.status_code == 403 and response.json()["ok"] is False
     assert sim.device(WINDOW)["owner"] is None
@@ -545,7 +646,10 @@ def test_claim_errors(sim):
     assert claim(sim, customer, WINDOW).status_code == 200
     other = create_customer(sim, "c2")
     response = claim(sim, other, WINDOW)
-    assert (response.status_code, response.json()) == (403, {"ok": False, "errors": ["That belongs to someone else."]})
+    assert (response.status_code, response.json()) == (
+        403,
+        {"ok": False, "errors": ["That belongs to someone else."]},
+    )
     assert sim.device(WINDOW)["owner"] == "c1"
 
 
@@ -570,7 +674,10 @@ def test_device_ids_are_not_case_folded(sim):
     """Pitfall: ids read from SoftAP/USB are uppercase; the cloud wants lowercase."""
     customer = owner_of(sim, WINDOW)
     response = claim(sim, customer, WINDOW.upper())
-    assert (response.status_code, response.json()) == (404, {"ok": False, "errors": ["device does not exist"]})
+    assert (response.status_code, response.json()) == (
+        404,
+        {"ok": False, "errors": ["device does not exist"]},
+    )
     response = requests.get(f"{sim.url}/v1/devices/{WINDOW.upper()}", headers=bearer(customer))
     assert (response.status_code, response.json()) == (403, PERMISSION_DENIED)
 
@@ -579,8 +686,13 @@ def test_there_is_no_product_claim_route(sim):
     """Pitfall: POST /v1/products/:p/devices/:id/claim is just a call of a function "claim"."""
     product = product_token(sim)
     import_device(sim, product, WINDOW)
-    response = requests.post(f"{sim.url}/v1/products/{PRODUCT}/devices/{WINDOW}/claim", headers=bearer(product))
-    assert (response.status_code, response.json()) == (404, {"ok": False, "error": "Function claim not found"})
+    response = requests.post(
+        f"{sim.url}/v1/products/{PRODUCT}/devices/{WINDOW}/claim", headers=bearer(product)
+    )
+    assert (response.status_code, response.json()) == (
+        404,
+        {"ok": False, "error": "Function claim not found"},
+    )
     assert sim.device(WINDOW)["owner"] is None
 
 
@@ -619,13 +731,17 @@ def test_claim_codes(sim):
     assert sorted(d["id"] for d in listed) == [WINDOW, WINDOW_2]
     # codes are single use; a product token cannot make one
     assert sim.connect(PUMP, body["claim_code"])["claimed"] is False
-    response = requests.post(f"{sim.url}/v1/products/{PRODUCT}/device_claims", headers=bearer(product_token(sim)))
+    response = requests.post(
+        f"{sim.url}/v1/products/{PRODUCT}/device_claims", headers=bearer(product_token(sim))
+    )
     assert response.status_code == 403
 
 
 def test_expired_claim_code_does_not_claim(sim):
     customer = create_customer(sim, "late")
-    code = requests.post(f"{sim.url}/v1/products/{PRODUCT}/device_claims", headers=bearer(customer)).json()["claim_code"]
+    code = requests.post(f"{sim.url}/v1/products/{PRODUCT}/device_claims", headers=bearer(customer)).json()[
+        "claim_code"
+    ]
     with sim.cloud.lock:
         sim.cloud.claim_codes[code]["expires_at"] = time.time() - 1
     response = requests.post(f"{sim.url}/_sim/devices/{WINDOW}/connect", json={"claim_code": code})
@@ -640,12 +756,28 @@ def test_devices_you_dont_own_look_like_devices_that_dont_exist(sim):
     product = product_token(sim)
     owner_of(sim, WINDOW, "owner", product=product)
     stranger = create_customer(sim, "stranger")
-    for method, suffix in (("GET", ""), ("PUT", ""), ("DELETE", ""), ("GET", "/position"),
-                           ("POST", "/open"), ("GET", "/events"), ("PUT", "/ping")):
+    for method, suffix in (
+        ("GET", ""),
+        ("PUT", ""),
+        ("DELETE", ""),
+        ("GET", "/position"),
+        ("POST", "/open"),
+        ("GET", "/events"),
+        ("PUT", "/ping"),
+    ):
         for device_id in (WINDOW, UNKNOWN_ID, "living_room_blind"):
-            response = requests.request(method, f"{sim.url}/v1/devices/{device_id}{suffix}",
-                                        headers=bearer(stranger), data={"name": "x"}, timeout=10)
-            assert (response.status_code, response.json()) == (403, PERMISSION_DENIED), (method, suffix, device_id)
+            response = requests.request(
+                method,
+                f"{sim.url}/v1/devices/{device_id}{suffix}",
+                headers=bearer(stranger),
+                data={"name": "x"},
+                timeout=10,
+            )
+            assert (response.status_code, response.json()) == (403, PERMISSION_DENIED), (
+                method,
+                suffix,
+                device_id,
+            )
     # a query-string token shows up in the info instead of "undefined"
     response = requests.get(f"{sim.url}/v1/devices/{WINDOW}", params={"access_token": stranger})
     assert response.status_code == 403
@@ -661,8 +793,13 @@ def test_device_json(sim):
     assert body["product_id"] == 4242 and body["platform_id"] == 12
     assert body["owner"] == "owner-1"
     assert body["serial_number"] == "SSW-24A-000101"
-    assert body["variables"] == {"position": "int32", "target": "int32", "moving": "bool",
-                                 "battery_v": "double", "fw_version": "string"}
+    assert body["variables"] == {
+        "position": "int32",
+        "target": "int32",
+        "moving": "bool",
+        "battery_v": "double",
+        "fw_version": "string",
+    }
     assert body["functions"] == ["open", "close", "setPosition", "stop"]
     assert ISO_MS.match(body["last_heard"]) and ISO_MS.match(body["last_handshake_at"])
     by_name = requests.get(f"{sim.url}/v1/devices/living_room_blind", headers=bearer(token)).json()
@@ -678,13 +815,17 @@ def test_unimported_device_uses_its_platform_as_product_id(sim):
     sim.set_device(WINDOW, owner="direct")  # control-API extension: set the owner
     with sim.cloud.lock:
         sim.cloud.devices[WINDOW].in_product = False
-    token = token_request(sim, grant_type="client_credentials", scope="customer=direct").json()["access_token"]
+    token = token_request(sim, grant_type="client_credentials", scope="customer=direct").json()[
+        "access_token"
+    ]
     assert requests.get(f"{sim.url}/v1/devices/{WINDOW}", headers=bearer(token)).json()["product_id"] == 12
 
 
 def test_rename_and_release(sim):
     token = owner_of(sim, WINDOW)
-    response = requests.put(f"{sim.url}/v1/devices/{WINDOW}", json={"name": "study_blind"}, headers=bearer(token))
+    response = requests.put(
+        f"{sim.url}/v1/devices/{WINDOW}", json={"name": "study_blind"}, headers=bearer(token)
+    )
     assert response.status_code == 200
     body = response.json()
     assert list(body) == ["id", "name", "updated_at"]
@@ -710,8 +851,15 @@ def test_variable_bodies_are_typed_with_core_info(sim):
     body = get_var(sim, window, WINDOW, "position").json()
     assert list(body) == ["cmd", "name", "result", "coreInfo"]
     assert body["cmd"] == "VarReturn" and body["name"] == "position" and body["result"] == 0
-    assert set(body["coreInfo"]) == {"name", "deviceID", "connected", "last_handshake_at", "last_heard",
-                                     "last_app", "product_id"}
+    assert set(body["coreInfo"]) == {
+        "name",
+        "deviceID",
+        "connected",
+        "last_handshake_at",
+        "last_heard",
+        "last_app",
+        "product_id",
+    }
     assert body["coreInfo"]["deviceID"] == WINDOW and body["coreInfo"]["product_id"] == 4242
     assert get_var(sim, window, WINDOW, "moving").json()["result"] is False
     assert isinstance(get_var(sim, window, WINDOW, "battery_v").json()["result"], float)
@@ -773,13 +921,17 @@ def test_function_body_and_argument_fields(sim):
     assert response.json() == {"id": WINDOW, "last_app": "", "connected": True, "return_value": 1}
     assert call(sim, token, WINDOW, "setPosition", args="30").json()["return_value"] == 1
     assert sim.device(WINDOW)["variables"]["target"] == 30
-    response = requests.post(f"{sim.url}/v1/devices/{WINDOW}/setPosition", json={"params": "40"}, headers=bearer(token))
+    response = requests.post(
+        f"{sim.url}/v1/devices/{WINDOW}/setPosition", json={"params": "40"}, headers=bearer(token)
+    )
     assert response.json()["return_value"] == 1
     assert sim.device(WINDOW)["variables"]["target"] == 40
     for bad in ("abc", "101", "-1", "", "50.5"):
         assert call(sim, token, WINDOW, "setPosition", bad).json()["return_value"] == -1, bad
     # the argument belongs in the body: in the query string it doesn't count
-    response = requests.post(f"{sim.url}/v1/devices/{WINDOW}/setPosition", params={"arg": "60"}, headers=bearer(token))
+    response = requests.post(
+        f"{sim.url}/v1/devices/{WINDOW}/setPosition", params={"arg": "60"}, headers=bearer(token)
+    )
     assert response.json()["return_value"] == -1
     raw = call(sim, token, WINDOW, "setPosition", "10", format="raw")
     assert raw.text == "1"
@@ -946,8 +1098,9 @@ def test_stream_keep_alive(sim):
 
 def test_open_streams_do_not_block_shutdown():
     server = SimulatorServer(port=0).start()
-    token = requests.post(f"{server.url}/oauth/token", data={"grant_type": "client_credentials"},
-                          auth=CLIENT).json()["access_token"]
+    token = requests.post(
+        f"{server.url}/oauth/token", data={"grant_type": "client_credentials"}, auth=CLIENT
+    ).json()["access_token"]
     stream = Stream(f"{server.url}/v1/devices/events", bearer(token), timeout=30)
     assert stream.frame() == ":ok"
     stopper = threading.Thread(target=server.stop)
@@ -1014,8 +1167,14 @@ def test_token_lockout_after_consecutive_failures(sim):
 
 def test_faults_answer_the_next_matching_requests(sim):
     token = owner_of(sim, WINDOW)
-    sim.add_fault("GET", "/v1/devices/*", count=2, status=503, body={"ok": False, "error": "down"},
-                  headers={"X-Sim": "fault"})
+    sim.add_fault(
+        "GET",
+        "/v1/devices/*",
+        count=2,
+        status=503,
+        body={"ok": False, "error": "down"},
+        headers={"X-Sim": "fault"},
+    )
     assert call(sim, token, WINDOW, "stop").status_code == 200  # POST doesn't match
     for _ in range(2):
         response = get_var(sim, token, WINDOW, "position")
@@ -1027,13 +1186,17 @@ def test_faults_answer_the_next_matching_requests(sim):
 
 def test_fault_variants_over_http(sim):
     token = product_token(sim)
-    response = requests.post(f"{sim.url}/_sim/faults", json={
-        "method": "GET", "path": "/v1/devices", "status": 429, "headers": {"Retry-After": "7"}})
+    response = requests.post(
+        f"{sim.url}/_sim/faults",
+        json={"method": "GET", "path": "/v1/devices", "status": 429, "headers": {"Retry-After": "7"}},
+    )
     assert response.status_code == 201
     response = requests.get(f"{sim.url}/v1/devices", headers=bearer(token))
     assert response.status_code == 429 and response.headers["Retry-After"] == "7"
-    requests.post(f"{sim.url}/_sim/faults", json={"method": "GET", "path": "/v1/devices", "status": 502,
-                                                 "body": "<html>Bad Gateway</html>"})
+    requests.post(
+        f"{sim.url}/_sim/faults",
+        json={"method": "GET", "path": "/v1/devices", "status": 502, "body": "<html>Bad Gateway</html>"},
+    )
     response = requests.get(f"{sim.url}/v1/devices", headers=bearer(token))
     assert response.status_code == 502 and response.text == "<html>Bad Gateway</html>"
     requests.post(f"{sim.url}/_sim/faults", json={"method": "GET", "path": "/v1/devices", "latency": 0.2})
@@ -1097,11 +1260,27 @@ def test_control_state_and_device_settings_over_http(sim):
     assert models == {"window", "pump"}
     assert any(not d["online"] for d in state["devices"]) and any(d["latency"] >= 2 for d in state["devices"])
     device = next(d for d in state["devices"] if d["id"] == WINDOW)
-    assert set(device) >= {"id", "serial_number", "setup_code", "model", "in_product", "owner", "online",
-                           "latency", "hung", "variables"}
-    response = requests.post(f"{sim.url}/_sim/devices/{WINDOW}", json={"online": False, "latency": 1.5, "hung": True})
+    assert set(device) >= {
+        "id",
+        "serial_number",
+        "setup_code",
+        "model",
+        "in_product",
+        "owner",
+        "online",
+        "latency",
+        "hung",
+        "variables",
+    }
+    response = requests.post(
+        f"{sim.url}/_sim/devices/{WINDOW}", json={"online": False, "latency": 1.5, "hung": True}
+    )
     assert response.status_code == 200
-    assert (response.json()["online"], response.json()["latency"], response.json()["hung"]) == (False, 1.5, True)
+    assert (response.json()["online"], response.json()["latency"], response.json()["hung"]) == (
+        False,
+        1.5,
+        True,
+    )
     assert requests.post(f"{sim.url}/_sim/devices/{UNKNOWN_ID}", json={"online": False}).status_code == 404
     assert requests.post(f"{sim.url}/_sim/devices/{WINDOW}", json={"colour": "red"}).status_code == 400
     assert requests.post(f"{sim.url}/_sim/config", json={"nonsense": 1}).status_code == 400
@@ -1123,19 +1302,35 @@ def test_reset_forgets_customers_tokens_faults_and_config(sim):
 
 
 def test_devices_can_be_added_at_runtime(sim):
-    response = requests.post(f"{sim.url}/_sim/devices", json={
-        "id": "aa00000000000000000000ff", "serial_number": "SSW-NEW-1", "setup_code": "ABCD2345",
-        "platform_id": 12, "model": "pump", "name": "new_pump", "online": True, "latency": 0, "in_product": True})
+    response = requests.post(
+        f"{sim.url}/_sim/devices",
+        json={
+            "id": "aa00000000000000000000ff",
+            "serial_number": "SSW-NEW-1",
+            "setup_code": "ABCD2345",
+            "platform_id": 12,
+            "model": "pump",
+            "name": "new_pump",
+            "online": True,
+            "latency": 0,
+            "in_product": True,
+        },
+    )
     assert response.status_code == 201 and response.json()["in_product"] is True
-    assert requests.post(f"{sim.url}/_sim/devices", json={"id": "aa00000000000000000000ff"}).status_code == 400
+    assert (
+        requests.post(f"{sim.url}/_sim/devices", json={"id": "aa00000000000000000000ff"}).status_code == 400
+    )
     assert requests.post(f"{sim.url}/_sim/devices", json={"id": "not-hex"}).status_code == 400
     for n in range(60):
         sim.add_device(f"bb{n:022x}", model="window", serial_number=f"BULK-{n:04d}")
     token = product_token(sim)
     for n in range(60):
         import_device(sim, token, f"bb{n:022x}")
-    listing = requests.get(f"{sim.url}/v1/products/{PRODUCT}/devices", headers=bearer(token),
-                           params={"serialNumber": "BULK-", "perPage": 25}).json()
+    listing = requests.get(
+        f"{sim.url}/v1/products/{PRODUCT}/devices",
+        headers=bearer(token),
+        params={"serialNumber": "BULK-", "perPage": 25},
+    ).json()
     assert listing["meta"] == {"total_pages": 3} and len(listing["devices"]) == 25
 
 
@@ -1153,11 +1348,18 @@ def test_control_publish_over_http(sim):
 
 
 def test_standalone_server_prints_what_a_person_needs():
-    env = {**os.environ, "SELFSERVE_PARTICLE_PRODUCT": "", "SELFSERVE_PARTICLE_CLIENT_ID": "",
-           "SELFSERVE_PARTICLE_CLIENT_SECRET": ""}
+    env = {
+        **os.environ,
+        "SELFSERVE_PARTICLE_PRODUCT": "",
+        "SELFSERVE_PARTICLE_CLIENT_ID": "",
+        "SELFSERVE_PARTICLE_CLIENT_SECRET": "",
+    }
     process = subprocess.Popen(
-        [sys.executable, "-m", "selfserve.particle.simulator", "--host", "127.0.0.1", "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+        [sys.executable, "-m", "selfserve.simulator.server", "--host", "127.0.0.1", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
     )
     try:
@@ -1172,8 +1374,9 @@ def test_standalone_server_prints_what_a_person_needs():
         assert "4242" in text and CLIENT[0] in text and CLIENT[1] in text
         assert "SSW-24A-000101" in text and "7KQ2M9XD" in text and "window" in text and "pump" in text
         assert requests.get(f"{url}/_sim/state", timeout=5).json()["product"]["id"] == 4242
-        token = requests.post(f"{url}/oauth/token", data={"grant_type": "client_credentials"}, auth=CLIENT,
-                              timeout=5)
+        token = requests.post(
+            f"{url}/oauth/token", data={"grant_type": "client_credentials"}, auth=CLIENT, timeout=5
+        )
         assert token.status_code == 200
     finally:
         process.terminate()

@@ -1,4 +1,5 @@
 """Token stores: the in-memory default and the encrypted database store (SQLite or PostgreSQL)."""
+
 import datetime
 import threading
 

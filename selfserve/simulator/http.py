@@ -1,4 +1,5 @@
 """HTTP plumbing shared by the simulator's Particle API and control API: answers, bodies."""
+
 import json
 
 from werkzeug.wrappers import Response

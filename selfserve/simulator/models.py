@@ -5,6 +5,7 @@ the time now. `advance(now)` returns the events the device would have published 
 call (the simulator calls it under its lock whenever a request or an event stream looks).
 Times are `time.monotonic()` seconds.
 """
+
 import math
 import zlib
 
@@ -128,8 +129,9 @@ class PumpModel:
     }
     functions = ["start", "stop", "setPressure"]
 
-    def __init__(self, device_id, now, running=False, setpoint=PUMP_DEFAULT_SETPOINT, runtime_h=0.0,
-                 **_ignored):
+    def __init__(
+        self, device_id, now, running=False, setpoint=PUMP_DEFAULT_SETPOINT, runtime_h=0.0, **_ignored
+    ):
         self.device_id = device_id
         self.phase = _phase(device_id)
         self.setpoint = float(setpoint)

@@ -3,11 +3,12 @@
 The same operations back the HTTP routes under /_sim/ and SimulatorServer's Python methods.
 Bad input raises SimError (HTTP 400); an unknown device raises KeyError (HTTP 404).
 """
+
 import copy
 import time
 
-from selfserve.particle.sim_state import SimError
-from selfserve.particle.sim_state import new_hex
+from selfserve.simulator.state import SimError
+from selfserve.simulator.state import new_hex
 
 
 def _number(value, name):
@@ -71,7 +72,9 @@ class Control:
                     owner = str(owner).lower()
                     if owner not in self.state.customers:
                         self.state.customers[owner] = {
-                            "id": new_hex(24), "username": owner, "password": None,
+                            "id": new_hex(24),
+                            "username": owner,
+                            "password": None,
                             "created_at": now_wall,
                         }
                 device.owner = owner or None

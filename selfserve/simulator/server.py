@@ -4,7 +4,7 @@ a control interface under /_sim/ for tests and the demo.
 
 Run it on its own:
 
-    python -m selfserve.particle.simulator --host 127.0.0.1 --port 8081 [--fixtures FILE]
+    python -m selfserve.simulator.server --host 127.0.0.1 --port 8081 [--fixtures FILE]
 
 (product, client id and secret come from SELFSERVE_PARTICLE_PRODUCT, _CLIENT_ID, _CLIENT_SECRET,
 defaulting to the demo values), or in-process:
@@ -14,6 +14,7 @@ defaulting to the demo values), or in-process:
 The pieces: sim_state (state, one lock), sim_models (window and pump behaviour over time),
 sim_api (Particle routes), sim_control (control operations), sim_app (WSGI dispatch).
 """
+
 import argparse
 import logging
 import os
@@ -25,11 +26,11 @@ from werkzeug.serving import WSGIRequestHandler
 from werkzeug.serving import make_server
 
 from selfserve import config as config_module
-from selfserve.particle.sim_app import SimulatorApp
-from selfserve.particle.sim_control import Control
-from selfserve.particle.sim_state import State
+from selfserve.simulator.app import SimulatorApp
+from selfserve.simulator.control import Control
+from selfserve.simulator.state import State
 
-log = logging.getLogger("selfserve.particle.simulator")
+log = logging.getLogger("selfserve.simulator.server")
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -54,9 +55,16 @@ class SimulatorServer:
     free port; `url` tells which after `start()`.
     """
 
-    def __init__(self, host="127.0.0.1", port=0, product=config_module.DEMO_PARTICLE_PRODUCT,
-                 client_id=config_module.DEMO_PARTICLE_CLIENT_ID,
-                 client_secret=config_module.DEMO_PARTICLE_CLIENT_SECRET, fixtures=None, access_log=False):
+    def __init__(
+        self,
+        host="127.0.0.1",
+        port=0,
+        product=config_module.DEMO_PARTICLE_PRODUCT,
+        client_id=config_module.DEMO_PARTICLE_CLIENT_ID,
+        client_secret=config_module.DEMO_PARTICLE_CLIENT_SECRET,
+        fixtures=None,
+        access_log=False,
+    ):
         self.host = host
         self.port = port
         self.stopping = threading.Event()
@@ -77,8 +85,10 @@ class SimulatorServer:
         self._server = make_server(self.host, self.port, self.app, threaded=True, request_handler=handler)
         self.port = self._server.server_port
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-            name="particle-simulator", daemon=True,
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="particle-simulator",
+            daemon=True,
         )
         self._thread.start()
         return self
@@ -120,7 +130,9 @@ class SimulatorServer:
 
     def set_device(self, device_id, online=None, latency=None, hung=None, **extra):
         changes = {"online": online, "latency": latency, "hung": hung, **extra}
-        return self.control.set_device(device_id, {k: v for k, v in changes.items() if v is not None or k == "owner"})
+        return self.control.set_device(
+            device_id, {k: v for k, v in changes.items() if v is not None or k == "owner"}
+        )
 
     def publish(self, device_id, name, data):
         self.control.publish(device_id, name, data)
@@ -129,10 +141,17 @@ class SimulatorServer:
         return self.control.connect(device_id, claim_code)
 
     def add_fault(self, method, path, count=1, status=503, body=None, headers=None, latency=0):
-        return self.control.add_fault({
-            "method": method, "path": path, "count": count, "status": status,
-            "body": body, "headers": headers, "latency": latency,
-        })
+        return self.control.add_fault(
+            {
+                "method": method,
+                "path": path,
+                "count": count,
+                "status": status,
+                "body": body,
+                "headers": headers,
+                "latency": latency,
+            }
+        )
 
     def clear_faults(self):
         self.control.clear_faults()

@@ -2,6 +2,7 @@
 of the reference (/work/shared/particle-cloud-api.md). Answers the reference marks as unknown
 are chosen here and marked INVENTED.
 """
+
 import base64
 import binascii
 import datetime
@@ -14,15 +15,15 @@ import time
 
 from werkzeug.wrappers import Response
 
-from selfserve.particle.sim_http import Answer
-from selfserve.particle.sim_http import json_response
-from selfserve.particle.sim_http import oauth_error
-from selfserve.particle.sim_http import text_response
-from selfserve.particle.sim_http import text_value
-from selfserve.particle.sim_http import truthy
-from selfserve.particle.sim_state import Subscriber
-from selfserve.particle.sim_state import iso
-from selfserve.particle.sim_state import new_hex
+from selfserve.simulator.http import Answer
+from selfserve.simulator.http import json_response
+from selfserve.simulator.http import oauth_error
+from selfserve.simulator.http import text_response
+from selfserve.simulator.http import text_value
+from selfserve.simulator.http import truthy
+from selfserve.simulator.state import Subscriber
+from selfserve.simulator.state import iso
+from selfserve.simulator.state import new_hex
 
 CLIENT_ID_RE = re.compile(r"^[a-z0-9-_]{3,40}$", re.IGNORECASE)
 GRANT_TYPES = ("client_credentials", "refresh_token", "password")
@@ -35,7 +36,10 @@ PRODUCT_NOT_FOUND = {"ok": False, "error": "Product not found"}
 PRODUCT_DEVICE_NOT_FOUND = {"ok": False, "error": "Device not found"}
 NOT_IN_PRODUCT = {"ok": False, "errors": ["That device is not part of this customer's product."]}
 PRODUCT_TOKEN_CANNOT_CLAIM = {"ok": False, "errors": ["Only a customer or user token can claim a device."]}
-CLAIM_CODE_NEEDS_CUSTOMER = {"ok": False, "error": "A customer access token is required to create a claim code."}
+CLAIM_CODE_NEEDS_CUSTOMER = {
+    "ok": False,
+    "error": "A customer access token is required to create a claim code.",
+}
 CREATE_NEEDS_CLIENT = {"ok": False, "error": "Creating a customer needs the product's client ID and secret."}
 
 
@@ -124,7 +128,9 @@ class ParticleApi:
             token, source = match.group(1), "header"
         elif body_token is not None:
             if request.method == "GET":
-                raise oauth_error("invalid_request", "Method cannot be GET When putting the token in the body.")
+                raise oauth_error(
+                    "invalid_request", "Method cannot be GET When putting the token in the body."
+                )
             if ctx.body_kind != "form" or request.mimetype != "application/x-www-form-urlencoded":
                 raise oauth_error(
                     "invalid_request",
@@ -162,11 +168,14 @@ class ParticleApi:
     @staticmethod
     def permission_denied(principal):
         shown = "undefined" if principal.source == "header" else principal.token
-        return Answer(403, {
-            "error": "Permission Denied",
-            "info": "I didn't recognize that device name or ID, try opening "
-                    f"https://api.particle.io/v1/devices?access_token={shown}",
-        })
+        return Answer(
+            403,
+            {
+                "error": "Permission Denied",
+                "info": "I didn't recognize that device name or ID, try opening "
+                f"https://api.particle.io/v1/devices?access_token={shown}",
+            },
+        )
 
     def user_device_locked(self, principal, id_or_name):
         """A device the token owns, by id or name; anything else is Permission Denied."""
@@ -207,8 +216,10 @@ class ParticleApi:
             raise oauth_error("invalid_client", "Invalid or missing client_id parameter")
         if not secret:
             raise oauth_error("invalid_client", "Missing client_secret parameter")
-        if not (secrets.compare_digest(client_id, self.state.client_id)
-                and secrets.compare_digest(secret, self.state.client_secret)):
+        if not (
+            secrets.compare_digest(client_id, self.state.client_id)
+            and secrets.compare_digest(secret, self.state.client_secret)
+        ):
             raise oauth_error("invalid_client", "Client credentials are invalid")
         return client_id
 
@@ -218,7 +229,8 @@ class ParticleApi:
         request = ctx.request
         if request.mimetype != "application/x-www-form-urlencoded":
             raise oauth_error(
-                "invalid_request", "Method must be POST with application/x-www-form-urlencoded encoding")
+                "invalid_request", "Method must be POST with application/x-www-form-urlencoded encoding"
+            )
         form = request.form
         grant_type = form.get("grant_type")
         if grant_type not in GRANT_TYPES:
@@ -234,12 +246,13 @@ class ParticleApi:
                 if scope:
                     if not scope.startswith("customer="):
                         raise oauth_error("invalid_scope", "Invalid scope")  # INVENTED wording
-                    customer = scope[len("customer="):].strip().lower()
+                    customer = scope[len("customer=") :].strip().lower()
                     if customer not in self.state.customers:
                         # INVENTED wording (reference §4.1: the real answer is unknown).
                         raise oauth_error("invalid_scope", "Customer not found")
                 body = self.state.issue_token_locked(
-                    "customer" if customer else "product", customer, client_id, expires_in, ctx.now_wall)
+                    "customer" if customer else "product", customer, client_id, expires_in, ctx.now_wall
+                )
         elif grant_type == "refresh_token":
             refresh = form.get("refresh_token")
             if not refresh:
@@ -252,19 +265,26 @@ class ParticleApi:
                     raise oauth_error("invalid_grant", "Refresh token has expired")
                 del self.state.refresh_tokens[refresh]
                 body = self.state.issue_token_locked(
-                    info["kind"], info["customer"], client_id, expires_in, ctx.now_wall)
+                    info["kind"], info["customer"], client_id, expires_in, ctx.now_wall
+                )
         else:
             username = form.get("username")
             password = form.get("password")
             if not username or not password:
-                raise oauth_error("invalid_client", 'Missing parameters. "username" and "password" are required')
+                raise oauth_error(
+                    "invalid_client", 'Missing parameters. "username" and "password" are required'
+                )
             with self.state.lock:
                 customer = self.state.customers.get(username.strip().lower())
-                if customer is None or customer["password"] is None or not secrets.compare_digest(
-                        customer["password"], _hash_password(password)):
+                if (
+                    customer is None
+                    or customer["password"] is None
+                    or not secrets.compare_digest(customer["password"], _hash_password(password))
+                ):
                     raise oauth_error("invalid_grant", "User credentials are invalid")
                 body = self.state.issue_token_locked(
-                    "customer", customer["username"], client_id, expires_in, ctx.now_wall)
+                    "customer", customer["username"], client_id, expires_in, ctx.now_wall
+                )
         return json_response(200, body, {"Cache-Control": "no-store", "Pragma": "no-cache"})
 
     def requested_lifetime(self, ctx):
@@ -278,7 +298,7 @@ class ParticleApi:
             except ValueError:
                 raise oauth_error("invalid_request", "Invalid expires_at parameter")  # INVENTED wording
             if moment.tzinfo is None:
-                moment = moment.replace(tzinfo=datetime.timezone.utc)
+                moment = moment.replace(tzinfo=datetime.UTC)
             seconds = math.floor(moment.timestamp() - ctx.now_wall)
             if seconds <= 0:
                 raise oauth_error("invalid_request", "Invalid expires_at parameter")  # INVENTED
@@ -337,7 +357,7 @@ class ParticleApi:
                 if owned:  # shadow customers appear only once they own a device
                     listed.append((customer, owned))
             total_pages = math.ceil(len(listed) / per_page)
-            window = listed[(page - 1) * per_page: page * per_page]
+            window = listed[(page - 1) * per_page : page * per_page]
             customers = [
                 {"id": c["id"], "full_name": None, "username": c["username"], "devices": owned}
                 for c, owned in window
@@ -346,14 +366,18 @@ class ParticleApi:
             for _customer, owned in window:
                 for device_id in owned:
                     device = self.state.devices[device_id]
-                    devices.append({
-                        "id": device.id,
-                        "product_id": self.device_product_id(device),
-                        "last_ip_address": self.ip_address(device),
-                        "firmware_version": PRODUCT_FIRMWARE_VERSION,
-                        "online": device.online,
-                    })
-        return json_response(200, {"customers": customers, "devices": devices, "meta": {"total_pages": total_pages}})
+                    devices.append(
+                        {
+                            "id": device.id,
+                            "product_id": self.device_product_id(device),
+                            "last_ip_address": self.ip_address(device),
+                            "firmware_version": PRODUCT_FIRMWARE_VERSION,
+                            "online": device.online,
+                        }
+                    )
+        return json_response(
+            200, {"customers": customers, "devices": devices, "meta": {"total_pages": total_pages}}
+        )
 
     def delete_customer(self, ctx, p, id):
         self.product_principal(ctx, p)
@@ -413,19 +437,23 @@ class ParticleApi:
         }
         with self.state.lock:
             matching = [
-                d for d in self.state.devices.values()
+                d
+                for d in self.state.devices.values()
                 if d.in_product and all(value in getattr(d, attr).lower() for attr, value in filters.items())
             ]
             matching.sort(key=keys.get(sort_attr, keys["deviceId"]), reverse=descending)
             total_pages = math.ceil(len(matching) / per_page)
-            window = matching[(page - 1) * per_page: page * per_page]
+            window = matching[(page - 1) * per_page : page * per_page]
             devices = [self.device_json_locked(d, ctx, owner=True, product_view=True) for d in window]
             owners = sorted({d.owner for d in window if d.owner})
             customers = [
                 {"id": self.state.customers[o]["id"], "username": o}
-                for o in owners if o in self.state.customers
+                for o in owners
+                if o in self.state.customers
             ]
-        return json_response(200, {"devices": devices, "customers": customers, "meta": {"total_pages": total_pages}})
+        return json_response(
+            200, {"devices": devices, "customers": customers, "meta": {"total_pages": total_pages}}
+        )
 
     def get_product_device(self, ctx, p, id):
         self.product_principal(ctx, p)
@@ -483,8 +511,11 @@ class ParticleApi:
     def list_devices(self, ctx):
         principal = self.authenticate(ctx)
         with self.state.lock:
-            mine = [d for d in self.state.devices.values()
-                    if principal.kind == "customer" and d.owner == principal.customer]
+            mine = [
+                d
+                for d in self.state.devices.values()
+                if principal.kind == "customer" and d.owner == principal.customer
+            ]
             mine.sort(key=lambda d: (-d.last_handshake_at, d.id))
             body = [self.device_json_locked(d, ctx, owner=False, product_view=False) for d in mine]
         return json_response(200, body)
@@ -681,7 +712,9 @@ class ParticleApi:
         principal = self.authenticate(ctx)
         with self.state.lock:
             device = self.user_device_locked(principal, id)
-            subscriber = Subscriber("customer", customer=principal.customer, device_id=device.id, prefix=prefix)
+            subscriber = Subscriber(
+                "customer", customer=principal.customer, device_id=device.id, prefix=prefix
+            )
         return self.stream(subscriber)
 
     def product_events(self, ctx, p, prefix=None):
@@ -767,14 +800,16 @@ class ParticleApi:
         if owner:
             body["owner"] = device.owner
         if device.in_product:
-            body.update({
-                "firmware_product_id": self.state.product["id"],
-                "firmware_version": PRODUCT_FIRMWARE_VERSION,
-                "groups": [],
-                "development": False,
-                "quarantined": False,
-                "denied": False,
-            })
+            body.update(
+                {
+                    "firmware_product_id": self.state.product["id"],
+                    "firmware_version": PRODUCT_FIRMWARE_VERSION,
+                    "groups": [],
+                    "development": False,
+                    "quarantined": False,
+                    "denied": False,
+                }
+            )
         return body
 
     def paging(self, ctx):

@@ -4,6 +4,7 @@ faults, counters, rate limits, event subscribers, configuration.
 One lock (`State.lock`) guards everything here. Hold it only to read or change state, never
 while sleeping or writing to a socket.
 """
+
 import copy
 import datetime
 import json
@@ -16,7 +17,7 @@ import threading
 import time
 from collections import deque
 
-from selfserve.particle.sim_models import MODELS
+from selfserve.simulator.models import MODELS
 
 DEFAULT_FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "demo.json")
 
@@ -47,7 +48,7 @@ DEFAULT_CONFIG = {
 
 def iso(timestamp):
     """ISO-8601 UTC with milliseconds and Z, as Particle writes timestamps."""
-    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
+    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
@@ -386,8 +387,11 @@ class State:
         for key in ("rate_limit", "token_rate_limit"):
             if key in options:
                 value = options[key]
-                if not isinstance(value, dict) or int(value.get("requests", 0)) < 1 or float(
-                        value.get("window", 0)) <= 0:
+                if (
+                    not isinstance(value, dict)
+                    or int(value.get("requests", 0)) < 1
+                    or float(value.get("window", 0)) <= 0
+                ):
                     raise SimError(f"{key} needs positive 'requests' and 'window'")
         if "token_lockout" in options:
             value = options["token_lockout"]
@@ -396,7 +400,8 @@ class State:
         if "issue_tokens" in options:
             tokens = options["issue_tokens"]
             if not isinstance(tokens, list) or not all(
-                    isinstance(t, str) and re.fullmatch(r"[0-9a-f]{40}", t) for t in tokens):
+                isinstance(t, str) and re.fullmatch(r"[0-9a-f]{40}", t) for t in tokens
+            ):
                 raise SimError("issue_tokens must be a list of 40-lowercase-hex strings")
         with self.lock:
             for key, value in options.items():

@@ -1,5 +1,6 @@
 """The simulator's WSGI app: routes /oauth and /v1 requests through counters, injected faults
 and rate limits to the Particle API handlers, and /_sim/ requests to the control interface."""
+
 import fnmatch
 import json
 import logging
@@ -14,22 +15,22 @@ from werkzeug.routing import Rule
 from werkzeug.wrappers import Request
 from werkzeug.wrappers import Response
 
-from selfserve.particle.sim_api import Ctx
-from selfserve.particle.sim_api import ParticleApi
-from selfserve.particle.sim_control import Control
-from selfserve.particle.sim_http import Answer
-from selfserve.particle.sim_http import json_response
-from selfserve.particle.sim_http import oauth_error
-from selfserve.particle.sim_http import parse_body
-from selfserve.particle.sim_state import SimError
+from selfserve.simulator.api import Ctx
+from selfserve.simulator.api import ParticleApi
+from selfserve.simulator.control import Control
+from selfserve.simulator.http import Answer
+from selfserve.simulator.http import json_response
+from selfserve.simulator.http import oauth_error
+from selfserve.simulator.http import parse_body
+from selfserve.simulator.state import SimError
 
-log = logging.getLogger("selfserve.particle.simulator")
+log = logging.getLogger("selfserve.simulator.server")
 
 UNMATCHED = "(unmatched)"
 
 
 def _rule_path(template):
-    """"/v1/devices/:id/events/:prefix" -> werkzeug's "/v1/devices/<id>/events/<path:prefix>"."""
+    """ "/v1/devices/:id/events/:prefix" -> werkzeug's "/v1/devices/<id>/events/<path:prefix>"."""
     parts = []
     for part in template.split("/"):
         if part == ":prefix":
@@ -196,7 +197,9 @@ class SimulatorApp:
         try:
             endpoint, args = self.control_map.bind_to_environ(request.environ).match()
         except HTTPException:
-            return json_response(404, {"ok": False, "error": f"no control route {request.method} {request.path}"})
+            return json_response(
+                404, {"ok": False, "error": f"no control route {request.method} {request.path}"}
+            )
         data = {}
         if request.method in ("POST", "PUT") and request.get_data(cache=True).strip():
             try:
