@@ -286,7 +286,7 @@ class ReconcileFinding(BaseModel):
 
 
 class Transfer(BaseModel):
-    """A device changing hands between two accounts (services/transfers.py).
+    """A device changing hands between two accounts (services/transfers/).
 
     kind "offer": the recorded owner (seller) offers it to an email address; kind "request":
     someone holding the device and its label asks for it and the owner may object. The move

@@ -31,7 +31,7 @@ PURPOSES = {
     "verify_email": Purpose(salt="selfserve.verify-email.v1", max_age=48 * 3600),
     "reset_password": Purpose(salt="selfserve.reset-password.v1", max_age=3600),
     "confirm_email_change": Purpose(salt="selfserve.confirm-email-change.v1", max_age=24 * 3600),
-    # Transfers (services/transfers.py): the buyer's offer link, the owner's approve/object links.
+    # Transfers (services/transfers/): the buyer's offer link, the owner's approve/object links.
     "transfer_offer": Purpose(salt="selfserve.transfer-offer.v1", max_age=7 * 24 * 3600),
     "transfer_answer": Purpose(salt="selfserve.transfer-answer.v1", max_age=8 * 24 * 3600),
 }

@@ -94,3 +94,8 @@ class FunctionFailed(ParticleError):
     """A function call answered 200 but with ok:false or no return_value."""
 
     user_message = "The device did not carry out the command."
+
+
+# Worth trying again later: the cloud was unreachable, failed or asked us to slow down. A
+# CloudUnavailable from a timed-out write does not say the write did not happen.
+TRANSIENT = (CloudUnavailable, RateLimited)

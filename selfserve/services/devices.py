@@ -29,6 +29,7 @@ from selfserve.models import Device
 from selfserve.models import User
 from selfserve.models import utcnow
 from selfserve.particle import get_client
+from selfserve.particle.errors import TRANSIENT
 from selfserve.particle.errors import CloudUnavailable
 from selfserve.particle.errors import DeviceOffline
 from selfserve.particle.errors import DeviceOwnedByOther
@@ -59,7 +60,6 @@ NAME_MAX = 64
 # request that is still waiting for Particle.
 RESUME_GRACE_SECONDS = 60
 
-TRANSIENT = (CloudUnavailable, RateLimited)
 
 MESSAGES = {
     "wrong": "That serial number and setup code don't match. Check both on the device's label and try again.",
@@ -473,7 +473,7 @@ def resume_pending(grace_seconds=None):
     grace = RESUME_GRACE_SECONDS if grace_seconds is None else grace_seconds
     cutoff = utcnow() - datetime.timedelta(seconds=grace)
     counts = {"claimed": 0, "released": 0, "undone": 0, "retry_later": 0}
-    # Only the states this module owns: a transfer's "transferring" is resumed by transfers.py.
+    # Only the states this module owns: a transfer's "transferring" is resumed by services/transfers.
     stuck = Device.select().where(
         Device.claim_state.in_(["claiming", "releasing"])
         & (Device.claim_state_at.is_null() | (Device.claim_state_at <= cutoff))

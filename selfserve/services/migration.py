@@ -42,7 +42,7 @@ from selfserve.models import User
 from selfserve.models import db
 from selfserve.models import utcnow
 from selfserve.particle import get_client
-from selfserve.particle.errors import CloudUnavailable
+from selfserve.particle.errors import TRANSIENT
 from selfserve.particle.errors import NotFound
 from selfserve.particle.errors import ParticleError
 from selfserve.particle.errors import RateLimited
@@ -61,7 +61,6 @@ REQUESTS_PER_SECOND = 20.0  # well under Particle's ~33/s per IP, leaving room f
 MAX_INLINE_RATE_WAITS = 5
 MAX_RATE_WAIT_SECONDS = 60.0
 MAIL_MAX_ATTEMPTS = 8
-TRANSIENT = (CloudUnavailable, RateLimited)
 
 
 # --- the pacer ----------------------------------------------------------------------------------

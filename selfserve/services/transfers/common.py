@@ -1,0 +1,193 @@
+"""What the sections of a transfer share: states, the refusal, lookups and small helpers."""
+
+import dataclasses
+import logging
+
+from flask import current_app
+
+from selfserve import device_models
+from selfserve.models import Device
+from selfserve.models import Transfer
+from selfserve.services import provisioning
+
+log = logging.getLogger(__name__)
+
+OFFER_DAYS = 7
+OBJECTION_DAYS = 7
+PROOF_MINUTES = 15
+REQUESTS_PER_DAY = 3  # per account: asking for other people's devices is rare
+MAIL_MAX_ATTEMPTS = 8
+
+TRANSFERRING = "transferring"  # Device.claim_state while a move runs (owned by this module)
+OPEN_STATES = ("offered", "requested", "moving", "returning")
+CLOSED_STATES = ("done", "failed_returned", "declined", "cancelled", "objected", "expired", "kept")
+
+STATE_LABELS = {
+    "offered": "Offered, waiting for the new owner",
+    "requested": "Requested, waiting for the owner's answer",
+    "moving": "Moving to the new owner",
+    "returning": "Going back to the previous owner",
+    "done": "Transferred",
+    "failed_returned": "Could not be moved; back with the previous owner",
+    "declined": "Declined",
+    "cancelled": "Cancelled",
+    "objected": "Objected to by the owner",
+    "expired": "Expired",
+    "kept": "Kept by the owner (decided by support)",
+}
+
+
+class TransferError(Exception):
+    """A refusal to show. `kind` names the case, `field` the form field at fault."""
+
+    def __init__(self, message, kind="error", status=400, field=None, transfer=None):
+        super().__init__(message)
+        self.message = message
+        self.kind = kind
+        self.status = status
+        self.field = field
+        self.transfer = transfer
+
+
+# --- small helpers ----------------------------------------------------------------------------
+
+
+def _setting(key, default):
+    return type(default)(current_app.config.get(key, default))
+
+
+def label(transfer):
+    return STATE_LABELS.get(transfer.state, transfer.state)
+
+
+def device_label(device):
+    return f"{device_models.label(device.model)} {device.serial_number}"
+
+
+def mask_email(email):
+    """ "b***@example.com": enough for the seller to recognise, not a full address to others."""
+    local, _, domain = (email or "").partition("@")
+    return f"{local[:1]}***@{domain}" if domain else "***"
+
+
+def _name(transfer):
+    """How activity pages name the device of a transfer (never the seller's private name)."""
+    return device_label(Device.get_by_id(transfer.device_id))
+
+
+def open_transfer_of(device):
+    """The device's open transfer, or None."""
+    return Transfer.get_or_none(Transfer.open_device == device.device_id)
+
+
+def get(transfer_id):
+    return Transfer.get_or_none(Transfer.id == transfer_id)
+
+
+def _fresh(transfer):
+    return Transfer.get_by_id(transfer.id)
+
+
+def role_of(user, transfer):
+    """ "seller", "buyer" or None: what `user` is to this transfer. A buyer of an offer is the
+    verified account with the address it was sent to (until it accepts, then that account)."""
+    if user is None or not getattr(user, "is_authenticated", False):
+        return None
+    if transfer.seller_id == user.id:
+        return "seller"
+    if transfer.buyer_id == user.id:
+        return "buyer"
+    if (
+        transfer.kind == "offer"
+        and transfer.buyer_id is None
+        and user.is_verified
+        and user.email == transfer.buyer_email
+    ):
+        return "buyer"
+    return None
+
+
+def visible_to(user, transfer_id):
+    """The transfer if `user` is its seller or buyer, else None (views answer 404)."""
+    transfer = get(transfer_id) if isinstance(transfer_id, int) else None
+    if transfer is None or role_of(user, transfer) is None:
+        return None
+    return transfer
+
+
+@dataclasses.dataclass
+class Dashboard:
+    incoming: list  # offers waiting for this account
+    outgoing: list  # this account's open requests and offers
+
+
+def dashboard_of(user):
+    """Open transfers that concern `user`, for the dashboard (database only)."""
+    if not user.is_verified:
+        return Dashboard([], [])
+    incoming = list(
+        Transfer.select()
+        .where(
+            (Transfer.state == "offered")
+            & (Transfer.buyer_email == user.email)
+            & (Transfer.seller != user.id)
+        )
+        .order_by(Transfer.id)
+    )
+    outgoing = list(
+        Transfer.select()
+        .where(Transfer.state.in_(["requested", "moving", "returning"]) & (Transfer.buyer == user.id))
+        .order_by(Transfer.id)
+    )
+    return Dashboard(incoming, outgoing)
+
+
+def _check_buyer_ready(user):
+    if not user.is_verified:
+        raise TransferError("Please verify your email address first.", kind="not_ready", status=409)
+    if user.provisioning_state != provisioning.READY or not user.particle_customer_id:
+        raise TransferError(
+            "Your account is still being set up with the device cloud. This usually takes less than a "
+            "minute; please try again shortly.",
+            kind="not_ready",
+            status=409,
+        )
+
+
+def _close(transfer, waiting, state, notify_step, now, **extra):
+    """waiting -> a closed state (frees the device for a new transfer). True if it was us."""
+    return (
+        Transfer.update(
+            state=state,
+            open_device=None,
+            decided_at=now,
+            finished_at=now,
+            step=notify_step,
+            attempts=0,
+            next_attempt_at=None,
+            lease_until=None,
+            **extra,
+        )
+        .where((Transfer.id == transfer.id) & (Transfer.state == waiting))
+        .execute()
+        == 1
+    )
+
+
+def too_late_message(transfer):
+    current = _fresh(transfer)
+    if current.state == "expired":
+        return "This transfer has expired."
+    if current.state in ("moving", "returning", "done", "failed_returned"):
+        return "This transfer was already accepted."
+    return f"This transfer was already {label(current).lower()}."
+
+
+def _device(transfer):
+    return Device.get_by_id(transfer.device_id)
+
+
+def _display(device):
+    from selfserve.services import devices
+
+    return devices.display_name(device)
