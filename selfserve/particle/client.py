@@ -127,9 +127,10 @@ class EventStream:
     published_at and coreid. Iteration ends when the server closes the stream or sends nothing
     (not even a keep-alive) for the read timeout. Close it (or use `with`) when done."""
 
-    def __init__(self, response, route):
+    def __init__(self, response, route, on_line=None):
         self._response = response
         self._route = route
+        self._on_line = on_line
         self._events = self._parse()
 
     def __iter__(self):
@@ -152,8 +153,9 @@ class EventStream:
         name = None
         data_lines = []
         try:
-            for raw in self._response.iter_lines(decode_unicode=False):
-                line = raw.decode("utf-8", "replace")
+            for line in self._lines():
+                if self._on_line is not None and self._on_line(line) is False:
+                    return
                 if line == "":
                     if name is not None and data_lines:
                         yield self._event(name, "\n".join(data_lines))
@@ -173,6 +175,16 @@ class EventStream:
             log.info("event stream %s ended: %s", self._route, type(exc).__name__)
         finally:
             self._response.close()
+
+    def _lines(self):
+        """Lines as they arrive (iter_lines would wait for a 512-byte chunk: an event could sit in
+        the buffer until the next keep-alive). Lines end in LF or CRLF."""
+        pending = b""
+        for chunk in self._response.iter_content(chunk_size=None):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                yield line.rstrip(b"\r").decode("utf-8", "replace")
 
     @staticmethod
     def _event(name, data):
@@ -689,3 +701,16 @@ class ParticleClient:
             segments["prefix"] = prefix
         response = self._request("GET", path, token=("customer", customer_id), segments=segments, stream=True)
         return EventStream(response, path)
+
+    def get_product_event_stream(self, prefix=None, on_line=None):
+        """An EventStream of every product device's events (customer-owned ones included;
+        reference §11, permission events:get), with the product token. `on_line` is called for
+        every line received, keep-alives included (a listener renews its lease there); when it
+        returns False the stream ends."""
+        path = "/v1/products/{product}/events"
+        segments = {}
+        if prefix:
+            path += "/{prefix}"
+            segments["prefix"] = prefix
+        response = self._request("GET", path, token="product", segments=segments, stream=True)
+        return EventStream(response, path, on_line=on_line)

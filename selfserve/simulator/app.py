@@ -72,6 +72,9 @@ class SimulatorApp:
             ("POST", "/_sim/counters/reset", self.c_reset_counters),
             ("GET", "/_sim/config", self.c_get_config),
             ("POST", "/_sim/config", self.c_config),
+            ("GET", "/_sim/webhooks", self.c_webhooks),
+            ("POST", "/_sim/webhooks", self.c_add_webhook),
+            ("DELETE", "/_sim/webhooks", self.c_clear_webhooks),
         ]
         self.control_handlers = {}
         control_rules = []
@@ -126,6 +129,9 @@ class SimulatorApp:
         ip = request.remote_addr or "unknown"
         with self.state.lock:
             wait = self.state.check_rate_locked(ip, now)
+            if not wait and endpoint.startswith("GET ") and "/events" in endpoint:
+                # Event streams have their own limit: 100 opens per 5 minutes per address.
+                wait = self.state.check_stream_rate_locked(ip, now)
         if wait:
             return self.too_many(is_token, wait)
 
@@ -257,6 +263,19 @@ class SimulatorApp:
 
     def c_reset_counters(self, data):
         self.state.reset_counters()
+        return json_response(200, {"ok": True})
+
+    def c_webhooks(self, data):
+        with self.state.lock:
+            return json_response(
+                200, {"webhooks": list(self.state.webhooks), "log": dict(self.state.webhook_log)}
+            )
+
+    def c_add_webhook(self, data):
+        return json_response(201, {"ok": True, "webhook": self.control.add_webhook(data)})
+
+    def c_clear_webhooks(self, data):
+        self.control.clear_webhooks()
         return json_response(200, {"ok": True})
 
     def c_get_config(self, data):

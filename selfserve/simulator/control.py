@@ -146,6 +146,19 @@ class Control:
             self.state.faults.append(fault)
         return copy.deepcopy(fault)
 
+    def add_webhook(self, spec):
+        """A product webhook (INVENTED control route: the integrations API is not recorded)."""
+        from selfserve.simulator.webhooks import check_hook
+
+        hook = check_hook(spec)
+        with self.state.lock:
+            self.state.webhooks.append(hook)
+        return copy.deepcopy(hook)
+
+    def clear_webhooks(self):
+        with self.state.lock:
+            self.state.webhooks = []
+
     def clear_faults(self):
         with self.state.lock:
             self.state.faults = []

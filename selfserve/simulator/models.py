@@ -17,6 +17,8 @@ PUMP_DECAY_SECONDS = 6.0
 PUMP_MAX_KPA = 380.0
 PUMP_DEFAULT_SETPOINT = 250.0
 LITRES_PER_MINUTE_PER_KPA = 0.08
+# The firmware publishes its state when the pressure has moved by this much (kPa).
+PUMP_PUBLISH_KPA = 5.0
 
 
 def _phase(device_id):
@@ -110,6 +112,16 @@ class WindowModel:
 
     def snapshot(self, now):
         return {name: self.read(name, now) for name in self.variables}
+
+    def settling(self, now):
+        """True while the state still changes by itself (the firmware keeps publishing)."""
+        return self._position(now) != float(self.target)
+
+    @staticmethod
+    def significant(old, new):
+        """Whether the firmware publishes a state event for this change (the battery drifts
+        slowly and is left to the heartbeat)."""
+        return any(old.get(name) != new.get(name) for name in ("position", "target", "moving", "fw_version"))
 
 
 class PumpModel:
@@ -245,6 +257,22 @@ class PumpModel:
 
     def snapshot(self, now):
         return {name: self.read(name, now) for name in self.variables}
+
+    def settling(self, now):
+        """True while the pressure still moves toward its set point (or toward zero)."""
+        self._settle(now)
+        goal = self.setpoint if self.running else 0.0
+        return abs(self._base_pressure(now) - goal) > PUMP_PUBLISH_KPA / 2
+
+    @staticmethod
+    def significant(old, new):
+        """Running or fault changed, or the pressure moved by PUMP_PUBLISH_KPA (the ripple of
+        a running pump does not count; runtime is left to the heartbeat)."""
+        if old.get("running") != new.get("running") or old.get("fault") != new.get("fault"):
+            return True
+        return (
+            abs(float(old.get("pressure_kpa") or 0) - float(new.get("pressure_kpa") or 0)) >= PUMP_PUBLISH_KPA
+        )
 
 
 MODELS = {"window": WindowModel, "pump": PumpModel}

@@ -29,6 +29,7 @@ from selfserve import config as config_module
 from selfserve.simulator.app import SimulatorApp
 from selfserve.simulator.control import Control
 from selfserve.simulator.state import State
+from selfserve.simulator.webhooks import Deliveries
 
 log = logging.getLogger("selfserve.simulator.server")
 
@@ -71,6 +72,7 @@ class SimulatorServer:
         self.cloud = State(product, client_id, client_secret, fixtures)
         self.control = Control(self.cloud)
         self.app = SimulatorApp(self.cloud, self.stopping)
+        self.deliveries = Deliveries(self.cloud, self.stopping)
         self.access_log = access_log
         self._server = None
         self._thread = None
@@ -91,11 +93,13 @@ class SimulatorServer:
             daemon=True,
         )
         self._thread.start()
+        self.deliveries.start()
         return self
 
     def stop(self):
         """Stop serving; open event streams and pending device waits end at once."""
         self.stopping.set()
+        self.deliveries.stop()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -155,6 +159,15 @@ class SimulatorServer:
 
     def clear_faults(self):
         self.control.clear_faults()
+
+    def add_webhook(self, url, event, auth=None, headers=None, json=True):
+        """A product webhook: every matching product-device event is POSTed to `url` (§16)."""
+        return self.control.add_webhook(
+            {"url": url, "event": event, "auth": auth, "headers": headers, "json": json}
+        )
+
+    def clear_webhooks(self):
+        self.control.clear_webhooks()
 
     def counters(self):
         return self.cloud.counter_snapshot()

@@ -7,6 +7,7 @@ while sleeping or writing to a socket.
 
 import copy
 import datetime
+import heapq
 import json
 import math
 import os
@@ -18,6 +19,14 @@ import time
 from collections import deque
 
 from selfserve.simulator.models import MODELS
+
+# The firmware contract (README, "What the devices publish"): the company's firmware publishes
+# its whole state as one JSON event of this name when it changes and as a heartbeat.
+STATE_EVENT = "selfserve/state"
+STATE_EVENT_VERSION = 1
+# Particle allows about one publish per second per device (reference §16).
+MIN_PUBLISH_INTERVAL = 1.0
+FIRMWARES = ("current", "legacy")  # legacy: older firmware that publishes no state events
 
 DEFAULT_FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "demo.json")
 
@@ -43,6 +52,13 @@ DEFAULT_CONFIG = {
     # Extensions beyond the contract: SSE keep-alive interval, default token lifetime.
     "sse_keepalive": 9.0,
     "default_expires_in": DEFAULT_TOKEN_SECONDS,
+    # Event-stream opens per source address (reference §11/§12: 100 per 5 minutes).
+    "stream_rate_limit": {"requests": 100, "window": 300},
+    # The firmware's heartbeat: every device with current firmware publishes its state at
+    # least this often (a device's own "heartbeat" fixture field wins).
+    "heartbeat_seconds": 120.0,
+    # Webhook retries after a failed delivery (reference §16: after 30 s and 1 min, then dropped).
+    "webhook_retry_seconds": [30.0, 60.0],
 }
 
 
@@ -90,6 +106,13 @@ class Device:
         self.latency = float(spec.get("latency", 0) or 0)
         self.hung = bool(spec.get("hung", False))
         self.in_product = bool(spec.get("in_product", False))
+        self.firmware = str(spec.get("firmware") or "current")
+        if self.firmware not in FIRMWARES:
+            raise SimError(f"firmware must be one of {list(FIRMWARES)}: {self.firmware!r}")
+        heartbeat = spec.get("heartbeat")
+        self.heartbeat = float(heartbeat) if heartbeat else None  # None: the configured default
+        self.published_state = None  # the variables of the last state event
+        self.published_state_at = None  # monotonic time of it
         self.owner = None  # customer username (lowercased "email") or None
         self.notes = None
         self.last_heard = now_wall
@@ -110,6 +133,8 @@ class Device:
             "online": self.online,
             "latency": self.latency,
             "hung": self.hung,
+            "firmware": self.firmware,
+            "heartbeat": self.heartbeat,
             "variables": self.model.snapshot(now),
         }
 
@@ -136,6 +161,8 @@ class State:
         self.product_setting = str(product)
         self.fixtures = load_fixtures(fixtures)
         self.subscribers = []
+        self.webhooks = []
+        self.webhook_queue = queue.Queue()
         self.reset()
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -163,6 +190,8 @@ class State:
             self.devices = devices
             # Devices that may still publish something on their own (see advance_locked).
             self.active = set(devices)
+            # (monotonic due time, device id): when each device's next heartbeat is due.
+            self.heartbeats = []
             self.customers = {}  # username -> {"id", "username", "password", "created_at"}
             self.tokens = {}  # access token -> {"kind", "customer", "client_id", "expires_at"}
             self.refresh_tokens = {}  # refresh token -> {"kind", "customer", "client_id", "expires_at"}
@@ -175,6 +204,11 @@ class State:
             self.token_request_log = {}  # ip -> deque (token endpoint limit)
             self.token_failures = {}  # ip -> consecutive failures
             self.token_locked_until = {}  # ip -> monotonic time
+            self.stream_log = {}  # ip -> deque (event stream opens)
+            self.webhooks = []
+            self.webhook_log = {"sent": 0, "failed": 0, "dropped": 0}
+            for device in devices.values():
+                self.schedule_heartbeat_locked(device, now, first=True)
             old_subscribers, self.subscribers = self.subscribers, []
         for subscriber in old_subscribers:
             subscriber.closed = True
@@ -244,6 +278,7 @@ class State:
                 raise SimError(f"device {device.id} already exists")
             self.devices[device.id] = device
             self.active.add(device.id)
+            self.schedule_heartbeat_locked(device, time.monotonic(), first=True)
             return device.state(time.monotonic())
 
     def set_online_locked(self, device, online, now_wall):
@@ -254,6 +289,9 @@ class State:
         if online:
             device.last_handshake_at = now_wall
         self.publish_locked(device, "spark/status", "online" if online else "offline", now_wall)
+        if online:
+            # The firmware publishes its state as soon as it is connected.
+            self.publish_state_locked(device, time.monotonic(), now_wall, force=True)
 
     def touch_locked(self, device):
         """Note that `device` was commanded: it may publish events as time passes."""
@@ -273,9 +311,58 @@ class State:
             if not device.online:
                 continue
             for name, data in device.model.advance(now):
-                self.publish_locked(device, name, data, now_wall)
-            if not device.model.active(now):
+                if device.firmware != "legacy":
+                    self.publish_locked(device, name, data, now_wall)
+            waiting = self.publish_state_locked(device, now, now_wall) == "wait"
+            if not (device.model.active(now) or device.model.settling(now) or waiting):
                 self.active.discard(device_id)
+        while self.heartbeats and self.heartbeats[0][0] <= now:
+            _, device_id = heapq.heappop(self.heartbeats)
+            device = self.devices.get(device_id)
+            if device is None:
+                continue
+            every = self.heartbeat_of_locked(device)
+            last = device.published_state_at
+            if last is not None and now - last < every - 0.001:
+                heapq.heappush(self.heartbeats, (last + every, device_id))  # published since
+                continue
+            self.publish_state_locked(device, now, now_wall, force=True)
+            heapq.heappush(self.heartbeats, (now + every, device_id))
+
+    # --- the firmware contract: state events and heartbeats -------------------------------------
+
+    def heartbeat_of_locked(self, device):
+        return float(device.heartbeat or self.config["heartbeat_seconds"])
+
+    def schedule_heartbeat_locked(self, device, now, first=False):
+        every = self.heartbeat_of_locked(device)
+        # The first heartbeats of a fleet are spread over the second period after a reset (devices
+        # boot at different times; none in the first period, so a short test sees none unasked).
+        offset = (1 + (int(device.id[-6:], 16) % 1000) / 1000.0) * every if first else every
+        heapq.heappush(self.heartbeats, (now + offset, device.id))
+
+    def state_payload_locked(self, device, values):
+        every = self.heartbeat_of_locked(device)
+        return {"v": STATE_EVENT_VERSION, "hb": int(every) if every == int(every) else every, **values}
+
+    def publish_state_locked(self, device, now, now_wall, force=False):
+        """Publish the device's state event when it changed (or `force`: heartbeat, connect).
+
+        Returns True when published, "wait" when a change waits for the one-per-second limit,
+        False otherwise. Offline devices and legacy firmware publish nothing."""
+        if not device.online or device.firmware == "legacy":
+            return False
+        values = device.model.snapshot(now)
+        previous = device.published_state
+        if not force and previous is not None and not device.model.significant(previous, values):
+            return False
+        if not force and device.published_state_at is not None:
+            if now - device.published_state_at < MIN_PUBLISH_INTERVAL:
+                return "wait"
+        data = json.dumps(self.state_payload_locked(device, values), separators=(",", ":"))
+        device.published_state, device.published_state_at = values, now
+        self.publish_locked(device, STATE_EVENT, data, now_wall)
+        return True
 
     # --- events -------------------------------------------------------------------------------
 
@@ -292,6 +379,16 @@ class State:
             if subscriber.kind == "product" and not device.in_product:
                 continue
             subscriber.queue.put(frame)
+        if device.in_product:
+            for hook in self.webhooks:
+                if name.startswith(hook["event"]):
+                    body = {
+                        "event": name,
+                        "data": data,
+                        "coreid": device.id,
+                        "published_at": payload["published_at"],
+                    }
+                    self.webhook_queue.put((hook, body, 0))
 
     def subscribe(self, subscriber):
         with self.lock:
@@ -321,6 +418,9 @@ class State:
 
     def check_rate_locked(self, ip, now):
         return self._window_hit_locked(self.request_log, ip, self.config["rate_limit"], now)
+
+    def check_stream_rate_locked(self, ip, now):
+        return self._window_hit_locked(self.stream_log, ip, self.config["stream_rate_limit"], now)
 
     def check_token_rate_locked(self, ip, now):
         return self._window_hit_locked(self.token_request_log, ip, self.config["token_rate_limit"], now)
@@ -366,6 +466,8 @@ class State:
                     for c in self.customers.values()
                 ],
                 "claim_codes": len(self.claim_codes),
+                "webhooks": copy.deepcopy(self.webhooks),
+                "webhook_log": dict(self.webhook_log),
                 "faults": copy.deepcopy(self.faults),
                 "config": copy.deepcopy(self.config),
             }
@@ -384,7 +486,7 @@ class State:
         unknown = sorted(set(options) - set(DEFAULT_CONFIG))
         if unknown:
             raise SimError(f"unknown config option(s): {', '.join(unknown)}")
-        for key in ("rate_limit", "token_rate_limit"):
+        for key in ("rate_limit", "token_rate_limit", "stream_rate_limit"):
             if key in options:
                 value = options[key]
                 if (
@@ -397,6 +499,19 @@ class State:
             value = options["token_lockout"]
             if not isinstance(value, dict) or int(value.get("failures", 0)) < 1:
                 raise SimError("token_lockout needs positive 'failures' and 'seconds'")
+        if "heartbeat_seconds" in options:
+            try:
+                heartbeat = float(options["heartbeat_seconds"])
+            except (TypeError, ValueError):
+                heartbeat = 0
+            if not heartbeat > 0:
+                raise SimError("heartbeat_seconds must be a positive number")
+        if "webhook_retry_seconds" in options:
+            retries = options["webhook_retry_seconds"]
+            if not isinstance(retries, list) or not all(
+                isinstance(r, (int, float)) and r >= 0 for r in retries
+            ):
+                raise SimError("webhook_retry_seconds must be a list of non-negative numbers")
         if "issue_tokens" in options:
             tokens = options["issue_tokens"]
             if not isinstance(tokens, list) or not all(
@@ -415,6 +530,16 @@ class State:
                 self.request_log = {}
             if "token_rate_limit" in options:
                 self.token_request_log = {}
+            if "stream_rate_limit" in options:
+                self.stream_log = {}
+            if "heartbeat_seconds" in options:
+                now = time.monotonic()
+                self.heartbeats = []
+                for device in self.devices.values():
+                    due = (device.published_state_at or now) + self.heartbeat_of_locked(device)
+                    heapq.heappush(
+                        self.heartbeats, (min(due, now + self.heartbeat_of_locked(device)), device.id)
+                    )
             if "token_lockout" in options:
                 self.token_failures = {}
                 self.token_locked_until = {}
