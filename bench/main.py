@@ -136,6 +136,10 @@ def run(args, workdir, cleanup):
 
     from selfserve import create_app
 
+    # The schema, as `flask db upgrade` makes it in production.
+    from selfserve import schema
+
+    schema.upgrade_url(os.environ["SELFSERVE_DATABASE_URL"])
     # The setup's own app: same database and settings as the gunicorn workers, no sweep thread.
     app = create_app({"SWEEP_SECONDS": 0})
     config = app.config

@@ -103,6 +103,7 @@ def _run(args, folder, simulator, sink, mail_port, config_module, rate_waits):
     from selfserve import create_app
     from selfserve import models
     from selfserve import passwords
+    from selfserve import schema
     from selfserve import sweep
     from selfserve import tokens
     from selfserve.models import Device
@@ -112,6 +113,7 @@ def _run(args, folder, simulator, sink, mail_port, config_module, rate_waits):
 
     logging.basicConfig(level=logging.ERROR)
 
+    schema.upgrade_url(f"sqlite:///{folder}/bench.db")
     app = create_app(
         {
             "TESTING": True,

@@ -52,6 +52,10 @@ def create_app(test_config=None):
         if not models.db.is_closed():
             models.db.close()
 
+    from selfserve import schema
+
+    schema.init_app(app)
+
     from selfserve import security
 
     security.init_app(app)

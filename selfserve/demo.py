@@ -75,6 +75,7 @@ def _free_port():
 def build(host, port, sim_port, instance_dir, keep):
     """Start the simulator and the mail sink; return (app, simulator, mail controller)."""
     from selfserve import create_app
+    from selfserve import schema
     from selfserve.simulator.server import SimulatorServer
 
     os.makedirs(instance_dir, exist_ok=True)
@@ -100,6 +101,8 @@ def build(host, port, sim_port, instance_dir, keep):
     mail = Controller(MailboxHandler(mailbox_dir), hostname="127.0.0.1", port=mail_port)
     mail.start()
 
+    # The same migrations as production's `flask db upgrade` build (or bring up to date) the file.
+    schema.upgrade_url(f"sqlite:///{db_path}")
     app = create_app(
         {
             "DEMO": True,

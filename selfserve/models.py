@@ -1,7 +1,8 @@
 """peewee models. The database is the source of truth for who owns what.
 
 `db` is a DatabaseProxy bound at start-up by `init_db(url)`: SQLite by default (WAL, foreign
-keys), PostgreSQL when the URL says so.
+keys), PostgreSQL when the URL says so. A change here needs a migration: `flask db create NAME`
+(see the README, "Adding a table or column").
 """
 
 import datetime
@@ -20,7 +21,9 @@ def utcnow():
 
 
 def init_db(url):
-    """Bind `db` to the database at `url` and create missing tables."""
+    """Bind `db` to the database at `url` (SQLite with WAL and foreign keys, or PostgreSQL).
+
+    Tables are made and changed only by migrations (selfserve/schema.py, `flask db upgrade`)."""
     if url.startswith("sqlite:///"):
         path = url[len("sqlite:///") :]
         if path and path != ":memory:":
@@ -33,36 +36,7 @@ def init_db(url):
     else:
         database = connect(url)
     db.initialize(database)
-    with db.connection_context():
-        db.create_tables(ALL_MODELS, safe=True)
-        _add_missing_columns(database)
     return database
-
-
-def _add_missing_columns(database):
-    """Add nullable columns that a newer model has and an existing table lacks.
-
-    create_tables() never alters a table that exists, so a database made by an older version
-    (a demo file, the shared test database) would fail on the new column. Only nullable
-    columns are added; anything else needs a real migration.
-    """
-    from playhouse.migrate import SchemaMigrator
-    from playhouse.migrate import migrate
-
-    migrator = SchemaMigrator.from_database(database)
-    for model in ALL_MODELS:
-        table = model._meta.table_name
-        existing = {column.name for column in database.get_columns(table)}
-        for field in model._meta.sorted_fields:
-            if field.column_name in existing or not field.null:
-                continue
-            try:
-                with database.atomic():
-                    migrate(migrator.add_column(table, field.column_name, field))
-            except peewee.DatabaseError:
-                # Another process added it at the same moment.
-                if field.column_name not in {c.name for c in database.get_columns(table)}:
-                    raise
 
 
 class BaseModel(peewee.Model):

@@ -8,6 +8,7 @@ import email
 import ipaddress
 import os
 import re
+import shutil
 import socket
 import threading
 import time
@@ -16,7 +17,6 @@ import pytest
 from aiosmtpd.controller import Controller
 from flask.testing import FlaskClient
 from helpers import free_port
-from playhouse.db_url import connect
 
 from selfserve import config as config_module
 
@@ -151,30 +151,51 @@ def mailbox(smtp_server):
 # --- The app ----------------------------------------------------------------------------------
 
 
-_schema_fresh = set()
+_postgres_migrated = set()
 
 
-def _reset_database(url):
-    """Bind and empty the test database (tables are created by init_db).
+def _reset_postgres(url):
+    """Bind and empty the shared PostgreSQL test database.
 
-    A shared server database outlives test runs, and its tables may have an older schema: the
-    first time in a run, drop our tables so init_db creates them as the models say now."""
+    The first time in a run, drop every table (a database that outlived another branch's run
+    may hold anything) and build the schema through the migrations, as `flask db upgrade` does;
+    after that, empty our tables."""
     from selfserve import models
+    from selfserve import schema
 
-    if url not in _schema_fresh:
-        models.db.initialize(connect(url))
-        with models.db.connection_context():
-            models.db.drop_tables(models.ALL_MODELS, safe=True, cascade=True)
-        _schema_fresh.add(url)
-    models.init_db(url)
-    with models.db.connection_context():
+    database = models.init_db(url)
+    with database.connection_context():
+        if url not in _postgres_migrated:
+            for table in database.get_tables():
+                database.execute_sql(f'DROP TABLE IF EXISTS "{table}" CASCADE')
+            schema.upgrade(database)
+            _postgres_migrated.add(url)
         for model in reversed(models.ALL_MODELS):
             model.delete().execute()
 
 
+@pytest.fixture(scope="session")
+def migrated_sqlite(tmp_path_factory):
+    """A SQLite database built by the migrations once per run; each test gets a copy."""
+    from selfserve import models
+    from selfserve import schema
+
+    path = tmp_path_factory.mktemp("schema") / "migrated.db"
+    database = models.init_db(f"sqlite:///{path}")
+    schema.upgrade(database)
+    database.close()
+    return path
+
+
 @pytest.fixture
-def db_url(tmp_path):
-    return TEST_DATABASE_URL or f"sqlite:///{tmp_path}/test.db"
+def db_url(request, tmp_path):
+    """A database with the schema the migrations make and no rows (SQLite: a fresh copy)."""
+    if TEST_DATABASE_URL:
+        _reset_postgres(TEST_DATABASE_URL)
+        return TEST_DATABASE_URL
+    path = tmp_path / "test.db"
+    shutil.copyfile(request.getfixturevalue("migrated_sqlite"), path)
+    return f"sqlite:///{path}"
 
 
 @pytest.fixture
@@ -212,8 +233,6 @@ def app(app_config):
     from selfserve import create_app
     from selfserve import models
 
-    if TEST_DATABASE_URL:
-        _reset_database(TEST_DATABASE_URL)
     application = create_app(app_config)
     application.test_client_class = IsolatedContextClient
     with application.app_context():

@@ -62,12 +62,12 @@ def shared_store(app_config):
     connection.close()
 
 
-def test_sign_in_limit_is_shared_by_workers_through_redis(shared_store, app_config, app, client, tmp_path):
+def test_sign_in_limit_is_shared_by_workers_through_redis(shared_store, app_config, app, client):
     connection, address = shared_store
     settings = {
         "TESTING": True,
         "SECRET_KEY": "another-worker-secret-key-0123456789abcdef",
-        "DATABASE_URL": f"sqlite:///{tmp_path}/worker.db",
+        "DATABASE_URL": app_config["DATABASE_URL"],  # the same database, as workers share one
         "PARTICLE_API_URL": app_config["PARTICLE_API_URL"],
         "PARTICLE_PRODUCT": app_config["PARTICLE_PRODUCT"],
         "PARTICLE_CLIENT_ID": app_config["PARTICLE_CLIENT_ID"],

@@ -1,0 +1,325 @@
+"""The models of main at a8f1969, the last release before migrations, frozen for the upgrade test.
+
+Copied from `git show a8f1969:selfserve/models.py` without its start-up code; `db` is its own
+proxy. Never change this file: it is what databases in the field look like.
+"""
+
+import datetime
+import json
+
+import peewee
+
+db = peewee.DatabaseProxy()
+
+
+def utcnow():
+    """Naive UTC now; every timestamp in the database is naive UTC."""
+    return datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
+
+
+class BaseModel(peewee.Model):
+    class Meta:
+        database = db
+
+
+class JSONField(peewee.TextField):
+    """JSON stored as text, so it works the same on SQLite and PostgreSQL."""
+
+    def db_value(self, value):
+        return None if value is None else json.dumps(value, sort_keys=True)
+
+    def python_value(self, value):
+        return None if value is None else json.loads(value)
+
+
+class User(BaseModel):
+    """An account: a homeowner, or (role staff/admin) a support person.
+
+    The Particle shadow customer is created only after the email is verified, under
+    `particle_customer_id`, an opaque lowercase id that never contains the email.
+    """
+
+    email = peewee.CharField(unique=True, max_length=254)  # stored lowercased
+    password_hash = peewee.CharField(max_length=255)
+    role = peewee.CharField(default="customer", max_length=16)  # customer | staff | admin
+    created_at = peewee.DateTimeField(default=utcnow)
+    email_verified_at = peewee.DateTimeField(null=True)
+    # Provisioning of the Particle customer: None (not verified yet) -> "pending" -> "ready".
+    particle_customer_id = peewee.CharField(null=True, unique=True, max_length=64)
+    provisioning_state = peewee.CharField(null=True, max_length=16)
+    provisioning_error = peewee.TextField(null=True)
+    provisioning_attempts = peewee.IntegerField(default=0)
+    # Lease and backoff in one: the next time a worker may try provisioning. A worker takes the
+    # work with an atomic UPDATE moving it into the future (so only one worker calls Particle),
+    # and after a failure it is set to now + backoff.
+    provisioning_next_at = peewee.DateTimeField(null=True)
+    # An email change waiting for the new address to confirm its link.
+    pending_email = peewee.CharField(null=True, max_length=254)
+    password_changed_at = peewee.DateTimeField(default=utcnow)
+    # Second factor for staff (TOTP secret, encrypted at rest).
+    totp_secret_encrypted = peewee.TextField(null=True)
+    # Set when the staff member confirmed the secret with a code (the QR is shown until then).
+    totp_enrolled_at = peewee.DateTimeField(null=True)
+    # The last accepted TOTP time step: a code works once (no replay within its 30 s window).
+    totp_last_step = peewee.BigIntegerField(null=True)
+
+    # Flask-Login protocol. get_id() is the login session's random cookie id, never the primary
+    # key (Flask-Login "Alternative Tokens"), so ending a session on the server really ends it.
+    # The database keeps only a hash of it (security.stored_session_id).
+    login_session = None
+
+    @property
+    def is_authenticated(self):
+        return True
+
+    @property
+    def is_active(self):
+        return True
+
+    @property
+    def is_anonymous(self):
+        return False
+
+    def get_id(self):
+        return getattr(self.login_session, "cookie_id", None)
+
+    @property
+    def is_verified(self):
+        return self.email_verified_at is not None
+
+    @property
+    def is_staff(self):
+        return self.role in ("staff", "admin")
+
+
+class LoginSession(BaseModel):
+    """One signed-in browser. Logging out, or a password reset, ends it on the server."""
+
+    # sha256 hex of the random id in the session cookie (never the cookie's id itself).
+    id = peewee.CharField(primary_key=True, max_length=64)
+    user = peewee.ForeignKeyField(User, backref="login_sessions", on_delete="CASCADE")
+    created_at = peewee.DateTimeField(default=utcnow)
+    last_seen_at = peewee.DateTimeField(default=utcnow)
+    ended_at = peewee.DateTimeField(null=True)
+    user_agent = peewee.CharField(null=True, max_length=255)
+    # Staff only: when this session passed the second factor (staff routes need it).
+    mfa_verified_at = peewee.DateTimeField(null=True)
+
+
+class Device(BaseModel):
+    """The company's device registry (from manufacturing) and who owns each device.
+
+    `owner` is the truth; Particle's claim mirrors it. `claim_state` records a Particle step
+    in progress ("claiming" / "releasing") so an interrupted one is resumed by the sweep.
+    """
+
+    device_id = peewee.CharField(primary_key=True, max_length=24)  # 24 lowercase hex
+    serial_number = peewee.CharField(unique=True, max_length=64)  # stored uppercased
+    setup_code_hash = peewee.CharField(max_length=255)
+    model = peewee.CharField(max_length=16)  # "window" | "pump"
+    imported_at = peewee.DateTimeField(default=utcnow)
+    in_product = peewee.BooleanField(default=False)  # imported into the Particle product
+    owner = peewee.ForeignKeyField(User, null=True, backref="devices", on_delete="SET NULL")
+    name = peewee.CharField(null=True, max_length=64)
+    claimed_at = peewee.DateTimeField(null=True)
+    claim_state = peewee.CharField(null=True, max_length=16)  # None | claiming | releasing
+    claim_state_at = peewee.DateTimeField(null=True)  # when claim_state was set (resumer's grace)
+    claim_error = peewee.TextField(null=True)
+
+
+class ClaimAttempt(BaseModel):
+    """One failed claim attempt, counted per account and per serial (see services/devices.py)."""
+
+    key = peewee.CharField(max_length=100)  # "user:<id>" | "serial:<SERIAL>"
+    at = peewee.DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((("key", "at"), False),)
+
+
+class DeviceSnapshot(BaseModel):
+    """Last known live values of a device, shared by every viewer and every worker.
+
+    Doubles as the single-flight cache: a worker takes `lease_until` with an atomic update
+    before calling Particle, so many viewers of one device cost one upstream call.
+    """
+
+    device_id = peewee.CharField(primary_key=True, max_length=24)
+    values = JSONField(default=dict)  # name -> {"value": ..., "at": ISO time it was read}
+    fetched_at = peewee.DateTimeField(null=True)  # when the values were read
+    checked_at = peewee.DateTimeField(null=True)  # when we last asked, successfully or not
+    online = peewee.BooleanField(null=True)
+    offline_since = peewee.DateTimeField(null=True)
+    last_error = peewee.CharField(null=True, max_length=255)
+    lease_until = peewee.DateTimeField(null=True)
+
+
+class ParticleToken(BaseModel):
+    """Cached Particle access tokens (product, and one per customer), encrypted at rest."""
+
+    key = peewee.CharField(primary_key=True, max_length=100)
+    token_encrypted = peewee.TextField()
+    refresh_encrypted = peewee.TextField(null=True)
+    expires_at = peewee.DateTimeField(null=True)
+
+
+class TokenBreaker(BaseModel):
+    """Failed Particle token requests in a row, shared by all workers (see token_store)."""
+
+    name = peewee.CharField(primary_key=True, max_length=32)
+    failures = peewee.IntegerField(default=0)
+    paused_until = peewee.DateTimeField(null=True)
+    reason = peewee.CharField(null=True, max_length=255)
+
+
+class AuditEvent(BaseModel):
+    """Append-only trail: claims, releases, renames, function calls, sign-ins, staff actions.
+
+    `user` is whose account it concerns (shown on their activity page); `actor` who did it.
+    """
+
+    at = peewee.DateTimeField(default=utcnow, index=True)
+    user = peewee.ForeignKeyField(User, null=True, backref="audit_events", on_delete="SET NULL")
+    actor = peewee.ForeignKeyField(User, null=True, on_delete="SET NULL", backref="+")
+    action = peewee.CharField(max_length=64)
+    device_id = peewee.CharField(null=True, max_length=24)
+    detail = JSONField(null=True)
+    ip = peewee.CharField(null=True, max_length=64)
+
+    def save(self, *args, **kwargs):
+        if self.id is not None and not kwargs.get("force_insert"):
+            raise RuntimeError("audit events are append-only")
+        return super().save(*args, **kwargs)
+
+    def delete_instance(self, *args, **kwargs):
+        raise RuntimeError("audit events are append-only")
+
+
+class StaffView(BaseModel):
+    """A support person viewing the site as a customer: read-only, time-limited, audited.
+
+    Belongs to one login session (the staff member's, rotated when the view starts); live while
+    `ended_at` is null and `expires_at` is in the future. See services/impersonation.py.
+    """
+
+    staff = peewee.ForeignKeyField(User, backref="+", on_delete="CASCADE")
+    customer = peewee.ForeignKeyField(User, backref="+", on_delete="CASCADE")
+    login_session = peewee.ForeignKeyField(LoginSession, backref="+", on_delete="CASCADE")
+    reason = peewee.TextField()
+    started_at = peewee.DateTimeField(default=utcnow)
+    expires_at = peewee.DateTimeField()
+    ended_at = peewee.DateTimeField(null=True, index=True)
+    end_cause = peewee.CharField(null=True, max_length=16)  # ended | expired | signed_out
+
+
+class ReconcileRun(BaseModel):
+    """One comparison of our database with Particle's product view (reports, never fixes)."""
+
+    started_at = peewee.DateTimeField(default=utcnow)
+    finished_at = peewee.DateTimeField(null=True)
+    started_by = peewee.ForeignKeyField(User, null=True, backref="+", on_delete="SET NULL")
+    trigger = peewee.CharField(max_length=16)  # cli | console
+    status = peewee.CharField(default="running", max_length=16)  # running | done | failed
+    error = peewee.TextField(null=True)
+    devices_checked = peewee.IntegerField(default=0)
+    particle_devices = peewee.IntegerField(default=0)
+    findings_count = peewee.IntegerField(default=0)
+    # What Particle said about each product device: {device_id: {"online": bool, "last_heard": iso}}.
+    particle_status = JSONField(null=True)
+
+
+class ReconcileFinding(BaseModel):
+    """One disagreement found by a ReconcileRun."""
+
+    run = peewee.ForeignKeyField(ReconcileRun, backref="findings", on_delete="CASCADE")
+    device_id = peewee.CharField(max_length=24, index=True)
+    kind = peewee.CharField(max_length=32)
+    detail = JSONField(null=True)
+
+
+class Transfer(BaseModel):
+    """A device changing hands between two accounts (services/transfers.py).
+
+    kind "offer": the recorded owner (seller) offers it to an email address; kind "request":
+    someone holding the device and its label asks for it and the owner may object. The move
+    itself is a recorded sequence of idempotent steps: `step` is the next one to run (None when
+    nothing is left), taken by one worker at a time through the `lease_until` lease, retried
+    after `next_attempt_at` with backoff. `open_device` holds the device id while the transfer
+    is open and NULL once it is closed: its unique index allows one open transfer per device.
+    """
+
+    device = peewee.ForeignKeyField(Device, backref="transfers", on_delete="CASCADE", column_name="device_id")
+    kind = peewee.CharField(max_length=8)  # offer | request
+    # offered | requested | moving | returning | done | failed_returned | declined | cancelled
+    # | objected | expired | kept (support kept an objected request's device with its owner)
+    state = peewee.CharField(max_length=16, index=True)
+    open_device = peewee.CharField(null=True, unique=True, max_length=24)
+    seller = peewee.ForeignKeyField(User, null=True, backref="+", on_delete="SET NULL")
+    buyer = peewee.ForeignKeyField(User, null=True, backref="+", on_delete="SET NULL")
+    buyer_email = peewee.CharField(max_length=254, index=True)
+    created_at = peewee.DateTimeField(default=utcnow)
+    # Offer: when the offer lapses. Request: the end of the owner's time to object.
+    expires_at = peewee.DateTimeField()
+    decided_at = peewee.DateTimeField(null=True)
+    finished_at = peewee.DateTimeField(null=True)
+    step = peewee.CharField(null=True, max_length=24, index=True)
+    attempts = peewee.IntegerField(default=0)
+    next_attempt_at = peewee.DateTimeField(null=True)
+    lease_until = peewee.DateTimeField(null=True)
+    last_error = peewee.TextField(null=True)
+    offer_mailed_at = peewee.DateTimeField(null=True)
+    alerted_at = peewee.DateTimeField(null=True)  # staff were alerted (a move failed for good)
+    # Support's decision of a request the owner objected to: "requester" (it moves) or "owner".
+    dispute_outcome = peewee.CharField(null=True, max_length=16)
+
+
+class PossessionProof(BaseModel):
+    """A short-lived record that an account just proved it holds a device (right serial and
+    setup code) that belongs to someone else, so it can ask for the device without the setup
+    code ever being sent back to the browser. Keyed by the hash of an opaque random id."""
+
+    id = peewee.CharField(primary_key=True, max_length=64)  # sha256 hex of the opaque id
+    user = peewee.ForeignKeyField(User, backref="+", on_delete="CASCADE")
+    device = peewee.ForeignKeyField(Device, backref="+", on_delete="CASCADE", column_name="device_id")
+    expires_at = peewee.DateTimeField()
+    used_at = peewee.DateTimeField(null=True)
+
+
+class MigrationRow(BaseModel):
+    """One device already in the field being moved to its owner (services/migration.py).
+
+    Keyed by device id, so re-running the import never duplicates anything. state: invited
+    (waiting for the owner to sign up and verify) -> claiming (steps running) -> claimed, or
+    failed. `step`, `attempts`, `next_attempt_at`, `lease_until` work as in Transfer.
+    """
+
+    device_id = peewee.CharField(primary_key=True, max_length=24)
+    email = peewee.CharField(max_length=254, index=True)
+    state = peewee.CharField(max_length=16, index=True)
+    user = peewee.ForeignKeyField(User, null=True, backref="+", on_delete="SET NULL")
+    created_at = peewee.DateTimeField(default=utcnow)
+    invited_at = peewee.DateTimeField(null=True)
+    claimed_at = peewee.DateTimeField(null=True)
+    step = peewee.CharField(null=True, max_length=24, index=True)
+    attempts = peewee.IntegerField(default=0)
+    next_attempt_at = peewee.DateTimeField(null=True)
+    lease_until = peewee.DateTimeField(null=True)
+    last_error = peewee.TextField(null=True)
+
+
+ALL_MODELS = [
+    User,
+    LoginSession,
+    Device,
+    ClaimAttempt,
+    DeviceSnapshot,
+    ParticleToken,
+    TokenBreaker,
+    AuditEvent,
+    StaffView,
+    ReconcileRun,
+    ReconcileFinding,
+    Transfer,
+    PossessionProof,
+    MigrationRow,
+]
