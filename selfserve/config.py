@@ -32,6 +32,24 @@ DEFAULTS = {
     "VALUES_CACHE_SECONDS": 4.0,
     "OFFLINE_REMEMBER_SECONDS": 60.0,
     "VALUES_POLL_SECONDS": 5,
+    # Device events (README "Live by events"): values from a device's own events need no read
+    # from Particle for its heartbeat plus EVENTS_GRACE_SECONDS; EVENTS_DEFAULT_HEARTBEAT_SECONDS
+    # when an event doesn't say its heartbeat.
+    "EVENTS_GRACE_SECONDS": 60.0,
+    "EVENTS_DEFAULT_HEARTBEAT_SECONDS": 300.0,
+    # The product webhook's secret (HTTP Basic password, or "Authorization: Bearer <secret>");
+    # empty: the webhook endpoint answers 404.
+    "PARTICLE_WEBHOOK_SECRET": "",
+    "PARTICLE_WEBHOOK_MAX_BYTES": 65536,
+    # The product event stream: one listener per deployment (a lease in the database).
+    "EVENT_STREAM": True,
+    # Pages: server-sent events push changes; pages also poll our cache every
+    # PUSH_FALLBACK_POLL_SECONDS while pushed (VALUES_POLL_SECONDS when the push can't be held).
+    "PUSH_ENABLED": True,
+    "PUSH_FALLBACK_POLL_SECONDS": 60,
+    # Fan-out of changes between workers and machines: "" = PostgreSQL LISTEN/NOTIFY when the
+    # database is PostgreSQL, else in-process only; "redis://host:6379/0" = Redis pub/sub.
+    "PUSH_BROKER_URL": "",
     # Mail (SMTP)
     "MAIL_SERVER": "localhost",
     "MAIL_PORT": 25,

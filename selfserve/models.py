@@ -174,6 +174,30 @@ class DeviceSnapshot(BaseModel):
     offline_since = peewee.DateTimeField(null=True)
     last_error = peewee.CharField(null=True, max_length=255)
     lease_until = peewee.DateTimeField(null=True)
+    # Events (services/device_events.py): the publish time of the last state event and of the
+    # last spark/status applied (older or repeated events never overwrite newer ones); until
+    # when the values need no read from Particle (the device's heartbeat plus a grace); until
+    # when someone has the device's page open (re-read after a gap in the event stream).
+    state_at = peewee.DateTimeField(null=True)
+    status_at = peewee.DateTimeField(null=True)
+    fresh_until = peewee.DateTimeField(null=True)
+    watched_until = peewee.DateTimeField(null=True)
+
+
+class EventCount(BaseModel):
+    """How many device events were ignored, and why (unknown device, unknown event, ...)."""
+
+    key = peewee.CharField(primary_key=True, max_length=64)
+    count = peewee.BigIntegerField(default=0)
+
+
+class Lease(BaseModel):
+    """A named lease one process holds at a time (e.g. the product event stream), across all
+    workers and machines sharing the database. Expires by itself when its holder dies."""
+
+    name = peewee.CharField(primary_key=True, max_length=64)
+    holder = peewee.CharField(null=True, max_length=128)
+    until = peewee.DateTimeField(null=True)
 
 
 class ParticleToken(BaseModel):
@@ -335,6 +359,8 @@ ALL_MODELS = [
     Device,
     ClaimAttempt,
     DeviceSnapshot,
+    EventCount,
+    Lease,
     ParticleToken,
     TokenBreaker,
     AuditEvent,

@@ -74,6 +74,13 @@ def public(view):
     return view
 
 
+def sessionless(view):
+    """Mark a machine endpoint (the product webhook) that never loads a login session: no user,
+    no staff rules. It must also be @public and authenticate the request itself."""
+    view.is_sessionless = True
+    return view
+
+
 def init_app(app):
     _hide_sql_parameters()
     login_manager.init_app(app)
@@ -104,7 +111,11 @@ def init_app(app):
     @app.before_request
     def _staff_rules():
         # After deny-by-default, so the user (and any staff view) is loaded already.
-        if request.endpoint is None or request.endpoint == "static" or not current_user.is_authenticated:
+        if request.endpoint is None or request.endpoint == "static":
+            return None
+        if getattr(app.view_functions.get(request.endpoint), "is_sessionless", False):
+            return None
+        if not current_user.is_authenticated:
             return None
         view = getattr(current_user, "staff_view", None)
         if view is not None:

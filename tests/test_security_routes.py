@@ -48,6 +48,12 @@ PUBLIC = {
     "demo.mailbox": "demo mode only: the local mailbox (never registered outside DEMO)",
     "transfers.offer_link": "emailed offer link: a signed token shows the offer, accepting needs an account",
     "transfers.answer_link": "emailed link to the recorded owner: a signed token lets them approve or object",
+    "hooks.particle": "Particle's product webhook: no session at all; the shared secret (constant-time compare) or 401",
+}
+
+# Views exempt from CSRF (they take no cookie-authenticated request): reviewed one by one.
+CSRF_EXEMPT = {
+    "hooks.particle": "machine endpoint authenticated by its secret, never by a session cookie",
 }
 
 # Values for URL arguments: the signed-in homeowner's own device, so every request reaches the
@@ -211,6 +217,8 @@ def _forged_requests(app, owner, token_of_another_session):
     """(method, path, headers, data) for every state-changing rule: no token, a garbage token,
     another session's token, each as plain form and as htmx."""
     for method, path, rule in concrete_rules(app, values_for(owner), STATE_CHANGING):
+        if rule.endpoint in CSRF_EXEMPT:
+            continue
         variants = [
             ({}, dict(FORM)),
             ({}, {**FORM, "csrf_token": "garbage"}),
@@ -264,6 +272,28 @@ def test_the_real_token_works_where_the_forged_ones_failed(app, owner, browser, 
     )
     assert response.status_code == 200
     assert Device.get_by_id(WINDOW).name == "Bedroom"
+
+
+def test_csrf_exempt_views_are_exactly_the_reviewed_list_and_refuse_a_browser(app, owner, browser, sim):
+    from selfserve.security import csrf
+
+    exempt = {
+        endpoint
+        for endpoint, view in app.view_functions.items()
+        if f"{view.__module__}.{view.__name__}" in csrf._exempt_views
+    }
+    assert exempt == set(CSRF_EXEMPT)
+    before = database_state()
+    sim.reset_counters()
+    for method, path, rule in concrete_rules(app, values_for(owner), STATE_CHANGING):
+        if rule.endpoint not in CSRF_EXEMPT:
+            continue
+        for client in (browser, app.test_client()):  # a signed-in session is no credential there
+            response = client.open(path, method=method, headers=HTMX, data=dict(FORM))
+            assert response.status_code in (401, 404), (path, response.status_code)
+            assert "Set-Cookie" not in response.headers
+    assert diff(before, database_state()) == {}
+    assert sim.counters()["total"] == 0
 
 
 # --- no GET changes state ---------------------------------------------------------------------------------

@@ -51,9 +51,14 @@ NOT_ANSWERING = "The device is not answering right now."
 OFFLINE = "The device is offline."
 UNREACHABLE = "The device cloud is not reachable right now."
 PARTLY_READ = "Some values could not be read."
+# On 429 the site retries by itself: the page says so, never "try again".
+BUSY = "The device cloud is busy right now, so the values are not being refreshed."
 # Reasons after which the values shown are simply old: the page says so (or, before the first
 # successful read, that there are none yet). Stored in DeviceSnapshot.last_error as plain reasons.
-STALE_REASONS = (NOT_ANSWERING, OFFLINE, UNREACHABLE, PARTLY_READ)
+STALE_REASONS = (NOT_ANSWERING, OFFLINE, UNREACHABLE, PARTLY_READ, BUSY)
+# After a command, a publishing device's state event is expected within this many seconds;
+# without one, the values are read from Particle as for older firmware.
+EVENT_AFTER_COMMAND_SECONDS = 5.0
 NEVER_HEARD = "No values yet: the device hasn't been heard from since you added it. It is offline."
 
 
@@ -141,8 +146,47 @@ def last_known_many(devices):
 
 
 def invalidate(device_id):
-    """Make the next read go to Particle (after a function call changed the device)."""
+    """Make the next read go to Particle (after a function call changed the device); for a
+    device that publishes its state, only if its state event doesn't come first."""
     DeviceSnapshot.update(checked_at=None).where(DeviceSnapshot.device_id == device_id).execute()
+    soon = utcnow() + datetime.timedelta(seconds=EVENT_AFTER_COMMAND_SECONDS)
+    DeviceSnapshot.update(fresh_until=soon).where(
+        (DeviceSnapshot.device_id == device_id) & (DeviceSnapshot.fresh_until > soon)
+    ).execute()
+
+
+def watch(device_id, seconds):
+    """Note that a page shows the device for about `seconds` more (re-read after an event gap)."""
+    now = utcnow()
+    _row(device_id)
+    DeviceSnapshot.update(watched_until=now + datetime.timedelta(seconds=seconds)).where(
+        (DeviceSnapshot.device_id == device_id)
+        & (
+            DeviceSnapshot.watched_until.is_null()
+            | (DeviceSnapshot.watched_until < now + datetime.timedelta(seconds=seconds / 2))
+        )
+    ).execute()
+
+
+def watched_device_ids():
+    """Devices someone has a page open on right now."""
+    return [
+        row.device_id
+        for row in DeviceSnapshot.select(DeviceSnapshot.device_id).where(
+            DeviceSnapshot.watched_until > utcnow()
+        )
+    ]
+
+
+def distrust_events():
+    """The event stream had a gap: what events made fresh must be read again when viewed."""
+    DeviceSnapshot.update(fresh_until=None).where(DeviceSnapshot.fresh_until.is_null(False)).execute()
+
+
+def publishes(row_or_snapshot):
+    """Whether the values come from the device's own events (not stale past its heartbeat)."""
+    fresh_until = getattr(row_or_snapshot, "fresh_until", None)
+    return fresh_until is not None and utcnow() < fresh_until
 
 
 def mark_offline(device_id):
@@ -188,7 +232,11 @@ def _row(device_id):
 
 
 def _is_fresh(row, now):
-    if row is None or row.checked_at is None:
+    if row is None:
+        return False
+    if row.fresh_until is not None and now < row.fresh_until:
+        return True  # the device's own events keep it current (its heartbeat plus a grace)
+    if row.checked_at is None:
         return False
     cache, offline, _ = _settings()
     window = offline if row.online is False else cache
@@ -220,6 +268,7 @@ def _take_lease(device_id):
         .where(
             (DeviceSnapshot.device_id == device_id)
             & (DeviceSnapshot.lease_until.is_null() | (DeviceSnapshot.lease_until < now))
+            & (DeviceSnapshot.fresh_until.is_null() | (DeviceSnapshot.fresh_until <= now))
             & stale
         )
         .execute()
@@ -282,7 +331,7 @@ def _refresh(device, row):
         # Hold the lease until the cloud lets us back in: nobody asks again before then.
         wait = max(float(exc.retry_after or 0), _settings()[0])
         update["lease_until"] = now + datetime.timedelta(seconds=wait)
-        update["last_error"] = exc.user_message
+        update["last_error"] = BUSY
         _store(device.device_id, update)
         return
     except ParticleError as exc:
@@ -361,7 +410,7 @@ def _message_for(exc):
     if isinstance(exc, CloudUnavailable):
         return UNREACHABLE
     if isinstance(exc, RateLimited):
-        return exc.user_message
+        return BUSY
     return PARTLY_READ
 
 

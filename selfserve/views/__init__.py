@@ -41,7 +41,7 @@ def register(app):
     from selfserve.views import main
 
     app.register_blueprint(main.bp)
-    for module_name in ("accounts", "devices", "transfers", "support", "demo"):
+    for module_name in ("accounts", "devices", "transfers", "support", "hooks", "demo"):
         module = _optional_view_module(module_name)
         if module is not None:
             if module_name == "demo" and not app.config.get("DEMO"):
