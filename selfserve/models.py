@@ -191,7 +191,7 @@ class EventCount(BaseModel):
     count = peewee.BigIntegerField(default=0)
 
 
-class Lease(BaseModel):
+class ListenerLease(BaseModel):
     """A named lease one process holds at a time (e.g. the product event stream), across all
     workers and machines sharing the database. Expires by itself when its holder dies."""
 
@@ -360,7 +360,7 @@ ALL_MODELS = [
     ClaimAttempt,
     DeviceSnapshot,
     EventCount,
-    Lease,
+    ListenerLease,
     ParticleToken,
     TokenBreaker,
     AuditEvent,
