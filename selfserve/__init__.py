@@ -8,7 +8,8 @@ from selfserve import config as config_module
 
 
 def create_app(test_config=None):
-    """Build the app: config -> db -> security -> particle -> mail -> views -> errors -> cli.
+    """Build the app: config -> db -> security -> particle -> mail -> views -> errors -> cli ->
+    background jobs.
 
     `test_config` overrides everything (tests and the demo pass it); otherwise values come from
     the code defaults and SELFSERVE_* environment variables, and the app refuses to start
@@ -80,8 +81,29 @@ def create_app(test_config=None):
 
     cli.init_app(app)
 
-    from selfserve import sweep
-
-    # Finish work a crash or an outage interrupted: once now, then every SWEEP_SECONDS.
-    sweep.start(app)
+    _background_jobs(app)
     return app
+
+
+def _background_jobs(app):
+    """The one list of background jobs (README "Background jobs" says how to add one). The
+    sweep runs them in every web worker every SWEEP_SECONDS and in `flask sweep`."""
+    from selfserve import sweep
+    from selfserve.services import devices
+    from selfserve.services import impersonation
+    from selfserve.services import migration
+    from selfserve.services import provisioning
+    from selfserve.services import transfers
+
+    sweep.init_app(
+        app,
+        [
+            sweep.Job(provisioning.resume_pending),  # accounts waiting for their Particle customer
+            sweep.Job(devices.resume_pending),  # claims and releases a crash left half-done
+            sweep.Job(transfers.resume_pending),  # transfer steps, offer expiry, unopposed requests
+            sweep.Job(migration.resume_pending),  # devices in the field moving to their owners
+            sweep.Job(impersonation.end_stale_views),  # support views past their time
+        ],
+    )
+    # A verified owner gets the devices they were invited for at once (the sweep is the fallback).
+    provisioning.on_ready(migration.claim_for_new_account)

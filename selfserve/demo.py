@@ -177,10 +177,14 @@ def main(argv=None):
     parser.add_argument("--keep", action="store_true", help="keep the database of the last run")
     args = parser.parse_args(argv)
 
+    from selfserve import sweep
+
     app, simulator, mail = build(args.host, args.port, args.sim_port, args.instance, args.keep)
     try:
         devices = seed(app)
         banner(args.host, args.port, simulator, devices)
+        # Finish interrupted work (a --keep database) at once, not only after the first request.
+        sweep.start(app)
         app.run(host=args.host, port=args.port, threaded=True, use_reloader=False)
     finally:
         mail.stop()

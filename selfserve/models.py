@@ -44,6 +44,20 @@ class BaseModel(peewee.Model):
         database = db
 
 
+class JobColumns(BaseModel):
+    """The columns of a recorded multi-step job (services/steps.py `Runner`), for a model to
+    inherit: `step` is the next step to run (None: nothing left), taken by one worker at a time
+    through the `lease_until` lease, retried after `next_attempt_at` with backoff; `attempts`
+    counts failures of the current step and `last_error` says why the last one failed. No table
+    of its own."""
+
+    step = peewee.CharField(null=True, max_length=24, index=True)
+    attempts = peewee.IntegerField(default=0)
+    next_attempt_at = peewee.DateTimeField(null=True)
+    lease_until = peewee.DateTimeField(null=True)
+    last_error = peewee.TextField(null=True)
+
+
 class JSONField(peewee.TextField):
     """JSON stored as text, so it works the same on SQLite and PostgreSQL."""
 
@@ -283,7 +297,7 @@ class ReconcileFinding(BaseModel):
     detail = JSONField(null=True)
 
 
-class Transfer(BaseModel):
+class Transfer(JobColumns):
     """A device changing hands between two accounts (services/transfers/).
 
     kind "offer": the recorded owner (seller) offers it to an email address; kind "request":
@@ -308,11 +322,6 @@ class Transfer(BaseModel):
     expires_at = peewee.DateTimeField()
     decided_at = peewee.DateTimeField(null=True)
     finished_at = peewee.DateTimeField(null=True)
-    step = peewee.CharField(null=True, max_length=24, index=True)
-    attempts = peewee.IntegerField(default=0)
-    next_attempt_at = peewee.DateTimeField(null=True)
-    lease_until = peewee.DateTimeField(null=True)
-    last_error = peewee.TextField(null=True)
     offer_mailed_at = peewee.DateTimeField(null=True)
     alerted_at = peewee.DateTimeField(null=True)  # staff were alerted (a move failed for good)
     # Support's decision of a request the owner objected to: "requester" (it moves) or "owner".
@@ -331,7 +340,7 @@ class PossessionProof(BaseModel):
     used_at = peewee.DateTimeField(null=True)
 
 
-class MigrationRow(BaseModel):
+class MigrationRow(JobColumns):
     """One device already in the field being moved to its owner (services/migration.py).
 
     Keyed by device id, so re-running the import never duplicates anything. state: invited
@@ -346,11 +355,6 @@ class MigrationRow(BaseModel):
     created_at = peewee.DateTimeField(default=utcnow)
     invited_at = peewee.DateTimeField(null=True)
     claimed_at = peewee.DateTimeField(null=True)
-    step = peewee.CharField(null=True, max_length=24, index=True)
-    attempts = peewee.IntegerField(default=0)
-    next_attempt_at = peewee.DateTimeField(null=True)
-    lease_until = peewee.DateTimeField(null=True)
-    last_error = peewee.TextField(null=True)
 
 
 ALL_MODELS = [

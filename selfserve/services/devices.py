@@ -533,18 +533,6 @@ def _resume_release(device, owner):
     _finish_release(device, owner, display_name(device))
 
 
-def _register_with_sweep():
-    # The sweep module belongs to the accounts area; without it there is nothing to register.
-    try:
-        from selfserve import sweep
-    except ImportError:  # pragma: no cover - only while areas land one by one
-        return
-    sweep.register(resume_pending)
-
-
-_register_with_sweep()
-
-
 # --- rename and functions ---------------------------------------------------------------------
 
 

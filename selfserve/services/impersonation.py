@@ -20,7 +20,6 @@ from flask import current_app
 from flask import flash
 from flask import has_request_context
 
-from selfserve import sweep
 from selfserve.models import LoginSession
 from selfserve.models import StaffView
 from selfserve.models import User
@@ -210,6 +209,3 @@ def views_of(customer, limit=20):
     return list(
         StaffView.select().where(StaffView.customer == customer.id).order_by(StaffView.id.desc()).limit(limit)
     )
-
-
-sweep.register(end_stale_views)

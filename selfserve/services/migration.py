@@ -22,7 +22,6 @@ again.
 
 import csv
 import dataclasses
-import datetime
 import io
 import logging
 import sys
@@ -35,7 +34,6 @@ from flask import current_app
 from flask.cli import with_appcontext
 
 from selfserve import device_models
-from selfserve import sweep
 from selfserve.models import Device
 from selfserve.models import MigrationRow
 from selfserve.models import User
@@ -322,7 +320,8 @@ def claim_for_new_account(user):
 
 
 def _fail(migration, reason):
-    """Give up on a row: free the device in our database, alert staff once."""
+    """The hand-back path (a step gave up): free the device in our database, mark the row
+    failed, alert staff once. Nothing follows (returns None)."""
     with db.atomic():
         Device.update(owner=None, claim_state=None, claim_state_at=None, claim_error=reason).where(
             (Device.device_id == migration.device_id) & (Device.claim_state == MIGRATING)
@@ -341,7 +340,7 @@ def _step_take(migration):
     user = User.get_by_id(migration.user_id)
     device = Device.get_or_none(Device.device_id == migration.device_id)
     if device is None:
-        return _fail(migration, "the device is no longer in the registry")
+        raise steps.GiveUp("the device is no longer in the registry")
     taken = (
         Device.update(owner=user.id, claim_state=MIGRATING, claim_state_at=utcnow(), claim_error=None)
         .where((Device.device_id == device.device_id) & Device.owner.is_null() & Device.claim_state.is_null())
@@ -352,7 +351,7 @@ def _step_take(migration):
         if device.owner_id == user.id and device.claim_state is None:
             return "record"  # the owner claimed it with its label meanwhile
         if device.owner_id is not None and device.owner_id != user.id:
-            return _fail(migration, "the device belongs to another account here")
+            raise steps.GiveUp("the device belongs to another account here")
         if device.claim_state != MIGRATING:
             raise steps.Retry("the device is busy (a claim or release is running)")
     return "unclaim"
@@ -366,7 +365,7 @@ def _step_unclaim(migration):
     except TRANSIENT:
         raise
     except ParticleError as exc:
-        return _fail(migration, f"unclaim refused: {type(exc).__name__}")
+        raise steps.GiveUp(f"unclaim refused: {type(exc).__name__}")
     return "claim"
 
 
@@ -382,7 +381,7 @@ def _step_claim(migration):
     except TRANSIENT:
         raise
     except ParticleError as exc:
-        return _fail(migration, f"claim refused: {type(exc).__name__}")
+        raise steps.GiveUp(f"claim refused: {type(exc).__name__}")
     return "record"
 
 
@@ -453,59 +452,27 @@ STEPS = {
 }
 
 
+RUNNER = steps.Runner(
+    "Migration of",
+    MigrationRow,
+    STEPS,
+    on_give_up=_fail,
+    # A failed or postponed row's reason stays for the operator's report (_outcome_of).
+    keep_error=lambda migration: True,
+)
+
+
 def _due(now):
-    return (
-        MigrationRow.step.is_null(False)
-        & (MigrationRow.next_attempt_at.is_null() | (MigrationRow.next_attempt_at <= now))
-        & (MigrationRow.lease_until.is_null() | (MigrationRow.lease_until <= now))
-    )
+    return RUNNER.due(now)
 
 
 def take(device_id, now=None):
-    now = now or utcnow()
-    return (
-        MigrationRow.update(lease_until=steps.lease_until(now))
-        .where((MigrationRow.device_id == device_id) & _due(now))
-        .execute()
-        == 1
-    )
+    return RUNNER.take(device_id, now)
 
 
 def run(device_id):
     """Run the row's steps (the caller holds its lease) until done or one must wait."""
-    while True:
-        migration = MigrationRow.get_by_id(device_id)
-        step = migration.step
-        if step is None:
-            break
-        try:
-            next_step = STEPS[step](migration)
-        except (steps.Retry, *TRANSIENT) as exc:
-            wait = getattr(exc, "retry_after", None) or getattr(exc, "wait", None) or 0
-            attempts = migration.attempts + 1
-            delay = max(steps.backoff_seconds(attempts), float(wait))
-            MigrationRow.update(
-                attempts=MigrationRow.attempts + 1,
-                lease_until=None,
-                last_error=str(exc)[:500],
-                next_attempt_at=utcnow() + datetime.timedelta(seconds=delay),
-            ).where((MigrationRow.device_id == device_id) & (MigrationRow.step == step)).execute()
-            return MigrationRow.get_by_id(device_id)
-        except Exception as exc:  # noqa: BLE001 - one bad row must not stop the others
-            log.exception("Migration of %s: step %s failed unexpectedly", device_id, step)
-            MigrationRow.update(
-                attempts=MigrationRow.attempts + 1,
-                lease_until=None,
-                last_error=str(exc)[:500],
-                next_attempt_at=utcnow()
-                + datetime.timedelta(seconds=steps.backoff_seconds(migration.attempts + 1)),
-            ).where((MigrationRow.device_id == device_id) & (MigrationRow.step == step)).execute()
-            return MigrationRow.get_by_id(device_id)
-        MigrationRow.update(step=next_step, attempts=0, next_attempt_at=None).where(
-            (MigrationRow.device_id == device_id) & (MigrationRow.step == step)
-        ).execute()
-    MigrationRow.update(lease_until=None).where(MigrationRow.device_id == device_id).execute()
-    return MigrationRow.get_by_id(device_id)
+    return RUNNER.run(device_id)
 
 
 def resume_pending(now=None, limit=100):
@@ -529,17 +496,7 @@ def resume_pending(now=None, limit=100):
         if start_claim(item["device_id"], User.get_by_id(item["uid"]), now):
             run(item["device_id"])
             started += 1
-    ran = 0
-    due = [r.device_id for r in MigrationRow.select(MigrationRow.device_id).where(_due(now)).limit(limit)]
-    for device_id in due:
-        if take(device_id, now):
-            run(device_id)
-            ran += 1
-    return {"started": started, "ran": ran}
-
-
-sweep.register(resume_pending)
-provisioning.on_ready(claim_for_new_account)
+    return {"started": started, "ran": RUNNER.resume(now, limit)}
 
 
 # --- the command ----------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ ends in the right state without an operator:
    an opaque customer id ("c" + 24 hex, never derived from the email) is saved BEFORE Particle
    is called.
 2. A worker takes the work with an atomic UPDATE that moves `provisioning_next_at` (a lease)
-   into the future; only the worker whose UPDATE matched calls Particle.
+   into the future; only the worker whose UPDATE matched calls Particle. The job runs through
+   the one job runner (services/steps.py), mapped onto the account's provisioning columns.
 3. `create_customer(id)` is idempotent (an existing customer counts as done), so repeating it
    after a crash creates nothing new.
 4. Success sets "ready"; a failure records a user-safe message and a backoff.
@@ -16,19 +17,16 @@ ends in the right state without an operator:
 status poll, so a pending account finishes even when no sweep runs.
 """
 
-import datetime
 import logging
 import secrets
 
-from selfserve import sweep
 from selfserve.models import User
 from selfserve.models import utcnow
 from selfserve.particle import get_client
 from selfserve.particle.errors import CustomerExists
 from selfserve.particle.errors import ParticleError
 from selfserve.services import audit
-from selfserve.services.steps import backoff_seconds
-from selfserve.services.steps import lease_until
+from selfserve.services import steps
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +61,65 @@ def new_customer_id():
     return "c" + secrets.token_hex(12)
 
 
-def _due(now):
-    return (User.provisioning_state == PENDING) & (
-        User.provisioning_next_at.is_null() | (User.provisioning_next_at <= now)
+def _step_create_customer(user):
+    """The one step of a pending account: create its Particle customer (idempotent: an
+    existing customer counts as done), then mark the account ready."""
+    if not user.particle_customer_id:
+        # Saved before Particle hears of it; a concurrent writer's id wins if there was one.
+        User.update(particle_customer_id=new_customer_id()).where(
+            (User.id == user.id) & User.particle_customer_id.is_null()
+        ).execute()
+        user = User.get_by_id(user.id)
+    try:
+        get_client().create_customer(user.particle_customer_id)
+    except CustomerExists:
+        pass  # an earlier attempt got through but its answer was lost: done
+    except ParticleError as exc:
+        # Nothing here is permanent for us: retried with backoff, the person sees why.
+        raise steps.Retry(exc.user_message, wait=getattr(exc, "retry_after", None)) from exc
+    finished = (
+        User.update(provisioning_state=READY, provisioning_error=None, provisioning_next_at=None)
+        .where((User.id == user.id) & (User.provisioning_state == PENDING))
+        .execute()
     )
+    if finished:
+        audit.record("account.provisioned", user=user, actor=None)
+        log.info("Provisioned account %s", user.id)
+        _run_ready_callbacks(User.get_by_id(user.id))
+    return READY
+
+
+def _error_text(exc):
+    """What the account page shows while provisioning waits (never an internal detail)."""
+    if isinstance(exc, steps.Retry):
+        return str(exc)
+    if isinstance(exc, ParticleError):
+        return exc.user_message
+    return UNEXPECTED_ERROR
+
+
+# The account's own columns hold the job: the state is the step ("pending" runs, "ready" and
+# None don't), and one column is both the lease and the backoff.
+RUNNER = steps.Runner(
+    "Provisioning account",
+    User,
+    {PENDING: _step_create_customer},
+    columns=steps.Columns(
+        step=User.provisioning_state,
+        attempts=User.provisioning_attempts,
+        next_attempt_at=User.provisioning_next_at,
+        lease_until=User.provisioning_next_at,
+        last_error=User.provisioning_error,
+    ),
+    error_text=_error_text,
+    # The step itself clears the error and the backoff when the account becomes ready.
+    keep_error=lambda user: True,
+)
 
 
 def take(user_id, now=None):
     """Take the provisioning of one account for this worker. True for exactly one taker."""
-    now = now or utcnow()
-    taken = (
-        User.update(provisioning_next_at=lease_until(now)).where((User.id == user_id) & _due(now)).execute()
-    )
-    return taken == 1
+    return RUNNER.take(user_id, now)
 
 
 def attempt(user_id, now=None):
@@ -84,47 +128,7 @@ def attempt(user_id, now=None):
     Only call after `take()` returned True (or after the verification UPDATE, which takes the
     lease in the same statement).
     """
-    now = now or utcnow()
-    user = User.get_by_id(user_id)
-    if user.provisioning_state != PENDING:
-        return user
-    if not user.particle_customer_id:
-        # Saved before Particle hears of it; a concurrent writer's id wins if there was one.
-        User.update(particle_customer_id=new_customer_id()).where(
-            (User.id == user_id) & User.particle_customer_id.is_null()
-        ).execute()
-        user = User.get_by_id(user_id)
-    try:
-        get_client().create_customer(user.particle_customer_id)
-    except CustomerExists:
-        pass  # an earlier attempt got through but its answer was lost: done
-    except ParticleError as exc:
-        return _failed(user, now, exc.user_message, exc)
-    except Exception as exc:  # noqa: BLE001 - one bad account must not stop the sweep
-        log.exception("Provisioning account %s failed unexpectedly", user.id)
-        return _failed(user, now, UNEXPECTED_ERROR, exc)
-    finished = (
-        User.update(provisioning_state=READY, provisioning_error=None, provisioning_next_at=None)
-        .where((User.id == user_id) & (User.provisioning_state == PENDING))
-        .execute()
-    )
-    if finished:
-        audit.record("account.provisioned", user=user, actor=None)
-        log.info("Provisioned account %s", user.id)
-        _run_ready_callbacks(User.get_by_id(user_id))
-    return User.get_by_id(user_id)
-
-
-def _failed(user, now, message, exc):
-    attempts = user.provisioning_attempts + 1
-    User.update(
-        provisioning_attempts=User.provisioning_attempts + 1,
-        provisioning_error=message,
-        provisioning_next_at=now + datetime.timedelta(seconds=backoff_seconds(attempts)),
-    ).where((User.id == user.id) & (User.provisioning_state == PENDING)).execute()
-    # The exception text never holds a token (the client scrubs them); the email is not logged.
-    log.warning("Provisioning account %s failed (attempt %d): %s", user.id, attempts, exc)
-    return User.get_by_id(user.id)
+    return RUNNER.run(user_id)
 
 
 def resume_user(user, now=None):
@@ -147,12 +151,9 @@ def resume_pending(now=None, limit=50):
     Several workers may run this at once: each account goes to the one whose `take()` matched.
     """
     now = now or utcnow()
-    due_ids = [row.id for row in User.select(User.id).where(_due(now)).order_by(User.id).limit(limit)]
+    due_ids = [row.id for row in User.select(User.id).where(RUNNER.due(now)).order_by(User.id).limit(limit)]
     ready = 0
     for user_id in due_ids:
         if take(user_id, now) and attempt(user_id, now).provisioning_state == READY:
             ready += 1
     return ready
-
-
-sweep.register(resume_pending)

@@ -38,14 +38,11 @@ use `services.transfers.offer(...)` and never a section):
     links     the signed links the emails carry
     move      starting the move, its steps and emails, and the runner that runs them
 
-Recovery runs in the existing background sweep (selfserve/sweep.py) rather than a job
-library: the sweep already runs in every web process and in the demo, needs no broker or
-extra service, and the work is a handful of rows polled with one indexed query; the lease
-makes it safe with any number of workers. See README "Transfers and migration".
+The steps run through the one job runner (services/steps.py `Runner`, `move.RUNNER`);
+`resume_pending` is the background job registered in create_app. See README "Background
+jobs" and "Transfers and migration".
 """
 
-from selfserve import sweep
-from selfserve.models import Transfer
 from selfserve.models import utcnow
 from selfserve.services.transfers.common import CLOSED_STATES
 from selfserve.services.transfers.common import MAIL_MAX_ATTEMPTS
@@ -74,9 +71,8 @@ from selfserve.services.transfers.links import from_answer_link
 from selfserve.services.transfers.links import from_offer_link
 from selfserve.services.transfers.links import offer_link
 from selfserve.services.transfers.move import MAILS
+from selfserve.services.transfers.move import RUNNER
 from selfserve.services.transfers.move import STEPS
-from selfserve.services.transfers.move import _due
-from selfserve.services.transfers.move import _run
 from selfserve.services.transfers.move import run_step
 from selfserve.services.transfers.move import take
 from selfserve.services.transfers.offers import accept
@@ -100,6 +96,7 @@ __all__ = [
     "OPEN_STATES",
     "PROOF_MINUTES",
     "REQUESTS_PER_DAY",
+    "RUNNER",
     "STATE_LABELS",
     "STEPS",
     "TRANSFERRING",
@@ -139,13 +136,6 @@ def resume_pending(now=None, limit=50):
     """The sweep: expire lapsed offers, start unopposed requests, and run every due step
     (crashed, postponed or new). Safe with several workers. Returns counts."""
     now = now or utcnow()
-    counts = {"expired": expire_lapsed(now), "started": complete_unopposed(now), "ran": 0}
-    due = [row.id for row in Transfer.select(Transfer.id).where(_due(now)).order_by(Transfer.id).limit(limit)]
-    for transfer_id in due:
-        if take(transfer_id, now):
-            _run(transfer_id)
-            counts["ran"] += 1
+    counts = {"expired": expire_lapsed(now), "started": complete_unopposed(now)}
+    counts["ran"] = RUNNER.resume(now, limit)
     return counts
-
-
-sweep.register(resume_pending)

@@ -1,11 +1,8 @@
 """The move: offered/requested -> moving, the recorded steps that carry a device from the seller's
 Particle customer to the buyer's (or back), the emails, and the runner that takes and runs them."""
 
-import datetime
+import functools
 import logging
-import time
-
-from flask import current_app
 
 from selfserve import device_models
 from selfserve.models import Device
@@ -108,14 +105,14 @@ def _step_release(transfer):
     except ParticleError as exc:
         # Refused: the seller's claim is presumably still there. Give it back in the database.
         log.error("Transfer %s: release refused by Particle: %s", transfer.id, exc)
-        return _turn_back(transfer, f"release refused: {type(exc).__name__}")
+        raise steps.GiveUp(f"release refused: {type(exc).__name__}")
     return "claim"
 
 
 def _step_claim(transfer):
     buyer = User.get_or_none(User.id == transfer.buyer_id)
     if buyer is None or not buyer.particle_customer_id:
-        return _turn_back(transfer, "the new owner's account is gone")
+        raise steps.GiveUp("the new owner's account is gone")
     device = _device(transfer)
     client = get_client()
     try:
@@ -127,7 +124,7 @@ def _step_claim(transfer):
         raise
     except ParticleError as exc:
         log.error("Transfer %s: the new owner's claim was refused: %s", transfer.id, exc)
-        return _turn_back(transfer, f"claim refused: {type(exc).__name__}")
+        raise steps.GiveUp(f"claim refused: {type(exc).__name__}")
     return "reset_name"
 
 
@@ -150,7 +147,8 @@ def _step_reset_name(transfer):
 
 
 def _turn_back(transfer, reason):
-    """The move failed for good: give the device back to the seller (steps return_*)."""
+    """The hand-back path (a step gave up): the move failed for good, so give the device back
+    to the seller (steps return_*)."""
     Transfer.update(state="returning", last_error=reason).where(
         (Transfer.id == transfer.id) & (Transfer.state == "moving")
     ).execute()
@@ -384,90 +382,44 @@ STEPS = {
     "return_release": _step_return_release,
     "return_claim": _step_return_claim,
     "return_record": _step_return_record,
+    # Each email is a step of its own (MAILS says to whom, what, and which step follows).
+    **{name: functools.partial(_step_mail, step=name) for name in MAILS},
 }
 
 
 def run_step(transfer):
     """Run the transfer's current step once; return the next step (None: finished). Raises
     steps.Retry or a Particle error for a transient failure."""
-    if transfer.step in STEPS:
-        return STEPS[transfer.step](transfer)
-    if transfer.step in MAILS:
-        return _step_mail(transfer, transfer.step)
-    raise RuntimeError(f"unknown transfer step {transfer.step!r}")
+    if transfer.step not in STEPS:
+        raise RuntimeError(f"unknown transfer step {transfer.step!r}")
+    return STEPS[transfer.step](transfer)
 
 
-# --- the runner -------------------------------------------------------------------------------
+def _keeps_reason(transfer):
+    """On the way back, last_error keeps why the move failed (staff and the emails read it)."""
+    return transfer.state in ("returning", "failed_returned")
+
+
+RUNNER = steps.Runner(
+    "Transfer",
+    Transfer,
+    STEPS,
+    on_give_up=_turn_back,
+    keep_error=_keeps_reason,
+    quick_retries=("TRANSFER_QUICK_RETRY_SECONDS", (0.2, 0.5)),
+)
 
 
 def _due(now):
-    return (
-        Transfer.step.is_null(False)
-        & (Transfer.next_attempt_at.is_null() | (Transfer.next_attempt_at <= now))
-        & (Transfer.lease_until.is_null() | (Transfer.lease_until <= now))
-    )
+    return RUNNER.due(now)
 
 
 def take(transfer_id, now=None):
     """Take a transfer's next step for this worker. True for exactly one taker."""
-    now = now or utcnow()
-    return (
-        Transfer.update(lease_until=steps.lease_until(now))
-        .where((Transfer.id == transfer_id) & _due(now))
-        .execute()
-        == 1
-    )
+    return RUNNER.take(transfer_id, now)
 
 
 def _run(transfer_id, holding_lease=True):
     """Run steps of a transfer this worker holds the lease of, until none is left or one must
     wait. Returns the transfer as it is afterwards."""
-    if not holding_lease and not take(transfer_id):
-        return Transfer.get_by_id(transfer_id)
-    quick_retries = list(current_app.config.get("TRANSFER_QUICK_RETRY_SECONDS", (0.2, 0.5)))
-    while True:
-        transfer = Transfer.get_by_id(transfer_id)
-        step = transfer.step
-        if step is None:
-            break
-        try:
-            next_step = run_step(transfer)
-        except (steps.Retry, *TRANSIENT) as exc:
-            wait = getattr(exc, "retry_after", None) or getattr(exc, "wait", None)
-            if isinstance(exc, TRANSIENT) and quick_retries and (wait is None or wait <= 1):
-                # A blip: the person is waiting on the page, so try again right away, briefly.
-                time.sleep(quick_retries.pop(0))
-                continue
-            _postpone(transfer, step, exc, wait)
-            return Transfer.get_by_id(transfer_id)
-        except Exception as exc:  # noqa: BLE001 - an unexpected bug must not stop the others
-            log.exception("Transfer %s: step %s failed unexpectedly", transfer_id, step)
-            _postpone(transfer, step, exc, None)
-            return Transfer.get_by_id(transfer_id)
-        # On the way back, last_error keeps why the move failed (staff and the emails read it).
-        keep_reason = transfer.state in ("returning", "failed_returned") or Transfer.select(
-            Transfer.state
-        ).where(Transfer.id == transfer_id).scalar() in ("returning", "failed_returned")
-        Transfer.update(
-            step=next_step,
-            attempts=0,
-            next_attempt_at=None,
-            last_error=Transfer.last_error if keep_reason else None,
-        ).where((Transfer.id == transfer_id) & (Transfer.step == step)).execute()
-    Transfer.update(lease_until=None).where(Transfer.id == transfer_id).execute()
-    return Transfer.get_by_id(transfer_id)
-
-
-def _postpone(transfer, step, exc, wait):
-    attempts = transfer.attempts + 1
-    delay = max(steps.backoff_seconds(attempts), float(wait or 0))
-    message = str(exc)[:500]
-    Transfer.update(
-        attempts=Transfer.attempts + 1,
-        next_attempt_at=utcnow() + datetime.timedelta(seconds=delay),
-        lease_until=None,
-        last_error=message,
-    ).where((Transfer.id == transfer.id) & (Transfer.step == step)).execute()
-    log.warning(
-        "Transfer %s: step %s postponed %.0f s (attempt %d): %s", transfer.id, step, delay, attempts, message
-    )
+    return RUNNER.run(transfer_id, holding_lease=holding_lease)
