@@ -50,6 +50,10 @@ DEFAULTS = {
     # Fan-out of changes between workers and machines: "" = PostgreSQL LISTEN/NOTIFY when the
     # database is PostgreSQL, else in-process only; "redis://host:6379/0" = Redis pub/sub.
     "PUSH_BROKER_URL": "",
+    # History: raw value changes kept this many days, hourly rollups (min, max, mean, last)
+    # this many (396 = 13 months); the background sweep rolls up and purges.
+    "HISTORY_RAW_DAYS": 7.0,
+    "HISTORY_ROLLUP_DAYS": 396.0,
     # Mail (SMTP)
     "MAIL_SERVER": "localhost",
     "MAIL_PORT": 25,

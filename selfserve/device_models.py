@@ -112,6 +112,7 @@ class DeviceModel:
     variables: tuple
     functions: tuple
     summary: tuple  # variable names shown on the dashboard card
+    charts: tuple = ()  # numeric variables charted on the device page (history)
 
     def variable(self, name):
         for variable in self.variables:
@@ -155,6 +156,7 @@ WINDOW = DeviceModel(
         Function("stop", "Stop", "Stopped."),
     ),
     summary=("position", "moving"),
+    charts=("position",),
 )
 
 PUMP = DeviceModel(
@@ -192,6 +194,7 @@ PUMP = DeviceModel(
         ),
     ),
     summary=("running", "pressure_kpa", "fault"),
+    charts=("pressure_kpa", "flow_lpm", "runtime_h"),
 )
 
 MODELS = {model.key: model for model in (WINDOW, PUMP)}

@@ -357,6 +357,63 @@ class MigrationRow(JobColumns):
     claimed_at = peewee.DateTimeField(null=True)
 
 
+class ValueSample(BaseModel):
+    """History, raw: one row per change of a device value, at the time it was published (or
+    read, for devices that don't publish). Kept HISTORY_RAW_DAYS (services/history.py).
+
+    `owner` is whose ownership period the value belongs to: after a transfer the new owner sees
+    only rows of their own period. `name` "online" records online (1) / offline (0) changes,
+    which the charts draw as gaps. Unique per device, value name and time, so a repeated event
+    is stored once."""
+
+    device_id = peewee.CharField(max_length=24)
+    owner = peewee.ForeignKeyField(User, null=True, backref="+", on_delete="CASCADE")
+    name = peewee.CharField(max_length=32)
+    at = peewee.DateTimeField()
+    value = peewee.DoubleField(null=True)  # numbers; booleans as 1 / 0
+    text = peewee.CharField(null=True, max_length=64)  # text values (fault, firmware)
+
+    class Meta:
+        indexes = ((("device_id", "name", "at"), True),)
+
+
+class ValueRollup(BaseModel):
+    """History, hourly: min, max, time-weighted mean and last of one numeric value in one hour
+    of one ownership period, for hours that had a change. Kept HISTORY_ROLLUP_DAYS. An hour
+    with no row kept the previous hour's last value (charts carry it forward)."""
+
+    device_id = peewee.CharField(max_length=24)
+    owner = peewee.ForeignKeyField(User, null=True, backref="+", on_delete="CASCADE")
+    name = peewee.CharField(max_length=32)
+    hour = peewee.DateTimeField()  # start of the hour, naive UTC
+    minimum = peewee.DoubleField()
+    maximum = peewee.DoubleField()
+    mean = peewee.DoubleField()
+    last = peewee.DoubleField()
+
+    class Meta:
+        indexes = ((("device_id", "name", "hour", "owner"), True),)
+
+
+class RollupPending(BaseModel):
+    """An hour of a device whose rollups must be (re)computed: new raw values arrived for it."""
+
+    device_id = peewee.CharField(max_length=24)
+    hour = peewee.DateTimeField(index=True)
+
+    class Meta:
+        primary_key = peewee.CompositeKey("device_id", "hour")
+
+
+class JobLease(BaseModel):
+    """One background job at a time across workers and machines: whoever moves `until` into
+    the future with an atomic UPDATE runs it (services/leases.py)."""
+
+    name = peewee.CharField(primary_key=True, max_length=64)
+    holder = peewee.CharField(null=True, max_length=64)
+    until = peewee.DateTimeField(null=True)
+
+
 ALL_MODELS = [
     User,
     LoginSession,
@@ -374,4 +431,8 @@ ALL_MODELS = [
     Transfer,
     PossessionProof,
     MigrationRow,
+    ValueSample,
+    ValueRollup,
+    RollupPending,
+    JobLease,
 ]

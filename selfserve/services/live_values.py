@@ -35,6 +35,7 @@ from selfserve.particle.errors import DeviceOffline
 from selfserve.particle.errors import ParticleError
 from selfserve.particle.errors import PermissionDenied
 from selfserve.particle.errors import RateLimited
+from selfserve.services import history
 
 log = logging.getLogger(__name__)
 
@@ -390,6 +391,14 @@ def _store_offline(device_id, update, row, since):
 
 def _store(device_id, update):
     DeviceSnapshot.update(**update).where(DeviceSnapshot.device_id == device_id).execute()
+    # What was learned goes into the device's history too (changes only; services/history.py).
+    online = update.get("online")
+    history.record(
+        device_id,
+        update.get("values"),
+        at=(update.get("offline_since") if online is False else None) or update.get("checked_at"),
+        online=online,
+    )
 
 
 def _variable_names(device, info):

@@ -22,12 +22,14 @@ from markupsafe import Markup
 from markupsafe import escape
 from werkzeug.exceptions import NotFound
 
+from selfserve import charts
 from selfserve import device_models
 from selfserve import htmx
 from selfserve.models import utcnow
 from selfserve.security import public
 from selfserve.security import verified_required
 from selfserve.services import devices
+from selfserve.services import history
 from selfserve.services import live_values
 
 bp = Blueprint("devices", __name__)
@@ -207,6 +209,39 @@ def _live_fragment(device_id, template):
         return flask_redirect(url_for("devices.detail", device_id=device.device_id))
     snapshot = live_values.current(device)
     return render_template(template, **_page_context(device, snapshot=snapshot))
+
+
+def _history_window():
+    window = request.args.get("window", "24h")
+    if window not in history.WINDOWS:
+        abort(400, description="Choose a window of 24h, 7d or 30d.")
+    return window
+
+
+@bp.get("/devices/<device_id>/history")
+def history_charts(device_id):
+    """Charts of the model's main values over a window, each with a table and a CSV link: a
+    fragment the device page loads, or a page of its own without htmx."""
+    device = devices.device_for(current_user, device_id)
+    window = _history_window()
+    data = history.chart(device, window)
+    step = history.WINDOWS[window][1] == "raw"
+    drawn = [(series, charts.draw(series, data.start, data.end, step)) for series in data.series]
+    context = _page_context(device, chart=data, drawn=drawn, window=window, windows=history.WINDOW_LABELS)
+    if htmx.is_htmx():
+        return render_template("devices/_history.html", **context)
+    return render_template("devices/history.html", **context)
+
+
+@bp.get("/devices/<device_id>/history.csv")
+def history_csv(device_id):
+    device = devices.device_for(current_user, device_id)
+    window = _history_window()
+    response = make_response(history.csv_text(device, window))
+    response.headers["Content-Type"] = "text/csv; charset=utf-8"
+    filename = f"{device.serial_number}-{window}.csv".replace('"', "")
+    response.headers["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return response
 
 
 @bp.post("/devices/<device_id>/functions/<function_name>")
