@@ -369,7 +369,7 @@ class ValueSample(BaseModel):
     device_id = peewee.CharField(max_length=24)
     owner = peewee.ForeignKeyField(User, null=True, backref="+", on_delete="CASCADE")
     name = peewee.CharField(max_length=32)
-    at = peewee.DateTimeField()
+    at = peewee.DateTimeField(index=True)  # indexed alone too: the purge deletes by time
     value = peewee.DoubleField(null=True)  # numbers; booleans as 1 / 0
     text = peewee.CharField(null=True, max_length=64)  # text values (fault, firmware)
 
@@ -385,7 +385,7 @@ class ValueRollup(BaseModel):
     device_id = peewee.CharField(max_length=24)
     owner = peewee.ForeignKeyField(User, null=True, backref="+", on_delete="CASCADE")
     name = peewee.CharField(max_length=32)
-    hour = peewee.DateTimeField()  # start of the hour, naive UTC
+    hour = peewee.DateTimeField(index=True)  # start of the hour, naive UTC (purged by it)
     minimum = peewee.DoubleField()
     maximum = peewee.DoubleField()
     mean = peewee.DoubleField()
@@ -402,16 +402,7 @@ class RollupPending(BaseModel):
     hour = peewee.DateTimeField(index=True)
 
     class Meta:
-        primary_key = peewee.CompositeKey("device_id", "hour")
-
-
-class JobLease(BaseModel):
-    """One background job at a time across workers and machines: whoever moves `until` into
-    the future with an atomic UPDATE runs it (services/leases.py)."""
-
-    name = peewee.CharField(primary_key=True, max_length=64)
-    holder = peewee.CharField(null=True, max_length=64)
-    until = peewee.DateTimeField(null=True)
+        indexes = ((("device_id", "hour"), True),)
 
 
 ALL_MODELS = [
@@ -434,5 +425,4 @@ ALL_MODELS = [
     ValueSample,
     ValueRollup,
     RollupPending,
-    JobLease,
 ]

@@ -289,3 +289,23 @@ def test_another_customers_history_is_404_without_particle_calls(app, owner, sim
     for path in (f"/devices/{PUMP}/history", f"/devices/{PUMP}/history.csv?window=30d"):
         assert client.get(path).status_code == 404
     assert sim.counters()["total"] == 0
+
+
+def test_device_events_feed_the_history_once(app, owner):
+    import json
+
+    from selfserve.services import device_events
+
+    published = utcnow().replace(microsecond=0)
+    state = json.dumps({"v": 1, "pressure_kpa": 222, "flow_lpm": 3.5, "running": True, "fault": ""})
+    assert device_events.ingest("selfserve/state", state, PUMP, published) == device_events.STORED
+    assert samples(PUMP, "pressure_kpa") == [(published, 222.0)]
+    assert samples(PUMP, "online") == [(published, 1.0)]
+    # The same event again, and an older one, change nothing in the history.
+    device_events.ingest("selfserve/state", state, PUMP, published)
+    older = json.dumps({"v": 1, "pressure_kpa": 100})
+    device_events.ingest("selfserve/state", older, PUMP, published - datetime.timedelta(minutes=1))
+    assert samples(PUMP, "pressure_kpa") == [(published, 222.0)]
+    later = published + datetime.timedelta(minutes=1)
+    assert device_events.ingest("spark/status", "offline", PUMP, later) == device_events.STORED
+    assert samples(PUMP, "online") == [(published, 1.0), (later, 0.0)]

@@ -31,6 +31,7 @@ from selfserve.models import DeviceSnapshot
 from selfserve.models import EventCount
 from selfserve.models import db
 from selfserve.models import utcnow
+from selfserve.services import history
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,13 @@ def ingest(name, data, device_id, published_at):
         result = _apply_state(device_id, *state, published)
     if result != STORED:
         return _ignored(result)
+    # The device's history keeps what changed (services/history.py; alerts listen to it).
+    history.record(
+        device_id,
+        state[0] if name == STATE_EVENT else None,
+        at=published,
+        online=data == "online" if name == STATUS_EVENT else True,
+    )
     _announce(device_id)
     return STORED
 

@@ -3,7 +3,8 @@ worker and machine that shares the database (SQLite or PostgreSQL alike).
 
 `take(name, seconds)` inserts the lease row if it is missing, then moves `until` into the
 future with one atomic UPDATE that only matches when the lease is free (expired) or already
-ours. A holder that dies simply lets it run out; `release` gives it back early.
+ours. A holder that dies simply lets it run out; `release` gives it back early. The rows live in
+the `listenerlease` table (one named lease per row), which the event stream's leader uses too.
 """
 
 import datetime
@@ -12,7 +13,7 @@ import socket
 import threading
 import uuid
 
-from selfserve.models import JobLease
+from selfserve.models import ListenerLease as JobLease
 from selfserve.models import utcnow
 
 # This process (and thread): a holder id that differs between workers and machines.
