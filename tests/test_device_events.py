@@ -306,7 +306,9 @@ def test_the_simulated_clouds_webhook_reaches_the_site(app, owner, sim):
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             row = snapshot_row(WINDOW)
-            if row is not None and row.state_at is not None:
+            # The simulator counts a delivery once the site's answer is back, a moment after
+            # the row is written (the site records history in between): wait for both.
+            if row is not None and row.state_at is not None and sim.state()["webhook_log"]["sent"] >= 1:
                 break
             time.sleep(0.05)
         row = snapshot_row(WINDOW)
