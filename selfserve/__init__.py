@@ -90,6 +90,7 @@ def _background_jobs(app):
     sweep runs them in every web worker every SWEEP_SECONDS and in `flask sweep`."""
     from selfserve import sweep
     from selfserve.services import devices
+    from selfserve.services import history
     from selfserve.services import impersonation
     from selfserve.services import migration
     from selfserve.services import provisioning
@@ -103,6 +104,7 @@ def _background_jobs(app):
             sweep.Job(transfers.resume_pending),  # transfer steps, offer expiry, unopposed requests
             sweep.Job(migration.resume_pending),  # devices in the field moving to their owners
             sweep.Job(impersonation.end_stale_views),  # support views past their time
+            sweep.Job(history.maintain),  # hourly rollups of device values, retention (one at a time)
         ],
     )
     # A verified owner gets the devices they were invited for at once (the sweep is the fallback).

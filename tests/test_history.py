@@ -309,3 +309,12 @@ def test_device_events_feed_the_history_once(app, owner):
     later = published + datetime.timedelta(minutes=1)
     assert device_events.ingest("spark/status", "offline", PUMP, later) == device_events.STORED
     assert samples(PUMP, "online") == [(published, 1.0), (later, 0.0)]
+
+
+def test_the_sweep_runs_the_history_job(app, owner):
+    from selfserve import sweep
+
+    history.record(PUMP, {"pressure_kpa": 100}, at=utcnow() - datetime.timedelta(hours=3))
+    assert "selfserve.services.history.maintain" in [job.name for job in app.extensions["background_jobs"]]
+    sweep.run_once(app)
+    assert ValueRollup.select().where(ValueRollup.device_id == PUMP).count() == 1

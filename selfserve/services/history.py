@@ -751,8 +751,3 @@ def _iso(moment):
 
 def _number(value):
     return "" if value is None else f"{value:.6g}"
-
-
-from selfserve import sweep  # noqa: E402 - registration at import, as the other areas do
-
-sweep.register(maintain)
