@@ -546,9 +546,16 @@ class ParticleClient:
     def create_customer(self, customer_id):
         """Create the shadow customer `customer_id` (lowercased) with our client credentials and
         cache the token it comes with. Idempotent: if it already exists, a scoped token is
-        minted instead (§5.1, "Client pitfalls" 3)."""
+        minted instead (§5.1, "Client pitfalls" 3).
+
+        The duplicate answer is not confirmed (§15.1: 400 `customer_exists` comes from
+        third-party code), and a create whose answer was lost (a timeout) may have worked. So
+        after any other refusal or an uncertain failure the customer counts as existing when a
+        scoped token is issued for it and works (GET /v1/devices); otherwise the first error is
+        raised."""
         customer_id = self._customer_id(customer_id)
         key = _customer_key(customer_id)
+        failure = None
         with self._lock_for(key):
             try:
                 answer = self._token_request(
@@ -558,10 +565,22 @@ class ParticleClient:
                 )
             except errors.CustomerExists:
                 log.info("customer already exists; using a scoped token")
+            except (errors.InvalidClient, errors.TokenRequestsSuspended):
+                raise
+            except (errors.BadRequest, errors.CloudUnavailable) as exc:
+                failure = exc
             else:
                 self._store_token(key, answer)
                 return
-        self.customer_token(customer_id)
+        if failure is None:
+            self.customer_token(customer_id)
+            return
+        try:
+            self.customer_token(customer_id)
+            self.list_devices(customer_id)
+        except errors.ParticleError:
+            raise failure from None
+        log.warning("creating a customer answered %s, but the customer exists: done", type(failure).__name__)
 
     # --- product level (product token) ----------------------------------------------------
 
@@ -605,6 +624,34 @@ class ParticleClient:
             token="product",
             segments={"device_id": self._device_id(device_id)},
         )
+
+    def device_is_free(self, device_id, previous_owner=None):
+        """Read back whether the device has no owner now, as the product sees it (§9.2): True or
+        False, or None when the answer doesn't say. The owner fields of product answers are not
+        confirmed (§9.3, §15): an `owner` field that is empty, with no `customer_id` or `user_id`
+        either, means free; any of them set means owned. Without an `owner` field the answer
+        doesn't count, and `previous_owner` (a customer id) is asked instead: a device its
+        previous owner no longer holds is free of them. A failed read raises."""
+        answer = self.get_product_device(device_id)
+        if isinstance(answer, dict):
+            if any(answer.get(field) for field in ("owner", "customer_id", "user_id")):
+                return False
+            if "owner" in answer:
+                return True
+        if previous_owner:
+            return not self.owns_device(previous_owner, device_id)
+        return None
+
+    def owns_device(self, customer_id, device_id):
+        """Read back whether the device is claimed to this customer, asked with the customer's
+        own token: GET /v1/devices/:id answers its owner and refuses everyone else with 403
+        (§9.2, pitfall 6), so the answer doesn't depend on how product answers spell owners.
+        A failed read (timeout, 5xx, 429) raises."""
+        try:
+            self.get_device(customer_id, device_id)
+        except (errors.PermissionDenied, errors.NotFound):
+            return False
+        return True
 
     def remove_device_from_product(self, device_id):
         """Remove the device from the product (also unclaims a customer-owned device, §8.3)."""

@@ -80,7 +80,7 @@ class RateLimited(ParticleError):
 class CloudUnavailable(ParticleError):
     """Timeouts, connection errors and 5xx: the cloud could not be reached or failed."""
 
-    user_message = "The device cloud is not reachable right now. Nothing was changed; please try again."
+    user_message = "The device cloud is not reachable right now. Please try again in a minute."
 
 
 class TokenRequestsSuspended(CloudUnavailable):
@@ -97,5 +97,18 @@ class FunctionFailed(ParticleError):
 
 
 # Worth trying again later: the cloud was unreachable, failed or asked us to slow down. A
-# CloudUnavailable from a timed-out write does not say the write did not happen.
+# CloudUnavailable from a write does not say the write did not happen: see `uncertain`.
 TRANSIENT = (CloudUnavailable, RateLimited)
+
+
+def uncertain(exc):
+    """True when a write that raised `exc` may have happened, or may still happen: no answer
+    came (a timeout, a dropped connection: status None) or a gateway gave up waiting for
+    Particle (502, 504). The caller reads the state back before deciding to retry, undo or go
+    on. Any other answer (a 429, another 5xx, a refusal) and our own token breaker (nothing was
+    sent) say the write was not done."""
+    return (
+        isinstance(exc, CloudUnavailable)
+        and not isinstance(exc, TokenRequestsSuspended)
+        and exc.status in (None, 502, 504)
+    )

@@ -38,6 +38,7 @@ from selfserve.particle.errors import NotFound
 from selfserve.particle.errors import ParticleError
 from selfserve.particle.errors import PermissionDenied
 from selfserve.particle.errors import RateLimited
+from selfserve.particle.errors import uncertain
 from selfserve.services import audit
 from selfserve.services import live_values
 from selfserve.services import registry
@@ -87,6 +88,17 @@ MESSAGES = {
         "support team has been told; please contact support with the serial number."
     ),
     "refused": "The device cloud refused to add this device. Nothing was changed; please contact support with the serial number.",
+    # A write whose answer was lost may have happened: the sweep reads it back and finishes.
+    "checking_claim": (
+        "The device cloud was too slow to answer, so we are checking that the device was added. "
+        "Meanwhile it shows as being added on your devices page; this finishes by itself within a "
+        "few minutes."
+    ),
+    "checking_release": (
+        "The device cloud was too slow to answer, so we are checking that the device was released. "
+        "Meanwhile it shows as being released on your devices page; this finishes by itself within "
+        "a few minutes."
+    ),
 }
 
 
@@ -338,12 +350,19 @@ def _older_than_grace(device):
 def _claim_on_particle(user, device, undo_on_transient=True):
     """Second step of a claim we won: claim on Particle, then finish or undo.
 
-    A cloud outage undoes the claim (the homeowner is told to try again), except for the
-    sweep (`undo_on_transient=False`), which leaves it to be retried.
+    A cloud outage that answered (429, 5xx) undoes the claim (the homeowner is told to try
+    again), except for the sweep (`undo_on_transient=False`), which leaves it to be retried. An
+    uncertain failure (no answer: the claim may land later) or a refusal is read back first: a
+    device the customer owns is finished (§15.4: what re-claiming your own device answers is not
+    confirmed); an uncertain one that isn't theirs yet stays "claiming" and the homeowner is
+    told it is being checked: the sweep reads it back, claims again (idempotent for the same
+    customer) and finishes.
     """
     try:
         get_client().claim_device(user.particle_customer_id, device.device_id)
     except DeviceOwnedByOther as exc:
+        if _owned_by(user, device):
+            return _finish_claim(device, user)
         _undo_claim(device, user, "Particle says the device belongs to someone else")
         log.error(
             "Ownership drift: device %s is free in our database but claimed on Particle (%s)",
@@ -352,20 +371,46 @@ def _claim_on_particle(user, device, undo_on_transient=True):
         )
         raise DeviceError(MESSAGES["drift"], kind="drift", status=409)
     except TRANSIENT as exc:
-        # A 5xx/429 means Particle did nothing. A timeout is ambiguous: the claim may land
-        # after we gave up. We still undo (the homeowner is told to try again, and claiming
-        # again is idempotent for them); should someone else claim it first, Particle's
-        # "belongs to someone else" is refused as drift and logged for staff, never guessed.
+        if uncertain(exc):
+            if _owned_by(user, device):
+                return _finish_claim(device, user)
+            log.warning(
+                "Claim of %s: no answer from the cloud (%s); left for the sweep", device.device_id, exc
+            )
+            if not undo_on_transient:
+                raise
+            raise DeviceError(MESSAGES["checking_claim"], kind="checking", device=device, status=202)
         log.warning("Claim of %s not done, the cloud failed: %s", device.device_id, exc)
         if not undo_on_transient:
             raise
         _undo_claim(device, user, None)
         raise DeviceError(_transient_message(exc), kind="cloud", status=503)
     except ParticleError as exc:
+        if _owned_by(user, device):
+            return _finish_claim(device, user)
         _undo_claim(device, user, f"claim refused: {type(exc).__name__}")
         log.error("Claim of %s refused by Particle: %s", device.device_id, exc)
         raise DeviceError(MESSAGES["refused"], kind="refused", status=502)
     return _finish_claim(device, user)
+
+
+def _owned_by(user, device):
+    """Read back: is the device claimed to `user`'s customer on Particle? False when that can't
+    be read now (the caller then decides as if it weren't)."""
+    try:
+        return get_client().owns_device(user.particle_customer_id, device.device_id)
+    except ParticleError as exc:
+        log.warning("Reading back the owner of %s failed: %s", device.device_id, exc)
+        return False
+
+
+def _released_on_particle(device, user):
+    """Read back: has the device no owner on Particle now? None when that can't be told now."""
+    try:
+        return get_client().device_is_free(device.device_id, previous_owner=user.particle_customer_id)
+    except ParticleError as exc:
+        log.warning("Reading back the owner of %s failed: %s", device.device_id, exc)
+        return None
 
 
 def _finish_claim(device, user):
@@ -403,7 +448,9 @@ def _undo_claim(device, user, error):
 
 def release(user, device):
     """Take the device out of `user`'s account (Particle unclaim through the product, then
-    our database). Raises DeviceError when the cloud fails; then nothing changed."""
+    our database). Raises DeviceError: kind "cloud" or "refused" when the cloud answered that
+    it did nothing (the device stays theirs), kind "checking" when the answer was lost (the
+    release stays recorded and the sweep finishes it)."""
     name = display_name(device)
     started = (
         Device.update(claim_state="releasing", claim_state_at=utcnow())
@@ -417,22 +464,39 @@ def release(user, device):
     try:
         get_client().remove_device_owner(device.device_id)
     except NotFound:
-        pass  # not claimed on Particle at all: what we wanted
+        # §15.3: what /owner answers for a device nobody owns is not confirmed: read it back.
+        released = _released_on_particle(device, user)
+        if released is None:
+            raise DeviceError(MESSAGES["checking_release"], kind="checking", device=device, status=202)
+        if not released:
+            _undo_release(device, user)
+            log.error("Release of %s answered 404 but the device still has an owner", device.device_id)
+            raise DeviceError(RELEASE_REFUSED, kind="refused", status=502)
     except TRANSIENT as exc:
-        _undo_release(device, user)
-        message = "The device cloud isn't answering, so the device was not released. It is still yours; please try again in a minute."
-        if isinstance(exc, RateLimited):
-            message = "The device cloud is busy, so the device was not released. It is still yours; please try again in a minute."
-        raise DeviceError(message, kind="cloud", status=503)
+        if uncertain(exc):
+            # The unclaim may have happened, or happen later: finish if it did, else the sweep
+            # unclaims again (idempotent) and finishes. The homeowner asked to release it.
+            if not _released_on_particle(device, user):
+                log.warning(
+                    "Release of %s: no answer from the cloud (%s); left for the sweep", device.device_id, exc
+                )
+                raise DeviceError(MESSAGES["checking_release"], kind="checking", device=device, status=202)
+        else:
+            _undo_release(device, user)
+            message = "The device cloud isn't answering, so the device was not released. It is still yours; please try again in a minute."
+            if isinstance(exc, RateLimited):
+                message = "The device cloud is busy, so the device was not released. It is still yours; please try again in a minute."
+            raise DeviceError(message, kind="cloud", status=503)
     except ParticleError as exc:
         _undo_release(device, user)
         log.error("Release of %s refused by Particle: %s", device.device_id, exc)
-        raise DeviceError(
-            "The device cloud refused to release this device. It is still yours; please contact support.",
-            kind="refused",
-            status=502,
-        )
+        raise DeviceError(RELEASE_REFUSED, kind="refused", status=502)
     _finish_release(device, user, name)
+
+
+RELEASE_REFUSED = (
+    "The device cloud refused to release this device. It is still yours; please contact support."
+)
 
 
 def _finish_release(device, user, name):
@@ -521,16 +585,23 @@ def _resume_release(device, owner):
     try:
         get_client().remove_device_owner(device.device_id)
     except NotFound:
-        pass
-    except TRANSIENT:
-        raise
+        released = _released_on_particle(device, owner)
+        if released is None:
+            raise CloudUnavailable("could not read back the owner after a 404") from None
+        if not released:
+            _refused_resume(device, "release answered 404 but the device still has an owner")
+    except TRANSIENT as exc:
+        if not (uncertain(exc) and _released_on_particle(device, owner)):
+            raise
     except ParticleError as exc:
-        log.error("Resuming the release of %s: Particle refused (%s); left for staff", device.device_id, exc)
-        Device.update(claim_error=f"release refused: {type(exc).__name__}").where(
-            Device.device_id == device.device_id
-        ).execute()
-        raise DeviceError("refused", kind="refused")
+        _refused_resume(device, f"release refused: {type(exc).__name__}")
     _finish_release(device, owner, display_name(device))
+
+
+def _refused_resume(device, reason):
+    log.error("Resuming the release of %s: %s; left for staff", device.device_id, reason)
+    Device.update(claim_error=reason).where(Device.device_id == device.device_id).execute()
+    raise DeviceError("refused", kind="refused")
 
 
 # --- rename and functions ---------------------------------------------------------------------

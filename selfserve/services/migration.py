@@ -44,6 +44,7 @@ from selfserve.particle.errors import TRANSIENT
 from selfserve.particle.errors import NotFound
 from selfserve.particle.errors import ParticleError
 from selfserve.particle.errors import RateLimited
+from selfserve.particle.errors import uncertain
 from selfserve.services import audit
 from selfserve.services import provisioning
 from selfserve.services import registry
@@ -357,14 +358,44 @@ def _step_take(migration):
     return "unclaim"
 
 
+def _read_back(migration, read):
+    """The answer of a read-back (a lost answer, or one the reference doesn't confirm, §15),
+    or None when it couldn't be read now."""
+    try:
+        return read()
+    except ParticleError as exc:
+        log.warning("Migration of %s: reading back the owner failed: %s", migration.device_id, exc)
+        return None
+
+
+def _released(migration):
+    return _read_back(migration, lambda: _paced(get_client().device_is_free, migration.device_id))
+
+
+def _claimed_to_owner(migration):
+    user = User.get_by_id(migration.user_id)
+    return _read_back(
+        migration, lambda: _paced(get_client().owns_device, user.particle_customer_id, migration.device_id)
+    )
+
+
 def _step_unclaim(migration):
     try:
         _paced(get_client().remove_device_owner, migration.device_id)
     except NotFound:
-        pass
-    except TRANSIENT:
+        # §15.3: what /owner answers for a device nobody owns is not confirmed: read it back.
+        released = _released(migration)
+        if released is None:
+            raise steps.Retry("the unclaim answered 404 and the owner could not be read back")
+        if not released and not _claimed_to_owner(migration):
+            raise steps.GiveUp("unclaim answered 404 but the device still has an owner")
+    except TRANSIENT as exc:
+        if uncertain(exc) and _released(migration):
+            return "claim"
         raise
     except ParticleError as exc:
+        if _released(migration):
+            return "claim"
         raise steps.GiveUp(f"unclaim refused: {type(exc).__name__}")
     return "claim"
 
@@ -378,9 +409,17 @@ def _step_claim(migration):
             _paced(client.add_device_to_product, device.device_id)
             Device.update(in_product=True).where(Device.device_id == device.device_id).execute()
         _paced(client.claim_device, user.particle_customer_id, device.device_id)
-    except TRANSIENT:
+    except TRANSIENT as exc:
+        if uncertain(exc) and _claimed_to_owner(migration):
+            return "record"  # the claim landed; only its answer was lost
         raise
     except ParticleError as exc:
+        # §15.4: a re-claim of a device the owner already has may be refused: theirs is theirs.
+        owned = _claimed_to_owner(migration)
+        if owned:
+            return "record"
+        if owned is None:
+            raise steps.Retry(f"claim refused ({type(exc).__name__}) and the owner could not be read back")
         raise steps.GiveUp(f"claim refused: {type(exc).__name__}")
     return "record"
 

@@ -115,6 +115,10 @@ def claim():
     try:
         device = devices.claim(current_user, serial, request.form.get("setup_code", ""))
     except devices.DeviceError as exc:
+        if exc.kind == "checking":
+            # The cloud's answer was lost: the claim stays recorded and the sweep finishes it.
+            flash(exc.message, "info")
+            return htmx.redirect(url_for("devices.dashboard"))
         if exc.kind == "already_yours":
             flash(exc.message, "info")
             return htmx.redirect(url_for("devices.detail", device_id=exc.device.device_id))
@@ -306,6 +310,9 @@ def release(device_id):
     try:
         devices.release(current_user, device)
     except devices.DeviceError as exc:
+        if exc.kind == "checking":
+            flash(exc.message, "info")
+            return htmx.redirect(url_for("devices.dashboard"))
         if htmx.is_htmx():
             return render_template("devices/_release_form.html", **_page_context(device, error=exc))
         return render_template("devices/release.html", **_page_context(device, error=exc)), exc.status

@@ -14,6 +14,7 @@ from selfserve.particle import get_client
 from selfserve.particle.errors import TRANSIENT
 from selfserve.particle.errors import NotFound
 from selfserve.particle.errors import ParticleError
+from selfserve.particle.errors import uncertain
 from selfserve.services import audit
 from selfserve.services import live_values
 from selfserve.services import steps
@@ -95,15 +96,55 @@ def _start_move(transfer, waiting, buyer, now, take_lease=True):
 # --- the steps --------------------------------------------------------------------------------
 
 
+# A Particle write whose answer was lost may have happened (or happen later), and some answers
+# are not confirmed (particle-cloud-api.md §15): each step reads the state back before it
+# decides to go on, retry or give up. A read that fails makes the step try again later.
+
+
+def _read_back(transfer, read):
+    """The answer of a read-back, or None when it couldn't be read now."""
+    try:
+        return read()
+    except ParticleError as exc:
+        log.warning("Transfer %s: reading back the device's owner failed: %s", transfer.id, exc)
+        return None
+
+
+def _released(transfer):
+    """Has the device no owner on Particle now (the seller's claim is gone)? None: unknown."""
+    seller = User.get_or_none(User.id == transfer.seller_id) if transfer.seller_id else None
+    previous = seller.particle_customer_id if seller else None
+    return _read_back(
+        transfer, lambda: get_client().device_is_free(transfer.device_id, previous_owner=previous)
+    )
+
+
+def _claimed_to(transfer, account):
+    """Is the device claimed to `account`'s customer on Particle? None: unknown."""
+    return _read_back(
+        transfer, lambda: get_client().owns_device(account.particle_customer_id, transfer.device_id)
+    )
+
+
 def _step_release(transfer):
     try:
         get_client().remove_device_owner(transfer.device_id)
     except NotFound:
-        pass  # not claimed on Particle: what we want
-    except TRANSIENT:
+        # §15.3: what /owner answers for a device nobody owns is not confirmed: read it back.
+        released = _released(transfer)
+        if released is None:
+            raise steps.Retry("the release answered 404 and the owner could not be read back")
+        if not released:
+            log.error("Transfer %s: the release answered 404 but the device still has an owner", transfer.id)
+            raise steps.GiveUp("release answered 404 but the device still has an owner")
+    except TRANSIENT as exc:
+        if uncertain(exc) and _released(transfer):
+            return "claim"  # the answer was lost, the release wasn't
         raise
     except ParticleError as exc:
-        # Refused: the seller's claim is presumably still there. Give it back in the database.
+        if _released(transfer):
+            return "claim"
+        # Refused: the seller's claim is still there. Give it back in the database.
         log.error("Transfer %s: release refused by Particle: %s", transfer.id, exc)
         raise steps.GiveUp(f"release refused: {type(exc).__name__}")
     return "claim"
@@ -120,9 +161,18 @@ def _step_claim(transfer):
             client.add_device_to_product(device.device_id)
             Device.update(in_product=True).where(Device.device_id == device.device_id).execute()
         client.claim_device(buyer.particle_customer_id, device.device_id)
-    except TRANSIENT:
+    except TRANSIENT as exc:
+        if uncertain(exc) and _claimed_to(transfer, buyer):
+            return "reset_name"  # the claim landed; only its answer was lost
         raise
     except ParticleError as exc:
+        # §15.4: what re-claiming a device the customer already owns answers is not confirmed
+        # (after a lost answer the retry is such a re-claim): theirs is theirs.
+        owned = _claimed_to(transfer, buyer)
+        if owned:
+            return "reset_name"
+        if owned is None:
+            raise steps.Retry(f"claim refused ({type(exc).__name__}) and the owner could not be read back")
         log.error("Transfer %s: the new owner's claim was refused: %s", transfer.id, exc)
         raise steps.GiveUp(f"claim refused: {type(exc).__name__}")
     return "reset_name"
@@ -218,9 +268,13 @@ def _step_return_claim(transfer):
         return "return_record"  # nobody to give it back to on Particle
     try:
         get_client().claim_device(seller.particle_customer_id, transfer.device_id)
-    except TRANSIENT:
+    except TRANSIENT as exc:
+        if uncertain(exc) and _claimed_to(transfer, seller):
+            return "return_record"
         raise
     except ParticleError as exc:
+        if _claimed_to(transfer, seller):
+            return "return_record"
         # Neither side can have it on Particle: staff must look. Keep retrying slowly.
         _alert(transfer, f"giving the device back failed: {type(exc).__name__}")
         raise steps.Retry(f"return claim refused: {type(exc).__name__}", wait=steps.BACKOFF_MAX_SECONDS)
