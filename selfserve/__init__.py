@@ -101,6 +101,7 @@ def _background_jobs(app):
         [
             sweep.Job(provisioning.resume_pending),  # accounts waiting for their Particle customer
             sweep.Job(devices.resume_pending),  # claims and releases a crash left half-done
+            sweep.Job(devices.push_pending_names),  # renames whose answer was lost
             sweep.Job(transfers.resume_pending),  # transfer steps, offer expiry, unopposed requests
             sweep.Job(migration.resume_pending),  # devices in the field moving to their owners
             sweep.Job(impersonation.end_stale_views),  # support views past their time

@@ -405,6 +405,14 @@ class RollupPending(BaseModel):
         indexes = ((("device_id", "hour"), True),)
 
 
+class NameSync(JobColumns):
+    """A device whose name Particle must be sent again (services/devices.py): a rename whose
+    answer was lost may or may not have reached Particle, so the `push` step sends the device's
+    current name until Particle answers. One row per device, kept (step None) once done."""
+
+    device_id = peewee.CharField(primary_key=True, max_length=24)
+
+
 ALL_MODELS = [
     User,
     LoginSession,
@@ -425,4 +433,5 @@ ALL_MODELS = [
     ValueSample,
     ValueRollup,
     RollupPending,
+    NameSync,
 ]

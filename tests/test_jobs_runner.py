@@ -291,6 +291,7 @@ def test_the_background_jobs_are_one_explicit_list(app):
     assert names == [
         "selfserve.services.provisioning.resume_pending",
         "selfserve.services.devices.resume_pending",
+        "selfserve.services.devices.push_pending_names",
         "selfserve.services.transfers.resume_pending",
         "selfserve.services.migration.resume_pending",
         "selfserve.services.impersonation.end_stale_views",

@@ -17,6 +17,7 @@ from helpers import seed_registry
 from selfserve.models import AuditEvent
 from selfserve.models import Device
 from selfserve.models import MigrationRow
+from selfserve.models import NameSync
 from selfserve.models import Transfer
 from selfserve.models import User
 from selfserve.models import utcnow
@@ -356,3 +357,57 @@ def test_a_refused_create_that_created_nothing_stays_pending(app, sim):
     assert pending.provisioning_state == "pending" and customers(sim) == []
     provisioning.resume_pending(now=utcnow() + datetime.timedelta(minutes=5))
     assert User.get_by_id(user.id).provisioning_state == "ready"
+
+
+# --- rename ----------------------------------------------------------------------------------
+
+RENAME = ("PUT", "/v1/devices/*")
+
+
+def test_a_rename_that_lands_after_the_timeout_is_kept_on_both_sides(labels, owner, sim):
+    device = claim(owner, labels)
+    sim.add_fault(*RENAME, count=1, status=None, latency=LATE)
+    renamed = devices.rename(owner, device, "Kitchen blind")
+    assert renamed.name == "Kitchen blind" and Device.get_by_id(WINDOW).name == "Kitchen blind"
+    wait_until(lambda: sim.device(WINDOW)["name"] == "Kitchen_blind", "the late rename")
+    assert devices.push_pending_names() == 1
+    assert sim.device(WINDOW)["name"] == "Kitchen_blind"
+    assert devices.push_pending_names() == 0  # done
+
+
+def test_a_rename_whose_answer_is_lost_and_never_lands_reaches_particle_later(labels, owner, sim):
+    device = claim(owner, labels)
+    before = sim.device(WINDOW)["name"]
+    sim.add_fault(*RENAME, count=1, status=504, latency=LATE)
+    devices.rename(owner, device, "Kitchen blind")
+    wait_for_faults_to_finish(sim)
+    assert sim.device(WINDOW)["name"] == before  # Particle doesn't have it (yet)
+    assert Device.get_by_id(WINDOW).name == "Kitchen blind"
+    # The cloud is down for the first push: it is postponed, then sent.
+    sim.add_fault(*RENAME, count=1, status=503)
+    assert devices.push_pending_names() == 1
+    assert sim.device(WINDOW)["name"] == before
+    make_due(NameSync)
+    devices.push_pending_names()
+    assert sim.device(WINDOW)["name"] == "Kitchen_blind"
+
+
+def test_a_later_rename_wins_over_a_lost_one(labels, owner, sim):
+    device = claim(owner, labels)
+    sim.add_fault(*RENAME, count=1, status=504, latency=LATE)
+    device = devices.rename(owner, device, "First name")
+    wait_for_faults_to_finish(sim)
+    devices.rename(owner, device, "Second name")
+    devices.push_pending_names()
+    assert sim.device(WINDOW)["name"] == "Second_name"
+    assert Device.get_by_id(WINDOW).name == "Second name"
+
+
+def test_a_rename_the_cloud_answered_as_failed_changes_nothing(labels, owner, sim):
+    device = claim(owner, labels)
+    sim.add_fault(*RENAME, count=1, status=503)
+    with pytest.raises(devices.DeviceError) as error:
+        devices.rename(owner, device, "Kitchen blind")
+    assert error.value.kind == "cloud"
+    assert Device.get_by_id(WINDOW).name is None
+    assert devices.push_pending_names() == 0

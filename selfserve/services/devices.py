@@ -26,6 +26,7 @@ from selfserve import passwords
 from selfserve.models import AuditEvent
 from selfserve.models import ClaimAttempt
 from selfserve.models import Device
+from selfserve.models import NameSync
 from selfserve.models import User
 from selfserve.models import utcnow
 from selfserve.particle import get_client
@@ -42,6 +43,7 @@ from selfserve.particle.errors import uncertain
 from selfserve.services import audit
 from selfserve.services import live_values
 from selfserve.services import registry
+from selfserve.services import steps
 
 log = logging.getLogger(__name__)
 
@@ -615,7 +617,8 @@ def particle_name(name, device):
 
 def rename(user, device, new_name):
     """Rename the device here and on Particle. Raises DeviceError (nothing renamed) on bad
-    input or when the cloud fails."""
+    input or when the cloud answers that it failed. When its answer is lost the new name is
+    kept and sent again by the name job (`push_name_later`) until Particle has it."""
     name = re.sub(r"\s+", " ", (new_name or "")).strip()
     if not name:
         raise DeviceError("Enter a name for the device.", kind="invalid", field="name", status=422)
@@ -631,11 +634,18 @@ def rename(user, device, new_name):
     try:
         get_client().rename_device(user.particle_customer_id, device.device_id, particle_name(name, device))
     except TRANSIENT as exc:
-        raise DeviceError(
-            "The device cloud isn't answering, so the name was not changed. Please try again in a minute.",
-            kind="cloud",
-            status=503,
-        ) from exc
+        if not uncertain(exc):
+            raise DeviceError(
+                "The device cloud isn't answering, so the name was not changed. Please try again in a minute.",
+                kind="cloud",
+                status=503,
+            ) from exc
+        # The new name may have reached Particle, or reach it later: keep the homeowner's name
+        # and send it again until Particle answers, so both end with it (never Particle only).
+        log.warning(
+            "Rename of %s: no answer from the cloud (%s); the name is sent again", device.device_id, exc
+        )
+        push_name_later(device.device_id)
     except ParticleError as exc:
         log.warning("Rename of %s refused: %s", device.device_id, exc)
         raise DeviceError(
@@ -649,6 +659,46 @@ def rename(user, device, new_name):
     device.name = name
     audit.record("device.renamed", user=user, device_id=device.device_id, old=old, new=name, name=name)
     return device
+
+
+def push_name_later(device_id):
+    """Record that Particle must be sent the device's current name (due now, for the sweep)."""
+    NameSync.insert(device_id=device_id, step="push").on_conflict(
+        conflict_target=[NameSync.device_id],
+        update={
+            NameSync.step: "push",
+            NameSync.attempts: 0,
+            NameSync.next_attempt_at: None,
+            NameSync.last_error: None,
+        },
+    ).execute()
+
+
+def _step_push_name(sync):
+    """Send the device's current name to Particle with its owner's token; again if the name
+    changed meanwhile. A device that left its owner needs nothing: whoever has it names it."""
+    device = Device.get_or_none(Device.device_id == sync.device_id)
+    if device is None or device.owner_id is None or device.claim_state is not None:
+        return None
+    owner = User.get_by_id(device.owner_id)
+    sent = particle_name(device.name or "", device)
+    try:
+        get_client().rename_device(owner.particle_customer_id, device.device_id, sent)
+    except TRANSIENT:
+        raise  # postponed; sending the same name again is harmless
+    except ParticleError as exc:
+        log.error("Sending the name of %s to Particle was refused: %s", device.device_id, exc)
+        raise steps.GiveUp(f"rename refused: {type(exc).__name__}")
+    current = Device.get_by_id(device.device_id)
+    return "push" if particle_name(current.name or "", current) != sent else None
+
+
+NAME_SYNC = steps.Runner("Sending the name of", NameSync, {"push": _step_push_name})
+
+
+def push_pending_names(now=None):
+    """The background job: send the names whose rename answer was lost. Returns how many ran."""
+    return NAME_SYNC.resume(now)
 
 
 def call_function(user, device, function_name, raw_arg="", confirmed=False):
