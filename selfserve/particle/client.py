@@ -550,9 +550,10 @@ class ParticleClient:
 
         The duplicate answer is not confirmed (§15.1: 400 `customer_exists` comes from
         third-party code), and a create whose answer was lost (a timeout) may have worked. So
-        after any other refusal or an uncertain failure the customer counts as existing when a
-        scoped token is issued for it and works (GET /v1/devices); otherwise the first error is
-        raised."""
+        after any other refusal or a lost answer the customer counts as existing when a scoped
+        token is issued for it and works (GET /v1/devices); otherwise the first error is raised.
+        (Each check is a token request the breaker counts, so it is not made after an answered
+        5xx or 429.)"""
         customer_id = self._customer_id(customer_id)
         key = _customer_key(customer_id)
         failure = None
@@ -568,6 +569,8 @@ class ParticleClient:
             except (errors.InvalidClient, errors.TokenRequestsSuspended):
                 raise
             except (errors.BadRequest, errors.CloudUnavailable) as exc:
+                if isinstance(exc, errors.CloudUnavailable) and not errors.uncertain(exc):
+                    raise  # the cloud answered that it failed: nothing to check
                 failure = exc
             else:
                 self._store_token(key, answer)
