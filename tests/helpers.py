@@ -1,5 +1,7 @@
 """Helpers for view tests."""
 
+import contextlib
+import logging
 import re
 import socket
 
@@ -102,3 +104,26 @@ def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class _QueryLog(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.queries = []
+
+    def emit(self, record):
+        self.queries.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def count_queries():
+    """Collect the SQL statements peewee runs inside the block (in a list of their texts)."""
+    logger = logging.getLogger("peewee")
+    handler, level = _QueryLog(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler.queries
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

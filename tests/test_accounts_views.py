@@ -11,12 +11,14 @@ import time
 from urllib.parse import urlsplit
 
 import pytest
+from helpers import count_queries
 from helpers import csrf_token
 from helpers import login
 from helpers import make_user
 
 from selfserve import passwords
 from selfserve import tokens
+from selfserve.models import AuditEvent
 from selfserve.models import User
 from selfserve.models import utcnow
 from selfserve.services import audit
@@ -421,6 +423,27 @@ def test_activity_lists_the_accounts_own_events_newest_first_with_paging(client)
     assert "Older" not in second
     assert client.get("/account/activity?before=abc").status_code == 400
     assert not NO_INLINE.search(page)
+
+
+def test_the_activity_page_costs_the_same_queries_for_3_or_20_rows(client):
+    """Who acted is loaded with the events, not by the template row by row."""
+    user = make_user("busy@example.com", provisioned=False)
+    helper = make_user("helper@support.example", provisioned=False)
+    User.update(role="staff").where(User.id == helper.id).execute()
+    login(client, "busy@example.com")
+
+    def queries_with(rows):
+        AuditEvent.delete().where(AuditEvent.user == user.id).execute()
+        for n in range(rows):
+            audit.record(
+                "support.console_viewed" if n % 2 else "account.sign_in_failed", user=user, actor=helper
+            )
+        with count_queries() as queries:
+            page = text(client.get("/account/activity"))
+        assert page.count("Support") >= rows // 2
+        return len(queries)
+
+    assert queries_with(3) == queries_with(20)
 
 
 # --- deny by default, CSRF, no state change on GET ---------------------------------------------

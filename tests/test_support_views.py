@@ -13,8 +13,10 @@ from selfserve.models import Device
 from selfserve.models import LoginSession
 from selfserve.models import StaffView
 from selfserve.models import User
+from selfserve.services import audit
 from selfserve.services import devices
 from selfserve.services import staff
+from tests.helpers import count_queries
 from tests.helpers import csrf_token
 from tests.helpers import login
 from tests.helpers import make_user
@@ -317,6 +319,21 @@ def test_customer_page_shows_state_devices_and_activity(console, customer, label
     assert console.get(f"/support/customers/{staff_account.id}").status_code == 404
     assert console.get("/support/customers/999999").status_code == 404
     assert console.get("/support/customers/abc").status_code == 404
+
+
+def test_the_customer_page_costs_the_same_queries_for_3_or_30_activity_rows(console, customer, staff_user):
+    """Who acted (a staff member's email) is loaded with the events, not row by row."""
+
+    def queries_with(rows):
+        AuditEvent.delete().where(AuditEvent.user == customer.id).execute()
+        for _ in range(rows):
+            audit.record("support.console_viewed", user=customer, actor=staff_user)
+        with count_queries() as queries:
+            page = console.get(f"/support/customers/{customer.id}").get_data(as_text=True)
+        assert page.count(STAFF_EMAIL) >= rows
+        return len(queries)
+
+    assert queries_with(3) == queries_with(30)
 
 
 def test_device_page_flags_disagreement_with_particle(console, customer, labels, sim):

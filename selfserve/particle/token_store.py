@@ -11,6 +11,7 @@ the whole IP out after 10 in a row, whichever process sent them. Two stores exis
   every worker and surviving restarts (what the app uses).
 """
 
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -113,21 +114,41 @@ class DatabaseTokenStore:
     missing, so the client simply mints a new token. Works inside and outside a request.
     """
 
+    # Decrypted rows, keyed by their ciphertext: a live refresh reads the same token for the
+    # device and each variable, and it is decrypted once per mint, not once per read. A row
+    # replaced by another worker has a new ciphertext, so the cache never serves a stale token.
+    _PLAINTEXT_CACHE_SIZE = 1024
+
     def __init__(self, fernet):
         self._fernet = fernet
+        self._plaintext = collections.OrderedDict()
+        self._plaintext_lock = threading.Lock()
 
     def get(self, key):
         with _database_connection():
             row = models.ParticleToken.get_or_none(models.ParticleToken.key == key)
         if row is None:
             return None
-        access_token = crypto.decrypt(self._fernet, row.token_encrypted)
+        access_token = self._decrypt(row.token_encrypted)
         if access_token is None:
             return None
         refresh_token = None
         if row.refresh_encrypted:
-            refresh_token = crypto.decrypt(self._fernet, row.refresh_encrypted)
+            refresh_token = self._decrypt(row.refresh_encrypted)
         return StoredToken(access_token, row.expires_at, refresh_token)
+
+    def _decrypt(self, ciphertext):
+        with self._plaintext_lock:
+            if ciphertext in self._plaintext:
+                self._plaintext.move_to_end(ciphertext)
+                return self._plaintext[ciphertext]
+        plaintext = crypto.decrypt(self._fernet, ciphertext)
+        if plaintext is not None:
+            with self._plaintext_lock:
+                self._plaintext[ciphertext] = plaintext
+                while len(self._plaintext) > self._PLAINTEXT_CACHE_SIZE:
+                    self._plaintext.popitem(last=False)
+        return plaintext
 
     def put(self, key, token):
         values = {

@@ -3,9 +3,11 @@ records it here; the homeowner's activity page reads it back."""
 
 from flask import has_request_context
 from flask import request
+from peewee import JOIN
 
 from selfserve import device_models
 from selfserve.models import AuditEvent
+from selfserve.models import User
 
 
 class _WithArgument(str):
@@ -112,8 +114,15 @@ def describe(event, for_staff=False):
 
 
 def history(user, limit=100, before_id=None):
-    """The newest events of `user`'s account, newest first."""
-    query = AuditEvent.select().where(AuditEvent.user == user)
+    """The newest events of `user`'s account, newest first, each with its actor loaded in the
+    same query (the activity pages show who did it: one query per row otherwise)."""
+    actor = User.alias()
+    query = (
+        AuditEvent.select(AuditEvent, actor)
+        .join(actor, JOIN.LEFT_OUTER, on=AuditEvent.actor)
+        .switch(AuditEvent)
+        .where(AuditEvent.user == user)
+    )
     if before_id is not None:
         query = query.where(AuditEvent.id < before_id)
     return list(query.order_by(AuditEvent.id.desc()).limit(limit))

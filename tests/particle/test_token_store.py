@@ -91,6 +91,30 @@ def test_database_store_undecryptable_refresh_token_is_dropped(database, fernet)
     assert store.get("product") == StoredToken(ACCESS, WHEN, None)
 
 
+class CountingFernet(Fernet):
+    decrypted = 0
+
+    def decrypt(self, token, ttl=None):
+        CountingFernet.decrypted += 1
+        return super().decrypt(token, ttl)
+
+
+def test_database_store_decrypts_a_token_once_until_it_changes(database):
+    key = Fernet.generate_key()
+    store, other_worker = DatabaseTokenStore(CountingFernet(key)), DatabaseTokenStore(Fernet(key))
+    store.put("customer:abc", StoredToken(ACCESS, WHEN, REFRESH))
+    CountingFernet.decrypted = 0
+    for _ in range(6):  # a live refresh: the device, then each variable
+        assert store.get("customer:abc") == StoredToken(ACCESS, WHEN, REFRESH)
+    assert CountingFernet.decrypted == 2  # the access and the refresh token, once each
+
+    # Another worker refreshes the token: the next read returns the new one, not a cached one.
+    other_worker.put("customer:abc", StoredToken(REFRESH, WHEN))
+    assert store.get("customer:abc") == StoredToken(REFRESH, WHEN, None)
+    other_worker.delete("customer:abc")
+    assert store.get("customer:abc") is None
+
+
 def test_database_store_leaves_connections_as_it_found_them(database, fernet):
     store = DatabaseTokenStore(fernet)
     assert models.db.is_closed()
