@@ -127,6 +127,9 @@ def run(args, workdir, cleanup):
             "SELFSERVE_PARTICLE_CLIENT_ID": config_module.DEMO_PARTICLE_CLIENT_ID,
             "SELFSERVE_PARTICLE_CLIENT_SECRET": config_module.DEMO_PARTICLE_CLIENT_SECRET,
             "SELFSERVE_SECRET_KEY": secrets.token_hex(32),
+            # One loopback address over plain http (see bench/app.py).
+            "SELFSERVE_RATE_LIMIT_LOGIN": "100000 per minute",
+            "SELFSERVE_SESSION_COOKIE_SECURE": "false",
         }
     )
     site = Gunicorn("site", "bench.app:app", None, workdir)

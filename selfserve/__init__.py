@@ -21,6 +21,16 @@ def create_app(test_config=None):
         settings.update(test_config)
     app.config.update(settings)
     config_module.check_production(app.config)
+    config_module.check_rate_limits(app.config)
+    config_module.check_password_hashing(app.config)
+
+    from selfserve import passwords
+
+    passwords.configure(
+        memory_kib=app.config["PASSWORD_HASH_MEMORY_KIB"],
+        time_cost=app.config["PASSWORD_HASH_TIME_COST"],
+        parallelism=app.config["PASSWORD_HASH_PARALLELISM"],
+    )
     if app.config.get("TRUSTED_PROXIES"):
         from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -34,15 +44,20 @@ def create_app(test_config=None):
     app.config.update(
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
-        # Secure everywhere but the local http demo and the test client.
-        SESSION_COOKIE_SECURE=not (app.config.get("DEMO") or app.config.get("TESTING")),
+        # SESSION_COOKIE_SECURE is a setting (config.DEFAULTS): on, unless the site is served
+        # over plain http (the demo, the tests, the bench, a closed intranet).
         SESSION_COOKIE_NAME="selfserve_session",
         WTF_CSRF_TIME_LIMIT=None,  # the token lives as long as the session
     )
 
     from selfserve import models
 
-    models.init_db(app.config["DATABASE_URL"])
+    models.init_db(
+        app.config["DATABASE_URL"],
+        pool_size=app.config["DATABASE_POOL_SIZE"],
+        pool_recycle_seconds=app.config["DATABASE_POOL_RECYCLE_SECONDS"],
+        pool_wait_seconds=app.config["DATABASE_POOL_WAIT_SECONDS"],
+    )
 
     @app.before_request
     def _db_connect():

@@ -1,8 +1,9 @@
 """Configuration: defaults in code, deployment values and secrets from SELFSERVE_* env vars.
 
-Every key in DEFAULTS can be overridden by an environment variable of the same name with the
-prefix SELFSERVE_ (SELFSERVE_DATABASE_URL, SELFSERVE_PARTICLE_CLIENT_SECRET, ...). Values are
-parsed to the type of their default.
+Every setting the code reads is a key of DEFAULTS (tests/test_config.py checks it), documented
+in the README's settings table. Each can be overridden by an environment variable of the same
+name with the prefix SELFSERVE_ (SELFSERVE_DATABASE_URL, SELFSERVE_RATE_LIMIT_LOGIN, ...), parsed
+to the type of its default (a bad value refuses to start with a clear error).
 """
 
 import os
@@ -18,6 +19,12 @@ DEFAULTS = {
     # Key for encrypting cached Particle tokens at rest; derived from SECRET_KEY when empty.
     "TOKEN_ENCRYPTION_KEY": "",
     "DATABASE_URL": "sqlite:///instance/selfserve.db",
+    # Connection pool of each worker process: at most this many connections (request threads +
+    # live-value readers + the sweep; with PostgreSQL keep workers x size under its
+    # max_connections), each replaced after RECYCLE seconds; a caller waits up to WAIT seconds.
+    "DATABASE_POOL_SIZE": 32,
+    "DATABASE_POOL_RECYCLE_SECONDS": 300,
+    "DATABASE_POOL_WAIT_SECONDS": 10,
     "BASE_URL": "",  # used in emails; the request's host when empty
     # Particle Cloud
     "PARTICLE_API_URL": "https://api.particle.io",
@@ -67,42 +74,137 @@ DEFAULTS = {
     # and in emails. SUPPORT_PHONE is shown only when set (e.g. "+44 20 7946 0000").
     "SUPPORT_EMAIL": "support@selfserve.example",
     "SUPPORT_PHONE": "",
-    # Rate limits: "memory://" per process; "redis://host:port" shares them across workers.
-    "RATELIMIT_STORAGE_URI": "memory://",
     # Reverse proxies in front of the app that append to X-Forwarded-For and set
     # X-Forwarded-Proto (1 behind one TLS proxy). 0 ignores those headers: a client could
     # forge them. Rate limits and the audit trail key on the client address this yields.
     "TRUSTED_PROXIES": 0,
-    # Sessions
+    # Sessions. The cookie is Secure (sent over https only); turn it off only where the site
+    # is served over plain http: a closed intranet, the demo, the tests, the bench.
     "SESSION_IDLE_SECONDS": 30 * 60,
     "SESSION_ABSOLUTE_SECONDS": 12 * 3600,
+    "SESSION_COOKIE_SECURE": True,
+    # Argon2id cost of password and setup-code hashes: OWASP's recommended profile (19 MiB, 2
+    # passes, 1 lane). Raise it if you like; lower is refused outside the tests.
+    "PASSWORD_HASH_MEMORY_KIB": 19 * 1024,
+    "PASSWORD_HASH_TIME_COST": 2,
+    "PASSWORD_HASH_PARALLELISM": 1,
+    # A support person's read-only view of a customer's account ends by itself after this.
+    "STAFF_VIEW_MINUTES": 30,
+    # --- Rate limits -------------------------------------------------------------------------
+    # Where the counters live: "memory://" counts in each process; "redis://host:port" shares
+    # them across workers and machines (needed with more than one worker).
+    "RATELIMIT_STORAGE_URI": "memory://",
+    # Requests (Flask-Limiter syntax "N per period", several joined by "; "), counted per client
+    # address (ip), per address typed into the form (email), or per signed-in account.
+    "RATE_LIMIT_LOGIN": "20 per minute; 200 per hour",  # ip
+    "RATE_LIMIT_LOGIN_EMAIL": "10 per 15 minutes",  # email, failed attempts only
+    "RATE_LIMIT_SIGNUP": "20 per hour",  # ip
+    "RATE_LIMIT_SIGNUP_EMAIL": "3 per hour",  # email
+    "RATE_LIMIT_FORGOT": "20 per hour",  # ip
+    "RATE_LIMIT_FORGOT_EMAIL": "3 per hour",  # email
+    "RATE_LIMIT_RESET": "20 per hour",  # ip
+    "RATE_LIMIT_RESEND": "3 per 15 minutes",  # account
+    "RATE_LIMIT_RESEND_IP": "30 per hour",  # ip
+    "RATE_LIMIT_ACCOUNT_CHANGE": "10 per hour",  # account: guessing the current password
+    "RATE_LIMIT_SECOND_FACTOR": "10 per 5 minutes",  # staff account: guessing the TOTP code
+    "RATE_LIMIT_TRANSFER_REQUEST": "5 per hour",  # account, and ip: asking for someone's device
+    # Asking for other people's devices is rare: at most this many requests per account a day.
+    "TRANSFER_REQUESTS_PER_DAY": 3,
+    # Wrong setup codes: a claim is refused after this many failures within the window, per
+    # account and per serial number (counted in the database, so shared by every worker).
+    "CLAIM_WINDOW_SECONDS": 15 * 60,
+    "CLAIM_MAX_FAILURES_PER_ACCOUNT": 10,
+    "CLAIM_MAX_FAILURES_PER_SERIAL": 5,
+    # Calls to Particle made by `migrate-devices`: paced to this rate (well under Particle's
+    # ~33/s per IP, leaving room for the site; 0 = unpaced), and a 429 waited out inline at most
+    # this many times before the row is left to the sweep.
+    "MIGRATION_REQUESTS_PER_SECOND": 20.0,
+    "MIGRATION_MAX_INLINE_RATE_WAITS": 5,
+    # --- Background work ---------------------------------------------------------------------
     # Background sweep that resumes interrupted multi-step work (provisioning, claims, ...).
     "SWEEP_SECONDS": 30,
+    # A transfer's move retries a transient Particle failure while the person waits on the page,
+    # after each of these pauses (seconds, comma-separated), before leaving it to the sweep.
+    "TRANSFER_QUICK_RETRY_SECONDS": (0.2, 0.5),
+    # A transfer's email that keeps failing is given up (logged; the move goes on) after this many tries.
+    "TRANSFER_MAIL_MAX_ATTEMPTS": 8,
     # Demo mode: local http, bundled simulator, emails shown locally.
     "DEMO": False,
     "DEMO_MAILBOX_DIR": "",
 }
 
+RATE_LIMIT_PREFIX = "RATE_LIMIT_"
 
-def _parse(value, default):
-    if isinstance(default, bool):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    if isinstance(default, int):
-        return int(value)
-    if isinstance(default, float):
-        return float(value)
-    return value
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+def _parse(key, raw, default):
+    """`raw` (an environment variable's text) as the type of `default`; ConfigError if it isn't."""
+    text = raw.strip()
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in _TRUE + _FALSE:
+                raise ValueError
+            return text.lower() in _TRUE
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+        if isinstance(default, tuple):
+            kind = type(default[0]) if default else str
+            return tuple(kind(part.strip()) for part in text.split(",") if part.strip())
+    except ValueError:
+        kind = {
+            bool: "true or false",
+            int: "a whole number",
+            float: "a number",
+            tuple: "comma-separated numbers",
+        }
+        raise ConfigError(f"SELFSERVE_{key}={raw!r} is not {kind[type(default)]}.") from None
+    return raw
 
 
 def from_env(environ=None):
-    """Return DEFAULTS overridden by SELFSERVE_* environment variables."""
+    """Return DEFAULTS overridden by SELFSERVE_* environment variables, parsed to their types."""
     environ = os.environ if environ is None else environ
     config = dict(DEFAULTS)
     for key, default in DEFAULTS.items():
         raw = environ.get("SELFSERVE_" + key)
         if raw is not None:
-            config[key] = _parse(raw, default)
+            config[key] = _parse(key, raw, default)
     return config
+
+
+def check_password_hashing(config):
+    """Only the tests may hash passwords below OWASP's recommended Argon2id cost."""
+    if config.get("TESTING"):
+        return
+    floors = {
+        "PASSWORD_HASH_MEMORY_KIB": 19 * 1024,
+        "PASSWORD_HASH_TIME_COST": 2,
+        "PASSWORD_HASH_PARALLELISM": 1,
+    }
+    for key, floor in floors.items():
+        if int(config[key]) < floor:
+            raise ConfigError(
+                f"Refusing to start: SELFSERVE_{key} below {floor} makes password hashes cheap to guess."
+            )
+
+
+def check_rate_limits(config):
+    """Refuse to start with a rate limit Flask-Limiter can't read (it would only fail at the
+    first request of that route, and fail open or closed depending on the version)."""
+    from limits import parse_many
+
+    for key in DEFAULTS:
+        if key.startswith(RATE_LIMIT_PREFIX):
+            try:
+                parse_many(str(config[key]))
+            except ValueError:
+                raise ConfigError(
+                    f"SELFSERVE_{key}={config[key]!r} is not a rate limit like '10 per hour' or '20 per minute; 200 per hour'."
+                ) from None
 
 
 def demo_particle_settings():

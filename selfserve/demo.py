@@ -106,6 +106,7 @@ def build(host, port, sim_port, instance_dir, keep):
     app = create_app(
         {
             "DEMO": True,
+            "SESSION_COOKIE_SECURE": False,  # the demo is served over plain http
             "DATABASE_URL": f"sqlite:///{db_path}",
             "BASE_URL": f"http://{host}:{port}",
             "PARTICLE_API_URL": simulator.url,

@@ -183,7 +183,7 @@ def migrated_sqlite(tmp_path_factory):
     path = tmp_path_factory.mktemp("schema") / "migrated.db"
     database = models.init_db(f"sqlite:///{path}")
     schema.upgrade(database)
-    database.close()
+    database.close_all()  # the pool's connections too: the file is complete once they are closed
     return path
 
 
@@ -212,6 +212,10 @@ def app_config(sim, mailbox, db_url):
         "MAIL_SERVER": "127.0.0.1",
         "MAIL_PORT": mailbox.port,
         "RATELIMIT_STORAGE_URI": "memory://",
+        "SESSION_COOKIE_SECURE": False,  # the test client speaks http
+        # Argon2id at its cheapest: the suite spent half its time hashing (tests alone may).
+        "PASSWORD_HASH_MEMORY_KIB": 8,
+        "PASSWORD_HASH_TIME_COST": 1,
         "SWEEP_SECONDS": 0,  # no background sweep thread in tests; tests call the sweep
     }
 

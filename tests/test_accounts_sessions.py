@@ -164,12 +164,12 @@ def test_sessions_end_after_the_absolute_limit_even_when_active(app, client):
 
 @pytest.fixture
 def tight_limits(app_config):
-    app_config["ACCOUNT_RATE_LIMITS"] = {
-        "login": "4 per minute",
-        "login_email": "2 per minute",
-        "signup_email": "2 per hour",
-        "forgot_email": "2 per hour",
-    }
+    app_config.update(
+        RATE_LIMIT_LOGIN="4 per minute",
+        RATE_LIMIT_LOGIN_EMAIL="2 per minute",
+        RATE_LIMIT_SIGNUP_EMAIL="2 per hour",
+        RATE_LIMIT_FORGOT_EMAIL="2 per hour",
+    )
     return app_config
 
 

@@ -149,9 +149,9 @@ def test_empty_fields_say_which_one(labels, owner):
     assert ClaimAttempt.select().count() == 0  # a blank form is not a guess
 
 
-def test_too_many_wrong_codes_per_account(labels, owner, sim):
+def test_too_many_wrong_codes_per_account(app, labels, owner, sim):
     label = labels[WINDOW]
-    for attempt in range(devices.CLAIM_MAX_FAILURES_PER_ACCOUNT):
+    for attempt in range(app.config["CLAIM_MAX_FAILURES_PER_ACCOUNT"]):
         with pytest.raises(devices.DeviceError) as error:
             # Spread over serials, so only the per-account limit applies.
             devices.claim(owner, f"SSW-GUESS-{attempt}", "WRONG123")
@@ -173,7 +173,7 @@ def test_too_many_wrong_codes_per_serial_across_accounts(app, labels, sim):
     label = labels[PUMP]
     guessers = [
         make_user(f"guesser{n}@example.com", provisioned=False)
-        for n in range(devices.CLAIM_MAX_FAILURES_PER_SERIAL)
+        for n in range(app.config["CLAIM_MAX_FAILURES_PER_SERIAL"])
     ]
     for guesser in guessers:
         User.update(provisioning_state="ready", particle_customer_id=f"cguesser{guesser.id}").where(

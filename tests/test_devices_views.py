@@ -275,9 +275,9 @@ def test_claim_without_csrf_is_refused(browser, owner, labels):
     assert Device.get_by_id(WINDOW).owner_id is None
 
 
-def test_too_many_attempts(browser, owner, labels):
+def test_too_many_attempts(app, browser, owner, labels):
     csrf = token(browser)
-    for _ in range(devices.CLAIM_MAX_FAILURES_PER_SERIAL):
+    for _ in range(app.config["CLAIM_MAX_FAILURES_PER_SERIAL"]):
         browser.post(
             "/devices/claim", data={"serial": "SSW-24A-000101", "setup_code": "WRONG123", "csrf_token": csrf}
         )

@@ -55,7 +55,7 @@ def shared_store(app_config):
     # A client address no other test uses: its counters are this test's alone.
     address = f"10.{random.randrange(256)}.{random.randrange(256)}.{random.randrange(1, 255)}"
     app_config["RATELIMIT_STORAGE_URI"] = REDIS_URI
-    app_config["ACCOUNT_RATE_LIMITS"] = {"login": "3 per minute"}
+    app_config["RATE_LIMIT_LOGIN"] = "3 per minute"
     yield connection, address
     for key in connection.scan_iter(match=f"*{address}*"):
         connection.delete(key)
@@ -73,7 +73,8 @@ def test_sign_in_limit_is_shared_by_workers_through_redis(shared_store, app_conf
         "PARTICLE_CLIENT_ID": app_config["PARTICLE_CLIENT_ID"],
         "PARTICLE_CLIENT_SECRET": app_config["PARTICLE_CLIENT_SECRET"],
         "RATELIMIT_STORAGE_URI": REDIS_URI,
-        "ACCOUNT_RATE_LIMITS": {"login": "3 per minute"},
+        "RATE_LIMIT_LOGIN": "3 per minute",
+        "SESSION_COOKIE_SECURE": False,
         "SWEEP_SECONDS": 0,
         "ATTEMPTS": 3,
         "IP": address,
@@ -122,7 +123,7 @@ def _failed_login(client, token, remote_addr, forwarded=None):
 @pytest.fixture
 def behind_one_proxy(app_config):
     app_config["TRUSTED_PROXIES"] = 1
-    app_config["ACCOUNT_RATE_LIMITS"] = {"login": "2 per minute"}
+    app_config["RATE_LIMIT_LOGIN"] = "2 per minute"
     return app_config
 
 
@@ -138,7 +139,7 @@ def test_behind_a_proxy_limits_count_per_client_not_per_proxy(behind_one_proxy, 
 
 
 def test_without_trusted_proxies_forwarded_headers_are_ignored(app_config, app, client):
-    app.config["ACCOUNT_RATE_LIMITS"] = {"login": "2 per minute"}
+    app.config["RATE_LIMIT_LOGIN"] = "2 per minute"
     token = csrf_token(client, "/login")
     statuses = [_failed_login(client, token, "192.0.2.10", f"198.51.100.{n}") for n in range(3)]
     assert statuses == [401, 401, 429]

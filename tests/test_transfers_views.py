@@ -251,7 +251,7 @@ def test_owner_approves_through_the_link(app, owned, seller, buyer, labels, sim,
 
 
 def test_requests_are_rate_limited(app, owned, seller, buyer, sim):
-    app.config["TRANSFER_REQUEST_RATE_LIMIT"] = "2 per hour"
+    app.config["RATE_LIMIT_TRANSFER_REQUEST"] = "2 per hour"
     client = signed_in(app, "buyer@example.com")
     statuses = [
         post(client, "/transfers/request", {"proof": "x" * 32}, page="/devices/claim").status_code

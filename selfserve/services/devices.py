@@ -54,9 +54,6 @@ log = logging.getLogger(__name__)
 # - only *wrong codes* count (an "already yours" or a cloud outage must not lock anyone out),
 #   which the service knows and a response-status hook would have to guess;
 # - the rule lives in the service, so it is tested without HTTP like the other rules.
-CLAIM_WINDOW_SECONDS = 15 * 60
-CLAIM_MAX_FAILURES_PER_ACCOUNT = 10
-CLAIM_MAX_FAILURES_PER_SERIAL = 5
 
 NAME_MAX = 64
 # Crash recovery leaves a step alone this long after it started, so the sweep never races a
@@ -296,16 +293,16 @@ def claim(user, serial, setup_code):
 
 
 def _check_attempts(user, serial):
-    since = utcnow() - datetime.timedelta(seconds=_setting("CLAIM_WINDOW_SECONDS", CLAIM_WINDOW_SECONDS))
+    since = utcnow() - datetime.timedelta(seconds=_setting("CLAIM_WINDOW_SECONDS"))
     limits = (
-        (f"user:{user.id}", _setting("CLAIM_MAX_FAILURES_PER_ACCOUNT", CLAIM_MAX_FAILURES_PER_ACCOUNT)),
-        (f"serial:{serial}", _setting("CLAIM_MAX_FAILURES_PER_SERIAL", CLAIM_MAX_FAILURES_PER_SERIAL)),
+        (f"user:{user.id}", _setting("CLAIM_MAX_FAILURES_PER_ACCOUNT")),
+        (f"serial:{serial}", _setting("CLAIM_MAX_FAILURES_PER_SERIAL")),
     )
     for key, limit in limits:
         failures = ClaimAttempt.select().where((ClaimAttempt.key == key) & (ClaimAttempt.at > since))
         if failures.count() >= limit:
             oldest = failures.order_by(ClaimAttempt.at).first()
-            window = datetime.timedelta(seconds=_setting("CLAIM_WINDOW_SECONDS", CLAIM_WINDOW_SECONDS))
+            window = datetime.timedelta(seconds=_setting("CLAIM_WINDOW_SECONDS"))
             wait = (oldest.at + window) - utcnow()
             minutes = max(1, int(wait.total_seconds() // 60) + 1)
             log.warning("Claim attempts blocked for %s", key.split(":")[0])
@@ -318,12 +315,12 @@ def _record_failure(user, serial):
         [{"key": f"user:{user.id}", "at": now}, {"key": f"serial:{serial}", "at": now}]
     ).execute()
     # Keep the table small: anything outside every window is useless.
-    cutoff = now - datetime.timedelta(seconds=2 * _setting("CLAIM_WINDOW_SECONDS", CLAIM_WINDOW_SECONDS))
+    cutoff = now - datetime.timedelta(seconds=2 * _setting("CLAIM_WINDOW_SECONDS"))
     ClaimAttempt.delete().where(ClaimAttempt.at < cutoff).execute()
 
 
-def _setting(key, default):
-    return type(default)(current_app.config.get(key, default))
+def _setting(key):
+    return int(current_app.config[key])
 
 
 def _ensure_in_product(device):

@@ -28,7 +28,6 @@ from selfserve.services import audit
 
 log = logging.getLogger(__name__)
 
-DEFAULT_VIEW_MINUTES = 30
 REASON_MIN = 3
 REASON_MAX = 500
 
@@ -43,7 +42,7 @@ class ViewRefused(Exception):
 
 
 def view_minutes():
-    return int(current_app.config.get("STAFF_VIEW_MINUTES", DEFAULT_VIEW_MINUTES))
+    return int(current_app.config["STAFF_VIEW_MINUTES"])
 
 
 def _live(now):

@@ -29,22 +29,6 @@ from selfserve.services.accounts import FormErrors
 
 bp = Blueprint("accounts", __name__)
 
-# Rate limits (Flask-Limiter syntax). Override per key with the ACCOUNT_RATE_LIMITS config
-# dict, e.g. {"login": "3 per minute"}. "ip" limits key on the client address, "email" on the
-# address typed into the form (each sends mail or guesses a password), "account" on the user.
-DEFAULT_LIMITS = {
-    "login": "20 per minute; 200 per hour",  # ip
-    "login_email": "10 per 15 minutes",  # email, failed attempts only
-    "signup": "20 per hour",  # ip
-    "signup_email": "3 per hour",  # email
-    "forgot": "20 per hour",  # ip
-    "forgot_email": "3 per hour",  # email
-    "reset": "20 per hour",  # ip
-    "resend": "3 per 15 minutes",  # account
-    "resend_ip": "30 per hour",  # ip
-    "account_change": "10 per hour",  # account: guessing the current password
-}
-
 # Session key: the address just verified, for the sign-in form to fill in.
 SIGN_IN_EMAIL = "sign_in_email"
 
@@ -52,7 +36,8 @@ MAIL_FAILED = "We couldn't send the email right now. Nothing was lost; please tr
 
 
 def _limit(name):
-    return lambda: current_app.config.get("ACCOUNT_RATE_LIMITS", {}).get(name, DEFAULT_LIMITS[name])
+    """The rate limit setting RATE_LIMIT_<NAME> (selfserve/config.py), read per request."""
+    return lambda: current_app.config["RATE_LIMIT_" + name.upper()]
 
 
 def _form_email_key():

@@ -10,6 +10,7 @@ import datetime
 
 from flask import Blueprint
 from flask import abort
+from flask import current_app
 from flask import flash
 from flask import render_template
 from flask import request
@@ -87,7 +88,9 @@ def _view_banner():
 
 
 @bp.route("/second-factor", methods=["GET", "POST"])
-@limiter.limit("10 per 5 minutes", methods=["POST"], key_func=_staff_account_key)
+@limiter.limit(
+    lambda: current_app.config["RATE_LIMIT_SECOND_FACTOR"], methods=["POST"], key_func=_staff_account_key
+)
 def second_factor():
     user = real_user()
     if not user.is_staff:
@@ -217,7 +220,6 @@ def end_view():
 
 
 def _endpoints():
-    from flask import current_app
 
     return current_app.view_functions
 

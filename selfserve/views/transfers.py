@@ -27,11 +27,9 @@ from selfserve.services import transfers
 
 bp = Blueprint("transfers", __name__)
 
-DEFAULT_REQUEST_LIMIT = "5 per hour"
-
 
 def _request_limit():
-    return current_app.config.get("TRANSFER_REQUEST_RATE_LIMIT", DEFAULT_REQUEST_LIMIT)
+    return current_app.config["RATE_LIMIT_TRANSFER_REQUEST"]
 
 
 def _account_key():
