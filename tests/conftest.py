@@ -17,6 +17,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from flask.testing import FlaskClient
 from helpers import free_port
+from helpers import seed_registry
 
 from selfserve import config as config_module
 
@@ -255,3 +256,10 @@ def client(app):
 def particle(app):
     """The app's own ParticleClient (talks HTTP to the simulator)."""
     return app.extensions["particle"]
+
+
+@pytest.fixture
+def labels(app, sim):
+    """{device id: its label (serial number, setup code, model...)} for the demo devices,
+    imported into our registry and the simulated product."""
+    return {device["id"]: device for device in seed_registry()}

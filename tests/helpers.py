@@ -1,9 +1,19 @@
-"""Helpers for view tests."""
+"""Helpers and constants the tests share (import them as `from helpers import ...`)."""
 
 import contextlib
 import logging
 import re
 import socket
+
+PASSWORD = "correct horse battery"  # make_user's and login's default
+
+# The demo devices (selfserve/simulator/fixtures/demo.json) the tests use by role.
+WINDOW = "e00fce68a1b2c3d4e5f60701"  # living_room_blind: online, starts closed (position 0)
+OTHER_WINDOW = "e00fce68a1b2c3d4e5f60702"  # bedroom_blind
+OFFLINE_WINDOW = "e00fce68a1b2c3d4e5f60703"  # office_blind: offline
+PUMP = "e00fce68a1b2c3d4e5f60801"  # garden_pump: running
+STOPPED_PUMP = "e00fce68a1b2c3d4e5f60802"  # pool_pump
+SLOW_PUMP = "e00fce68a1b2c3d4e5f60803"  # basement_sump_pump: answers after 3 s
 
 
 def csrf_token(client, path="/"):
@@ -16,7 +26,7 @@ def csrf_token(client, path="/"):
     return match.group(1)
 
 
-def make_user(email="home@example.com", password="correct horse battery", verified=True, provisioned=True):
+def make_user(email="home@example.com", password=PASSWORD, verified=True, provisioned=True):
     """Create an account directly in the database (verified and with a Particle customer by
     default: the customer is created in the simulator through the app's real client)."""
     import secrets
@@ -41,7 +51,7 @@ def make_user(email="home@example.com", password="correct horse battery", verifi
     return user
 
 
-def login(client, email="home@example.com", password="correct horse battery"):
+def login(client, email="home@example.com", password=PASSWORD):
     """Sign in through the real login form; returns the response (follows redirects)."""
     token = csrf_token(client, "/login")
     return client.post(

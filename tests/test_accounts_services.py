@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+from helpers import PASSWORD
 from helpers import make_user
 
 from selfserve import passwords
@@ -26,7 +27,6 @@ from selfserve.services import provisioning
 from selfserve.services import steps
 from selfserve.services.accounts import FormErrors
 
-PASSWORD = "correct horse battery"
 CUSTOMER_ID = re.compile(r"^c[0-9a-f]{24}$")
 
 

@@ -7,6 +7,7 @@ from urllib.parse import parse_qs
 from urllib.parse import urlsplit
 
 import pytest
+from helpers import PASSWORD
 from helpers import csrf_token
 from helpers import login
 from helpers import make_user
@@ -15,7 +16,6 @@ from selfserve.models import AuditEvent
 from selfserve.models import LoginSession
 from selfserve.models import User
 
-PASSWORD = "correct horse battery"
 COOKIE = "selfserve_session"
 
 

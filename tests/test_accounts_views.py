@@ -11,6 +11,7 @@ import time
 from urllib.parse import urlsplit
 
 import pytest
+from helpers import PASSWORD
 from helpers import count_queries
 from helpers import csrf_token
 from helpers import login
@@ -23,9 +24,6 @@ from selfserve.models import User
 from selfserve.models import utcnow
 from selfserve.services import audit
 from selfserve.services import provisioning
-
-PASSWORD = "correct horse battery"
-
 
 # --- helpers ------------------------------------------------------------------------------------
 

@@ -5,8 +5,10 @@ import threading
 import time
 
 import pytest
+from helpers import OFFLINE_WINDOW
+from helpers import PUMP
+from helpers import WINDOW
 from helpers import make_user
-from helpers import seed_registry
 from werkzeug.exceptions import NotFound
 
 from selfserve import passwords
@@ -19,16 +21,6 @@ from selfserve.models import db
 from selfserve.models import utcnow
 from selfserve.services import devices
 from selfserve.services import live_values
-
-WINDOW = "e00fce68a1b2c3d4e5f60701"
-OFFLINE_WINDOW = "e00fce68a1b2c3d4e5f60703"
-PUMP = "e00fce68a1b2c3d4e5f60801"
-
-
-@pytest.fixture
-def labels(app, sim):
-    """{device id: fixture dict} for the demo devices, imported into registry and product."""
-    return {device["id"]: device for device in seed_registry()}
 
 
 @pytest.fixture

@@ -5,10 +5,13 @@ import logging
 import re
 
 import pytest
+from helpers import OFFLINE_WINDOW
+from helpers import PASSWORD
+from helpers import PUMP
+from helpers import WINDOW
 from helpers import csrf_token
 from helpers import login
 from helpers import make_user
-from helpers import seed_registry
 
 from selfserve.models import AuditEvent
 from selfserve.models import Device
@@ -16,16 +19,7 @@ from selfserve.models import DeviceSnapshot
 from selfserve.models import User
 from selfserve.services import devices
 
-WINDOW = "e00fce68a1b2c3d4e5f60701"
-OFFLINE_WINDOW = "e00fce68a1b2c3d4e5f60703"
-PUMP = "e00fce68a1b2c3d4e5f60801"
-PASSWORD = "correct horse battery"
 HTMX = {"HX-Request": "true"}
-
-
-@pytest.fixture
-def labels(app, sim):
-    return {device["id"]: device for device in seed_registry()}
 
 
 @pytest.fixture

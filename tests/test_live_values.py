@@ -4,6 +4,9 @@ import datetime
 import threading
 
 import pytest
+from helpers import OFFLINE_WINDOW
+from helpers import PUMP
+from helpers import WINDOW
 from helpers import make_user
 from helpers import seed_registry
 
@@ -13,9 +16,6 @@ from selfserve.models import utcnow
 from selfserve.services import devices
 from selfserve.services import live_values
 
-WINDOW = "e00fce68a1b2c3d4e5f60701"
-OFFLINE_WINDOW = "e00fce68a1b2c3d4e5f60703"
-PUMP = "e00fce68a1b2c3d4e5f60801"
 WINDOW_VARIABLES = 5
 
 DEVICE_GET = "GET /v1/devices/:id"

@@ -5,6 +5,8 @@ simulator and a real SMTP sink."""
 import datetime
 
 import pytest
+from helpers import PUMP
+from helpers import WINDOW
 from helpers import make_user
 from helpers import seed_registry
 
@@ -18,8 +20,6 @@ from selfserve.services import accounts
 from selfserve.services import devices
 from selfserve.services import migration
 
-WINDOW = "e00fce68a1b2c3d4e5f60701"
-PUMP = "e00fce68a1b2c3d4e5f60801"
 COMPANY = "company-account@maker.example"
 
 

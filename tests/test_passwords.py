@@ -3,6 +3,7 @@ and a cheap profile that only the tests may use."""
 
 import pytest
 from argon2 import PasswordHasher
+from helpers import PASSWORD
 from helpers import make_user
 
 from selfserve import config as config_module
@@ -10,7 +11,6 @@ from selfserve import passwords
 from selfserve.models import User
 from selfserve.services import accounts
 
-PASSWORD = "correct horse battery"
 OWASP_PREFIX = "$argon2id$v=19$m=19456,t=2,p=1$"
 
 

@@ -21,6 +21,10 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
+from helpers import OTHER_WINDOW
+from helpers import PASSWORD
+from helpers import PUMP
+from helpers import WINDOW
 from helpers import csrf_token
 from helpers import demo_devices
 from helpers import login
@@ -32,13 +36,9 @@ from selfserve.models import Device
 from selfserve.models import LoginSession
 from selfserve.models import User
 
-PASSWORD = "correct horse battery"
 EMAIL = "leak.hunter@example.com"
 COOKIE = "selfserve_session"
 HTMX = {"HX-Request": "true"}
-WINDOW = "e00fce68a1b2c3d4e5f60701"
-PUMP = "e00fce68a1b2c3d4e5f60801"
-OTHER_WINDOW = "e00fce68a1b2c3d4e5f60702"
 # A URL argument the crawl has no real value for (a route added after this test was written)
 # still gets fetched, with this value.
 FALLBACK_ARGUMENT = "1"

@@ -12,6 +12,8 @@ import os
 import re
 
 import pytest
+from helpers import PASSWORD
+from helpers import WINDOW
 from helpers import csrf_token
 from helpers import login
 from helpers import make_user
@@ -24,8 +26,6 @@ from selfserve import security
 from selfserve.models import LoginSession
 from selfserve.services import devices
 
-PASSWORD = "correct horse battery"
-WINDOW = "e00fce68a1b2c3d4e5f60701"
 COOKIE = "selfserve_session"
 PRODUCTION_BASE_URL = "https://devices.example.com"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

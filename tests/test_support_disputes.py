@@ -6,6 +6,9 @@ import datetime
 import threading
 
 import pytest
+from helpers import csrf_token
+from helpers import login
+from helpers import make_user
 
 from selfserve import mail
 from selfserve.models import AuditEvent
@@ -15,9 +18,6 @@ from selfserve.models import User
 from selfserve.models import utcnow
 from selfserve.services import devices
 from selfserve.services import transfers
-from tests.helpers import csrf_token
-from tests.helpers import login
-from tests.helpers import make_user
 from tests.test_support_views import PASSWORD
 from tests.test_support_views import STAFF_EMAIL
 from tests.test_support_views import WINDOW

@@ -5,6 +5,10 @@ import datetime
 
 import pyotp
 import pytest
+from helpers import PASSWORD
+from helpers import PUMP
+from helpers import WINDOW
+from helpers import make_user
 
 from selfserve import sweep
 from selfserve.models import AuditEvent
@@ -20,19 +24,9 @@ from selfserve.services import reconcile
 from selfserve.services import staff
 from selfserve.services import support
 from selfserve.services.accounts import FormErrors
-from tests.helpers import make_user
-from tests.helpers import seed_registry
 
-PASSWORD = "correct horse battery"
-WINDOW = "e00fce68a1b2c3d4e5f60701"
 WINDOW_2 = "e00fce68a1b2c3d4e5f60702"
 WINDOW_3 = "e00fce68a1b2c3d4e5f60703"
-PUMP = "e00fce68a1b2c3d4e5f60801"
-
-
-@pytest.fixture
-def labels(app, sim):
-    return {device["id"]: device for device in seed_registry()}
 
 
 def own(user, labels, device_id):

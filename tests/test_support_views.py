@@ -6,7 +6,13 @@ import re
 
 import pyotp
 import pytest
-from flask.testing import FlaskClient
+from helpers import PASSWORD
+from helpers import PUMP
+from helpers import WINDOW
+from helpers import count_queries
+from helpers import csrf_token
+from helpers import login
+from helpers import make_user
 
 from selfserve.models import AuditEvent
 from selfserve.models import Device
@@ -16,37 +22,9 @@ from selfserve.models import User
 from selfserve.services import audit
 from selfserve.services import devices
 from selfserve.services import staff
-from tests.helpers import count_queries
-from tests.helpers import csrf_token
-from tests.helpers import login
-from tests.helpers import make_user
-from tests.helpers import seed_registry
 
-PASSWORD = "correct horse battery"
 STAFF_EMAIL = "helper@support.example"
-WINDOW = "e00fce68a1b2c3d4e5f60701"
-PUMP = "e00fce68a1b2c3d4e5f60801"
 HTMX = {"HX-Request": "true"}
-
-
-class FreshContextClient(FlaskClient):
-    """Each request in its own app context, as a real server (CSRF tokens cached in `g` must
-    not outlive a session rotation)."""
-
-    def run_wsgi_app(self, environ, buffered=False):
-        with self.application.app_context():
-            return super().run_wsgi_app(environ, buffered=buffered)
-
-
-@pytest.fixture
-def app(app):
-    app.test_client_class = FreshContextClient
-    return app
-
-
-@pytest.fixture
-def labels(app, sim):
-    return {device["id"]: device for device in seed_registry()}
 
 
 @pytest.fixture

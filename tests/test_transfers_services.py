@@ -5,8 +5,8 @@ import datetime
 import threading
 
 import pytest
+from helpers import WINDOW
 from helpers import make_user
-from helpers import seed_registry
 
 from selfserve import mail
 from selfserve import tokens
@@ -21,9 +21,6 @@ from selfserve.services import live_values
 from selfserve.services import steps
 from selfserve.services import transfers
 
-WINDOW = "e00fce68a1b2c3d4e5f60701"
-PUMP = "e00fce68a1b2c3d4e5f60801"
-
 
 class Crash(BaseException):
     """Stands in for the process dying mid-step (not an Exception: nothing catches it)."""
@@ -33,11 +30,6 @@ class Crash(BaseException):
 def app_config(app_config):
     app_config["TRANSFER_QUICK_RETRY_SECONDS"] = ()  # no in-request retries unless a test asks
     return app_config
-
-
-@pytest.fixture
-def labels(app, sim):
-    return {device["id"]: device for device in seed_registry()}
 
 
 @pytest.fixture

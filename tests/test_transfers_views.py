@@ -6,10 +6,11 @@ import datetime
 import re
 
 import pytest
+from helpers import PASSWORD
+from helpers import WINDOW
 from helpers import csrf_token
 from helpers import login
 from helpers import make_user
-from helpers import seed_registry
 
 from selfserve.models import Device
 from selfserve.models import Transfer
@@ -17,19 +18,11 @@ from selfserve.models import utcnow
 from selfserve.services import devices
 from selfserve.services import transfers
 
-WINDOW = "e00fce68a1b2c3d4e5f60701"
-PASSWORD = "correct horse battery"
-
 
 @pytest.fixture
 def app_config(app_config):
     app_config["TRANSFER_QUICK_RETRY_SECONDS"] = ()
     return app_config
-
-
-@pytest.fixture
-def labels(app, sim):
-    return {device["id"]: device for device in seed_registry()}
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import html
 import re
 
 import pytest
+from helpers import PASSWORD
 from helpers import login
 from helpers import make_user
 
@@ -13,7 +14,6 @@ from selfserve import config as config_module
 from selfserve import htmx
 from selfserve import mail
 
-PASSWORD = "correct horse battery"
 FOOTER_HELP = re.compile(r'<footer class="site-footer">.*<a href="/help">Help & support</a>.*</footer>', re.S)
 
 

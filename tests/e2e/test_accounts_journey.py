@@ -7,6 +7,7 @@ fills in the address just confirmed, and tap targets are big enough for a finger
 import re
 
 import pyotp
+from helpers import PASSWORD
 from helpers import make_user
 from helpers import seed_registry
 from pages import check_page
@@ -15,7 +16,6 @@ from playwright.sync_api import expect
 from selfserve.services import devices
 from selfserve.services import staff
 
-PASSWORD = "correct horse battery"
 TAP = 44  # px: the smallest comfortable touch target
 
 

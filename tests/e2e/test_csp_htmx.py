@@ -3,12 +3,11 @@ and the browser really enforces it (an injected inline script and inline style a
 Without the second half, a lost CSP header would pass every journey silently."""
 
 import pytest
+from helpers import PASSWORD
+from helpers import WINDOW
 from helpers import make_user
 from helpers import seed_registry
 from playwright.sync_api import expect
-
-PASSWORD = "correct horse battery"
-WINDOW = "e00fce68a1b2c3d4e5f60701"
 
 WATCH_VIOLATIONS = """
 window.__cspViolations = [];

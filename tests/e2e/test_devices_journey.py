@@ -6,13 +6,12 @@ pauses in a hidden tab. CSP holds throughout and every page passes axe."""
 import re
 
 import pytest
+from helpers import PASSWORD
+from helpers import WINDOW
 from helpers import make_user
-from helpers import seed_registry
 from pages import check_page
 from playwright.sync_api import expect
 
-PASSWORD = "correct horse battery"
-WINDOW = "e00fce68a1b2c3d4e5f60701"
 PUMP = "e00fce68a1b2c3d4e5f60802"
 
 
@@ -20,11 +19,6 @@ PUMP = "e00fce68a1b2c3d4e5f60802"
 def app_config(app_config):
     app_config["VALUES_POLL_SECONDS"] = 1
     return app_config
-
-
-@pytest.fixture
-def labels(app, sim):
-    return {device["id"]: device for device in seed_registry()}
 
 
 def sign_in(page):

@@ -5,14 +5,13 @@ device shows its error message in the page (an htmx error fragment, swapped on p
 
 import re
 
+from helpers import OFFLINE_WINDOW
+from helpers import PASSWORD
+from helpers import WINDOW
 from helpers import make_user
 from helpers import seed_registry
 from pages import check_page
 from playwright.sync_api import expect
-
-PASSWORD = "correct horse battery"
-WINDOW = "e00fce68a1b2c3d4e5f60701"  # starts closed (position 0)
-OFFLINE_WINDOW = "e00fce68a1b2c3d4e5f60703"
 
 
 def _labels():

@@ -8,6 +8,8 @@ import re
 
 import pyotp
 import pytest
+from helpers import PASSWORD
+from helpers import WINDOW
 from helpers import make_user
 from helpers import seed_registry
 from pages import check_page
@@ -17,9 +19,6 @@ from selfserve.models import Device
 from selfserve.models import StaffView
 from selfserve.services import devices
 from selfserve.services import staff
-
-PASSWORD = "correct horse battery"
-WINDOW = "e00fce68a1b2c3d4e5f60701"
 
 
 @pytest.fixture

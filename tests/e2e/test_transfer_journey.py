@@ -7,8 +7,9 @@ import datetime
 import re
 
 import pytest
+from helpers import PASSWORD
+from helpers import WINDOW
 from helpers import make_user
-from helpers import seed_registry
 from pages import check_page
 from playwright.sync_api import expect
 
@@ -18,14 +19,7 @@ from selfserve.models import utcnow
 from selfserve.services import devices
 from selfserve.services import transfers
 
-PASSWORD = "correct horse battery"
-WINDOW = "e00fce68a1b2c3d4e5f60701"
 PHONE = {"width": 375, "height": 740}
-
-
-@pytest.fixture
-def labels(app, sim):
-    return {device["id"]: device for device in seed_registry()}
 
 
 @pytest.fixture

@@ -12,6 +12,11 @@ import time
 
 import pytest
 import requests
+from helpers import OFFLINE_WINDOW
+from helpers import PUMP
+from helpers import SLOW_PUMP
+from helpers import STOPPED_PUMP
+from helpers import WINDOW
 
 from selfserve import config as config_module
 from selfserve.simulator.server import SimulatorServer
@@ -20,12 +25,7 @@ CLIENT = (config_module.DEMO_PARTICLE_CLIENT_ID, config_module.DEMO_PARTICLE_CLI
 PRODUCT = config_module.DEMO_PARTICLE_PRODUCT
 SLUG = "selfserve-demo"
 
-WINDOW = "e00fce68a1b2c3d4e5f60701"  # online, position 0
 WINDOW_2 = "e00fce68a1b2c3d4e5f60702"  # online, position 60
-OFFLINE_WINDOW = "e00fce68a1b2c3d4e5f60703"
-PUMP = "e00fce68a1b2c3d4e5f60801"  # running
-STOPPED_PUMP = "e00fce68a1b2c3d4e5f60802"
-SLOW_PUMP = "e00fce68a1b2c3d4e5f60803"  # latency 3 s
 UNKNOWN_ID = "0123456789abcdef01234567"
 
 HEX40 = re.compile(r"^[0-9a-f]{40}$")
