@@ -122,7 +122,8 @@ class _QueryLog(logging.Handler):
         self.queries = []
 
     def emit(self, record):
-        self.queries.append(record.getMessage())
+        if record.name == "peewee":  # statements, not "peewee.pool"'s check-in/out messages
+            self.queries.append(record.getMessage())
 
 
 @contextlib.contextmanager
