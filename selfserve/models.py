@@ -49,9 +49,10 @@ def init_db(url, pool_size=32, pool_recycle_seconds=300, pool_wait_seconds=10):
     previous = db.obj
     db.initialize(database)
     if isinstance(previous, PooledDatabase):
-        # Rebinding (tests build one app after another): don't leave the old pool's
-        # connections open until garbage collection gets to them.
-        previous.close_all()
+        # Rebinding (tests build one app after another): close the old pool's idle connections
+        # rather than leave them to garbage collection. Not the ones in use: closing a SQLite
+        # connection another thread is running a statement on crashes the process.
+        previous.close_idle()
     return database
 
 
