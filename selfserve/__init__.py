@@ -97,6 +97,9 @@ def create_app(test_config=None):
     cli.init_app(app)
 
     _background_jobs(app)
+    # Start-up used a pooled connection (the schema check): close it, so that no connection
+    # is inherited by forked workers (gunicorn --preload) and shared between processes.
+    models.close_idle_connections()
     return app
 
 

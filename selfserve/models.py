@@ -56,6 +56,12 @@ def init_db(url, pool_size=32, pool_recycle_seconds=300, pool_wait_seconds=10):
     return database
 
 
+def close_idle_connections():
+    """Close the pool's idle connections (those no thread holds)."""
+    if isinstance(db.obj, PooledDatabase):
+        db.obj.close_idle()
+
+
 class BaseModel(peewee.Model):
     class Meta:
         database = db
