@@ -6,9 +6,17 @@ import datetime
 import threading
 
 import pytest
+from helpers import PASSWORD
+from helpers import WINDOW
 from helpers import csrf_token
 from helpers import login
 from helpers import make_user
+from test_support_views import STAFF_EMAIL
+from test_support_views import console  # noqa: F401 - a signed-in support console
+from test_support_views import post
+from test_support_views import staff_user  # noqa: F401
+from test_support_views import start_view
+from test_support_views import writes
 
 from selfserve import mail
 from selfserve.models import AuditEvent
@@ -18,16 +26,6 @@ from selfserve.models import User
 from selfserve.models import utcnow
 from selfserve.services import devices
 from selfserve.services import transfers
-from tests.test_support_views import PASSWORD
-from tests.test_support_views import STAFF_EMAIL
-from tests.test_support_views import WINDOW
-from tests.test_support_views import app  # noqa: F401 - the console's fresh-context client
-from tests.test_support_views import console  # noqa: F401
-from tests.test_support_views import labels  # noqa: F401
-from tests.test_support_views import post
-from tests.test_support_views import staff_user  # noqa: F401
-from tests.test_support_views import start_view
-from tests.test_support_views import writes
 
 OWNER = "owner@example.com"
 REQUESTER = "requester@example.com"

@@ -7,18 +7,18 @@ import threading
 import time
 
 import requests
+from helpers import STOPPED_PUMP
+from helpers import WINDOW
+from test_simulator import PRODUCT
+from test_simulator import Stream
+from test_simulator import bearer
+from test_simulator import import_device
+from test_simulator import product_token
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request
 from werkzeug.wrappers import Response
 
 from selfserve import config as config_module
-from tests.particle.test_simulator import PRODUCT
-from tests.particle.test_simulator import STOPPED_PUMP
-from tests.particle.test_simulator import WINDOW
-from tests.particle.test_simulator import Stream
-from tests.particle.test_simulator import bearer
-from tests.particle.test_simulator import import_device
-from tests.particle.test_simulator import product_token
 
 STATE = "selfserve/state"
 LEGACY = "0a0b0c0d0e0f101112131415"
