@@ -38,22 +38,19 @@ def support_contact(config):
 
 
 def register(app):
+    from selfserve.views import accounts
+    from selfserve.views import devices
+    from selfserve.views import hooks
     from selfserve.views import main
+    from selfserve.views import support
+    from selfserve.views import transfers
 
-    app.register_blueprint(main.bp)
-    for module_name in ("accounts", "devices", "transfers", "support", "hooks", "demo"):
-        module = _optional_view_module(module_name)
-        if module is not None:
-            if module_name == "demo" and not app.config.get("DEMO"):
-                continue
-            app.register_blueprint(module.bp)
+    for module in (main, accounts, devices, transfers, support, hooks):
+        app.register_blueprint(module.bp)
+    if app.config.get("DEMO"):
+        from selfserve.views import demo
 
-    endpoints = frozenset(app.view_functions)
-
-    @app.context_processor
-    def _endpoints():
-        # Lets shared templates link only to areas that exist.
-        return {"url_rules": endpoints}
+        app.register_blueprint(demo.bp)
 
     @app.context_processor
     def _support_contact():
@@ -83,15 +80,3 @@ def register(app):
         return htmx.error_response(
             "Something went wrong on our side. Nothing was lost; please try again.", 500, "Error"
         )
-
-
-def _optional_view_module(name):
-    """Areas are added issue by issue; register the ones that exist."""
-    import importlib
-
-    try:
-        return importlib.import_module(f"selfserve.views.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"selfserve.views.{name}":
-            return None
-        raise

@@ -203,9 +203,7 @@ def start_view(customer_id):
     flash(
         f"You are viewing as {target.email}, read-only, for {impersonation.view_minutes()} minutes.", "info"
     )
-    return htmx.redirect(
-        url_for("devices.dashboard") if "devices.dashboard" in _endpoints() else url_for("accounts.settings")
-    )
+    return htmx.redirect(url_for("devices.dashboard"))
 
 
 @bp.post("/view/end")
@@ -217,11 +215,6 @@ def end_view():
         return htmx.redirect(url_for("support.home"))
     flash("The view has ended. Everything you looked at was recorded.", "success")
     return htmx.redirect(url_for("support.customer", customer_id=ended.customer_id))
-
-
-def _endpoints():
-
-    return current_app.view_functions
 
 
 # --- staff actions (each needs a reason) -----------------------------------------------------------
