@@ -27,6 +27,7 @@ from selfserve import tokens
 from selfserve.models import User
 from selfserve.models import db
 from selfserve.models import utcnow
+from selfserve.refusals import Refusal
 from selfserve.security import end_all_login_sessions
 from selfserve.services import audit
 from selfserve.services import provisioning
@@ -53,12 +54,17 @@ VERIFY_LINK_OUTDATED = (
 )
 
 
-class FormErrors(Exception):
-    """Input to correct. `errors` maps a form field name to a message for that field."""
+class FormErrors(Refusal):
+    """Input to correct. `errors` maps a form field name to a message for that field (the
+    first one is also the refusal's `field` and `message`)."""
 
     def __init__(self, errors):
-        super().__init__(", ".join(f"{k}: {v}" for k, v in errors.items()))
+        field, message = next(iter(errors.items()), (None, "Please correct the form."))
+        super().__init__(message, kind="form", field=field, status=422)
         self.errors = errors
+
+    def __str__(self):
+        return ", ".join(f"{k}: {v}" for k, v in self.errors.items())
 
 
 @dataclass

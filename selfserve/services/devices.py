@@ -40,6 +40,7 @@ from selfserve.particle.errors import ParticleError
 from selfserve.particle.errors import PermissionDenied
 from selfserve.particle.errors import RateLimited
 from selfserve.particle.errors import uncertain
+from selfserve.refusals import Refusal
 from selfserve.services import audit
 from selfserve.services import live_values
 from selfserve.services import registry
@@ -101,17 +102,13 @@ MESSAGES = {
 }
 
 
-class DeviceError(Exception):
-    """A refusal the homeowner should read. `kind` names the case (views pick a status or a
-    next step by it), `field` the form field at fault, `device` the device when relevant."""
+class DeviceError(Refusal):
+    """A refusal the homeowner should read (see selfserve/refusals.py); `device` the device
+    when relevant."""
 
     def __init__(self, message, kind="error", field=None, device=None, status=400):
-        super().__init__(message)
-        self.message = message
-        self.kind = kind
-        self.field = field
+        super().__init__(message, kind=kind, field=field, status=status)
         self.device = device
-        self.status = status
 
 
 @dataclasses.dataclass

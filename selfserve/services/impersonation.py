@@ -24,6 +24,7 @@ from selfserve.models import LoginSession
 from selfserve.models import StaffView
 from selfserve.models import User
 from selfserve.models import utcnow
+from selfserve.refusals import Refusal
 from selfserve.services import audit
 
 log = logging.getLogger(__name__)
@@ -32,13 +33,11 @@ REASON_MIN = 3
 REASON_MAX = 500
 
 
-class ViewRefused(Exception):
+class ViewRefused(Refusal):
     """A view that may not start; `message` says why."""
 
     def __init__(self, message, status=400):
-        super().__init__(message)
-        self.message = message
-        self.status = status
+        super().__init__(message, status=status)
 
 
 def view_minutes():

@@ -30,6 +30,7 @@ from selfserve.models import LoginSession
 from selfserve.models import User
 from selfserve.models import db
 from selfserve.models import utcnow
+from selfserve.refusals import Refusal
 from selfserve.services import audit
 from selfserve.services.accounts import FormErrors
 from selfserve.services.accounts import checked_credentials
@@ -42,7 +43,7 @@ VALID_WINDOW = 1
 CODE_LENGTH = 6
 
 
-class StaffError(Exception):
+class StaffError(Refusal):
     """An operator or staff mistake with a message to show."""
 
 

@@ -20,6 +20,7 @@ from selfserve.models import utcnow
 from selfserve.particle import get_client
 from selfserve.particle.errors import NotFound
 from selfserve.particle.errors import ParticleError
+from selfserve.refusals import Refusal
 from selfserve.services import accounts
 from selfserve.services import audit
 from selfserve.services import devices
@@ -39,13 +40,11 @@ ACTIVITY_LIMIT = 50
 PROVISIONING_STUCK_SECONDS = 5 * 60
 
 
-class SupportError(Exception):
+class SupportError(Refusal):
     """A staff request that can't be done; `message` says why."""
 
     def __init__(self, message, status=400):
-        super().__init__(message)
-        self.message = message
-        self.status = status
+        super().__init__(message, status=status)
 
 
 def check_reason(reason):

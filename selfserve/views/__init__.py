@@ -7,6 +7,7 @@ from werkzeug.exceptions import HTTPException
 
 from selfserve import htmx
 from selfserve.particle.errors import ParticleError
+from selfserve.refusals import Refusal
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,11 @@ def register(app):
         return htmx.error_response(
             "This form has expired. Please reload the page and try again.", 400, "Form expired"
         )
+
+    @app.errorhandler(Refusal)
+    def _refused(exc):
+        # What a view didn't catch to show next to a form: the message, with its status.
+        return htmx.error_response(exc.message, exc.status, ERROR_TITLES.get(exc.status, "That didn't work"))
 
     @app.errorhandler(ParticleError)
     def _particle_error(exc):

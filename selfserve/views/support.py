@@ -20,6 +20,7 @@ from flask_login import current_user
 
 from selfserve import htmx
 from selfserve.mail import MailError
+from selfserve.refusals import Refusal
 from selfserve.security import limiter
 from selfserve.security import rotate_login_session
 from selfserve.services import audit
@@ -271,9 +272,7 @@ def release_device(device_id):
         return _action_refused("Tick the box to confirm the release.", back)
     try:
         support.release_device(real_user(), found, request.form.get("reason", ""))
-    except support.SupportError as exc:
-        return _action_refused(exc.message, back)
-    except devices.DeviceError as exc:
+    except Refusal as exc:  # the support rules' or the devices service's
         return _action_refused(exc.message, back)
     return _action_done("The device was released. It no longer belongs to anyone.", back)
 
