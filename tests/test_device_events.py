@@ -8,6 +8,8 @@ import threading
 import time
 
 import pytest
+from helpers import PUMP
+from helpers import WINDOW
 from helpers import make_user
 from helpers import seed_registry
 from werkzeug.serving import make_server
@@ -19,8 +21,6 @@ from selfserve.services import device_events
 from selfserve.services import devices
 from selfserve.services import live_values
 
-WINDOW = "e00fce68a1b2c3d4e5f60701"
-PUMP = "e00fce68a1b2c3d4e5f60801"
 SLOW_PUMP = "e00fce68a1b2c3d4e5f60803"  # legacy firmware: publishes no state
 UNCLAIMED = "e00fce68a1b2c3d4e5f60702"
 SECRET = "a-long-webhook-secret-0123456789abcdef"

@@ -4,8 +4,9 @@ charts with gaps, CSV; fed by the live values read from the simulator."""
 import datetime
 
 import pytest
+from helpers import PUMP
+from helpers import WINDOW
 from helpers import make_user
-from helpers import seed_registry
 
 from selfserve.models import Device
 from selfserve.models import RollupPending
@@ -16,18 +17,11 @@ from selfserve.services import devices
 from selfserve.services import history
 from selfserve.services import live_values
 
-WINDOW = "e00fce68a1b2c3d4e5f60701"
-PUMP = "e00fce68a1b2c3d4e5f60801"
 T0 = datetime.datetime(2026, 11, 1, 10, 0, 0)
 
 
 def minutes(n):
     return T0 + datetime.timedelta(minutes=n)
-
-
-@pytest.fixture
-def labels(app, sim):
-    return {device["id"]: device for device in seed_registry()}
 
 
 @pytest.fixture

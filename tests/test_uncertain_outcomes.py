@@ -9,10 +9,11 @@ import datetime
 import time
 
 import pytest
+from helpers import PASSWORD
+from helpers import WINDOW
 from helpers import csrf_token
 from helpers import login
 from helpers import make_user
-from helpers import seed_registry
 
 from selfserve.models import AuditEvent
 from selfserve.models import Device
@@ -26,8 +27,6 @@ from selfserve.services import migration
 from selfserve.services import provisioning
 from selfserve.services import transfers
 
-WINDOW = "e00fce68a1b2c3d4e5f60701"
-PASSWORD = "correct horse battery"
 CLAIM = ("POST", "/v1/devices")
 UNCLAIM = ("DELETE", "/v1/products/*/devices/*/owner")
 BELONGS_TO_SOMEONE_ELSE = {"ok": False, "errors": ["That belongs to someone else."]}
@@ -39,11 +38,6 @@ def app_config(app_config):
     app_config["PARTICLE_READ_TIMEOUT"] = 0.3
     app_config["TRANSFER_QUICK_RETRY_SECONDS"] = ()  # no in-request retries: the sweep decides
     return app_config
-
-
-@pytest.fixture
-def labels(app, sim):
-    return {device["id"]: device for device in seed_registry()}
 
 
 @pytest.fixture
