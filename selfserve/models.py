@@ -436,6 +436,57 @@ class NameSync(JobColumns):
     device_id = peewee.CharField(primary_key=True, max_length=24)
 
 
+class Grant(BaseModel):
+    """A role on a device given to a person who doesn't own it (services/access.py).
+
+    Roles, each including the one before: viewer (values, history), operator (also runs
+    functions), manager (also renames and shares up to their own role). A grant ends when it
+    is revoked, when the device changes owner (release, transfer), or by itself at
+    `expires_at` (the lookup checks the time; the sweep records the ending afterwards).
+    `active_key` ("<device>:<grantee>") is set while the grant has not been ended and NULL
+    after: its unique index allows one live grant per person and device.
+    """
+
+    device = peewee.ForeignKeyField(Device, backref="grants", on_delete="CASCADE", column_name="device_id")
+    grantee = peewee.ForeignKeyField(User, backref="grants_received", on_delete="CASCADE")
+    role = peewee.CharField(max_length=16)  # viewer | operator | manager
+    created_at = peewee.DateTimeField(default=utcnow)
+    granted_by = peewee.ForeignKeyField(User, null=True, backref="+", on_delete="SET NULL")
+    expires_at = peewee.DateTimeField(null=True, index=True)
+    ended_at = peewee.DateTimeField(null=True)
+    ended_by = peewee.ForeignKeyField(User, null=True, backref="+", on_delete="SET NULL")
+    # revoked | released | transferred | expired | replaced
+    end_cause = peewee.CharField(null=True, max_length=16)
+    active_key = peewee.CharField(null=True, unique=True, max_length=64)
+
+    class Meta:
+        indexes = ((("grantee", "ended_at"), False),)
+
+
+class Invitation(BaseModel):
+    """An emailed offer of a role on a device (services/sharing.py). The link is signed and
+    carries `nonce`; it works once because accepting moves `state` from pending with an
+    atomic UPDATE. state: pending -> accepted | withdrawn | expired | ended (the device
+    changed owner)."""
+
+    device = peewee.ForeignKeyField(
+        Device, backref="invitations", on_delete="CASCADE", column_name="device_id"
+    )
+    email = peewee.CharField(max_length=254, index=True)
+    role = peewee.CharField(max_length=16)
+    # The grant's own end, chosen by the inviter (None: until revoked).
+    access_until = peewee.DateTimeField(null=True)
+    invited_by = peewee.ForeignKeyField(User, null=True, backref="+", on_delete="SET NULL")
+    created_at = peewee.DateTimeField(default=utcnow)
+    expires_at = peewee.DateTimeField()  # when the link stops working
+    state = peewee.CharField(default="pending", max_length=16, index=True)
+    nonce = peewee.CharField(max_length=32, unique=True)
+    decided_at = peewee.DateTimeField(null=True)
+    decided_by = peewee.ForeignKeyField(User, null=True, backref="+", on_delete="SET NULL")
+    grant = peewee.ForeignKeyField(Grant, null=True, backref="+", on_delete="SET NULL")
+    mailed_at = peewee.DateTimeField(null=True)
+
+
 ALL_MODELS = [
     User,
     LoginSession,
@@ -457,4 +508,6 @@ ALL_MODELS = [
     ValueRollup,
     RollupPending,
     NameSync,
+    Grant,
+    Invitation,
 ]

@@ -34,6 +34,8 @@ PURPOSES = {
     # Transfers (services/transfers/): the buyer's offer link, the owner's approve/object links.
     "transfer_offer": Purpose(salt="selfserve.transfer-offer.v1", max_age=7 * 24 * 3600),
     "transfer_answer": Purpose(salt="selfserve.transfer-answer.v1", max_age=8 * 24 * 3600),
+    # Sharing (services/sharing.py): an invitation to a role on a device.
+    "share_invite": Purpose(salt="selfserve.share-invite.v1", max_age=7 * 24 * 3600),
 }
 
 
@@ -117,7 +119,7 @@ def same(a, b):
 # URL paths that carry a token. Access logs (werkzeug, gunicorn) print request lines; these
 # paths are cut down to their prefix so links never land in a log file.
 _TOKEN_PATH = re.compile(
-    r"(/(?:verify|reset|confirm-email|transfers/offer|transfers/answer)/)[A-Za-z0-9_.\-]+"
+    r"(/(?:verify|reset|confirm-email|transfers/offer|transfers/answer|share)/)[A-Za-z0-9_.\-]+"
 )
 
 

@@ -47,6 +47,7 @@ PUBLIC = {
     "demo.mailbox": "demo mode only: the local mailbox (never registered outside DEMO)",
     "transfers.offer_link": "emailed offer link: a signed token shows the offer, accepting needs an account",
     "transfers.answer_link": "emailed link to the recorded owner: a signed token lets them approve or object",
+    "sharing.invitation_link": "emailed invitation link: a signed token shows the invitation; accepting is a signed-in POST",
     "hooks.particle": "Particle's product webhook: no session at all; the shared secret (constant-time compare) or 401",
 }
 

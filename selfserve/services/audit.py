@@ -22,6 +22,15 @@ class _WithArgument(str):
         return str.format(self, *args, **detail)
 
 
+class _Until(str):
+    """A sharing description with "{until}": " until <date>" when the access has an end."""
+
+    def format(self, *args, **detail):
+        until = detail.get("until")
+        detail["until"] = f" until {until}" if until else ""
+        return str.format(self, *args, **detail)
+
+
 # action -> how the activity page says it (the detail dict fills the placeholders).
 DESCRIPTIONS = {
     "account.signed_up": "Signed up",
@@ -53,6 +62,21 @@ DESCRIPTIONS = {
     "transfer.owner_approved": "Agreed to transfer device {name}",
     "transfer.objected": "Objected to the transfer of device {name}",
     "transfer.failed_returned": "The transfer of device {name} failed; it stays with its owner",
+    # Sharing (services/access.py, services/sharing.py): "user" is the owner for the plain
+    # action, the person given or losing access for "_for_me" / "access_received".
+    "sharing.invited": _Until("Invited {to} as {role} of device {name}{until}"),
+    "sharing.invitation_withdrawn": "Withdrew the invitation of {to} to device {name}",
+    "sharing.invitation_accepted": "{to} accepted the invitation to device {name} as {role}",
+    "sharing.granted": _Until("Gave {to} {role} access to device {name}{until}"),
+    "sharing.access_received": _Until("You were given {role} access to device {name}{until}"),
+    "sharing.revoked": "Revoked the {role} access of {to} to device {name}",
+    "sharing.revoked_for_me": "Your {role} access to device {name} was revoked",
+    "sharing.expired": "The {role} access of {to} to device {name} ended on its end date",
+    "sharing.expired_for_me": "Your {role} access to device {name} ended on its end date",
+    "sharing.ended_by_release": "The access of {to} to device {name} ended: the device was released",
+    "sharing.ended_by_release_for_me": "Your access to device {name} ended: its owner released it",
+    "sharing.ended_by_transfer": "The access of {to} to device {name} ended: the device was transferred",
+    "sharing.ended_by_transfer_for_me": "Your access to device {name} ended: it has a new owner",
     "staff.alert": "Alert for staff: {reason}",
     "support.viewed": "Support viewed your account",
     "support.view_started": "Support viewed your account",
@@ -107,6 +131,10 @@ def describe(event, for_staff=False):
         text = template.format(**detail)
     except (KeyError, IndexError):
         text = template
+    if detail.get("by") and (event.action.startswith("device.") or event.action.startswith("sharing.")):
+        # Someone other than the account holder acted (a person the device is shared with).
+        if event.actor_id != event.user_id:
+            text = f"{text} (by {detail['by']})"
     if for_staff:
         for homeowner_words, staff_words in _FOR_STAFF:
             text = text.replace(homeowner_words, staff_words)

@@ -28,6 +28,7 @@ from selfserve.models import ClaimAttempt
 from selfserve.models import Device
 from selfserve.models import NameSync
 from selfserve.models import User
+from selfserve.models import db
 from selfserve.models import utcnow
 from selfserve.particle import get_client
 from selfserve.particle.errors import TRANSIENT
@@ -41,6 +42,7 @@ from selfserve.particle.errors import PermissionDenied
 from selfserve.particle.errors import RateLimited
 from selfserve.particle.errors import uncertain
 from selfserve.refusals import Refusal
+from selfserve.services import access
 from selfserve.services import audit
 from selfserve.services import live_values
 from selfserve.services import registry
@@ -126,21 +128,34 @@ def parse_device_id(raw):
     return registry.normalize_device_id(raw) if raw and len(raw) == 24 else None
 
 
-def device_for(user, device_id):
-    """The device `device_id` if `user` owns it (and no claim/release is in flight), else 404.
+def device_for(user, device_id, need="owner"):
+    """The device `device_id` if `user` may act on it with role `need`, else a 404.
 
-    The one ownership check every device route goes through: another customer's device, an
-    unknown or malformed id all answer the same 404, and none of them calls Particle.
+    The one access check every device route goes through. `need` is the least role the
+    route requires (services/access.py: viewer < operator < manager < owner; deny by default,
+    so a caller that names nothing gets owner-only). The device comes back with `role` set to
+    the user's effective role on it. Another customer's device, a device shared with a lesser
+    role, an ended or expired grant, an unknown or malformed id and a device with a claim,
+    release or transfer in flight all answer the same 404, and none of them calls Particle.
     """
+    if need not in access.RANK:
+        raise ValueError(f"unknown role {need!r}")
     parsed = parse_device_id(device_id)
     if parsed is None or user is None or not getattr(user, "is_authenticated", False):
         abort(404)
     device = Device.get_or_none(
-        (Device.device_id == parsed) & (Device.owner == user.id) & Device.claim_state.is_null()
+        (Device.device_id == parsed) & Device.owner.is_null(False) & Device.claim_state.is_null()
     )
-    if device is None:
+    role = access.role_of(user, device) if device is not None else None
+    if not access.at_least(role, need):
         abort(404)
+    device.role = role
     return device
+
+
+def owner_of(device):
+    """The account whose Particle customer holds the device (every call runs as them)."""
+    return User.get_by_id(device.owner_id)
 
 
 # Audit actions that mean "this device left `user`'s account", and how to say it.
@@ -496,20 +511,29 @@ RELEASE_REFUSED = (
 
 
 def _finish_release(device, user, name):
-    done = (
-        Device.update(
-            owner=None, name=None, claimed_at=None, claim_state=None, claim_state_at=None, claim_error=None
+    with db.atomic():
+        done = (
+            Device.update(
+                owner=None,
+                name=None,
+                claimed_at=None,
+                claim_state=None,
+                claim_state_at=None,
+                claim_error=None,
+            )
+            .where(
+                (Device.device_id == device.device_id)
+                & (Device.owner == user.id)
+                & (Device.claim_state == "releasing")
+            )
+            .execute()
         )
-        .where(
-            (Device.device_id == device.device_id)
-            & (Device.owner == user.id)
-            & (Device.claim_state == "releasing")
-        )
-        .execute()
-    )
+        if done:
+            audit.record("device.released", user=user, device_id=device.device_id, name=name)
+            # Whoever holds the label next starts clean: nobody keeps access through the old owner.
+            access.end_all(device.device_id, "released", actor=user, owner_id=user.id, name=name)
     if done:
         live_values.forget(device.device_id)
-        audit.record("device.released", user=user, device_id=device.device_id, name=name)
 
 
 def _undo_release(device, user):
@@ -625,8 +649,10 @@ def rename(user, device, new_name):
     old = display_name(device)
     if name == device.name:
         return device
+    owner = owner_of(device)
     try:
-        get_client().rename_device(user.particle_customer_id, device.device_id, particle_name(name, device))
+        # As the owner's customer: a manager's rename runs through our backend.
+        get_client().rename_device(owner.particle_customer_id, device.device_id, particle_name(name, device))
     except TRANSIENT as exc:
         if not uncertain(exc):
             raise DeviceError(
@@ -648,10 +674,19 @@ def rename(user, device, new_name):
             status=502,
         )
     Device.update(name=name).where(
-        (Device.device_id == device.device_id) & (Device.owner == user.id)
+        (Device.device_id == device.device_id) & (Device.owner == owner.id)
     ).execute()
     device.name = name
-    audit.record("device.renamed", user=user, device_id=device.device_id, old=old, new=name, name=name)
+    audit.record(
+        "device.renamed",
+        user=owner,
+        actor=user,
+        device_id=device.device_id,
+        old=old,
+        new=name,
+        name=name,
+        **_by(user, owner),
+    )
     return device
 
 
@@ -693,6 +728,9 @@ NAME_SYNC = steps.Runner("Sending the name of", NameSync, {"push": _step_push_na
 def push_pending_names(now=None):
     """The background job: send the names whose rename answer was lost. Returns how many ran."""
     return NAME_SYNC.resume(now)
+def _by(actor, owner):
+    """Audit detail naming who acted on the owner's device when it wasn't the owner."""
+    return {} if actor.id == owner.id else {"by": actor.email}
 
 
 def call_function(user, device, function_name, raw_arg="", confirmed=False):
@@ -711,9 +749,12 @@ def call_function(user, device, function_name, raw_arg="", confirmed=False):
     if function.confirm and not confirmed:
         raise DeviceError(function.confirm, kind="confirm", status=409)
     name = display_name(device)
+    # Every call runs as the owner's customer, whoever pressed the button (a grantee's access
+    # is ours to decide; Particle only knows the owner).
+    owner = owner_of(device)
     try:
         return_value = get_client().call_function(
-            user.particle_customer_id, device.device_id, function.name, arg
+            owner.particle_customer_id, device.device_id, function.name, arg
         )
     except DeviceOffline:
         live_values.mark_offline(device.device_id)
@@ -748,7 +789,7 @@ def call_function(user, device, function_name, raw_arg="", confirmed=False):
         log.error(
             "Function call on %s denied by Particle although the database says %s owns it",
             device.device_id,
-            user.id,
+            owner.id,
         )
         return FunctionResult(
             False,
@@ -761,12 +802,14 @@ def call_function(user, device, function_name, raw_arg="", confirmed=False):
     refused = return_value is not None and return_value < 0
     audit.record(
         "device.function_called",
-        user=user,
+        user=owner,
+        actor=user,
         device_id=device.device_id,
         function=function.label,
         name=name,
         arg=arg or None,
         result="refused" if refused else "done",
+        **_by(user, owner),
     )
     if refused:
         return FunctionResult(

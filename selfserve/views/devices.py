@@ -1,7 +1,9 @@
 """Device pages: dashboard, claim, device page with live values and functions, rename, release.
 
-Every route that names a device goes through `devices.device_for` (the one ownership check)
-before anything else, so another customer's device is a 404 without any Particle call.
+Every route that names a device goes through `devices.device_for` (the one access check)
+before anything else, naming the least role it needs (viewer: page and values; operator:
+functions; manager: rename; owner: release), so a device the user may not use that way is a
+404 without any Particle call.
 Fragments (summary, values, function result) answer htmx requests; a plain request for one
 is sent to the device page instead.
 """
@@ -28,6 +30,7 @@ from selfserve import htmx
 from selfserve.models import utcnow
 from selfserve.security import public
 from selfserve.security import verified_required
+from selfserve.services import access
 from selfserve.services import devices
 from selfserve.services import history
 from selfserve.services import live_values
@@ -80,6 +83,9 @@ def serial(device):
 def _page_context(device, **extra):
     return {
         "device": device,
+        "role": device.role,
+        "can": lambda need: access.at_least(device.role, need),
+        "role_labels": access.ROLE_LABELS,
         "model": device_models.get(device.model),
         "name": devices.display_name(device),
         "poll_seconds": _poll_seconds(),
@@ -178,7 +184,7 @@ def _claim_page(error=None, serial="", status=200, from_label=False, transfer_pr
 @bp.get("/devices/<device_id>")
 def detail(device_id):
     try:
-        device = devices.device_for(current_user, device_id)
+        device = devices.device_for(current_user, device_id, need="viewer")
     except NotFound:
         # A device this user gave away or released: say so (still a 404). Anyone else gets
         # the plain 404, whatever the device.
@@ -204,7 +210,7 @@ def values(device_id):
 def _live_fragment(device_id, template):
     """A fragment with the device's live values (from the shared cache); without htmx the
     device page, which includes the same fragment."""
-    device = devices.device_for(current_user, device_id)
+    device = devices.device_for(current_user, device_id, need="viewer")
     if not htmx.is_htmx():
         return flask_redirect(url_for("devices.detail", device_id=device.device_id))
     snapshot = live_values.current(device)
@@ -246,7 +252,7 @@ def history_csv(device_id):
 
 @bp.post("/devices/<device_id>/functions/<function_name>")
 def call_function(device_id, function_name):
-    device = devices.device_for(current_user, device_id)
+    device = devices.device_for(current_user, device_id, need="operator")
     arg = request.form.get("arg", "")
     try:
         result = devices.call_function(
@@ -274,7 +280,7 @@ def call_function(device_id, function_name):
 
 @bp.post("/devices/<device_id>/rename")
 def rename(device_id):
-    device = devices.device_for(current_user, device_id)
+    device = devices.device_for(current_user, device_id, need="manager")
     error = None
     try:
         device = devices.rename(current_user, device, request.form.get("name", ""))
@@ -299,7 +305,7 @@ def rename(device_id):
 
 @bp.route("/devices/<device_id>/release", methods=["GET", "POST"])
 def release(device_id):
-    device = devices.device_for(current_user, device_id)
+    device = devices.device_for(current_user, device_id, need="owner")
     if request.method == "GET":
         return render_template("devices/release.html", **_page_context(device))
     name = devices.display_name(device)

@@ -95,7 +95,7 @@ def _context(transfer, **extra):
 @bp.route("/devices/<device_id>/transfer", methods=["GET", "POST"])
 @verified_required
 def start(device_id):
-    device = devices.device_for(current_user, device_id)
+    device = devices.device_for(current_user, device_id, need="owner")
     context = {
         "device": device,
         "name": devices.display_name(device),

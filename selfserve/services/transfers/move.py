@@ -15,6 +15,7 @@ from selfserve.particle.errors import TRANSIENT
 from selfserve.particle.errors import NotFound
 from selfserve.particle.errors import ParticleError
 from selfserve.particle.errors import uncertain
+from selfserve.services import access
 from selfserve.services import audit
 from selfserve.services import live_values
 from selfserve.services import steps
@@ -243,6 +244,10 @@ def _step_record(transfer):
             actor=buyer,
             device_id=device.device_id,
             name=device_label(device),
+        )
+        # The buyer starts clean: nobody keeps access given by the seller.
+        access.end_all(
+            device.device_id, "transferred", actor=seller, owner_id=transfer.seller_id, name=old_name, now=now
         )
     # The buyer starts clean: no name, no values read for the seller.
     live_values.forget(device.device_id)

@@ -1,0 +1,279 @@
+"""Who may do what with a device: the owner, and people holding a grant.
+
+Particle allows one owner per device, so everybody else's access runs through our backend
+with the owner's customer token, and this module decides it. Roles, each including the one
+before:
+
+    viewer    live values and history
+    operator  also runs the device's functions
+    manager   also renames it, and gives or revokes access up to their own role
+    owner     alone releases or transfers it (never granted: it is Device.owner)
+
+Deny by default: no live grant, no access. A grant is live while it is neither ended nor past
+its `expires_at`; the time is checked at every lookup, so an expired grant ends by itself
+with no job running. The sweep (`record_expired`) later writes the ending and its audit
+rows. Ownership changes (release, transfer) end every grant of the device (`end_all`), in the
+same transaction as the ownership write.
+
+When a person's access ends, `access_ended` (a blinker signal) is sent with the device id
+and the user id, after the database change: live pages (server-sent events) subscribe to
+close that person's streams. Polls need nothing: their next request is a 404.
+"""
+
+import logging
+
+import peewee
+from blinker import Namespace
+
+from selfserve.models import Grant
+from selfserve.models import User
+from selfserve.models import db
+from selfserve.models import utcnow
+from selfserve.services import audit
+
+log = logging.getLogger(__name__)
+
+ROLES = ("viewer", "operator", "manager", "owner")
+RANK = {role: rank for rank, role in enumerate(ROLES)}
+GRANTABLE = ("viewer", "operator", "manager")
+ROLE_LABELS = {
+    "viewer": "Viewer: sees values and history",
+    "operator": "Operator: also runs the controls",
+    "manager": "Manager: also renames and shares",
+    "owner": "Owner",
+}
+
+_signals = Namespace()
+# sender: the device id; keyword user_id: whose access ended; cause: why.
+access_ended = _signals.signal("selfserve.access-ended")
+
+
+def at_least(role, need):
+    """True when `role` includes `need` (None, no access, includes nothing)."""
+    return role in RANK and RANK[role] >= RANK[need]
+
+
+def live(now=None):
+    """The condition for grants that give access right now."""
+    now = now or utcnow()
+    return Grant.ended_at.is_null() & (Grant.expires_at.is_null() | (Grant.expires_at > now))
+
+
+def live_grant(user_id, device_id, now=None):
+    """The live grant of `user_id` on `device_id`, or None."""
+    return Grant.select().where((Grant.device == device_id) & (Grant.grantee == user_id) & live(now)).first()
+
+
+def role_of(user, device, now=None):
+    """The effective role of `user` on `device`: "owner", a granted role, or None."""
+    if user is None or device.owner_id is None:
+        return None
+    if device.owner_id == user.id:
+        return "owner"
+    grant = live_grant(user.id, device.device_id, now)
+    return grant.role if grant else None
+
+
+def active_key(device_id, user_id):
+    return f"{device_id}:{user_id}"
+
+
+def grants_of_device(device_id, now=None):
+    """Live grants on a device with their grantees, newest first."""
+    return list(
+        Grant.select(Grant, User)
+        .join(User, on=(Grant.grantee == User.id))
+        .where((Grant.device == device_id) & live(now))
+        .order_by(Grant.id.desc())
+    )
+
+
+# --- changes ----------------------------------------------------------------------------------
+
+
+def give(device, grantee, role, granted_by, expires_at=None, via=None, now=None):
+    """Give `grantee` `role` on `device` (replacing a live grant they hold), audited for the
+    owner and the grantee. `via` names how ("invitation", "direct"). Returns the Grant.
+
+    Callers check that `granted_by` may give that role (services/sharing.py)."""
+    if role not in GRANTABLE:
+        raise ValueError(f"not a grantable role: {role!r}")
+    now = now or utcnow()
+    key = active_key(device.device_id, grantee.id)
+    with db.atomic():
+        # A grant that expired but whose ending the sweep hasn't recorded yet still holds the key.
+        _end_where(
+            (Grant.active_key == key) & Grant.expires_at.is_null(False) & (Grant.expires_at <= now),
+            "expired",
+            None,
+            now,
+        )
+        previous = Grant.get_or_none(Grant.active_key == key)
+        if previous is not None:
+            Grant.update(ended_at=now, ended_by=granted_by.id, end_cause="replaced", active_key=None).where(
+                Grant.id == previous.id
+            ).execute()
+        try:
+            with db.atomic():
+                grant = Grant.create(
+                    device=device.device_id,
+                    grantee=grantee.id,
+                    role=role,
+                    granted_by=granted_by.id,
+                    expires_at=expires_at,
+                    active_key=key,
+                    created_at=now,
+                )
+        except peewee.IntegrityError as exc:
+            # Two grants for the same person at the same moment: the other one won.
+            raise ConcurrentChange() from exc
+        detail = {
+            "name": _device_name(device),
+            "role": role,
+            "to": grantee.email,
+            "by": granted_by.email,
+            "until": expires_at.strftime("%d %b %Y %H:%M UTC") if expires_at else None,
+            "via": via,
+        }
+        audit.record(
+            "sharing.granted", user=_owner_of(device), actor=granted_by, device_id=device.device_id, **detail
+        )
+        audit.record(
+            "sharing.access_received", user=grantee, actor=granted_by, device_id=device.device_id, **detail
+        )
+    if previous is not None and not at_least(role, previous.role):
+        access_ended.send(device.device_id, user_id=grantee.id, cause="replaced")
+    return grant
+
+
+class ConcurrentChange(Exception):
+    """Someone else changed the same access at the same moment; nothing was done here."""
+
+
+def revoke(grant, actor, now=None):
+    """End one grant (audited for the owner and the grantee). Returns False when it had
+    already ended (nothing written)."""
+    now = now or utcnow()
+    with db.atomic():
+        ended = _end_where((Grant.id == grant.id) & Grant.ended_at.is_null(), "revoked", actor, now)
+    return bool(ended)
+
+
+def end_all(device_id, cause, actor=None, owner_id=None, name=None, now=None):
+    """End every grant on `device_id` because its ownership changed (`cause`: released,
+    transferred). Call inside the transaction that changes the owner, with the owner it had
+    (`owner_id`) and its name then (`name`), for their activity pages. Returns how many."""
+    from selfserve.models import Invitation
+
+    now = now or utcnow()
+    # Invitations still waiting die with the grants: the new owner invites whom they like.
+    Invitation.update(state="ended", decided_at=now).where(
+        (Invitation.device == device_id) & (Invitation.state == "pending")
+    ).execute()
+    return _end_where(
+        (Grant.device == device_id) & Grant.ended_at.is_null(),
+        cause,
+        actor,
+        now,
+        owner_id=owner_id,
+        name=name,
+    )
+
+
+def record_expired(now=None, limit=500):
+    """Write the ending (and audit rows) of grants whose time ran out. Access already ended at
+    `expires_at` (every lookup checks it); this only records it. Safe in several workers:
+    each grant is ended by one atomic UPDATE. Registered with the sweep."""
+    now = now or utcnow()
+    due = (
+        Grant.select(Grant.id)
+        .where(Grant.ended_at.is_null() & Grant.expires_at.is_null(False) & (Grant.expires_at <= now))
+        .limit(limit)
+    )
+    ids = [row.id for row in due]
+    if not ids:
+        return 0
+    with db.atomic():
+        return _end_where(Grant.id.in_(ids) & Grant.ended_at.is_null(), "expired", None, now)
+
+
+_END_ACTIONS = {
+    "revoked": "sharing.revoked",
+    "released": "sharing.ended_by_release",
+    "transferred": "sharing.ended_by_transfer",
+    "expired": "sharing.expired",
+}
+
+
+def _end_where(condition, cause, actor, now, owner_id=None, name=None):
+    """End the grants matching `condition` (each by an atomic UPDATE, so a grant is ended and
+    audited once however many workers race) and audit each for the owner and the grantee."""
+    from selfserve.models import Device
+
+    rows = list(
+        Grant.select(Grant, User, Device)
+        .join(User, on=(Grant.grantee == User.id))
+        .switch(Grant)
+        .join(Device, on=(Grant.device == Device.device_id))
+        .where(condition)
+    )
+    ended = []
+    for grant in rows:
+        done = (
+            Grant.update(
+                ended_at=now,
+                ended_by=actor.id if actor is not None else None,
+                end_cause=cause,
+                active_key=None,
+            )
+            .where((Grant.id == grant.id) & Grant.ended_at.is_null())
+            .execute()
+        )
+        if not done:
+            continue
+        ended.append(grant)
+        detail = {
+            "name": name or _device_name(grant.device),
+            "role": grant.role,
+            "to": grant.grantee.email,
+            "by": actor.email if actor is not None else None,
+        }
+        action = _END_ACTIONS[cause]
+        owner = owner_id if owner_id is not None else grant.device.owner_id
+        if owner is not None:
+            audit.record(action, user=owner, actor=actor, device_id=grant.device_id, **detail)
+        audit.record(action + "_for_me", user=grant.grantee, actor=actor, device_id=grant.device_id, **detail)
+    # Tell live pages once the change is committed (or at once outside a transaction).
+    for grant in ended:
+        _after_commit(
+            lambda grant=grant: access_ended.send(grant.device_id, user_id=grant.grantee_id, cause=cause)
+        )
+    return len(ended)
+
+
+def _after_commit(callback):
+    # peewee has no on-commit hook; the signal is advisory (a page that misses it gets a 404 on
+    # its next request), so sending it right away is safe: listeners re-check with device_for.
+    try:
+        callback()
+    except Exception:  # noqa: BLE001 - a listener's failure must not undo an ending
+        log.exception("access_ended listener failed")
+
+
+def _device_name(device):
+    from selfserve.services import devices
+
+    return devices.display_name(device)
+
+
+def _owner_of(device):
+    return device.owner_id
+
+
+def _register_with_sweep():
+    from selfserve import sweep
+
+    sweep.register(record_expired)
+
+
+_register_with_sweep()

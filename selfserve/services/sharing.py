@@ -1,0 +1,446 @@
+"""Sharing a device with people: invitations by email, grants, revocations.
+
+The owner, or a manager up to their own role, invites an address with a role (and an
+optional end date). The invitee gets a signed link (purpose "share_invite", expires after
+INVITE_DAYS) that shows the invitation with a button; they accept signed in with that
+verified address (signing up first if needed: the invitation also waits on their devices
+page). Accepting moves the invitation from pending with one atomic UPDATE, so a link works
+once and a withdrawn invitation can't be accepted, whatever the timing. Every step is in the
+audit trail of the owner and of the invitee (services/access.py records grants and endings).
+"""
+
+import dataclasses
+import datetime
+import logging
+import secrets
+from itertools import groupby
+
+from selfserve import mail
+from selfserve import sweep
+from selfserve import tokens
+from selfserve.models import Device
+from selfserve.models import Grant
+from selfserve.models import Invitation
+from selfserve.models import User
+from selfserve.models import db
+from selfserve.models import utcnow
+from selfserve.services import access
+from selfserve.services import audit
+from selfserve.services.accounts import absolute_url
+from selfserve.services.accounts import email_problem
+from selfserve.services.accounts import normalize_email
+
+log = logging.getLogger(__name__)
+
+INVITE_DAYS = 7
+MAX_ACCESS_DAYS = 5 * 366  # an end date further away is a typo
+MAIL_RETRY_SECONDS = 60
+
+
+class SharingError(Exception):
+    """A refusal to show. `field` names the form field at fault."""
+
+    def __init__(self, message, kind="error", status=400, field=None):
+        super().__init__(message)
+        self.message = message
+        self.kind = kind
+        self.status = status
+        self.field = field
+
+
+def grantable_by(role):
+    """The roles someone with `role` may give (and revoke): up to their own, never owner."""
+    if not access.at_least(role, "manager"):
+        return ()
+    return tuple(r for r in access.GRANTABLE if access.at_least(role, r))
+
+
+def _name(device):
+    from selfserve.services import devices
+
+    return devices.display_name(device)
+
+
+def parse_until(raw, now=None):
+    """An optional end date "YYYY-MM-DD" (UTC): access ends at the end of that day. Returns a
+    naive UTC datetime or None; raises SharingError for a bad or past date."""
+    raw = (raw or "").strip()
+    if not raw:
+        return None
+    try:
+        day = datetime.date.fromisoformat(raw[:10])
+    except ValueError:
+        raise SharingError(
+            "Enter the end date as a date, like 2030-05-31.", kind="invalid", field="until", status=422
+        )
+    now = now or utcnow()
+    ends = datetime.datetime.combine(day + datetime.timedelta(days=1), datetime.time())
+    if ends <= now:
+        raise SharingError(
+            "The end date is in the past. Pick today or a later day.",
+            kind="invalid",
+            field="until",
+            status=422,
+        )
+    if ends - now > datetime.timedelta(days=MAX_ACCESS_DAYS):
+        raise SharingError(
+            "Pick an end date within five years, or none.", kind="invalid", field="until", status=422
+        )
+    return ends
+
+
+def _until_text(moment):
+    return moment.strftime("%d %b %Y %H:%M UTC") if moment else None
+
+
+# --- invitations ------------------------------------------------------------------------------
+
+
+def invite(actor, device, email, role, until="", now=None):
+    """Invite `email` to `device` with `role` (device comes from device_for, with its role).
+
+    Raises SharingError for a role above the actor's, a bad address or date, the owner's own
+    address, or an invitation to that address already waiting. The email is sent at once; if
+    the mail server fails the invitation stays and the sweep sends it later."""
+    now = now or utcnow()
+    if role not in grantable_by(getattr(device, "role", None)):
+        raise SharingError("You can't give that role.", kind="role", field="role", status=422)
+    email = normalize_email(email)
+    problem = email_problem(email)
+    if problem:
+        raise SharingError(problem, kind="invalid", field="email", status=422)
+    access_until = parse_until(until, now)
+    owner = User.get_by_id(device.owner_id)
+    if email == owner.email:
+        raise SharingError("That is the owner's own address.", kind="invalid", field="email", status=422)
+    if email == actor.email:
+        raise SharingError("That is your own address.", kind="invalid", field="email", status=422)
+    waiting = Invitation.get_or_none(
+        (Invitation.device == device.device_id)
+        & (Invitation.email == email)
+        & (Invitation.state == "pending")
+        & (Invitation.expires_at > now)
+    )
+    if waiting is not None:
+        raise SharingError(
+            "An invitation to that address is already waiting. Withdraw it first to send a new one.",
+            kind="duplicate",
+            field="email",
+            status=409,
+        )
+    with db.atomic():
+        invitation = Invitation.create(
+            device=device.device_id,
+            email=email,
+            role=role,
+            access_until=access_until,
+            invited_by=actor.id,
+            created_at=now,
+            expires_at=now + datetime.timedelta(days=INVITE_DAYS),
+            nonce=secrets.token_hex(16),
+        )
+        audit.record(
+            "sharing.invited",
+            user=owner,
+            actor=actor,
+            device_id=device.device_id,
+            name=_name(device),
+            to=email,
+            role=role,
+            until=_until_text(access_until),
+            by=actor.email,
+        )
+    send_invitation(invitation)
+    return invitation
+
+
+def invitation_link(invitation):
+    token = tokens.make("share_invite", {"i": invitation.id, "n": invitation.nonce})
+    return absolute_url("sharing.invitation_link", token=token)
+
+
+def from_link(token):
+    """The invitation a link names. Raises tokens.TokenError (bad, expired, or not this one)."""
+    payload = tokens.read("share_invite", token)
+    invitation = (
+        Invitation.get_or_none(Invitation.id == payload.get("i"))
+        if isinstance(payload.get("i"), int)
+        else None
+    )
+    if invitation is None or not tokens.same(invitation.nonce, payload.get("n")):
+        raise tokens.TokenInvalid()
+    return invitation
+
+
+def send_invitation(invitation):
+    """Email the link once: taken with an atomic UPDATE of `mailed_at`, so two workers never
+    both send it; a failure gives it back for the sweep. True when sent."""
+    now = utcnow()
+    taken = (
+        Invitation.update(mailed_at=now)
+        .where(
+            (Invitation.id == invitation.id)
+            & Invitation.mailed_at.is_null()
+            & (Invitation.state == "pending")
+        )
+        .execute()
+    )
+    if not taken:
+        return False
+    device = Device.get_by_id(invitation.device_id)
+    inviter = User.get_or_none(User.id == invitation.invited_by_id)
+    try:
+        mail.send(
+            invitation.email,
+            "A device was shared with you",
+            "share_invitation",
+            link=invitation_link(invitation),
+            inviter=inviter.email if inviter else "Someone",
+            device_label=_label(device),
+            role=invitation.role,
+            role_label=access.ROLE_LABELS[invitation.role],
+            until=_until_text(invitation.access_until),
+            expires=invitation.expires_at.strftime("%d %b %Y"),
+        )
+    except mail.MailError:
+        Invitation.update(mailed_at=None).where(Invitation.id == invitation.id).execute()
+        return False
+    return True
+
+
+def _label(device):
+    from selfserve import device_models
+
+    return f"{device_models.label(device.model)} {device.serial_number}"
+
+
+def resend_unsent(now=None, limit=50):
+    """Sweep: send invitation emails that failed earlier (pending, still valid)."""
+    now = now or utcnow()
+    query = (
+        Invitation.select()
+        .where(
+            Invitation.mailed_at.is_null() & (Invitation.state == "pending") & (Invitation.expires_at > now)
+        )
+        .where(Invitation.created_at <= now - datetime.timedelta(seconds=MAIL_RETRY_SECONDS))
+        .limit(limit)
+    )
+    return sum(1 for invitation in list(query) if send_invitation(invitation))
+
+
+def too_late_message(invitation, now=None):
+    now = now or utcnow()
+    if invitation.state == "accepted":
+        return "This invitation was already accepted."
+    if invitation.state == "withdrawn":
+        return "This invitation was withdrawn. Ask the person who sent it for a new one."
+    if invitation.state == "ended":
+        return "This invitation ended: the device changed owner."
+    if invitation.expires_at <= now or invitation.state == "expired":
+        return "This invitation has expired. Ask the person who sent it for a new one."
+    return None
+
+
+def is_open(invitation, now=None):
+    return too_late_message(invitation, now) is None
+
+
+def for_invitee(user, invitation_id, now=None):
+    """The invitation `invitation_id` if it was sent to `user`'s verified address, else None."""
+    if not user.is_verified or not isinstance(invitation_id, int):
+        return None
+    return Invitation.get_or_none((Invitation.id == invitation_id) & (Invitation.email == user.email))
+
+
+def waiting_for(user, now=None):
+    """Open invitations sent to `user`'s verified address, with their devices, newest first."""
+    if not user.is_verified:
+        return []
+    now = now or utcnow()
+    return list(
+        Invitation.select(Invitation, Device)
+        .join(Device, on=(Invitation.device == Device.device_id))
+        .where(
+            (Invitation.email == user.email) & (Invitation.state == "pending") & (Invitation.expires_at > now)
+        )
+        .order_by(Invitation.id.desc())
+    )
+
+
+def accept(user, invitation, now=None):
+    """Accept `invitation` as `user` (signed in, verified, the invited address). Returns the
+    Grant. Raises SharingError: wrong account, not verified, or too late (withdrawn, used,
+    expired, the device changed hands, the inviter lost the right to give that role)."""
+    now = now or utcnow()
+    if not user.is_verified:
+        raise SharingError(
+            "Verify your email address first, then accept the invitation.", kind="unverified", status=409
+        )
+    if user.email != invitation.email:
+        raise SharingError(
+            f"This invitation is for {invitation.email}. Sign in with that address to accept it.",
+            kind="wrong_account",
+            status=403,
+        )
+    with db.atomic():
+        taken = (
+            Invitation.update(state="accepted", decided_at=now, decided_by=user.id)
+            .where(
+                (Invitation.id == invitation.id)
+                & (Invitation.state == "pending")
+                & (Invitation.expires_at > now)
+            )
+            .execute()
+        )
+        fresh = Invitation.get_by_id(invitation.id)
+        if not taken:
+            raise SharingError(
+                too_late_message(fresh, now) or "This invitation can't be accepted.",
+                kind="too_late",
+                status=410,
+            )
+        device = Device.get_by_id(invitation.device_id)
+        inviter = User.get_or_none(User.id == invitation.invited_by_id)
+        inviter_role = access.role_of(inviter, device, now) if inviter else None
+        if device.claim_state is not None or invitation.role not in grantable_by(inviter_role):
+            # Rolled back with the transaction: the invitation stays as it was.
+            raise SharingError(
+                "This invitation is no longer valid: the person who sent it can't give that access any more.",
+                kind="too_late",
+                status=410,
+            )
+        if device.owner_id == user.id:
+            raise SharingError("This device is already yours.", kind="too_late", status=409)
+        grant = access.give(
+            device,
+            user,
+            invitation.role,
+            inviter,
+            expires_at=invitation.access_until,
+            via="invitation",
+            now=now,
+        )
+        Invitation.update(grant=grant.id).where(Invitation.id == invitation.id).execute()
+        audit.record(
+            "sharing.invitation_accepted",
+            user=device.owner_id,
+            actor=user,
+            device_id=device.device_id,
+            name=_name(device),
+            to=user.email,
+            role=invitation.role,
+        )
+    return grant
+
+
+def withdraw(actor, device, invitation_id, now=None):
+    """Withdraw a pending invitation on `device` (from device_for(need="manager")). A manager
+    may withdraw invitations up to their own role. Raises SharingError (404 when there is no
+    such open invitation on this device)."""
+    now = now or utcnow()
+    invitation = Invitation.get_or_none(
+        (Invitation.id == invitation_id) & (Invitation.device == device.device_id)
+    )
+    if invitation is None or invitation.role not in grantable_by(device.role):
+        raise SharingError("There is no such invitation.", kind="missing", status=404)
+    with db.atomic():
+        done = (
+            Invitation.update(state="withdrawn", decided_at=now, decided_by=actor.id)
+            .where((Invitation.id == invitation.id) & (Invitation.state == "pending"))
+            .execute()
+        )
+        if not done:
+            raise SharingError(
+                too_late_message(Invitation.get_by_id(invitation.id), now) or "Already closed.",
+                kind="too_late",
+                status=409,
+            )
+        audit.record(
+            "sharing.invitation_withdrawn",
+            user=device.owner_id,
+            actor=actor,
+            device_id=device.device_id,
+            name=_name(device),
+            to=invitation.email,
+            role=invitation.role,
+            by=actor.email,
+        )
+    return invitation
+
+
+def revoke(actor, device, grant_id, now=None):
+    """Revoke a live grant on `device` (from device_for(need="manager")); a manager may revoke
+    grants up to their own role. Raises SharingError (404 when there is no such live grant)."""
+    grant = Grant.get_or_none((Grant.id == grant_id) & (Grant.device == device.device_id) & access.live(now))
+    if grant is None or grant.role not in grantable_by(device.role):
+        raise SharingError("There is no such access to revoke.", kind="missing", status=404)
+    if not access.revoke(grant, actor, now):
+        raise SharingError("That access had already ended.", kind="too_late", status=409)
+    return grant
+
+
+# --- what pages show ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DeviceSharing:
+    """The Sharing section of a device page: live grants and open invitations, and what the
+    viewer may do with them."""
+
+    grants: list
+    invitations: list
+    can_give: tuple
+
+
+def of_device(device, now=None):
+    now = now or utcnow()
+    invitations = list(
+        Invitation.select()
+        .where(
+            (Invitation.device == device.device_id)
+            & (Invitation.state == "pending")
+            & (Invitation.expires_at > now)
+        )
+        .order_by(Invitation.id.desc())
+    )
+    return DeviceSharing(
+        grants=access.grants_of_device(device.device_id, now),
+        invitations=invitations,
+        can_give=grantable_by(getattr(device, "role", None)),
+    )
+
+
+@dataclasses.dataclass
+class SharedGroup:
+    owner_email: str
+    devices: list  # Device rows, each with `role` and `grant_expires_at`
+
+
+def shared_with(user, now=None):
+    """Devices others shared with `user` (live grants, devices ready), grouped by owner."""
+    now = now or utcnow()
+    Owner = User.alias()
+    rows = (
+        Grant.select(Grant, Device, Owner)
+        .join(Device, on=(Grant.device == Device.device_id))
+        .join(Owner, on=(Device.owner == Owner.id))
+        .where((Grant.grantee == user.id) & access.live(now) & Device.claim_state.is_null())
+        .order_by(Owner.email, Device.name, Device.serial_number)
+    )
+    groups = []
+    for owner_email, grants in groupby(rows, key=lambda grant: grant.device.owner.email):
+        found = []
+        for grant in grants:
+            device = grant.device
+            device.role = grant.role
+            device.grant_expires_at = grant.expires_at
+            found.append(device)
+        groups.append(SharedGroup(owner_email=owner_email, devices=found))
+    return groups
+
+
+def _register_with_sweep():
+    sweep.register(resend_unsent)
+
+
+_register_with_sweep()

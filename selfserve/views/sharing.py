@@ -1,0 +1,177 @@
+"""Sharing a device: the Sharing section of the device page (invite, withdraw, revoke) and
+the invitee's side (the emailed link, the invitation page, accepting).
+
+Device routes go through `devices.device_for(..., need="manager")` first: anyone below
+manager gets the same 404 as a stranger, with no Particle call. Withdrawing and revoking ask
+for confirmation (hx-confirm in the page; a confirmation page without JavaScript).
+"""
+
+from flask import Blueprint
+from flask import abort
+from flask import flash
+from flask import redirect
+from flask import render_template
+from flask import request
+from flask import url_for
+from flask_login import current_user
+
+from selfserve import htmx
+from selfserve import tokens
+from selfserve.models import Device
+from selfserve.models import User
+from selfserve.security import public
+from selfserve.services import access
+from selfserve.services import devices
+from selfserve.services import sharing
+
+bp = Blueprint("sharing", __name__)
+
+
+@bp.app_template_global("shared_with_me")
+def shared_with_me(user):
+    return sharing.shared_with(user)
+
+
+@bp.app_template_global("device_sharing")
+def device_sharing(device):
+    return sharing.of_device(device)
+
+
+@bp.app_context_processor
+def _role_labels():
+    return {"role_labels_all": access.ROLE_LABELS}
+
+
+@bp.app_template_global("invitations_for_me")
+def invitations_for_me(user):
+    return sharing.waiting_for(user)
+
+
+def _section(device, error=None, form=None, status=200):
+    """The Sharing section (htmx) or the device page with a flash (no JavaScript)."""
+    if htmx.is_htmx():
+        # htmx swaps only 2xx answers: the section with its message comes back as a 200.
+        return render_template(
+            "sharing/_device_section.html",
+            device=device,
+            role=device.role,
+            share_error=error,
+            share_form=form or {},
+        )
+    if error is not None:
+        flash(error.message, "error")
+    return redirect(url_for("devices.detail", device_id=device.device_id) + "#sharing")
+
+
+@bp.post("/devices/<device_id>/sharing/invite")
+def invite(device_id):
+    device = devices.device_for(current_user, device_id, need="manager")
+    form = {name: request.form.get(name, "")[:254] for name in ("email", "role", "until")}
+    try:
+        invitation = sharing.invite(current_user, device, form["email"], form["role"], form["until"])
+    except sharing.SharingError as exc:
+        return _section(device, error=exc, form=form)
+    message = f"Invitation sent to {invitation.email}."
+    if invitation.mailed_at is None:
+        message = f"Invitation saved for {invitation.email}; the email could not be sent yet, we keep trying."
+    flash(message, "success")
+    return _section(device)
+
+
+def _confirm_or_act(device, kind, thing, act, done_message):
+    if request.form.get("confirmed") != "yes":
+        return render_template("sharing/confirm.html", device=device, kind=kind, thing=thing)
+    try:
+        act()
+    except sharing.SharingError as exc:
+        if exc.status == 404:
+            abort(404)
+        return _section(device, error=exc)
+    flash(done_message, "success")
+    return _section(device)
+
+
+@bp.post("/devices/<device_id>/sharing/invitations/<int:invitation_id>/withdraw")
+def withdraw(device_id, invitation_id):
+    device = devices.device_for(current_user, device_id, need="manager")
+    invitation = next((i for i in sharing.of_device(device).invitations if i.id == invitation_id), None)
+    if invitation is None or invitation.role not in sharing.grantable_by(device.role):
+        abort(404)
+    return _confirm_or_act(
+        device,
+        "withdraw",
+        invitation,
+        lambda: sharing.withdraw(current_user, device, invitation_id),
+        f"The invitation of {invitation.email} was withdrawn.",
+    )
+
+
+@bp.post("/devices/<device_id>/sharing/grants/<int:grant_id>/revoke")
+def revoke(device_id, grant_id):
+    device = devices.device_for(current_user, device_id, need="manager")
+    grant = next((g for g in access.grants_of_device(device.device_id) if g.id == grant_id), None)
+    if grant is None or grant.role not in sharing.grantable_by(device.role):
+        abort(404)
+    return _confirm_or_act(
+        device,
+        "revoke",
+        grant,
+        lambda: sharing.revoke(current_user, device, grant_id),
+        f"The access of {grant.grantee.email} was revoked.",
+    )
+
+
+# --- the invitee ---------------------------------------------------------------------------------
+
+
+def _invitation_context(invitation):
+    device = Device.get_by_id(invitation.device_id)
+    inviter = User.get_or_none(User.id == invitation.invited_by_id)
+    return {
+        "invitation": invitation,
+        "device": device,
+        "inviter_email": inviter.email if inviter else None,
+        "role_label": access.ROLE_LABELS[invitation.role],
+        "too_late": sharing.too_late_message(invitation),
+        # After signing in, come back to the invitation by its id: the token never goes into a
+        # ?next= URL (access logs would keep it).
+        "here": url_for("sharing.invitation", invitation_id=invitation.id),
+    }
+
+
+@bp.get("/share/<token>")
+@public
+def invitation_link(token):
+    """The emailed link: shows the invitation and, to the invited account, a button to accept
+    (a POST). Nothing changes on GET."""
+    try:
+        invitation = sharing.from_link(token)
+    except tokens.TokenError as exc:
+        status = 410 if isinstance(exc, tokens.TokenExpired) else 400
+        return render_template("sharing/link_error.html", message=exc.message), status
+    context = _invitation_context(invitation)
+    if context["too_late"]:
+        return render_template("sharing/link_error.html", message=context["too_late"]), 410
+    return render_template("sharing/invitation.html", **context)
+
+
+@bp.get("/invitations/<int:invitation_id>")
+def invitation(invitation_id):
+    found = sharing.for_invitee(current_user, invitation_id)
+    if found is None:
+        abort(404)
+    return render_template("sharing/invitation.html", **_invitation_context(found))
+
+
+@bp.post("/invitations/<int:invitation_id>/accept")
+def accept(invitation_id):
+    found = sharing.for_invitee(current_user, invitation_id)
+    if found is None:
+        abort(404)
+    try:
+        sharing.accept(current_user, found)
+    except sharing.SharingError as exc:
+        context = _invitation_context(sharing.for_invitee(current_user, invitation_id))
+        return render_template("sharing/invitation.html", error=exc, **context), exc.status
+    flash("The device is shared with you now.", "success")
+    return htmx.redirect(url_for("devices.detail", device_id=found.device_id))

@@ -1,0 +1,349 @@
+"""Sharing with people: invitations (link, accept once, withdraw), grants ending (revoke,
+expiry, release, transfer), the audit trail on both sides, and the races."""
+
+import datetime
+import re
+import threading
+
+import pytest
+from helpers import csrf_token
+from helpers import demo_devices
+from helpers import login
+from helpers import make_user
+from helpers import seed_registry
+from test_security_crawl import HTMX
+
+from selfserve import tokens
+from selfserve.models import AuditEvent
+from selfserve.models import Grant
+from selfserve.models import Invitation
+from selfserve.models import utcnow
+from selfserve.services import access
+from selfserve.services import devices
+from selfserve.services import sharing
+
+PASSWORD = "correct horse battery"
+WINDOW = "e00fce68a1b2c3d4e5f60701"
+
+
+@pytest.fixture
+def owner(app, sim, mailbox):
+    labels = {device["id"]: device for device in seed_registry()}
+    user = make_user("owner@example.com", PASSWORD)
+    devices.claim(user, labels[WINDOW]["serial_number"], labels[WINDOW]["setup_code"])
+    return user
+
+
+@pytest.fixture
+def window(owner):
+    return devices.device_for(owner, WINDOW)
+
+
+def signed_in(app, user):
+    client = app.test_client()
+    assert login(client, user.email, PASSWORD).status_code == 200
+    return client
+
+
+def actions_of(user):
+    return [e.action for e in AuditEvent.select().where(AuditEvent.user == user.id).order_by(AuditEvent.id)]
+
+
+def race(app, **actions):
+    """Run the actions at the same moment in threads; {name: "done" or the refusal's kind}."""
+    barrier = threading.Barrier(len(actions))
+    outcomes = {}
+
+    def run(name, action):
+        with app.app_context():
+            barrier.wait()
+            try:
+                action()
+                outcomes[name] = "done"
+            except sharing.SharingError as exc:
+                outcomes[name] = exc.kind
+
+    threads = [threading.Thread(target=run, args=item) for item in actions.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcomes
+
+
+def invite_link(mailbox, address):
+    message = mailbox.wait_for(address)
+    return next(link for link in mailbox.links(message) if "/share/" in link)
+
+
+# --- invitations -------------------------------------------------------------------------------
+
+
+def test_owner_invites_through_the_page_and_the_invitee_accepts_once(app, owner, mailbox, sim):
+    page_client = signed_in(app, owner)
+    token = csrf_token(page_client, f"/devices/{WINDOW}")
+    response = page_client.post(
+        f"/devices/{WINDOW}/sharing/invite",
+        data={"email": "Teen@Example.com", "role": "operator", "csrf_token": token},
+        headers={**HTMX, "X-CSRFToken": token},
+    )
+    assert response.status_code == 200
+    assert "teen@example.com" in response.get_data(as_text=True)  # listed as waiting
+    link = invite_link(mailbox, "teen@example.com")
+    path = link.split("http://localhost", 1)[1]
+
+    # Anonymous: the link shows the invitation and the way to sign in; nothing changes.
+    anonymous = app.test_client().get(path)
+    assert anonymous.status_code == 200 and "Sign in" in anonymous.get_data(as_text=True)
+    teen = make_user("teen@example.com", PASSWORD, provisioned=False)
+    client = signed_in(app, teen)
+    page = client.get(path).get_data(as_text=True)
+    assert "Accept the invitation" in page
+    assert Grant.select().count() == 0
+    invitation = Invitation.get()
+    # Before accepting there is no access at all.
+    assert client.get(f"/devices/{WINDOW}").status_code == 404
+    form_token = csrf_token(client, path)
+    accepted = client.post(f"/invitations/{invitation.id}/accept", data={"csrf_token": form_token})
+    assert accepted.status_code == 302 and accepted.headers["Location"].endswith(f"/devices/{WINDOW}")
+    assert devices.device_for(teen, WINDOW, need="operator").role == "operator"
+    # Works once.
+    again = client.post(f"/invitations/{invitation.id}/accept", data={"csrf_token": form_token})
+    assert again.status_code == 410
+    assert app.test_client().get(path).status_code == 410
+    assert Grant.select().count() == 1
+    assert "sharing.invited" in actions_of(owner) and "sharing.invitation_accepted" in actions_of(owner)
+    assert "sharing.access_received" in actions_of(teen)
+    # The dashboard lists it, grouped by owner.
+    dashboard = client.get("/devices").get_data(as_text=True)
+    assert "Shared with me" in dashboard and "owner@example.com" in dashboard
+
+
+def test_an_invitation_for_another_address_or_unverified_account_is_refused(app, owner, window, mailbox):
+    invitation = sharing.invite(owner, window, "guest@example.com", "viewer")
+    other = make_user("other@example.com", PASSWORD)
+    with pytest.raises(sharing.SharingError) as refused:
+        sharing.accept(other, invitation)
+    assert refused.value.kind == "wrong_account"
+    # By id, someone else's invitation doesn't exist.
+    client = signed_in(app, other)
+    token = csrf_token(client, "/devices")
+    assert client.get(f"/invitations/{invitation.id}").status_code == 404
+    assert client.post(f"/invitations/{invitation.id}/accept", data={"csrf_token": token}).status_code == 404
+    unverified = make_user("guest@example.com", PASSWORD, verified=False)
+    with pytest.raises(sharing.SharingError):
+        sharing.accept(unverified, invitation)
+    assert Invitation.get_by_id(invitation.id).state == "pending" and Grant.select().count() == 0
+
+
+def test_a_link_for_another_purpose_or_tampered_or_expired_is_refused(app, owner, window, mailbox):
+    invitation = sharing.invite(owner, window, "guest@example.com", "viewer")
+    good = tokens.make("share_invite", {"i": invitation.id, "n": invitation.nonce})
+    assert sharing.from_link(good).id == invitation.id
+    with pytest.raises(tokens.TokenInvalid):
+        sharing.from_link(tokens.make("transfer_offer", {"i": invitation.id, "n": invitation.nonce}))
+    with pytest.raises(tokens.TokenInvalid):
+        sharing.from_link(tokens.make("share_invite", {"i": invitation.id, "n": "0" * 32}))
+    old = tokens.make("share_invite", {"i": invitation.id, "n": invitation.nonce}, issued_at=0)
+    assert app.test_client().get(f"/share/{old}").status_code == 410
+
+
+def test_bad_input_is_a_clear_error_and_creates_nothing(app, owner, window):
+    for email, role, until, field in [
+        ("not-an-address", "viewer", "", "email"),
+        ("owner@example.com", "viewer", "", "email"),
+        ("guest@example.com", "owner", "", "role"),
+        ("guest@example.com", "viewer", "2001-01-01", "until"),
+        ("guest@example.com", "viewer", "tomorrow", "until"),
+    ]:
+        with pytest.raises(sharing.SharingError) as refused:
+            sharing.invite(owner, window, email, role, until)
+        assert refused.value.field == field
+    assert Invitation.select().count() == 0
+    sharing.invite(owner, window, "guest@example.com", "viewer")
+    with pytest.raises(sharing.SharingError) as duplicate:
+        sharing.invite(owner, window, "guest@example.com", "operator")
+    assert duplicate.value.kind == "duplicate"
+
+
+def test_accepting_a_withdrawn_invitation_fails_even_when_they_race(app, owner, window, mailbox):
+    guest = make_user("guest@example.com", PASSWORD, provisioned=False)
+    invitation = sharing.invite(owner, window, "guest@example.com", "operator")
+    sharing.withdraw(owner, window, invitation.id)
+    with pytest.raises(sharing.SharingError) as refused:
+        sharing.accept(guest, Invitation.get_by_id(invitation.id))
+    assert refused.value.kind == "too_late" and "withdrawn" in refused.value.message
+    assert Grant.select().count() == 0
+
+    # Withdraw and accept at the same moment: exactly one wins, and the state says which.
+    for _ in range(3):
+        invitation = sharing.invite(owner, window, "guest@example.com", "operator")
+        outcomes = race(
+            app,
+            withdraw=lambda invitation=invitation: sharing.withdraw(owner, window, invitation.id),
+            accept=lambda invitation=invitation: sharing.accept(guest, Invitation.get_by_id(invitation.id)),
+        )
+        assert sorted(outcomes.values()) == ["done", "too_late"], outcomes
+        state = Invitation.get_by_id(invitation.id).state
+        live = access.live_grant(guest.id, WINDOW)
+        assert (state == "accepted") == (outcomes["accept"] == "done") == (live is not None)
+        if live is not None:
+            access.revoke(live, owner)
+
+
+def test_withdraw_and_revoke_ask_for_confirmation_without_javascript(app, owner, window, mailbox):
+    guest = make_user("guest@example.com", PASSWORD, provisioned=False)
+    grant = access.give(window, guest, "viewer", owner)
+    client = signed_in(app, owner)
+    token = csrf_token(client, f"/devices/{WINDOW}")
+    asked = client.post(f"/devices/{WINDOW}/sharing/grants/{grant.id}/revoke", data={"csrf_token": token})
+    assert asked.status_code == 200 and "Yes, revoke it" in asked.get_data(as_text=True)
+    assert access.live_grant(guest.id, WINDOW) is not None
+    done = client.post(
+        f"/devices/{WINDOW}/sharing/grants/{grant.id}/revoke", data={"csrf_token": token, "confirmed": "yes"}
+    )
+    assert done.status_code == 302
+    assert access.live_grant(guest.id, WINDOW) is None
+    assert signed_in(app, guest).get(f"/devices/{WINDOW}").status_code == 404
+    assert "sharing.revoked" in actions_of(owner) and "sharing.revoked_for_me" in actions_of(guest)
+
+
+# --- grants ending ------------------------------------------------------------------------------
+
+
+def test_an_expired_grant_ends_by_itself_and_the_sweep_records_it(app, owner, window, sim):
+    guest = make_user("guest@example.com", PASSWORD, provisioned=False)
+    soon = utcnow() + datetime.timedelta(hours=1)
+    access.give(window, guest, "operator", owner, expires_at=soon)
+    assert devices.device_for(guest, WINDOW, need="operator").role == "operator"
+    later = soon + datetime.timedelta(seconds=1)
+    assert access.role_of(guest, window, now=later) is None
+    # Really past its end: the lookup alone refuses it, before any job ran.
+    Grant.update(expires_at=utcnow() - datetime.timedelta(seconds=1)).execute()
+    sim.reset_counters()
+    assert signed_in(app, guest).get(f"/devices/{WINDOW}/values", headers=HTMX).status_code == 404
+    assert sim.counters()["total"] == 0
+    assert access.record_expired() == 1
+    assert access.record_expired() == 0  # recorded once
+    assert "sharing.expired" in actions_of(owner) and "sharing.expired_for_me" in actions_of(guest)
+    # Giving access again works (the old grant no longer holds the place).
+    access.give(window, guest, "viewer", owner)
+    assert access.role_of(guest, window) == "viewer"
+
+
+def test_release_ends_every_grant_and_invitation(app, owner, window, sim, mailbox):
+    guest = make_user("guest@example.com", PASSWORD, provisioned=False)
+    access.give(window, guest, "manager", owner)
+    invitation = sharing.invite(owner, window, "later@example.com", "viewer")
+    devices.release(owner, window)
+    assert access.live_grant(guest.id, WINDOW) is None
+    assert Grant.get().end_cause == "released"
+    assert Invitation.get_by_id(invitation.id).state == "ended"
+    assert "sharing.ended_by_release" in actions_of(owner)
+    assert "sharing.ended_by_release_for_me" in actions_of(guest)
+    # The next owner starts clean.
+    labels = {device["id"]: device for device in demo_devices()}
+    buyer = make_user("next@example.com", PASSWORD)
+    devices.claim(buyer, labels[WINDOW]["serial_number"], labels[WINDOW]["setup_code"])
+    assert access.role_of(guest, devices.device_for(buyer, WINDOW)) is None
+
+
+def test_transfer_ends_every_grant(app, owner, window, sim, mailbox):
+    from selfserve.services import transfers
+
+    guest = make_user("guest@example.com", PASSWORD, provisioned=False)
+    access.give(window, guest, "operator", owner)
+    buyer = make_user("buyer@example.com", PASSWORD)
+    offer = transfers.offer(owner, window, "buyer@example.com")
+    transfers.accept(buyer, offer)
+    for _ in range(10):
+        transfers.resume_pending(now=utcnow() + datetime.timedelta(hours=1))
+    assert devices.device_for(buyer, WINDOW).role == "owner"
+    assert access.live_grant(guest.id, WINDOW) is None
+    assert Grant.get().end_cause == "transferred"
+    assert "sharing.ended_by_transfer_for_me" in actions_of(guest)
+
+
+def test_manager_shares_and_revokes_only_up_to_their_role(app, owner, window, mailbox):
+    manager = make_user("manager@example.com", PASSWORD, provisioned=False)
+    operator = make_user("operator@example.com", PASSWORD, provisioned=False)
+    access.give(window, manager, "manager", owner)
+    other_manager = make_user("m2@example.com", PASSWORD, provisioned=False)
+    access.give(window, other_manager, "manager", owner)
+    grant = access.give(window, operator, "operator", owner)
+    as_manager = devices.device_for(manager, WINDOW, need="manager")
+    assert sharing.grantable_by("manager") == ("viewer", "operator", "manager")
+    assert sharing.grantable_by("operator") == ()
+    sharing.revoke(manager, as_manager, grant.id)
+    assert access.live_grant(operator.id, WINDOW) is None
+    # Their own role on the device isn't the owner's: release and transfer stay refused.
+    with pytest.raises(Exception) as refused:
+        devices.device_for(manager, WINDOW, need="owner")
+    assert getattr(refused.value, "code", None) == 404
+    activity = signed_in(app, owner).get("/account/activity").get_data(as_text=True)
+    assert "(by manager@example.com)" in activity
+
+
+def test_revoke_while_the_grantee_runs_a_function(app, owner, window, sim):
+    """The call that passed the check finishes (it is already on its way to the device) and is
+    audited with its actor; the revoke lands; the next call is a 404 with no Particle call."""
+    guest = make_user("guest@example.com", PASSWORD, provisioned=False)
+    grant = access.give(window, guest, "operator", owner)
+    client = signed_in(app, guest)
+    token = csrf_token(client, f"/devices/{WINDOW}")
+    sim.add_fault("POST", "/v1/devices/*/open", status=None, latency=1.0)
+    results = {}
+
+    def press():
+        results["call"] = client.post(
+            f"/devices/{WINDOW}/functions/open",
+            data={"csrf_token": token},
+            headers={**HTMX, "X-CSRFToken": token},
+        )
+
+    thread = threading.Thread(target=press)
+    thread.start()
+    deadline = utcnow() + datetime.timedelta(seconds=5)
+    while sim.counters()["routes"].get("POST /v1/devices/:id/:name", 0) == 0 and utcnow() < deadline:
+        threading.Event().wait(0.02)
+    assert access.revoke(grant, owner)
+    thread.join()
+    assert results["call"].status_code == 200
+    called = AuditEvent.select().where(AuditEvent.action == "device.function_called").get()
+    assert called.actor_id == guest.id and called.user_id == owner.id
+    revoked = AuditEvent.select().where(AuditEvent.action == "sharing.revoked").get()
+    assert revoked.id > 0
+    sim.reset_counters()
+    again = client.post(
+        f"/devices/{WINDOW}/functions/open",
+        data={"csrf_token": token},
+        headers={**HTMX, "X-CSRFToken": token},
+    )
+    assert again.status_code == 404
+    assert sim.counters()["total"] == 0
+
+
+def test_revocation_is_published_for_live_pages(app, owner, window):
+    guest = make_user("guest@example.com", PASSWORD, provisioned=False)
+    grant = access.give(window, guest, "viewer", owner)
+    heard = []
+
+    def listener(device_id, user_id, cause):
+        heard.append((device_id, user_id, cause))
+
+    access.access_ended.connect(listener)
+    try:
+        access.revoke(grant, owner)
+    finally:
+        access.access_ended.disconnect(listener)
+    assert heard == [(WINDOW, guest.id, "revoked")]
+
+
+def test_invitation_mail_not_sent_is_retried_by_the_sweep(app, owner, window, mailbox):
+    app.config["MAIL_PORT"] = 1  # nothing listens there
+    invitation = sharing.invite(owner, window, "guest@example.com", "viewer")
+    assert Invitation.get_by_id(invitation.id).mailed_at is None
+    app.config["MAIL_PORT"] = mailbox.port
+    assert sharing.resend_unsent(now=utcnow() + datetime.timedelta(minutes=5)) == 1
+    body = mailbox.body(mailbox.wait_for("guest@example.com"))
+    assert re.search(r"/share/\S+", body) and "owner@example.com" in body
