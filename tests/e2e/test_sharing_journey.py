@@ -1,0 +1,133 @@
+"""Sharing journeys in a real browser at phone width: a homeowner invites a household member as
+operator, who opens the blinds and cannot release them; a homeowner gives a repair visit a
+week of access and revokes it. CSP holds throughout and every page passes axe."""
+
+import datetime
+
+import pytest
+from helpers import make_user
+from helpers import seed_registry
+from pages import check_page
+from playwright.sync_api import expect
+
+from selfserve.models import AuditEvent
+from selfserve.models import User
+from selfserve.models import utcnow
+from selfserve.services import access
+from selfserve.services import devices
+
+PASSWORD = "correct horse battery"
+WINDOW = "e00fce68a1b2c3d4e5f60701"
+PHONE = {"width": 375, "height": 740}
+
+
+@pytest.fixture
+def owned(app, sim):
+    labels = {device["id"]: device for device in seed_registry()}
+    owner = make_user("owner@example.com", PASSWORD)
+    devices.claim(owner, labels[WINDOW]["serial_number"], labels[WINDOW]["setup_code"])
+    devices.rename(owner, devices.device_for(owner, WINDOW), "Living room blind")
+    return owner
+
+
+@pytest.fixture
+def second_page(browser):
+    """Another person's phone (its own cookies)."""
+    context = browser.new_context(viewport=PHONE, is_mobile=True, has_touch=True)
+    context.set_default_timeout(10_000)
+    other = context.new_page()
+    errors = []
+    other.on("pageerror", lambda exc: errors.append(str(exc)))
+    other.on(
+        "console", lambda m: errors.append(m.text) if m.type == "error" and "favicon" not in m.text else None
+    )
+    other.errors = errors  # a test that expects a 404 clears what Chromium logged for it
+    yield other
+    context.close()
+    assert not errors, errors
+
+
+def sign_in(page, base, email):
+    page.goto(base + "/login")
+    page.fill("#email", email)
+    page.fill("#password", PASSWORD)
+    page.click("main button[type=submit]")
+
+
+def invite(page, base, email, role, until=None):
+    page.goto(f"{base}/devices/{WINDOW}")
+    page.fill("#share-email", email)
+    page.select_option("#share-role", role)
+    if until:
+        page.fill("#share-until", until)
+    page.click("button:has-text('Send the invitation')")
+    expect(page.locator("#share-invitations")).to_contain_text(email)
+
+
+def accept_from_mail(page, base, mailbox, email):
+    message = mailbox.wait_for(email)
+    link = next(link for link in mailbox.links(message) if "/share/" in link)
+    page.goto(link)
+    expect(page.locator("h1")).to_contain_text("A device is shared with you")
+    check_page(page)
+    page.click("main a:has-text('Sign in')")
+    page.fill("#email", email)
+    page.fill("#password", PASSWORD)
+    page.click("main button[type=submit]")
+    # Back to the invitation after signing in (by its id: the token stays out of ?next=).
+    page.click("button:has-text('Accept the invitation')")
+    expect(page).to_have_url(f"{base}/devices/{WINDOW}")
+
+
+def test_household_member_invited_as_operator_opens_the_blinds_and_cannot_release(
+    live_server, page, second_page, owned, mailbox, sim
+):
+    sign_in(page, live_server, "owner@example.com")
+    invite(page, live_server, "teen@example.com", "operator")
+    check_page(page)
+
+    make_user("teen@example.com", PASSWORD, provisioned=False)
+    teen = second_page
+    accept_from_mail(teen, live_server, mailbox, "teen@example.com")
+    expect(teen.locator("#shared-role")).to_contain_text("Operator")
+    check_page(teen)
+    teen.click("#controls button:has-text('Open')")
+    expect(teen.locator("#function-result")).not_to_be_empty()
+    expect(teen.locator("#function-result")).not_to_contain_text("failed")
+    # No rename, no sharing, no release for an operator; the release page itself is a 404.
+    assert teen.locator("text=Release this device").count() == 0
+    assert teen.locator("#sharing").count() == 0
+    assert teen.locator("summary:has-text('Rename')").count() == 0
+    response = teen.goto(f"{live_server}/devices/{WINDOW}/release")
+    assert response.status == 404
+    teen.errors.clear()
+    teen.goto(f"{live_server}/devices")
+    expect(teen.locator("#shared-heading")).to_be_visible()
+    expect(teen.locator("main")).to_contain_text("owner@example.com")
+    check_page(teen)
+    called = AuditEvent.select().where(AuditEvent.action == "device.function_called").get()
+    assert called.actor.email == "teen@example.com" and called.user_id == owned.id
+
+
+def test_homeowner_gives_a_repair_visit_a_week_and_revokes_it(live_server, page, second_page, owned, mailbox):
+    sign_in(page, live_server, "owner@example.com")
+    week = (utcnow() + datetime.timedelta(days=7)).date().isoformat()
+    invite(page, live_server, "fixer@example.com", "operator", until=week)
+
+    make_user("fixer@example.com", PASSWORD, provisioned=False)
+    accept_from_mail(second_page, live_server, mailbox, "fixer@example.com")
+    grant = access.live_grant(User.get(User.email == "fixer@example.com").id, WINDOW)
+    assert grant.expires_at.date() == datetime.date.fromisoformat(week) + datetime.timedelta(days=1)
+
+    page.goto(f"{live_server}/devices/{WINDOW}")
+    expect(page.locator("#share-grants")).to_contain_text("fixer@example.com")
+    expect(page.locator("#share-grants")).to_contain_text("until")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#share-grants button:has-text('Revoke')")
+    expect(page.locator("#sharing")).to_contain_text("Nobody else has access")
+    check_page(page)
+    response = second_page.goto(f"{live_server}/devices/{WINDOW}")
+    assert response.status == 404
+    second_page.errors.clear()
+    second_page.goto(f"{live_server}/account/activity")
+    expect(second_page.locator("main")).to_contain_text("was revoked")
