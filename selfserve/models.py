@@ -460,6 +460,7 @@ class Grant(BaseModel):
     active_key = peewee.CharField(null=True, unique=True, max_length=64)
 
     class Meta:
+        table_name = "device_grant"  # "grant" is an SQL keyword
         indexes = ((("grantee", "ended_at"), False),)
 
 
