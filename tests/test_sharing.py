@@ -347,3 +347,34 @@ def test_invitation_mail_not_sent_is_retried_by_the_sweep(app, owner, window, ma
     assert sharing.resend_unsent(now=utcnow() + datetime.timedelta(minutes=5)) == 1
     body = mailbox.body(mailbox.wait_for("guest@example.com"))
     assert re.search(r"/share/\S+", body) and "owner@example.com" in body
+
+
+# --- who can see it ------------------------------------------------------------------------------
+
+
+def test_who_can_see_the_device_for_the_owner_and_for_support(app, owner, window, sim):
+    from test_support_views import sign_in_staff
+
+    from selfserve.services import staff as staff_service
+
+    guest = make_user("guest@example.com", PASSWORD, provisioned=False)
+    access.give(window, guest, "operator", owner, expires_at=utcnow() + datetime.timedelta(days=7))
+    gone = make_user("gone@example.com", PASSWORD, provisioned=False)
+    access.revoke(access.give(window, gone, "viewer", owner), owner)
+    reach = access.who_can_see(window)
+    assert [(r.email, r.role, r.via) for r in reach] == [
+        ("owner@example.com", "owner", "owner"),
+        ("guest@example.com", "operator", "grant"),
+    ]
+    page = signed_in(app, owner).get(f"/devices/{WINDOW}/access").get_data(as_text=True)
+    assert "guest@example.com" in page and "Shared by owner@example.com" in page and "until" in page
+    assert "gone@example.com" not in page
+
+    staff_user = staff_service.create_staff("desk@support.example", PASSWORD)
+    console = sign_in_staff(app.test_client(), staff_user)
+    device_page = console.get(f"/support/devices/{WINDOW}").get_data(as_text=True)
+    assert "Who can see this device, and why" in device_page and "guest@example.com" in device_page
+    customer_page = console.get(f"/support/customers/{owner.id}").get_data(as_text=True)
+    assert "guest@example.com is operator" in customer_page
+    guest_page = console.get(f"/support/customers/{guest.id}").get_data(as_text=True)
+    assert "They are operator of" in guest_page

@@ -44,6 +44,7 @@ NEEDS = {
     "sharing.invite": "manager",
     "sharing.withdraw": "manager",
     "sharing.revoke": "manager",
+    "sharing.who_can_see": "owner",
 }
 
 FORM = {

@@ -20,6 +20,7 @@ and the user id, after the database change: live pages (server-sent events) subs
 close that person's streams. Polls need nothing: their next request is a 404.
 """
 
+import dataclasses
 import logging
 
 import peewee
@@ -86,6 +87,60 @@ def grants_of_device(device_id, now=None):
         .where((Grant.device == device_id) & live(now))
         .order_by(Grant.id.desc())
     )
+
+
+@dataclasses.dataclass
+class Reach:
+    """One person who can see a device, and why: `via` is "owner" or "grant" (with `grant`)."""
+
+    email: str
+    role: str
+    via: str
+    grant: object = None
+    granted_by: str = None
+
+
+def who_can_see(device, now=None):
+    """Everyone with access to `device` and what gives it, owner first (for the owner's "Who
+    can see this device" page and the support console). Database only."""
+    found = []
+    owner = User.get_or_none(User.id == device.owner_id) if device.owner_id else None
+    if owner is not None:
+        found.append(Reach(email=owner.email, role="owner", via="owner"))
+    Giver = User.alias()
+    grants = (
+        Grant.select(Grant, User, Giver)
+        .join(User, on=(Grant.grantee == User.id))
+        .switch(Grant)
+        .join(Giver, peewee.JOIN.LEFT_OUTER, on=(Grant.granted_by == Giver.id))
+        .where((Grant.device == device.device_id) & live(now))
+        .order_by(Grant.id)
+    )
+    for grant in grants:
+        giver = grant.granted_by.email if grant.granted_by_id else None
+        found.append(
+            Reach(email=grant.grantee.email, role=grant.role, via="grant", grant=grant, granted_by=giver)
+        )
+    return found
+
+
+def grants_given_on_devices_of(user, now=None):
+    """Live grants on the devices `user` owns (support's customer page)."""
+    from selfserve.models import Device
+
+    return list(
+        Grant.select(Grant, User)
+        .join(User, on=(Grant.grantee == User.id))
+        .switch(Grant)
+        .join(Device, on=(Grant.device == Device.device_id))
+        .where((Device.owner == user.id) & live(now))
+        .order_by(Grant.device, Grant.id)
+    )
+
+
+def grants_held_by(user, now=None):
+    """Live grants `user` holds on other people's devices (support's customer page)."""
+    return list(Grant.select().where((Grant.grantee == user.id) & live(now)).order_by(Grant.id))
 
 
 # --- changes ----------------------------------------------------------------------------------

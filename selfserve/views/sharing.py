@@ -38,8 +38,14 @@ def device_sharing(device):
 
 
 @bp.app_context_processor
-def _role_labels():
-    return {"role_labels_all": access.ROLE_LABELS}
+def _sharing_helpers():
+    # Support's console pages show grants too (database only, read-only).
+    return {
+        "role_labels_all": access.ROLE_LABELS,
+        "who_can_see": access.who_can_see,
+        "grants_given_on_devices_of": access.grants_given_on_devices_of,
+        "grants_held_by": access.grants_held_by,
+    }
 
 
 @bp.app_template_global("invitations_for_me")
@@ -118,6 +124,18 @@ def revoke(device_id, grant_id):
         grant,
         lambda: sharing.revoke(current_user, device, grant_id),
         f"The access of {grant.grantee.email} was revoked.",
+    )
+
+
+@bp.get("/devices/<device_id>/access")
+def who_can_see(device_id):
+    """Who can see this device, and why (the owner's page; staff see it in the console)."""
+    device = devices.device_for(current_user, device_id, need="owner")
+    return render_template(
+        "sharing/who.html",
+        device=device,
+        name=devices.display_name(device),
+        reach=access.who_can_see(device),
     )
 
 
