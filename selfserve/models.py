@@ -436,6 +436,60 @@ class NameSync(JobColumns):
     device_id = peewee.CharField(primary_key=True, max_length=24)
 
 
+class Organisation(BaseModel):
+    """An account that owns devices and is not a person: a company, a dealer, a manufacturer
+    (services/organisations.py). People belong to it through Membership; DeviceGroup holds
+    subsets of its devices.
+
+    Its devices are owned by `account`, a User row of its own (role "organisation", no
+    password anyone can use) holding the organisation's Particle shadow customer (opaque id,
+    created with the organisation). So claims, releases, function calls and the audit trail of
+    its devices work exactly as for a person's, and its admins act as that owner."""
+
+    name = peewee.CharField(unique=True, max_length=100)
+    kind = peewee.CharField(default="company", max_length=16)  # company | dealer
+    account = peewee.ForeignKeyField(User, unique=True, backref="+", on_delete="CASCADE")
+    created_at = peewee.DateTimeField(default=utcnow)
+    created_by = peewee.ForeignKeyField(User, null=True, backref="+", on_delete="SET NULL")
+
+
+class Membership(BaseModel):
+    """A person in an organisation: admin (runs the organisation: members, groups, grants; owner
+    of its devices) or member (reaches what grants to them or the organisation give).
+    Removing the row ends every access it gave at once (the access check reads it)."""
+
+    organisation = peewee.ForeignKeyField(Organisation, backref="memberships", on_delete="CASCADE")
+    user = peewee.ForeignKeyField(User, backref="memberships", on_delete="CASCADE")
+    role = peewee.CharField(max_length=16)  # admin | member
+    created_at = peewee.DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((("organisation", "user"), True), (("user", "organisation"), False))
+
+
+class DeviceGroup(BaseModel):
+    """A named subset of an organisation's devices (a region, a site, a client); a device may
+    be in several groups."""
+
+    organisation = peewee.ForeignKeyField(Organisation, backref="groups", on_delete="CASCADE")
+    name = peewee.CharField(max_length=100)
+    created_at = peewee.DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((("organisation", "name"), True),)
+
+
+class GroupDevice(BaseModel):
+    """One device in one group (unique pair: adding twice is a no-op, two admins can't race
+    a duplicate in)."""
+
+    group = peewee.ForeignKeyField(DeviceGroup, backref="members", on_delete="CASCADE")
+    device = peewee.ForeignKeyField(Device, backref="+", on_delete="CASCADE", column_name="device_id")
+
+    class Meta:
+        indexes = ((("group", "device"), True), (("device", "group"), False))
+
+
 class Grant(BaseModel):
     """A role on a device given to a person who doesn't own it (services/access.py).
 
@@ -443,12 +497,20 @@ class Grant(BaseModel):
     functions), manager (also renames and shares up to their own role). A grant ends when it
     is revoked, when the device changes owner (release, transfer), or by itself at
     `expires_at` (the lookup checks the time; the sweep records the ending afterwards).
-    `active_key` ("<device>:<grantee>") is set while the grant has not been ended and NULL
-    after: its unique index allows one live grant per person and device.
+    `active_key` (what it is on and to whom, e.g. "d<device>:u<user>") is set while the grant
+    has not been ended and NULL after: its unique index allows one live grant per pair.
     """
 
-    device = peewee.ForeignKeyField(Device, backref="grants", on_delete="CASCADE", column_name="device_id")
-    grantee = peewee.ForeignKeyField(User, backref="grants_received", on_delete="CASCADE")
+    # What it is on: one device, or a group of an organisation's devices (exactly one is set).
+    device = peewee.ForeignKeyField(
+        Device, null=True, backref="grants", on_delete="CASCADE", column_name="device_id"
+    )
+    group = peewee.ForeignKeyField(DeviceGroup, null=True, backref="grants", on_delete="CASCADE")
+    # To whom: a person, or an organisation (all its members; exactly one is set).
+    grantee = peewee.ForeignKeyField(User, null=True, backref="grants_received", on_delete="CASCADE")
+    grantee_org = peewee.ForeignKeyField(
+        Organisation, null=True, backref="grants_received", on_delete="CASCADE"
+    )
     role = peewee.CharField(max_length=16)  # viewer | operator | manager
     created_at = peewee.DateTimeField(default=utcnow)
     granted_by = peewee.ForeignKeyField(User, null=True, backref="+", on_delete="SET NULL")
@@ -461,7 +523,11 @@ class Grant(BaseModel):
 
     class Meta:
         table_name = "device_grant"  # "grant" is an SQL keyword
-        indexes = ((("grantee", "ended_at"), False),)
+        indexes = (
+            (("grantee", "ended_at"), False),
+            (("grantee_org", "ended_at"), False),
+            (("group", "ended_at"), False),
+        )
 
 
 class Invitation(BaseModel):
@@ -509,6 +575,10 @@ ALL_MODELS = [
     ValueRollup,
     RollupPending,
     NameSync,
+    Organisation,
+    Membership,
+    DeviceGroup,
+    GroupDevice,
     Grant,
     Invitation,
 ]

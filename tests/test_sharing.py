@@ -328,7 +328,7 @@ def test_revocation_is_published_for_live_pages(app, owner, window):
     grant = access.give(window, guest, "viewer", owner)
     heard = []
 
-    def listener(device_id, user_id, cause):
+    def listener(device_id, user_id, cause, **extra):
         heard.append((device_id, user_id, cause))
 
     access.access_ended.connect(listener)

@@ -26,7 +26,11 @@ import logging
 import peewee
 from blinker import Namespace
 
+from selfserve.models import DeviceGroup
 from selfserve.models import Grant
+from selfserve.models import GroupDevice
+from selfserve.models import Membership
+from selfserve.models import Organisation
 from selfserve.models import User
 from selfserve.models import db
 from selfserve.models import utcnow
@@ -45,7 +49,8 @@ ROLE_LABELS = {
 }
 
 _signals = Namespace()
-# sender: the device id; keyword user_id: whose access ended; cause: why.
+# sender: the device id (None for a grant on a group); keywords user_id (a person) or org_id
+# (every member of that organisation), group_id (a grant on a group), cause: why.
 access_ended = _signals.signal("selfserve.access-ended")
 
 
@@ -66,17 +71,59 @@ def live_grant(user_id, device_id, now=None):
 
 
 def role_of(user, device, now=None):
-    """The effective role of `user` on `device`: "owner", a granted role, or None."""
-    if user is None or device.owner_id is None:
+    """The effective role of `user` on `device`: the highest of what they hold, or None.
+
+    - "owner": they own it, or they are an admin of the organisation that owns it;
+    - a granted role: a live grant on the device, or on a group of the owning organisation
+      that holds the device, given to them or to an organisation they are a member of.
+    At most two small indexed queries; a device's owner costs none."""
+    if user is None or device.owner_id is None or getattr(user, "id", None) is None:
         return None
     if device.owner_id == user.id:
         return "owner"
-    grant = live_grant(user.id, device.device_id, now)
-    return grant.role if grant else None
+    admin = (
+        Membership.select(Membership.id)
+        .join(Organisation)
+        .where(
+            (Organisation.account == device.owner_id)
+            & (Membership.user == user.id)
+            & (Membership.role == "admin")
+        )
+        .exists()
+    )
+    if admin:
+        return "owner"
+    roles = [row.role for row in Grant.select(Grant.role).where(_reaches(user.id, device) & live(now))]
+    return max(roles, key=RANK.__getitem__) if roles else None
 
 
-def active_key(device_id, user_id):
-    return f"{device_id}:{user_id}"
+def _groups_holding(device):
+    """Subquery: ids of the owning organisation's groups that hold `device` (a group of a
+    former owner no longer counts, even before its rows are cleaned up)."""
+    return (
+        GroupDevice.select(GroupDevice.group)
+        .join(DeviceGroup)
+        .join(Organisation)
+        .where((GroupDevice.device == device.device_id) & (Organisation.account == device.owner_id))
+    )
+
+
+def _organisations_of(user_id):
+    return Membership.select(Membership.organisation).where(Membership.user == user_id)
+
+
+def _reaches(user_id, device):
+    """Grants that reach `user_id` on `device` (liveness not included)."""
+    on_device = (Grant.device == device.device_id) | Grant.group.in_(_groups_holding(device))
+    to_user = (Grant.grantee == user_id) | Grant.grantee_org.in_(_organisations_of(user_id))
+    return on_device & to_user
+
+
+def active_key(device_id=None, user_id=None, group_id=None, org_id=None):
+    """The one-live-grant key of a (target, holder) pair."""
+    target = f"d{device_id}" if device_id is not None else f"g{group_id}"
+    holder = f"u{user_id}" if user_id is not None else f"o{org_id}"
+    return f"{target}:{holder}"
 
 
 def grants_of_device(device_id, now=None):
@@ -154,7 +201,7 @@ def give(device, grantee, role, granted_by, expires_at=None, via=None, now=None)
     if role not in GRANTABLE:
         raise ValueError(f"not a grantable role: {role!r}")
     now = now or utcnow()
-    key = active_key(device.device_id, grantee.id)
+    key = active_key(device_id=device.device_id, user_id=grantee.id)
     with db.atomic():
         # A grant that expired but whose ending the sweep hasn't recorded yet still holds the key.
         _end_where(
@@ -197,7 +244,7 @@ def give(device, grantee, role, granted_by, expires_at=None, via=None, now=None)
             "sharing.access_received", user=grantee, actor=granted_by, device_id=device.device_id, **detail
         )
     if previous is not None and not at_least(role, previous.role):
-        access_ended.send(device.device_id, user_id=grantee.id, cause="replaced")
+        access_ended.send(device.device_id, user_id=grantee.id, org_id=None, group_id=None, cause="replaced")
     return grant
 
 
@@ -225,6 +272,8 @@ def end_all(device_id, cause, actor=None, owner_id=None, name=None, now=None):
     Invitation.update(state="ended", decided_at=now).where(
         (Invitation.device == device_id) & (Invitation.state == "pending")
     ).execute()
+    # Out of the former owner's groups: grants on those groups no longer reach it.
+    GroupDevice.delete().where(GroupDevice.device == device_id).execute()
     return _end_where(
         (Grant.device == device_id) & Grant.ended_at.is_null(),
         cause,
@@ -265,11 +314,16 @@ def _end_where(condition, cause, actor, now, owner_id=None, name=None):
     audited once however many workers race) and audit each for the owner and the grantee."""
     from selfserve.models import Device
 
+    Holder = Organisation.alias()
     rows = list(
-        Grant.select(Grant, User, Device)
-        .join(User, on=(Grant.grantee == User.id))
+        Grant.select(Grant, User, Device, DeviceGroup, Holder)
+        .join(User, peewee.JOIN.LEFT_OUTER, on=(Grant.grantee == User.id))
         .switch(Grant)
-        .join(Device, on=(Grant.device == Device.device_id))
+        .join(Device, peewee.JOIN.LEFT_OUTER, on=(Grant.device == Device.device_id))
+        .switch(Grant)
+        .join(DeviceGroup, peewee.JOIN.LEFT_OUTER, on=(Grant.group == DeviceGroup.id))
+        .switch(Grant)
+        .join(Holder, peewee.JOIN.LEFT_OUTER, on=(Grant.grantee_org == Holder.id))
         .where(condition)
     )
     ended = []
@@ -288,22 +342,51 @@ def _end_where(condition, cause, actor, now, owner_id=None, name=None):
             continue
         ended.append(grant)
         detail = {
-            "name": name or _device_name(grant.device),
+            "name": name or target_label(grant),
             "role": grant.role,
-            "to": grant.grantee.email,
+            "to": holder_label(grant),
             "by": actor.email if actor is not None else None,
         }
         action = _END_ACTIONS[cause]
-        owner = owner_id if owner_id is not None else grant.device.owner_id
+        owner = owner_id if owner_id is not None else _target_owner(grant)
         if owner is not None:
             audit.record(action, user=owner, actor=actor, device_id=grant.device_id, **detail)
-        audit.record(action + "_for_me", user=grant.grantee, actor=actor, device_id=grant.device_id, **detail)
-    # Tell live pages once the change is committed (or at once outside a transaction).
+        if grant.grantee_id is not None:
+            audit.record(
+                action + "_for_me", user=grant.grantee_id, actor=actor, device_id=grant.device_id, **detail
+            )
+    # Tell live pages (the change is in this transaction; listeners re-check with device_for).
     for grant in ended:
         _after_commit(
-            lambda grant=grant: access_ended.send(grant.device_id, user_id=grant.grantee_id, cause=cause)
+            lambda grant=grant: access_ended.send(
+                grant.device_id,
+                user_id=grant.grantee_id,
+                org_id=grant.grantee_org_id,
+                group_id=grant.group_id,
+                cause=cause,
+            )
         )
     return len(ended)
+
+
+def holder_label(grant):
+    """Who a grant is to: the person's address or the organisation's name."""
+    if grant.grantee_id is not None:
+        return grant.grantee.email
+    return f"organisation {grant.grantee_org.name}"
+
+
+def target_label(grant):
+    """What a grant is on: the device's name or the group's."""
+    if grant.device_id is not None:
+        return _device_name(grant.device)
+    return f"group {grant.group.name}"
+
+
+def _target_owner(grant):
+    if grant.device_id is not None:
+        return grant.device.owner_id
+    return Organisation.get_by_id(grant.group.organisation_id).account_id
 
 
 def _after_commit(callback):

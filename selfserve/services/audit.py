@@ -77,6 +77,14 @@ DESCRIPTIONS = {
     "sharing.ended_by_release_for_me": "Your access to device {name} ended: its owner released it",
     "sharing.ended_by_transfer": "The access of {to} to device {name} ended: the device was transferred",
     "sharing.ended_by_transfer_for_me": "Your access to device {name} ended: it has a new owner",
+    "org.created": "Created the organisation {organisation}",
+    "org.member_added": "Added {to} to the organisation as {role}",
+    "org.member_added_me": "You were added to the organisation {organisation} as {role}",
+    "org.member_removed": "Removed {to} from the organisation",
+    "org.member_removed_me": "You were removed from the organisation {organisation}",
+    "org.group_created": "Created the group {group}",
+    "org.group_devices_added": "Put {count} device(s) in the group {group}",
+    "org.group_devices_removed": "Took {count} device(s) out of the group {group}",
     "staff.alert": "Alert for staff: {reason}",
     "support.viewed": "Support viewed your account",
     "support.view_started": "Support viewed your account",
@@ -131,7 +139,7 @@ def describe(event, for_staff=False):
         text = template.format(**detail)
     except (KeyError, IndexError):
         text = template
-    if detail.get("by") and (event.action.startswith("device.") or event.action.startswith("sharing.")):
+    if detail.get("by") and event.action.startswith(("device.", "sharing.")):
         # Someone other than the account holder acted (a person the device is shared with).
         if event.actor_id != event.user_id:
             text = f"{text} (by {detail['by']})"

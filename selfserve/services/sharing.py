@@ -13,7 +13,8 @@ import dataclasses
 import datetime
 import logging
 import secrets
-from itertools import groupby
+
+import peewee
 
 from selfserve import mail
 from selfserve import sweep
@@ -410,37 +411,135 @@ def of_device(device, now=None):
     )
 
 
-@dataclasses.dataclass
-class SharedGroup:
-    owner_email: str
-    devices: list  # Device rows, each with `role` and `grant_expires_at`
-
-
-def shared_with(user, now=None):
-    """Devices others shared with `user` (live grants, devices ready), grouped by owner."""
-    now = now or utcnow()
-    Owner = User.alias()
-    rows = (
-        Grant.select(Grant, Device, Owner)
-        .join(Device, on=(Grant.device == Device.device_id))
-        .join(Owner, on=(Device.owner == Owner.id))
-        .where((Grant.grantee == user.id) & access.live(now) & Device.claim_state.is_null())
-        .order_by(Owner.email, Device.name, Device.serial_number)
-    )
-    groups = []
-    for owner_email, grants in groupby(rows, key=lambda grant: grant.device.owner.email):
-        found = []
-        for grant in grants:
-            device = grant.device
-            device.role = grant.role
-            device.grant_expires_at = grant.expires_at
-            found.append(device)
-        groups.append(SharedGroup(owner_email=owner_email, devices=found))
-    return groups
-
-
 def _register_with_sweep():
     sweep.register(resend_unsent)
 
 
 _register_with_sweep()
+
+
+# --- every device a person can reach ---------------------------------------------------------------
+
+PAGE_SIZE = 50
+
+
+@dataclasses.dataclass
+class ReachGroup:
+    owner_label: str  # the owner's address, or the organisation's name
+    group_name: str  # None: not through a group (own devices, direct grants, ungrouped)
+    devices: list  # Device rows, each with `role`
+
+
+@dataclasses.dataclass
+class ReachPage:
+    groups: list
+    total: int  # rows (a device in two groups counts twice)
+    page: int
+    pages: int
+    query: str
+
+
+def reachable(user, page=1, query="", exclude_own=True, per_page=PAGE_SIZE, now=None):
+    """Every device `user` can reach (owned, through an organisation they run, or granted to
+    them or their organisations on the device or on a group), one row per (device, group),
+    grouped by owner and group, filtered by name or serial, one page at a time.
+
+    A fixed number of queries whatever the fleet: one union for the rows (with the best role
+    of each), one count, one for the page's devices and owners."""
+    from selfserve.models import DeviceGroup
+    from selfserve.models import GroupDevice
+    from selfserve.models import Membership
+    from selfserve.models import Organisation
+
+    now = now or utcnow()
+    null_group = peewee.SQL("NULL")
+    rank_of_grant = peewee.Case(Grant.role, [(role, rank) for role, rank in access.RANK.items()], 0)
+    my_orgs = Membership.select(Membership.organisation).where(Membership.user == user.id)
+    admin_accounts = (
+        Organisation.select(Organisation.account)
+        .join(Membership)
+        .where((Membership.user == user.id) & (Membership.role == "admin"))
+    )
+    to_me = (Grant.grantee == user.id) | Grant.grantee_org.in_(my_orgs)
+    owner_rank = access.RANK["owner"]
+
+    parts = []
+    if not exclude_own:
+        parts.append(
+            Device.select(
+                Device.device_id, null_group.alias("group_name"), peewee.Value(owner_rank).alias("rank")
+            ).where(Device.owner == user.id)
+        )
+    # Devices of organisations I run: every device, once per group it is in (or none).
+    parts.append(
+        Device.select(
+            Device.device_id, DeviceGroup.name.alias("group_name"), peewee.Value(owner_rank).alias("rank")
+        )
+        .join(GroupDevice, peewee.JOIN.LEFT_OUTER, on=(GroupDevice.device == Device.device_id))
+        .join(DeviceGroup, peewee.JOIN.LEFT_OUTER, on=(GroupDevice.group == DeviceGroup.id))
+        .where(Device.owner.in_(admin_accounts))
+    )
+    # Grants on groups, to me or my organisations (only groups of the device's owner count).
+    parts.append(
+        GroupDevice.select(
+            GroupDevice.device, DeviceGroup.name.alias("group_name"), rank_of_grant.alias("rank")
+        )
+        .join(DeviceGroup, on=(GroupDevice.group == DeviceGroup.id))
+        .join(Organisation, on=(DeviceGroup.organisation == Organisation.id))
+        .join(Grant, on=(Grant.group == DeviceGroup.id))
+        .join(Device, on=(GroupDevice.device == Device.device_id))
+        .where(to_me & access.live(now) & (Device.owner == Organisation.account))
+    )
+    # Grants on single devices.
+    parts.append(
+        Grant.select(Grant.device, null_group.alias("group_name"), rank_of_grant.alias("rank")).where(
+            Grant.device.is_null(False) & to_me & access.live(now)
+        )
+    )
+    union = parts[0]
+    for part in parts[1:]:
+        union = union | part
+    reach = union.alias("reach")
+    rows_query = (
+        peewee.Select(
+            from_list=[reach],
+            columns=[reach.c.device_id, reach.c.group_name, peewee.fn.MAX(reach.c.rank).alias("rank")],
+        )
+        .join(Device, on=(Device.device_id == reach.c.device_id))
+        .where(Device.claim_state.is_null() & Device.owner.is_null(False))
+        .group_by(reach.c.device_id, reach.c.group_name)
+    )
+    query = (query or "").strip()[:64]
+    if query:
+        pattern = f"%{query}%"
+        rows_query = rows_query.where(Device.name**pattern | Device.serial_number**pattern)
+    total = peewee.Select(from_list=[rows_query.alias("counted")], columns=[peewee.fn.COUNT(peewee.SQL("*"))])
+    total = total.bind(db).scalar() or 0
+    pages = max(1, -(-total // per_page))
+    page = min(max(1, page), pages)
+    ordered = rows_query.order_by(
+        Device.owner, reach.c.group_name, Device.name, Device.serial_number, Device.device_id
+    )
+    rows = list(ordered.bind(db).offset((page - 1) * per_page).limit(per_page).tuples())
+    ids = {row[0] for row in rows}
+    Owner = User.alias()
+    found = {
+        device.device_id: device
+        for device in Device.select(Device, Owner)
+        .join(Owner, on=(Device.owner == Owner.id))
+        .where(Device.device_id.in_(list(ids)))
+    }
+    org_names = {
+        org.account_id: org.name
+        for org in Organisation.select().where(Organisation.account.in_([d.owner_id for d in found.values()]))
+    }
+    groups = []
+    for device_id, group_name, rank in rows:
+        device = found[device_id]
+        owner_label = org_names.get(device.owner_id) or device.owner.email
+        if not groups or (groups[-1].owner_label, groups[-1].group_name) != (owner_label, group_name):
+            groups.append(ReachGroup(owner_label=owner_label, group_name=group_name, devices=[]))
+        copy = Device(**device.__data__)
+        copy.role = access.ROLES[rank]
+        groups[-1].devices.append(copy)
+    return ReachPage(groups=groups, total=total, page=page, pages=pages, query=query)

@@ -43,11 +43,12 @@ def register(app):
     from selfserve.views import devices
     from selfserve.views import hooks
     from selfserve.views import main
+    from selfserve.views import organisations
     from selfserve.views import sharing
     from selfserve.views import support
     from selfserve.views import transfers
 
-    for module in (main, accounts, devices, transfers, sharing, support, hooks):
+    for module in (main, accounts, devices, transfers, sharing, organisations, support, hooks):
         app.register_blueprint(module.bp)
     if app.config.get("DEMO"):
         from selfserve.views import demo

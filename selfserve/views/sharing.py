@@ -29,7 +29,11 @@ bp = Blueprint("sharing", __name__)
 
 @bp.app_template_global("shared_with_me")
 def shared_with_me(user):
-    return sharing.shared_with(user)
+    """Devices I reach through others (grants, organisations), for the dashboard: one page,
+    filtered by ?q= (name or serial), paged by ?page=."""
+    page = request.args.get("page", "1")
+    page = int(page) if page.isdigit() and len(page) < 7 else 1
+    return sharing.reachable(user, page=page, query=request.args.get("q", ""))
 
 
 @bp.app_template_global("device_sharing")

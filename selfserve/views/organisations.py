@@ -1,0 +1,184 @@
+"""The organisation area: members, groups, the devices of each group, grants on groups.
+
+Every route goes through `organisations.org_for(user, id, need=...)`: someone outside the
+organisation (or a member on an admin's route) gets the same 404 as an unknown id. Plain forms
+(POST, then back to the page with a message); removing a member or revoking asks first.
+"""
+
+from flask import Blueprint
+from flask import flash
+from flask import redirect
+from flask import render_template
+from flask import request
+from flask import url_for
+from flask_login import current_user
+
+from selfserve.security import verified_required
+from selfserve.services import access
+from selfserve.services import organisations
+from selfserve.services import sharing
+
+bp = Blueprint("organisations", __name__)
+
+
+def _back(organisation, anchor=""):
+    return redirect(url_for("organisations.detail", organisation_id=organisation.id) + anchor)
+
+
+def _done(organisation, action, message, anchor=""):
+    try:
+        action()
+    except organisations.OrgError as exc:
+        if exc.status == 404:
+            from flask import abort
+
+            abort(404)
+        flash(exc.message, "error")
+        return _back(organisation, anchor)
+    flash(message, "success")
+    return _back(organisation, anchor)
+
+
+@bp.route("/organisations", methods=["GET", "POST"])
+@verified_required
+def index():
+    if request.method == "POST":
+        try:
+            organisation = organisations.create(current_user, request.form.get("name", ""))
+        except organisations.OrgError as exc:
+            flash(exc.message, "error")
+            return redirect(url_for("organisations.index"))
+        flash(f"{organisation.name} was created. You are its admin.", "success")
+        return _back(organisation)
+    return render_template("organisations/index.html", mine=organisations.organisations_of(current_user))
+
+
+@bp.get("/organisations/<int:organisation_id>")
+def detail(organisation_id):
+    organisation = organisations.org_for(current_user, organisation_id)
+    return render_template(
+        "organisations/detail.html",
+        organisation=organisation,
+        overview=organisations.overview(organisation),
+        is_admin=organisation.my_role == "admin",
+        roles=access.GRANTABLE,
+        holder_label=access.holder_label,
+    )
+
+
+@bp.post("/organisations/<int:organisation_id>/members")
+def add_member(organisation_id):
+    organisation = organisations.org_for(current_user, organisation_id, need="admin")
+    email = request.form.get("email", "")[:254]
+    return _done(
+        organisation,
+        lambda: organisations.add_member(
+            current_user, organisation, email, request.form.get("role", "member")
+        ),
+        f"{email} is a member now.",
+        "#members",
+    )
+
+
+@bp.post("/organisations/<int:organisation_id>/members/<int:user_id>/remove")
+def remove_member(organisation_id, user_id):
+    organisation = organisations.org_for(current_user, organisation_id, need="admin")
+    if request.form.get("confirmed") != "yes":
+        return render_template(
+            "organisations/confirm.html",
+            organisation=organisation,
+            question="Remove this member? Their access through the organisation ends at once.",
+            action=url_for("organisations.remove_member", organisation_id=organisation.id, user_id=user_id),
+        )
+    return _done(
+        organisation,
+        lambda: organisations.remove_member(current_user, organisation, user_id),
+        "The member was removed.",
+        "#members",
+    )
+
+
+@bp.post("/organisations/<int:organisation_id>/groups")
+def create_group(organisation_id):
+    organisation = organisations.org_for(current_user, organisation_id, need="admin")
+    name = request.form.get("name", "")[:200]
+    return _done(
+        organisation,
+        lambda: organisations.create_group(current_user, organisation, name),
+        "The group was created.",
+        "#groups",
+    )
+
+
+def _device_ids(organisation):
+    """Device ids from the form's checkboxes (`device`), or serials typed in `serials`."""
+    from selfserve.models import Device
+
+    ids = request.form.getlist("device")[:5000]
+    serials = [
+        s.strip().upper() for s in request.form.get("serials", "").replace(",", " ").split() if s.strip()
+    ]
+    if serials:
+        ids += [
+            d.device_id
+            for d in Device.select(Device.device_id).where(
+                Device.serial_number.in_(serials[:5000]) & (Device.owner == organisation.account_id)
+            )
+        ]
+    return ids
+
+
+@bp.post("/organisations/<int:organisation_id>/groups/<int:group_id>/devices")
+def group_devices(organisation_id, group_id):
+    organisation = organisations.org_for(current_user, organisation_id, need="admin")
+    group = organisations.group_of(organisation, group_id)
+    ids = _device_ids(organisation)
+    if request.form.get("remove") == "yes":
+        action = lambda: organisations.remove_from_group(current_user, organisation, group, ids)  # noqa: E731
+        message = f"Taken out of {group.name}."
+    else:
+        action = lambda: organisations.add_to_group(current_user, organisation, group, ids)  # noqa: E731
+        message = f"Added to {group.name}."
+    return _done(organisation, action, message, f"#group-{group.id}")
+
+
+@bp.post("/organisations/<int:organisation_id>/groups/<int:group_id>/grants")
+def grant_group(organisation_id, group_id):
+    organisation = organisations.org_for(current_user, organisation_id, need="admin")
+    group = organisations.group_of(organisation, group_id)
+
+    def act():
+        until = sharing.parse_until(request.form.get("until", ""))
+        organisations.grant_group(
+            current_user,
+            organisation,
+            group,
+            request.form.get("role", ""),
+            email=request.form.get("email", "")[:254].strip(),
+            organisation_name=request.form.get("organisation", "")[:100],
+            expires_at=until,
+        )
+
+    try:
+        return _done(organisation, act, f"Access to {group.name} given.", f"#group-{group.id}")
+    except sharing.SharingError as exc:
+        flash(exc.message, "error")
+        return _back(organisation, f"#group-{group.id}")
+
+
+@bp.post("/organisations/<int:organisation_id>/grants/<int:grant_id>/revoke")
+def revoke_grant(organisation_id, grant_id):
+    organisation = organisations.org_for(current_user, organisation_id, need="admin")
+    if request.form.get("confirmed") != "yes":
+        return render_template(
+            "organisations/confirm.html",
+            organisation=organisation,
+            question="Revoke this access? It ends at once.",
+            action=url_for("organisations.revoke_grant", organisation_id=organisation.id, grant_id=grant_id),
+        )
+    return _done(
+        organisation,
+        lambda: organisations.revoke_group_grant(current_user, organisation, grant_id),
+        "The access was revoked.",
+        "#groups",
+    )
