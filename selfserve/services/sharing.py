@@ -503,11 +503,12 @@ def reachable(user, page=1, query="", exclude_own=True, per_page=PAGE_SIZE, now=
     rows_query = (
         peewee.Select(
             from_list=[reach],
-            columns=[reach.c.device_id, reach.c.group_name, peewee.fn.MAX(reach.c.rank).alias("rank")],
+            columns=[Device.device_id, reach.c.group_name, peewee.fn.MAX(reach.c.rank).alias("rank")],
         )
         .join(Device, on=(Device.device_id == reach.c.device_id))
         .where(Device.claim_state.is_null() & Device.owner.is_null(False))
-        .group_by(reach.c.device_id, reach.c.group_name)
+        # By the device's primary key, so its other columns may be ordered by (PostgreSQL).
+        .group_by(Device.device_id, reach.c.group_name)
     )
     query = (query or "").strip()[:64]
     if query:
