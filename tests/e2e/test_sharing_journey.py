@@ -5,6 +5,7 @@ week of access and revokes it. CSP holds throughout and every page passes axe.""
 import datetime
 
 import pytest
+from helpers import demo_devices
 from helpers import make_user
 from helpers import seed_registry
 from pages import check_page
@@ -131,3 +132,52 @@ def test_homeowner_gives_a_repair_visit_a_week_and_revokes_it(live_server, page,
     second_page.errors.clear()
     second_page.goto(f"{live_server}/account/activity")
     expect(second_page.locator("main")).to_contain_text("was revoked")
+
+
+def test_org_admin_builds_two_overlapping_groups_and_grants_a_clients_employee_one_site(
+    live_server, page, second_page, app, sim
+):
+    from selfserve.services import organisations
+
+    seed_registry()
+    labels = {device["id"]: device for device in demo_devices()}
+    admin = make_user("admin@company.example", PASSWORD)
+    org = organisations.create(admin, "Pumps Inc")
+    pumps = ["e00fce68a1b2c3d4e5f60801", "e00fce68a1b2c3d4e5f60802", "e00fce68a1b2c3d4e5f60803"]
+    for device_id in pumps:
+        organisations.claim(admin, org, labels[device_id]["serial_number"], labels[device_id]["setup_code"])
+    serial = {device_id: labels[device_id]["serial_number"] for device_id in pumps}
+    client_boss = make_user("boss@client.example", PASSWORD)
+    client_org = organisations.create(client_boss, "Client Ltd")
+    make_user("worker@client.example", PASSWORD, provisioned=False)
+    organisations.add_member(client_boss, client_org, "worker@client.example")
+
+    sign_in(page, live_server, "admin@company.example")
+    page.goto(f"{live_server}/organisations/{org.id}")
+    check_page(page)
+    for name, members in (("North region", pumps[:2]), ("Site A", pumps[1:])):
+        page.fill("#group-name", name)
+        page.click("button:has-text('Create group')")
+        expect(page.locator("main")).to_contain_text(name)
+        group = page.locator("section[id^='group-']", has=page.locator(f"h3:has-text('{name}')"))
+        group.locator("summary").click()
+        group.locator("input[name=serials]").fill(" ".join(serial[d] for d in members))
+        group.locator("button:has-text('Add to the group')").click()
+        expect(page.locator(".flash")).to_contain_text(f"Added to {name}")
+    site = page.locator("section[id^='group-']", has=page.locator("h3:has-text('Site A')"))
+    site.locator("summary").click()
+    site.locator("input[name=organisation]").fill("Client Ltd")
+    site.locator("select[name=role]").select_option("operator")
+    site.locator("button:has-text('Give access')").click()
+    expect(page.locator("main")).to_contain_text("organisation Client Ltd: operator")
+    check_page(page)
+
+    sign_in(second_page, live_server, "worker@client.example")
+    second_page.goto(f"{live_server}/devices")
+    expect(second_page.locator("main")).to_contain_text("Site A")
+    assert second_page.locator(f"a[href='/devices/{pumps[0]}']").count() == 0  # North only
+    second_page.goto(f"{live_server}/devices/{pumps[2]}")
+    expect(second_page.locator("#controls")).to_be_visible()
+    response = second_page.goto(f"{live_server}/devices/{pumps[0]}")
+    assert response.status == 404
+    second_page.errors.clear()
