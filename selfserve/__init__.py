@@ -107,11 +107,13 @@ def _background_jobs(app):
     """The one list of background jobs (README "Background jobs" says how to add one). The
     sweep runs them in every web worker every SWEEP_SECONDS and in `flask sweep`."""
     from selfserve import sweep
+    from selfserve.services import access
     from selfserve.services import devices
     from selfserve.services import history
     from selfserve.services import impersonation
     from selfserve.services import migration
     from selfserve.services import provisioning
+    from selfserve.services import sharing
     from selfserve.services import transfers
 
     sweep.init_app(
@@ -124,6 +126,8 @@ def _background_jobs(app):
             sweep.Job(migration.resume_pending),  # devices in the field moving to their owners
             sweep.Job(impersonation.end_stale_views),  # support views past their time
             sweep.Job(history.maintain),  # hourly rollups of device values, retention (one at a time)
+            sweep.Job(access.record_expired),  # audit grants that ended on their date (access ended then)
+            sweep.Job(sharing.resend_unsent),  # invitation emails the mail server refused
         ],
     )
     # A verified owner gets the devices they were invited for at once (the sweep is the fallback).

@@ -37,6 +37,8 @@ NEEDS = {
     "devices.detail": "viewer",
     "devices.values": "viewer",
     "devices.summary": "viewer",
+    "devices.history_charts": "viewer",
+    "devices.history_csv": "viewer",
     "devices.call_function": "operator",
     "devices.rename": "manager",
     "devices.release": "owner",

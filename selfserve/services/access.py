@@ -287,7 +287,7 @@ def end_all(device_id, cause, actor=None, owner_id=None, name=None, now=None):
 def record_expired(now=None, limit=500):
     """Write the ending (and audit rows) of grants whose time ran out. Access already ended at
     `expires_at` (every lookup checks it); this only records it. Safe in several workers:
-    each grant is ended by one atomic UPDATE. Registered with the sweep."""
+    each grant is ended by one atomic UPDATE. A background job (create_app's list)."""
     now = now or utcnow()
     due = (
         Grant.select(Grant.id)
@@ -406,12 +406,3 @@ def _device_name(device):
 
 def _owner_of(device):
     return device.owner_id
-
-
-def _register_with_sweep():
-    from selfserve import sweep
-
-    sweep.register(record_expired)
-
-
-_register_with_sweep()

@@ -728,6 +728,8 @@ NAME_SYNC = steps.Runner("Sending the name of", NameSync, {"push": _step_push_na
 def push_pending_names(now=None):
     """The background job: send the names whose rename answer was lost. Returns how many ran."""
     return NAME_SYNC.resume(now)
+
+
 def _by(actor, owner):
     """Audit detail naming who acted on the owner's device when it wasn't the owner."""
     return {} if actor.id == owner.id else {"by": actor.email}

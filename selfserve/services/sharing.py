@@ -17,7 +17,6 @@ import secrets
 import peewee
 
 from selfserve import mail
-from selfserve import sweep
 from selfserve import tokens
 from selfserve.models import Device
 from selfserve.models import Grant
@@ -409,13 +408,6 @@ def of_device(device, now=None):
         invitations=invitations,
         can_give=grantable_by(getattr(device, "role", None)),
     )
-
-
-def _register_with_sweep():
-    sweep.register(resend_unsent)
-
-
-_register_with_sweep()
 
 
 # --- every device a person can reach ---------------------------------------------------------------

@@ -228,7 +228,7 @@ def _history_window():
 def history_charts(device_id):
     """Charts of the model's main values over a window, each with a table and a CSV link: a
     fragment the device page loads, or a page of its own without htmx."""
-    device = devices.device_for(current_user, device_id)
+    device = devices.device_for(current_user, device_id, need="viewer")
     window = _history_window()
     data = history.chart(device, window)
     step = history.WINDOWS[window][1] == "raw"
@@ -241,7 +241,7 @@ def history_charts(device_id):
 
 @bp.get("/devices/<device_id>/history.csv")
 def history_csv(device_id):
-    device = devices.device_for(current_user, device_id)
+    device = devices.device_for(current_user, device_id, need="viewer")
     window = _history_window()
     response = make_response(history.csv_text(device, window))
     response.headers["Content-Type"] = "text/csv; charset=utf-8"
