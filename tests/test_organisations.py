@@ -81,6 +81,10 @@ def test_roles_through_membership_groups_and_other_organisations(company):
     # Taking a device out of a group ends what the group gave.
     organisations.remove_from_group(admin, org, company["site"], [PUMP])
     assert access.role_of(member, device[PUMP]) is None
+    why = {(r.who, r.role): r.why for r in access.who_can_see(device[WINDOWS[1]])}
+    assert why[("admin@company.example", "owner")] == "Admin of Pumps Inc"
+    assert why[("member@company.example", "viewer")].startswith("Through the group North, shared by admin@")
+    assert why[("member@company.example", "operator")].startswith("Through the group Site A")
     assert "org.member_removed_me" in [
         e.action for e in AuditEvent.select().where(AuditEvent.user == employee.id)
     ]

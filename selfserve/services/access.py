@@ -138,36 +138,59 @@ def grants_of_device(device_id, now=None):
 
 @dataclasses.dataclass
 class Reach:
-    """One person who can see a device, and why: `via` is "owner" or "grant" (with `grant`)."""
+    """One person or organisation with access to a device, and why (a sentence)."""
 
-    email: str
+    who: str
     role: str
-    via: str
-    grant: object = None
-    granted_by: str = None
+    why: str
+
+
+def _when(grant):
+    until = grant.expires_at.strftime("%d %b %Y %H:%M UTC") if grant.expires_at else "revoked"
+    return f"on {grant.created_at.strftime('%d %b %Y')}, until {until}"
 
 
 def who_can_see(device, now=None):
     """Everyone with access to `device` and what gives it, owner first (for the owner's "Who
-    can see this device" page and the support console). Database only."""
+    can see this device" page and the support console). Database only, a fixed number of
+    queries."""
     found = []
-    owner = User.get_or_none(User.id == device.owner_id) if device.owner_id else None
-    if owner is not None:
-        found.append(Reach(email=owner.email, role="owner", via="owner"))
+    organisation = (
+        Organisation.get_or_none(Organisation.account == device.owner_id) if device.owner_id else None
+    )
+    if organisation is not None:
+        found.append(Reach(f"organisation {organisation.name}", "owner", "Owns the device"))
+        admins = (
+            Membership.select(Membership, User)
+            .join(User)
+            .where((Membership.organisation == organisation.id) & (Membership.role == "admin"))
+            .order_by(User.email)
+        )
+        found += [Reach(row.user.email, "owner", f"Admin of {organisation.name}") for row in admins]
+    elif device.owner_id is not None:
+        owner = User.get_by_id(device.owner_id)
+        found.append(Reach(owner.email, "owner", "Owns the device"))
     Giver = User.alias()
+    Holder = Organisation.alias()
     grants = (
-        Grant.select(Grant, User, Giver)
-        .join(User, on=(Grant.grantee == User.id))
+        Grant.select(Grant, User, Giver, Holder, DeviceGroup)
+        .join(User, peewee.JOIN.LEFT_OUTER, on=(Grant.grantee == User.id))
         .switch(Grant)
         .join(Giver, peewee.JOIN.LEFT_OUTER, on=(Grant.granted_by == Giver.id))
-        .where((Grant.device == device.device_id) & live(now))
+        .switch(Grant)
+        .join(Holder, peewee.JOIN.LEFT_OUTER, on=(Grant.grantee_org == Holder.id))
+        .switch(Grant)
+        .join(DeviceGroup, peewee.JOIN.LEFT_OUTER, on=(Grant.group == DeviceGroup.id))
+        .where(((Grant.device == device.device_id) | Grant.group.in_(_groups_holding(device))) & live(now))
         .order_by(Grant.id)
     )
     for grant in grants:
-        giver = grant.granted_by.email if grant.granted_by_id else None
-        found.append(
-            Reach(email=grant.grantee.email, role=grant.role, via="grant", grant=grant, granted_by=giver)
-        )
+        giver = grant.granted_by.email if grant.granted_by_id else "a former member"
+        through = f"Through the group {grant.group.name}, shared" if grant.group_id else "Shared"
+        why = f"{through} by {giver} {_when(grant)}"
+        if grant.grantee_org_id:
+            why += f" (every member of {grant.grantee_org.name})"
+        found.append(Reach(holder_label(grant), grant.role, why))
     return found
 
 
