@@ -379,3 +379,47 @@ def test_who_can_see_the_device_for_the_owner_and_for_support(app, owner, window
     assert "guest@example.com is operator" in customer_page
     guest_page = console.get(f"/support/customers/{guest.id}").get_data(as_text=True)
     assert "They are operator of" in guest_page
+
+
+# --- dealers ----------------------------------------------------------------------------------------
+
+
+def test_homeowner_gives_a_dealer_a_week_and_revokes_it(app, owner, window, sim):
+    from selfserve.services import organisations
+
+    boss = make_user("boss@dealer.example", PASSWORD)
+    dealer = organisations.create(boss, "Blinds & Co", kind="dealer")
+    technician = make_user("tech@dealer.example", PASSWORD, provisioned=False)
+    organisations.add_member(boss, dealer, technician.email)
+    company = organisations.create(make_user("x@company.example", PASSWORD), "Not A Dealer")
+    with pytest.raises(sharing.SharingError) as refused:
+        sharing.grant_dealer(owner, window, company.name, "operator", "2099-01-01")
+    assert refused.value.field == "dealer"
+    with pytest.raises(sharing.SharingError) as refused:
+        sharing.grant_dealer(owner, window, dealer.name, "operator", "")
+    assert refused.value.field == "dealer_until"
+
+    client = signed_in(app, owner)
+    token = csrf_token(client, f"/devices/{WINDOW}")
+    week = (utcnow() + datetime.timedelta(days=7)).date().isoformat()
+    response = client.post(
+        f"/devices/{WINDOW}/sharing/dealer",
+        data={"dealer": "Blinds & Co", "dealer_role": "operator", "dealer_until": week, "csrf_token": token},
+        headers={**HTMX, "X-CSRFToken": token},
+    )
+    assert response.status_code == 200 and "organisation Blinds &amp; Co" in response.get_data(as_text=True)
+    grant = Grant.get(Grant.grantee_org == dealer.id)
+    assert grant.expires_at.date() == datetime.date.fromisoformat(week) + datetime.timedelta(days=1)
+    tech = signed_in(app, technician)
+    assert tech.get(f"/devices/{WINDOW}").status_code == 200
+    assert "Blinds &amp; Co" in tech.get("/devices").get_data(
+        as_text=True
+    ) or "owner@example.com" in tech.get("/devices").get_data(as_text=True)
+    # After the visit's last day it ends by itself.
+    assert access.role_of(technician, window, now=grant.expires_at + datetime.timedelta(seconds=1)) is None
+    done = client.post(
+        f"/devices/{WINDOW}/sharing/grants/{grant.id}/revoke", data={"csrf_token": token, "confirmed": "yes"}
+    )
+    assert done.status_code == 302
+    assert tech.get(f"/devices/{WINDOW}").status_code == 404
+    assert "sharing.revoked" in actions_of(owner)

@@ -46,6 +46,7 @@ NEEDS = {
     "sharing.invite": "manager",
     "sharing.withdraw": "manager",
     "sharing.revoke": "manager",
+    "sharing.grant_dealer": "manager",
     "sharing.who_can_see": "owner",
 }
 

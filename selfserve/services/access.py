@@ -127,10 +127,13 @@ def active_key(device_id=None, user_id=None, group_id=None, org_id=None):
 
 
 def grants_of_device(device_id, now=None):
-    """Live grants on a device with their grantees, newest first."""
+    """Live grants on a device (to people and to organisations), newest first."""
+    Holder = Organisation.alias()
     return list(
-        Grant.select(Grant, User)
-        .join(User, on=(Grant.grantee == User.id))
+        Grant.select(Grant, User, Holder)
+        .join(User, peewee.JOIN.LEFT_OUTER, on=(Grant.grantee == User.id))
+        .switch(Grant)
+        .join(Holder, peewee.JOIN.LEFT_OUTER, on=(Grant.grantee_org == Holder.id))
         .where((Grant.device == device_id) & live(now))
         .order_by(Grant.id.desc())
     )
@@ -198,9 +201,12 @@ def grants_given_on_devices_of(user, now=None):
     """Live grants on the devices `user` owns (support's customer page)."""
     from selfserve.models import Device
 
+    Holder = Organisation.alias()
     return list(
-        Grant.select(Grant, User)
-        .join(User, on=(Grant.grantee == User.id))
+        Grant.select(Grant, User, Holder)
+        .join(User, peewee.JOIN.LEFT_OUTER, on=(Grant.grantee == User.id))
+        .switch(Grant)
+        .join(Holder, peewee.JOIN.LEFT_OUTER, on=(Grant.grantee_org == Holder.id))
         .switch(Grant)
         .join(Device, on=(Grant.device == Device.device_id))
         .where((Device.owner == user.id) & live(now))
@@ -216,15 +222,19 @@ def grants_held_by(user, now=None):
 # --- changes ----------------------------------------------------------------------------------
 
 
-def give(device, grantee, role, granted_by, expires_at=None, via=None, now=None):
-    """Give `grantee` `role` on `device` (replacing a live grant they hold), audited for the
-    owner and the grantee. `via` names how ("invitation", "direct"). Returns the Grant.
+def give(device, grantee, role, granted_by, expires_at=None, via=None, now=None, grantee_org=None):
+    """Give `grantee` (a person) or `grantee_org` (an organisation: all its members) `role` on
+    `device`, replacing a live grant they hold; audited for the owner and a person grantee.
+    `via` names how ("invitation", "direct", "dealer"). Returns the Grant.
 
     Callers check that `granted_by` may give that role (services/sharing.py)."""
     if role not in GRANTABLE:
         raise ValueError(f"not a grantable role: {role!r}")
     now = now or utcnow()
-    key = active_key(device_id=device.device_id, user_id=grantee.id)
+    if grantee is not None:
+        key = active_key(device_id=device.device_id, user_id=grantee.id)
+    else:
+        key = active_key(device_id=device.device_id, org_id=grantee_org.id)
     with db.atomic():
         # A grant that expired but whose ending the sweep hasn't recorded yet still holds the key.
         _end_where(
@@ -242,7 +252,8 @@ def give(device, grantee, role, granted_by, expires_at=None, via=None, now=None)
             with db.atomic():
                 grant = Grant.create(
                     device=device.device_id,
-                    grantee=grantee.id,
+                    grantee=grantee.id if grantee is not None else None,
+                    grantee_org=grantee_org.id if grantee_org is not None else None,
                     role=role,
                     granted_by=granted_by.id,
                     expires_at=expires_at,
@@ -255,7 +266,7 @@ def give(device, grantee, role, granted_by, expires_at=None, via=None, now=None)
         detail = {
             "name": _device_name(device),
             "role": role,
-            "to": grantee.email,
+            "to": grantee.email if grantee is not None else f"organisation {grantee_org.name}",
             "by": granted_by.email,
             "until": expires_at.strftime("%d %b %Y %H:%M UTC") if expires_at else None,
             "via": via,
@@ -263,11 +274,22 @@ def give(device, grantee, role, granted_by, expires_at=None, via=None, now=None)
         audit.record(
             "sharing.granted", user=_owner_of(device), actor=granted_by, device_id=device.device_id, **detail
         )
-        audit.record(
-            "sharing.access_received", user=grantee, actor=granted_by, device_id=device.device_id, **detail
-        )
+        if grantee is not None:
+            audit.record(
+                "sharing.access_received",
+                user=grantee,
+                actor=granted_by,
+                device_id=device.device_id,
+                **detail,
+            )
     if previous is not None and not at_least(role, previous.role):
-        access_ended.send(device.device_id, user_id=grantee.id, org_id=None, group_id=None, cause="replaced")
+        access_ended.send(
+            device.device_id,
+            user_id=grantee.id if grantee is not None else None,
+            org_id=grantee_org.id if grantee_org is not None else None,
+            group_id=None,
+            cause="replaced",
+        )
     return grant
 
 

@@ -379,6 +379,43 @@ def revoke(actor, device, grant_id, now=None):
     return grant
 
 
+# --- dealers ---------------------------------------------------------------------------------------
+
+
+def grant_dealer(actor, device, organisation_name, role, until, now=None):
+    """Give a dealer (an organisation of kind "dealer": every member of it) `role` on `device`
+    until the end of day `until` (required: a dealer's access is for a visit, not for ever).
+    The owner, or a manager up to their role. Raises SharingError."""
+    from selfserve.models import Organisation
+
+    now = now or utcnow()
+    if role not in grantable_by(getattr(device, "role", None)):
+        raise SharingError("You can't give that role.", kind="role", field="dealer_role", status=422)
+    dealer = Organisation.get_or_none(
+        (Organisation.name == (organisation_name or "").strip()) & (Organisation.kind == "dealer")
+    )
+    if dealer is None:
+        raise SharingError("There is no dealer with that name.", kind="invalid", field="dealer", status=422)
+    expires_at = parse_until(until, now)
+    if expires_at is None:
+        raise SharingError(
+            "Give the last day of the visit: a dealer's access always ends.",
+            kind="invalid",
+            field="dealer_until",
+            status=422,
+        )
+    return access.give(
+        device, None, role, actor, expires_at=expires_at, via="dealer", now=now, grantee_org=dealer
+    )
+
+
+def dealers():
+    """The dealers one can give access to, by name."""
+    from selfserve.models import Organisation
+
+    return list(Organisation.select().where(Organisation.kind == "dealer").order_by(Organisation.name))
+
+
 # --- what pages show ---------------------------------------------------------------------------
 
 

@@ -49,6 +49,8 @@ def _sharing_helpers():
         "who_can_see": access.who_can_see,
         "grants_given_on_devices_of": access.grants_given_on_devices_of,
         "grants_held_by": access.grants_held_by,
+        "holder_label": access.holder_label,
+        "dealers": sharing.dealers,
     }
 
 
@@ -85,6 +87,18 @@ def invite(device_id):
     if invitation.mailed_at is None:
         message = f"Invitation saved for {invitation.email}; the email could not be sent yet, we keep trying."
     flash(message, "success")
+    return _section(device)
+
+
+@bp.post("/devices/<device_id>/sharing/dealer")
+def grant_dealer(device_id):
+    device = devices.device_for(current_user, device_id, need="manager")
+    form = {name: request.form.get(name, "")[:100] for name in ("dealer", "dealer_role", "dealer_until")}
+    try:
+        sharing.grant_dealer(current_user, device, form["dealer"], form["dealer_role"], form["dealer_until"])
+    except sharing.SharingError as exc:
+        return _section(device, error=exc, form=form)
+    flash(f"{form['dealer']} has access until the end of {form['dealer_until']}.", "success")
     return _section(device)
 
 
@@ -127,7 +141,7 @@ def revoke(device_id, grant_id):
         "revoke",
         grant,
         lambda: sharing.revoke(current_user, device, grant_id),
-        f"The access of {grant.grantee.email} was revoked.",
+        f"The access of {access.holder_label(grant)} was revoked.",
     )
 
 

@@ -1,6 +1,7 @@
 """Sharing journeys in a real browser at phone width: a homeowner invites a household member as
-operator, who opens the blinds and cannot release them; a homeowner gives a repair visit a
-week of access and revokes it. CSP holds throughout and every page passes axe."""
+operator, who opens the blinds and cannot release them; a homeowner gives a dealer a week of
+access and revokes it; an organisation admin builds two overlapping groups and gives a client's
+organisation one site. CSP holds throughout and every page passes axe."""
 
 import datetime
 
@@ -12,7 +13,6 @@ from pages import check_page
 from playwright.sync_api import expect
 
 from selfserve.models import AuditEvent
-from selfserve.models import User
 from selfserve.models import utcnow
 from selfserve.services import access
 from selfserve.services import devices
@@ -110,19 +110,31 @@ def test_household_member_invited_as_operator_opens_the_blinds_and_cannot_releas
     assert called.actor.email == "teen@example.com" and called.user_id == owned.id
 
 
-def test_homeowner_gives_a_repair_visit_a_week_and_revokes_it(live_server, page, second_page, owned, mailbox):
-    sign_in(page, live_server, "owner@example.com")
-    week = (utcnow() + datetime.timedelta(days=7)).date().isoformat()
-    invite(page, live_server, "fixer@example.com", "operator", until=week)
+def test_homeowner_gives_a_dealer_a_week_and_revokes_it(live_server, page, second_page, owned, mailbox):
+    from selfserve.services import organisations
 
-    make_user("fixer@example.com", PASSWORD, provisioned=False)
-    accept_from_mail(second_page, live_server, mailbox, "fixer@example.com")
-    grant = access.live_grant(User.get(User.email == "fixer@example.com").id, WINDOW)
+    boss = make_user("boss@dealer.example", PASSWORD)
+    dealer = organisations.create(boss, "Blinds and Co", kind="dealer")
+    make_user("fixer@dealer.example", PASSWORD, provisioned=False)
+    organisations.add_member(boss, dealer, "fixer@dealer.example")
+
+    sign_in(page, live_server, "owner@example.com")
+    page.goto(f"{live_server}/devices/{WINDOW}")
+    week = (utcnow() + datetime.timedelta(days=7)).date().isoformat()
+    page.select_option("#dealer-name", "Blinds and Co")
+    page.select_option("#dealer-role", "operator")
+    page.fill("#dealer-until", week)
+    page.click("button:has-text('Give the dealer access')")
+    expect(page.locator("#share-grants")).to_contain_text("organisation Blinds and Co")
+    expect(page.locator("#share-grants")).to_contain_text("until")
+    check_page(page)
+    grant = access.grants_of_device(WINDOW)[0]
     assert grant.expires_at.date() == datetime.date.fromisoformat(week) + datetime.timedelta(days=1)
 
-    page.goto(f"{live_server}/devices/{WINDOW}")
-    expect(page.locator("#share-grants")).to_contain_text("fixer@example.com")
-    expect(page.locator("#share-grants")).to_contain_text("until")
+    sign_in(second_page, live_server, "fixer@dealer.example")
+    second_page.goto(f"{live_server}/devices/{WINDOW}")
+    expect(second_page.locator("#controls")).to_be_visible()
+
     page.once("dialog", lambda dialog: dialog.accept())
     page.click("#share-grants button:has-text('Revoke')")
     expect(page.locator("#sharing")).to_contain_text("Nobody else has access")
@@ -130,8 +142,8 @@ def test_homeowner_gives_a_repair_visit_a_week_and_revokes_it(live_server, page,
     response = second_page.goto(f"{live_server}/devices/{WINDOW}")
     assert response.status == 404
     second_page.errors.clear()
-    second_page.goto(f"{live_server}/account/activity")
-    expect(second_page.locator("main")).to_contain_text("was revoked")
+    page.goto(f"{live_server}/account/activity")
+    expect(page.locator("main")).to_contain_text("Revoked the operator access of organisation Blinds and Co")
 
 
 def test_org_admin_builds_two_overlapping_groups_and_grants_a_clients_employee_one_site(
