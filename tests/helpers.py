@@ -4,6 +4,7 @@ import contextlib
 import logging
 import re
 import socket
+import threading
 
 PASSWORD = "correct horse battery"  # make_user's and login's default
 
@@ -120,9 +121,12 @@ class _QueryLog(logging.Handler):
     def __init__(self):
         super().__init__(logging.DEBUG)
         self.queries = []
+        self.thread = threading.get_ident()
 
     def emit(self, record):
-        if record.name == "peewee":  # statements, not "peewee.pool"'s check-in/out messages
+        # Statements of this thread only (the request, in the test client), not the pool's
+        # check-in/out messages nor a background thread's work.
+        if record.name == "peewee" and record.thread == self.thread:
             self.queries.append(record.getMessage())
 
 
