@@ -15,6 +15,12 @@ def demo_site(tmp_path):
     try:
         yield app, simulator, demo.seed(app)
     finally:
+        # The demo's sweep thread starts at its first request; left running it would sweep
+        # the databases of the tests that follow (the models' binding is process-wide).
+        thread = app.extensions.get("sweep")
+        if thread is not None:
+            thread.stop.set()
+            thread.join(timeout=30)
         mail.stop()
         simulator.stop()
 
