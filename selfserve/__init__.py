@@ -108,6 +108,7 @@ def _background_jobs(app):
     sweep runs them in every web worker every SWEEP_SECONDS and in `flask sweep`."""
     from selfserve import sweep
     from selfserve.services import access
+    from selfserve.services import alerts
     from selfserve.services import devices
     from selfserve.services import history
     from selfserve.services import impersonation
@@ -128,7 +129,11 @@ def _background_jobs(app):
             sweep.Job(history.maintain),  # hourly rollups of device values, retention (one at a time)
             sweep.Job(access.record_expired),  # audit grants that ended on their date (access ended then)
             sweep.Job(sharing.resend_unsent),  # invitation emails the mail server refused
+            sweep.Job(alerts.run_timers),  # offline past grace, stuck steps, reminders; sends due alerts
         ],
     )
+    # Alerts leave as soon as they are decided: a sender thread per web worker, started with
+    # the sweep at the first request (the sweep's run_timers is the fallback).
+    alerts.init_app(app)
     # A verified owner gets the devices they were invited for at once (the sweep is the fallback).
     provisioning.on_ready(migration.claim_for_new_account)

@@ -61,6 +61,12 @@ DEFAULTS = {
     # this many (396 = 13 months); the background sweep rolls up and purges.
     "HISTORY_RAW_DAYS": 7.0,
     "HISTORY_ROLLUP_DAYS": 396.0,
+    # Alerts: an episode that ends and comes back within ALERT_REOPEN_SECONDS is the same
+    # episode (and its "resolved" waits that long); reminders while one lasts; a release or
+    # claim step unfinished this long is "stuck".
+    "ALERT_REOPEN_SECONDS": 600.0,
+    "ALERT_REMINDER_HOURS": 24.0,
+    "ALERT_STUCK_MINUTES": 60.0,
     # Mail (SMTP)
     "MAIL_SERVER": "localhost",
     "MAIL_PORT": 25,

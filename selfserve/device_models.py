@@ -106,6 +106,38 @@ class Function:
 
 
 @dataclasses.dataclass(frozen=True)
+class AlertKind:
+    """A kind of alert a homeowner can get (services/alerts.py): on by default as `default`
+    ("now", "digest" or "off")."""
+
+    key: str
+    label: str
+    description: str
+    default: str = "now"
+    fault: bool = False  # goes through quiet hours unless the person says otherwise
+
+
+ALERT_KINDS = {
+    kind.key: kind
+    for kind in (
+        AlertKind("offline", "Device offline", "The device has been offline longer than its grace time."),
+        AlertKind("back_online", "Back online", "A device you were told was offline is back."),
+        AlertKind(
+            "fault", "Pump fault", "The pump reports a fault (overpressure or any other fault).", fault=True
+        ),
+        AlertKind(
+            "battery_low", "Battery low", "A window covering's battery is running low.", default="digest"
+        ),
+        AlertKind(
+            "transfer_stuck",
+            "Transfer or release stuck",
+            "Handing over or releasing one of your devices is not finishing.",
+        ),
+    )
+}
+
+
+@dataclasses.dataclass(frozen=True)
 class DeviceModel:
     key: str
     label: str
@@ -113,6 +145,9 @@ class DeviceModel:
     functions: tuple
     summary: tuple  # variable names shown on the dashboard card
     charts: tuple = ()  # numeric variables charted on the device page (history)
+    alerts: tuple = ()  # keys of ALERT_KINDS this model can raise
+    offline_grace_minutes: int = 60  # offline this long before the "offline" alert
+    battery_low_v: float = None  # "battery low" below this voltage
 
     def variable(self, name):
         for variable in self.variables:
@@ -157,6 +192,9 @@ WINDOW = DeviceModel(
     ),
     summary=("position", "moving"),
     charts=("position",),
+    alerts=("offline", "back_online", "battery_low", "transfer_stuck"),
+    offline_grace_minutes=60,
+    battery_low_v=3.4,
 )
 
 PUMP = DeviceModel(
@@ -195,6 +233,8 @@ PUMP = DeviceModel(
     ),
     summary=("running", "pressure_kpa", "fault"),
     charts=("pressure_kpa", "flow_lpm", "runtime_h"),
+    alerts=("offline", "back_online", "fault", "transfer_stuck"),
+    offline_grace_minutes=15,
 )
 
 MODELS = {model.key: model for model in (WINDOW, PUMP)}

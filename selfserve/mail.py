@@ -1,5 +1,6 @@
 """Outgoing mail over SMTP. Messages are rendered from templates/emails/<name>.txt."""
 
+import email.policy
 import logging
 import smtplib
 import ssl
@@ -20,14 +21,22 @@ def init_app(app):
     app.extensions["mail"] = True
 
 
-def send(to, subject, template, **context):
-    """Render templates/emails/<template>.txt and send it to `to`. Raises MailError."""
+def send(to, subject, template, headers=None, **context):
+    """Render templates/emails/<template>.txt and send it to `to`, with extra `headers`
+    (e.g. List-Unsubscribe). Raises MailError."""
     config = current_app.config
-    message = EmailMessage()
+    # A header such as List-Unsubscribe holds one long URL with no place to fold it: allow
+    # lines up to RFC 5322's 998 characters so it stays a plain <URL> instead of being
+    # RFC 2047-encoded (which one-click unsubscribe clients don't read).
+    message = (
+        EmailMessage(policy=email.policy.default.clone(max_line_length=998)) if headers else EmailMessage()
+    )
     message["From"] = config["MAIL_SENDER"]
     message["To"] = to
     message["Subject"] = subject
     message["Message-ID"] = make_msgid(domain="selfserve")
+    for name, value in (headers or {}).items():
+        message[name] = value
     message.set_content(render_template(f"emails/{template}.txt", **context))
     try:
         if config["MAIL_USE_SSL"]:

@@ -554,6 +554,56 @@ class Invitation(BaseModel):
     mailed_at = peewee.DateTimeField(null=True)
 
 
+class AlertSetting(BaseModel):
+    """A person's alert choices (services/alerts.py): per kind "now", "digest" or "off"
+    (`modes`, kinds left out take the kind's default), quiet hours in their time zone."""
+
+    user = peewee.ForeignKeyField(User, primary_key=True, backref="+", on_delete="CASCADE")
+    modes = JSONField(default=dict)
+    time_zone = peewee.CharField(default="UTC", max_length=64)
+    quiet_from = peewee.IntegerField(null=True)  # local hour 0-23 (None: no quiet hours)
+    quiet_until = peewee.IntegerField(null=True)
+    faults_in_quiet = peewee.BooleanField(default=True)  # faults still go through at night
+    digest_hour = peewee.IntegerField(default=8)  # local hour the daily digest is sent
+
+
+class AlertEpisode(BaseModel):
+    """One stretch of a condition on a device (offline, fault, battery low, ...): one alert
+    when it starts, reminders while it lasts, "resolved" when it ends. `open_key` holds
+    "<device>:<kind>" while the episode is open and NULL once it ended: its unique index
+    allows one open episode per device and kind, so a repeated event can't open a second."""
+
+    device_id = peewee.CharField(max_length=24, index=True)
+    owner = peewee.ForeignKeyField(User, null=True, backref="+", on_delete="CASCADE")
+    kind = peewee.CharField(max_length=24)
+    open_key = peewee.CharField(null=True, unique=True, max_length=64)
+    detail = peewee.CharField(null=True, max_length=64)  # e.g. the fault's name
+    started_at = peewee.DateTimeField()
+    ended_at = peewee.DateTimeField(null=True)
+    reminded_at = peewee.DateTimeField(null=True)
+
+
+class AlertNotice(BaseModel):
+    """One decision to tell one person about an episode (started, reminder, resolved, test),
+    written in the same transaction as the episode change, so a worker that dies before
+    sending loses nothing. Sent once (`sent_at`), by whoever holds its `lease_until`; notices
+    due together for one person leave as one mail. Also the alerts log of the activity page."""
+
+    user = peewee.ForeignKeyField(User, backref="+", on_delete="CASCADE")
+    episode = peewee.ForeignKeyField(AlertEpisode, null=True, backref="notices", on_delete="CASCADE")
+    kind = peewee.CharField(max_length=24)
+    event = peewee.CharField(max_length=16)  # started | reminder | resolved | test
+    delivery = peewee.CharField(max_length=8)  # now | digest
+    device_id = peewee.CharField(null=True, max_length=24)
+    created_at = peewee.DateTimeField(default=utcnow)
+    due_at = peewee.DateTimeField(index=True)
+    sent_at = peewee.DateTimeField(null=True, index=True)
+    cancelled_at = peewee.DateTimeField(null=True)  # no longer true or no longer theirs
+    attempts = peewee.IntegerField(default=0)
+    lease_until = peewee.DateTimeField(null=True)
+    mail_id = peewee.CharField(null=True, max_length=32, index=True)  # the batch (one mail) it left in
+
+
 ALL_MODELS = [
     User,
     LoginSession,
@@ -581,4 +631,7 @@ ALL_MODELS = [
     GroupDevice,
     Grant,
     Invitation,
+    AlertSetting,
+    AlertEpisode,
+    AlertNotice,
 ]

@@ -36,6 +36,8 @@ PURPOSES = {
     "transfer_answer": Purpose(salt="selfserve.transfer-answer.v1", max_age=8 * 24 * 3600),
     # Sharing (services/sharing.py): an invitation to a role on a device.
     "share_invite": Purpose(salt="selfserve.share-invite.v1", max_age=7 * 24 * 3600),
+    # Alerts (services/alerts.py): one-click unsubscribe from a kind of alert, from any alert mail.
+    "alert_unsubscribe": Purpose(salt="selfserve.alert-unsubscribe.v1", max_age=400 * 24 * 3600),
 }
 
 
@@ -119,7 +121,7 @@ def same(a, b):
 # URL paths that carry a token. Access logs (werkzeug, gunicorn) print request lines; these
 # paths are cut down to their prefix so links never land in a log file.
 _TOKEN_PATH = re.compile(
-    r"(/(?:verify|reset|confirm-email|transfers/offer|transfers/answer|share)/)[A-Za-z0-9_.\-]+"
+    r"(/(?:verify|reset|confirm-email|transfers/offer|transfers/answer|share|alerts/unsubscribe)/)[A-Za-z0-9_.\-]+"
 )
 
 

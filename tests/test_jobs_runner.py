@@ -296,6 +296,7 @@ def test_the_background_jobs_are_one_explicit_list(app):
         "selfserve.services.migration.resume_pending",
         "selfserve.services.impersonation.end_stale_views",
         "selfserve.services.history.maintain",
+        "selfserve.services.alerts.run_timers",
     ]
 
 

@@ -49,11 +49,13 @@ PUBLIC = {
     "transfers.answer_link": "emailed link to the recorded owner: a signed token lets them approve or object",
     "sharing.invitation_link": "emailed invitation link: a signed token shows the invitation; accepting is a signed-in POST",
     "hooks.particle": "Particle's product webhook: no session at all; the shared secret (constant-time compare) or 401",
+    "alerts.unsubscribe": "emailed one-click unsubscribe (RFC 8058): a signed token naming the person and kinds; GET only shows a button",
 }
 
 # Views exempt from CSRF (they take no cookie-authenticated request): reviewed one by one.
 CSRF_EXEMPT = {
     "hooks.particle": "machine endpoint authenticated by its secret, never by a session cookie",
+    "alerts.unsubscribe": "RFC 8058 one-click POST from mail clients, which have no session: the signed token is the proof, and all it can do is turn alerts off",
 }
 
 # Values for URL arguments: the signed-in homeowner's own device, so every request reaches the

@@ -68,6 +68,7 @@ class Change:
     value: float = None
     text: str = None
     previous: object = None  # the value (or text) stored before it, None when none
+    newest: bool = True  # False for an older value that arrived late (not what holds now)
 
 
 def _setting(key, default):
@@ -218,7 +219,8 @@ def _store_changes(device_id, owner_id, wanted):
             }
         )
         previous = None if before is None or before.owner_id != owner_id else (before.text or before.value)
-        changes.append(Change(name, moment, number, text, previous))
+        newest = latest.get(name) is None or moment > latest[name].at
+        changes.append(Change(name, moment, number, text, previous, newest))
     if not rows:
         return []
     hours = set()

@@ -40,6 +40,7 @@ def support_contact(config):
 
 def register(app):
     from selfserve.views import accounts
+    from selfserve.views import alerts
     from selfserve.views import devices
     from selfserve.views import hooks
     from selfserve.views import main
@@ -48,7 +49,7 @@ def register(app):
     from selfserve.views import support
     from selfserve.views import transfers
 
-    for module in (main, accounts, devices, transfers, sharing, organisations, support, hooks):
+    for module in (main, accounts, devices, transfers, sharing, organisations, alerts, support, hooks):
         app.register_blueprint(module.bp)
     if app.config.get("DEMO"):
         from selfserve.views import demo
