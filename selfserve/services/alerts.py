@@ -255,6 +255,16 @@ def _notify(episode, event, at, kind=None, due=None):
     return written
 
 
+def _deciding():
+    """The transaction of a decision: it reads the open episode, then writes. On SQLite it
+    takes the write lock at BEGIN (IMMEDIATE): a deferred one that read first would fail at
+    once with "database is locked" if another thread (the sender) wrote meanwhile, and the
+    alert would be lost; waiting for the lock is what we want."""
+    if isinstance(db.obj, peewee.SqliteDatabase) and db.transaction_depth() == 0:
+        return db.atomic("IMMEDIATE")
+    return db.atomic()
+
+
 def _reopen_seconds():
     return float(_setting("ALERT_REOPEN_SECONDS", 600))
 
@@ -263,7 +273,7 @@ def open_episode(device_id, owner_id, kind, at, detail=None):
     """Start an episode of `kind` on the device (the owner's period) at `at`; returns it, or
     None when one is already open or one that just ended is taken up again (no new alert)."""
     key = f"{device_id}:{kind}"
-    with db.atomic():
+    with _deciding():
         current = AlertEpisode.get_or_none(AlertEpisode.open_key == key)
         if current is not None:
             if current.owner_id == owner_id:
@@ -311,7 +321,7 @@ def close_episode(device_id, kind, at):
     """End the open episode of `kind` on the device, if any: a "resolved" notice that waits
     ALERT_REOPEN_SECONDS (withdrawn if the condition comes back meanwhile)."""
     key = f"{device_id}:{kind}"
-    with db.atomic():
+    with _deciding():
         episode = AlertEpisode.get_or_none(AlertEpisode.open_key == key)
         if episode is None:
             return None

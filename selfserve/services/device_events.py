@@ -94,6 +94,7 @@ def ingest(name, data, device_id, published_at):
         state[0] if name == STATE_EVENT else None,
         at=published,
         online=data == "online" if name == STATUS_EVENT else True,
+        device=device,
     )
     _announce(device_id)
     return STORED

@@ -18,6 +18,7 @@ Reading: `chart(device, window)` for "24h" (raw changes), "7d" and "30d" (hourly
 for the device's current owner and their ownership period only (from `Device.claimed_at`).
 """
 
+import collections
 import csv
 import dataclasses
 import datetime
@@ -123,17 +124,19 @@ def _parse_time(text):
     return moment
 
 
-def record(device_id, values=None, at=None, online=None):
+def record(device_id, values=None, at=None, online=None, device=None):
     """Store what changed among `values` ({name: value} or {name: {"value", "at"}}) published
     at `at`, and the online state when given; returns the list of stored Changes.
 
     Values of names the device's model doesn't list are ignored; a device with no owner has no
-    ownership period, so nothing is stored for it."""
-    device = (
-        Device.select(Device.device_id, Device.owner, Device.model)
-        .where(Device.device_id == device_id)
-        .first()
-    )
+    ownership period, so nothing is stored for it. `device` (with device_id, owner, model) saves
+    the lookup when the caller just read it (the event ingest)."""
+    if device is None or device.device_id != device_id:
+        device = (
+            Device.select(Device.device_id, Device.owner, Device.model)
+            .where(Device.device_id == device_id)
+            .first()
+        )
     if device is None or device.owner_id is None:
         return []
     at = at or utcnow()
@@ -162,20 +165,24 @@ def record(device_id, values=None, at=None, online=None):
     return changes
 
 
+_Latest = collections.namedtuple("_Latest", "name at value text owner_id")
+
+
 def _latest(device_id, names):
-    """{name: ValueSample} the latest stored sample of each name, in one query."""
-    newest = (
-        ValueSample.select(ValueSample.name, peewee.fn.MAX(ValueSample.at).alias("newest"))
-        .where((ValueSample.device_id == device_id) & ValueSample.name.in_(names))
-        .group_by(ValueSample.name)
-        .alias("newest")
+    """{name: (name, at, value, text, owner_id)} of the newest stored sample of each name, in
+    one statement (raw SQL: this runs for every event, and building it with the query builder
+    cost more than running it)."""
+    mark = db.param
+    names = list(names)
+    sql = (
+        "SELECT s.name, s.at, s.value, s.text, s.owner_id FROM valuesample s "
+        "JOIN (SELECT name, MAX(at) AS newest FROM valuesample "
+        f"WHERE device_id = {mark} AND name IN ({', '.join([mark] * len(names))}) GROUP BY name) n "
+        f"ON s.name = n.name AND s.at = n.newest WHERE s.device_id = {mark}"
     )
-    rows = (
-        ValueSample.select()
-        .join(newest, on=((ValueSample.name == newest.c.name) & (ValueSample.at == newest.c.newest)))
-        .where(ValueSample.device_id == device_id)
-    )
-    return {row.name: row for row in rows}
+    rows = db.execute_sql(sql, [device_id, *names, device_id]).fetchall()
+    to_time = ValueSample.at.python_value
+    return {row[0]: _Latest(row[0], to_time(row[1]), row[2], row[3], row[4]) for row in rows}
 
 
 def _same(sample, owner_id, number, text):
