@@ -296,6 +296,8 @@ def test_the_background_jobs_are_one_explicit_list(app):
         "selfserve.services.migration.resume_pending",
         "selfserve.services.impersonation.end_stale_views",
         "selfserve.services.history.maintain",
+        "selfserve.services.access.record_expired",
+        "selfserve.services.sharing.resend_unsent",
         "selfserve.services.alerts.run_timers",
     ]
 
