@@ -21,6 +21,14 @@ def demo_site(tmp_path):
         if thread is not None:
             thread.stop.set()
             thread.join(timeout=30)
+        # The same for its alert sender thread (woken by any alert decided in any test).
+        sender = app.extensions.get("alert_sender")
+        if sender is not None:
+            from selfserve.services import alerts
+
+            sender.stop.set()
+            alerts.wake()
+            sender.join(timeout=30)
         mail.stop()
         simulator.stop()
 
