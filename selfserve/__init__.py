@@ -96,6 +96,11 @@ def create_app(test_config=None):
 
     cli.init_app(app)
 
+    from selfserve import push
+
+    # Changes reach open pages of every worker (PostgreSQL NOTIFY, Redis, or in-process).
+    push.init_app(app)
+
     _background_jobs(app)
     # Start-up used a pooled connection (the schema check): close it, so that no connection
     # is inherited by forked workers (gunicorn --preload) and shared between processes.

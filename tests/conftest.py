@@ -219,6 +219,7 @@ def app_config(sim, mailbox, db_url):
         "PASSWORD_HASH_TIME_COST": 1,
         "SWEEP_SECONDS": 0,  # no background sweep thread in tests; tests call the sweep
         "EVENT_STREAM": False,  # no event-stream listener either; tests start their own
+        "PUSH_STREAM_MAX_SECONDS": 1.0,  # pushed pages' streams end soon (crawls read them whole)
     }
 
 

@@ -368,6 +368,7 @@ def _refresh(device, row):
     update["offline_since"] = None
     update["last_error"] = _message_for(errors[0]) if errors else None
     _store(device.device_id, update)
+    _announce(device.device_id)
 
 
 def _read_variables(client, customer_id, device_id, names):
@@ -387,6 +388,17 @@ def _store_offline(device_id, update, row, since):
     update["offline_since"] = row.offline_since if row.online is False and row.offline_since else since
     update["last_error"] = None
     _store(device_id, update)
+    _announce(device_id)
+
+
+def _announce(device_id):
+    """Pages of other viewers (other workers too) show what this read found (selfserve/push.py)."""
+    announce = current_app.extensions.get("announce_device_change")
+    if announce is not None:
+        try:
+            announce(device_id)
+        except Exception:  # noqa: BLE001 - the values are stored; pages still poll the cache
+            log.exception("could not announce a change of %s", device_id)
 
 
 def _store(device_id, update):

@@ -27,6 +27,7 @@ from werkzeug.exceptions import NotFound
 from selfserve import charts
 from selfserve import device_models
 from selfserve import htmx
+from selfserve import sse
 from selfserve.models import utcnow
 from selfserve.security import public
 from selfserve.security import verified_required
@@ -89,12 +90,22 @@ def _page_context(device, **extra):
         "model": device_models.get(device.model),
         "name": devices.display_name(device),
         "poll_seconds": _poll_seconds(),
+        "push": _push_enabled(),
+        "fast_poll_seconds": int(current_app.config.get("VALUES_POLL_SECONDS", 5)),
         **extra,
     }
 
 
 def _poll_seconds():
+    """How often pages poll our cache: rarely while changes are pushed to them (the fallback
+    for a push connection that can't be held is in static/js/devices.js)."""
+    if current_app.config.get("PUSH_ENABLED", True):
+        return int(current_app.config.get("PUSH_FALLBACK_POLL_SECONDS", 60))
     return int(current_app.config.get("VALUES_POLL_SECONDS", 5))
+
+
+def _push_enabled():
+    return bool(current_app.config.get("PUSH_ENABLED", True))
 
 
 # --- dashboard and claim -------------------------------------------------------------------
@@ -108,8 +119,47 @@ def dashboard():
         overview=overview,
         names=devices.display_name,
         models=device_models,
-        summary_poll_seconds=_poll_seconds() * 3,
+        # Pushed cards don't poll (static/js/devices.js polls them only if the push fails).
+        summary_poll_seconds=0 if _push_enabled() else _poll_seconds() * 3,
+        push=_push_enabled(),
+        fast_poll_seconds=int(current_app.config.get("VALUES_POLL_SECONDS", 5)),
     )
+
+
+@bp.get("/devices/live")
+def dashboard_live():
+    """Server-sent events: each card's summary, pushed when its device changes."""
+    if not _push_enabled():
+        abort(404)
+    device_ids = [device.device_id for device in devices.devices_of(current_user)]
+
+    def render(user, changed, check):
+        found = []
+        for device_id in sorted(changed):
+            try:
+                device = devices.device_for(user, device_id)
+            except NotFound:
+                continue  # left the account: its card just stops changing
+            snapshot = _pushed_snapshot(device, check)
+            html = render_template(
+                "devices/_summary.html",
+                snapshot=snapshot,
+                model=device_models.get(device.model),
+                device=device,
+            )
+            found.append((f"summary-{device.device_id}", html))
+        return found
+
+    return sse.stream(device_ids, render)
+
+
+def _pushed_snapshot(device, check):
+    """A pushed change comes from the cache; a periodic check may read Particle (only for
+    values older than the device's heartbeat plus a grace, or firmware that doesn't publish)."""
+    if check:
+        live_values.watch(device.device_id, 2 * float(current_app.config.get("VALUES_POLL_SECONDS", 5)) + 60)
+        return live_values.current(device)
+    return live_values.last_known(device)
 
 
 @bp.route("/devices/claim", methods=["GET", "POST"])
@@ -195,6 +245,26 @@ def detail(device_id):
     # The shell never waits on Particle: it shows the stored snapshot, then polls.
     snapshot = live_values.last_known(device)
     return render_template("devices/detail.html", **_page_context(device, snapshot=snapshot))
+
+
+@bp.get("/devices/<device_id>/live")
+def live(device_id):
+    """Server-sent events: the device page's values, pushed when the device changes."""
+    device = devices.device_for(current_user, device_id)
+    if not _push_enabled():
+        abort(404)
+
+    def render(user, changed, check):
+        try:
+            current = devices.device_for(user, device.device_id)
+        except NotFound:
+            raise sse.Gone() from None
+        snapshot = _pushed_snapshot(current, check)
+        return [
+            ("values", render_template("devices/_values.html", **_page_context(current, snapshot=snapshot)))
+        ]
+
+    return sse.stream([device.device_id], render)
 
 
 @bp.get("/devices/<device_id>/summary")

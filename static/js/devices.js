@@ -85,6 +85,37 @@
     document.querySelectorAll(".poll").forEach(function (elt) { window.htmx.trigger(elt, "refresh"); });
   });
 
+  // --- Pushed values, with polling as the fallback -----------------------------------------
+  // Pages with data-fallback-poll receive their changes over server-sent events (htmx's SSE
+  // extension). When that connection fails (a proxy that buffers, a network that drops long
+  // requests), their .poll regions poll our own cache every data-fallback-poll seconds until
+  // the push connection is open again.
+
+  var fallbackTimers = new Map();
+
+  function pushRoot(elt) {
+    return elt && elt.closest ? elt.closest("[data-fallback-poll]") : null;
+  }
+
+  function startFallback(root) {
+    if (!root || fallbackTimers.has(root) || !window.htmx) return;
+    var seconds = parseInt(root.getAttribute("data-fallback-poll"), 10) || 5;
+    var pollers = root.classList.contains("poll") ? [root] : Array.prototype.slice.call(root.querySelectorAll(".poll"));
+    fallbackTimers.set(root, window.setInterval(function () {
+      if (document.hidden) return;
+      pollers.forEach(function (elt) { window.htmx.trigger(elt, "refresh"); });
+    }, seconds * 1000));
+  }
+
+  function stopFallback(root) {
+    if (!root || !fallbackTimers.has(root)) return;
+    window.clearInterval(fallbackTimers.get(root));
+    fallbackTimers.delete(root);
+  }
+
+  document.addEventListener("htmx:sseError", function (event) { startFallback(pushRoot(event.target)); });
+  document.addEventListener("htmx:sseOpen", function (event) { stopFallback(pushRoot(event.target)); });
+
   // --- Commands in flight ------------------------------------------------------------------
   // A command can take seconds (the device answers through the cloud). While it is in flight
   // the status region says which one is being sent (hx-disabled-elt disables every control);
