@@ -78,7 +78,9 @@ def test_dashboard_lists_devices_and_makes_no_particle_call(browser, owner, labe
     assert 'Window covering <span class="serial">SSW-24A-000101</span>' in page
     assert f'hx-get="/devices/{WINDOW}/summary"' in page
     assert f'hx-get="/devices/{PUMP}/summary"' in page
-    assert 'hx-trigger="load' in page
+    # One request renders every card; changes are pushed (no fragment request per card).
+    assert 'sse-connect="/devices/live"' in page and f'sse-swap="summary-{WINDOW}"' in page
+    assert 'hx-trigger="load' not in page
     assert "Checking…" in page  # nothing read yet
 
 
@@ -110,7 +112,9 @@ def test_device_page_shell_makes_no_particle_call(browser, owner, labels, sim):
     page = browser.get(f"/devices/{WINDOW}").get_data(as_text=True)
     assert total_calls(sim) == 0
     assert f'hx-get="/devices/{WINDOW}/values"' in page
-    assert 'hx-trigger="load, every 5s, refresh, device-changed from:body"' in page
+    # Pushed values; our cache is also polled now and then (the fallback).
+    assert 'hx-trigger="every 60s, refresh, device-changed from:body"' in page
+    assert f'sse-connect="/devices/{WINDOW}/live"' in page and 'sse-swap="values"' in page
     for label in ("Open", "Close", "Set position", "Stop"):
         assert f">{label}</button>" in page
     assert f'action="/devices/{WINDOW}/functions/setPosition"' in page
@@ -714,9 +718,12 @@ def test_serial_is_unbreakable_in_headings(browser, owner, labels):
     assert re.search(r"\.serial\s*\{[^}]*white-space:\s*nowrap", css)
 
 
-def test_dashboard_summaries_poll_at_three_times_the_values_interval(app, browser, owner, labels):
+def test_dashboard_summaries_poll_at_three_times_the_values_interval_without_push(
+    app, browser, owner, labels
+):
     own(owner, labels, WINDOW)
     app.config["VALUES_POLL_SECONDS"] = 4
+    app.config["PUSH_ENABLED"] = False
     page = browser.get("/devices").get_data(as_text=True)
     assert re.search(
         rf'class="poll summary" id="summary-{WINDOW}"[^>]*hx-trigger="load, every 12s, refresh"', page, re.S
@@ -772,3 +779,27 @@ def test_strangers_still_get_the_plain_404(app, labels, sim):
     again = app.test_client()
     login(again, "former@example.com", PASSWORD)
     assert again.get(f"/devices/{WINDOW}").status_code == 200
+
+
+def test_dashboard_reads_open_transfers_with_one_query(browser, owner, labels, app):
+    """However many cards, their open transfers come from one query (not one per card)."""
+    from selfserve import models
+
+    own(owner, labels, WINDOW)
+    own(owner, labels, PUMP)
+    queries = []
+    original = models.db.obj.execute_sql
+
+    def counting(sql, params=None, *args, **kwargs):
+        queries.append(sql)
+        return original(sql, params, *args, **kwargs)
+
+    models.db.obj.execute_sql = counting
+    try:
+        page = browser.get("/devices")
+    finally:
+        models.db.obj.execute_sql = original
+    assert page.status_code == 200
+    by_device = [sql for sql in queries if 'FROM "transfer"' in sql and '"open_device" = ' in sql]
+    all_cards = [sql for sql in queries if 'FROM "transfer"' in sql and '"open_device" IN ' in sql]
+    assert by_device == [] and len(all_cards) == 1, [q for q in queries if "transfer" in q]

@@ -9,6 +9,7 @@ from flask import Blueprint
 from flask import abort
 from flask import current_app
 from flask import flash
+from flask import g
 from flask import render_template
 from flask import request
 from flask import url_for
@@ -43,8 +44,19 @@ def _keep_tokens_out_of_logs(state):
 
 @bp.app_template_global("transfer_of")
 def transfer_of(device):
-    """The device's open transfer (device page panel)."""
+    """The device's open transfer (device page panel, dashboard cards): from the dashboard's
+    one query when `preload_transfers` ran, else its own query."""
+    preloaded = g.get("open_transfers")
+    if preloaded is not None and device.device_id in preloaded[0]:
+        return preloaded[1].get(device.device_id)
     return transfers.open_transfer_of(device)
+
+
+@bp.app_template_global("preload_transfers")
+def preload_transfers(devices):
+    """Read the open transfers of all these devices with one query (the dashboard's cards)."""
+    g.open_transfers = ({device.device_id for device in devices}, transfers.open_transfers_of(devices))
+    return ""
 
 
 @bp.app_template_global("transfers_dashboard")

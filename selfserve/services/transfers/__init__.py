@@ -61,6 +61,7 @@ from selfserve.services.transfers.common import get
 from selfserve.services.transfers.common import label
 from selfserve.services.transfers.common import mask_email
 from selfserve.services.transfers.common import open_transfer_of
+from selfserve.services.transfers.common import open_transfers_of
 from selfserve.services.transfers.common import role_of
 from selfserve.services.transfers.common import too_late_message
 from selfserve.services.transfers.common import visible_to
@@ -121,6 +122,7 @@ __all__ = [
     "offer",
     "offer_link",
     "open_transfer_of",
+    "open_transfers_of",
     "remember_possession",
     "request_device",
     "resume_pending",

@@ -80,6 +80,16 @@ def open_transfer_of(device):
     return Transfer.get_or_none(Transfer.open_device == device.device_id)
 
 
+def open_transfers_of(devices):
+    """{device_id: open Transfer} for several devices, with one query (the dashboard)."""
+    ids = [device.device_id for device in devices]
+    if not ids:
+        return {}
+    return {
+        transfer.open_device: transfer for transfer in Transfer.select().where(Transfer.open_device.in_(ids))
+    }
+
+
 def get(transfer_id):
     return Transfer.get_or_none(Transfer.id == transfer_id)
 

@@ -1,0 +1,670 @@
+"""bench/events: the measures of "Live by events", polling (today) and events side by side.
+
+    bench/events [--quick] [--seconds S] [--pages N] [--postgres URL]
+
+Starts the Particle Cloud simulator in-process and a fresh SQLite database, sets homeowners up
+through the real services, then runs the site under gunicorn twice on loopback:
+
+- "polling (today)": gthread workers, no event-stream listener, no pushes (pages poll);
+- "events": gevent workers (gunicorn.conf.py's worker class), the product event-stream listener
+  (one per deployment, by lease), pushes over server-sent events, the product webhook.
+
+and measures, in each: Particle calls per watched online device per minute; publish -> value on
+the open pages (median / p95) with N open pages; Particle calls for one view of a 50-device
+dashboard; webhook events taken in per second (SQLite, and PostgreSQL with --postgres); memory
+per 1000 open push connections. Devices kept live under Particle's limit (10,000 requests / 5
+min / IP) is derived from the calls per watched device. Prints one table.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+import requests
+
+from bench import fleet
+from bench import load
+from bench.servers import REPO_ROOT
+from bench.servers import BenchError
+from bench.servers import Gunicorn
+
+PARTICLE_PER_MINUTE = 10000 / 5
+WEBHOOK_SECRET = "bench-webhook-secret-" + secrets.token_hex(8)
+FLEET = 5000
+
+
+def say(message):
+    print(f"[events bench] {message}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="bench/events", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short phases, few pages (~1 minute)")
+    parser.add_argument("--seconds", type=float, help="seconds of each watching phase (default 60; 8 quick)")
+    parser.add_argument("--pages", type=int, help="open pages in the latency phase (default 200; 20 quick)")
+    parser.add_argument("--dashboard", type=int, help="devices on the big dashboard (default 50; 8 quick)")
+    parser.add_argument(
+        "--postgres", help="also measure webhook intake on this PostgreSQL database (emptied!)"
+    )
+    args = parser.parse_args(argv)
+    args.seconds = args.seconds or (8.0 if args.quick else 60.0)
+    args.pages = args.pages or (20 if args.quick else 200)
+    args.dashboard = args.dashboard or (8 if args.quick else 50)
+    args.watched = 3 if args.quick else 5
+    args.connections = 100 if args.quick else 1000
+    args.rounds = 2 if args.quick else 5
+    args.webhook_seconds = 3.0 if args.quick else 10.0
+    args.redis = os.environ.get("SELFSERVE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/9")
+    return args
+
+
+# --- the site under gunicorn ---------------------------------------------------------------------
+
+
+class Site(Gunicorn):
+    """The site with a worker class of our choice (gunicorn.conf.py for the events mode)."""
+
+    def __init__(self, name, env, log_dir, gevent):
+        super().__init__(name, "bench.app:app", env, log_dir)
+        self.gevent = gevent
+
+    @property
+    def command(self):
+        if self.gevent:
+            worker = ["-c", os.path.join(REPO_ROOT, "gunicorn.conf.py"), "-w", "2"]
+        else:
+            worker = ["-k", "gthread", "-w", "2", "--threads", "8"]
+        return [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            *worker,
+            "-b",
+            f"127.0.0.1:{self.port}",
+            "--chdir",
+            REPO_ROOT,
+            "--graceful-timeout",
+            "3",
+            "--log-level",
+            "warning",
+            self.app_path,
+        ]
+
+    def worker_pids(self):
+        master = self.process.pid
+        pids = []
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    with open(f"/proc/{name}/stat") as handle:
+                        if int(handle.read().rsplit(")", 1)[1].split()[1]) == master:
+                            pids.append(int(name))
+                except (OSError, ValueError, IndexError):
+                    continue
+        return pids
+
+    def workers_rss_kib(self):
+        total = 0
+        for pid in self.worker_pids():
+            with open(f"/proc/{pid}/status") as handle:
+                for line in handle:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        return total
+
+
+# --- clients -------------------------------------------------------------------------------------
+
+
+class Pusher(threading.Thread):
+    """One open page's push stream: records when each text first appears in it."""
+
+    def __init__(self, session, url, watch_for):
+        super().__init__(daemon=True)
+        self.session = session
+        self.url = url
+        self.watch_for = watch_for  # list of texts to time
+        self.seen = {}
+        self.opened = threading.Event()
+        self.stop = threading.Event()
+
+    def run(self):
+        try:
+            with self.session.get(self.url, stream=True, timeout=(5, 120)) as response:
+                self.opened.set()
+                buffer = ""
+                for chunk in response.iter_content(chunk_size=None):
+                    if self.stop.is_set() or load.STOP.is_set():
+                        return
+                    now = time.monotonic()
+                    buffer = (buffer + chunk.decode("utf-8", "replace").lower())[-20000:]
+                    for text in self.watch_for:
+                        if text not in self.seen and text.lower() in buffer:
+                            self.seen[text] = now
+        except requests.RequestException:
+            self.opened.set()
+
+
+def clone_session(session):
+    clone = requests.Session()
+    clone.cookies.update(session.cookies)
+    return clone
+
+
+def device_calls(routes):
+    return sum(count for route, count in routes.items() if "/devices/:id" in route)
+
+
+def counters(sim):
+    return sim.counters()["routes"]
+
+
+# --- phases ----------------------------------------------------------------------------------
+
+
+def watch_cost(site, sim, session, device_ids, seconds, events_mode):
+    """Particle calls per watched device per minute: each device has one open page."""
+    sim.reset_counters()
+    started = time.monotonic()
+    if events_mode:
+        streams = [Pusher(clone_session(session), f"{site.url}/devices/{d}/live", []) for d in device_ids]
+        for stream in streams:
+            stream.start()
+        time.sleep(seconds)
+        for stream in streams:
+            stream.stop.set()
+    else:
+        plans = [[(f"{site.url}/devices/{d}/values", load.HTMX_HEADERS)] for d in device_ids]
+        sessions = [clone_session(session) for _ in device_ids]
+        threads = [
+            threading.Thread(target=_poll_loop, args=(s, plan[0][0], seconds), daemon=True)
+            for s, plan in zip(sessions, plans, strict=True)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    elapsed = time.monotonic() - started
+    calls = device_calls(counters(sim))
+    return calls / len(device_ids) / (elapsed / 60)
+
+
+def _poll_loop(session, url, seconds, every=5.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not load.STOP.is_set():
+        try:
+            session.get(url, headers=load.HTMX_HEADERS, timeout=load.REQUEST_TIMEOUT)
+        except requests.RequestException:
+            pass
+        time.sleep(every)
+
+
+def latency(site, sim, session, pump, pages, rounds, events_mode):
+    """Publish -> value on every open page: the pump trips a fault (its firmware publishes it
+    at once); every open page of the pump records when "overpressure" shows up."""
+    results = []
+    for round_number in range(rounds):
+        sim.set_device(pump, fault="")
+        time.sleep(1.5)
+        marker = "overpressure"
+        if events_mode:
+            viewers = [
+                Pusher(clone_session(session), f"{site.url}/devices/{pump}/live", [marker])
+                for _ in range(pages)
+            ]
+            for viewer in viewers:
+                viewer.start()
+            for viewer in viewers:
+                viewer.opened.wait(10)
+            time.sleep(1.0)
+            published = time.monotonic()
+            sim.set_device(pump, fault="overpressure")
+            deadline = published + 20
+            while time.monotonic() < deadline and any(marker not in v.seen for v in viewers):
+                time.sleep(0.05)
+            for viewer in viewers:
+                viewer.stop.set()
+            results += [v.seen[marker] - published for v in viewers if marker in v.seen]
+        else:
+            seen = []
+            published = [None]
+
+            def poller(local_session, offset, seen=seen, published=published):
+                time.sleep(offset)
+                deadline = time.monotonic() + 25
+                while time.monotonic() < deadline and not load.STOP.is_set():
+                    try:
+                        text = local_session.get(
+                            f"{site.url}/devices/{pump}/values",
+                            headers=load.HTMX_HEADERS,
+                            timeout=load.REQUEST_TIMEOUT,
+                        ).text
+                    except requests.RequestException:
+                        text = ""
+                    if published[0] is not None and "overpressure" in text.lower():
+                        seen.append(time.monotonic() - published[0])
+                        return
+                    time.sleep(5.0)
+
+            count = min(pages, 40)  # threads polling like pages do (5 s, spread)
+            threads = [
+                threading.Thread(target=poller, args=(clone_session(session), 5.0 * i / count), daemon=True)
+                for i in range(count)
+            ]
+            for thread in threads:
+                thread.start()
+            time.sleep(6.0)
+            published[0] = time.monotonic()
+            sim.set_device(pump, fault="overpressure")
+            for thread in threads:
+                thread.join()
+            results += seen
+        say(f"  round {round_number + 1}: {len(results)} arrivals so far")
+    sim.set_device(pump, fault="")
+    if not results:
+        return None
+    results.sort()
+    return statistics.median(results), results[int(0.95 * (len(results) - 1))], len(results)
+
+
+def dashboard_cost(site, sim, session, device_ids, events_mode):
+    """Particle calls for one view of the big dashboard (as a browser makes it)."""
+    time.sleep(1.0)
+    sim.reset_counters()
+    page = session.get(f"{site.url}/devices", timeout=load.REQUEST_TIMEOUT)
+    if page.status_code != 200:
+        raise BenchError(f"dashboard answered {page.status_code}")
+    if events_mode:
+        pusher = Pusher(
+            clone_session(session), f"{site.url}/devices/live", [f"summary-{d}" for d in device_ids]
+        )
+        pusher.start()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(pusher.seen) < len(device_ids):
+            time.sleep(0.05)
+        pusher.stop.set()
+    else:
+        for device_id in device_ids:  # each card's summary fragment, loaded with the page
+            session.get(
+                f"{site.url}/devices/{device_id}/summary",
+                headers=load.HTMX_HEADERS,
+                timeout=load.REQUEST_TIMEOUT,
+            )
+    return sum(counters(sim).values())
+
+
+def webhook_rate(site_url, device_ids, seconds, clients=8):
+    """State events POSTed to the webhook as Particle would, for `seconds`: stored per second."""
+    stored = [0]
+    lock = threading.Lock()
+    counter = iter(range(10**9))
+
+    def worker():
+        session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {WEBHOOK_SECRET}"
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not load.STOP.is_set():
+            with lock:
+                n = next(counter)
+            device_id = device_ids[n % len(device_ids)]
+            published = datetime.datetime.now(datetime.UTC).replace(tzinfo=None) + datetime.timedelta(
+                microseconds=n % 1000
+            )
+            body = {
+                "event": "selfserve/state",
+                "data": json.dumps(
+                    {"v": 1, "hb": 120, "position": n % 100, "target": n % 100, "moving": False}
+                ),
+                "coreid": device_id,
+                "published_at": published.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            }
+            try:
+                answer = session.post(f"{site_url}/hooks/particle", json=body, timeout=20)
+                if answer.ok:  # taken in: stored, or recognised as a repeat / older
+                    with lock:
+                        stored[0] += 1
+            except requests.RequestException:
+                pass
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return stored[0] / (time.monotonic() - started)
+
+
+def push_memory(site, session, device_id, connections):
+    """Workers' RSS before and after `connections` idle push connections (raw sockets that
+    send the request and then just stay open)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < connections + 200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, connections + 500), hard))
+    cookie = "; ".join(f"{c.name}={c.value}" for c in session.cookies)
+    before = site.workers_rss_kib()
+    sockets = []
+    request = (
+        f"GET /devices/{device_id}/live HTTP/1.1\r\nHost: 127.0.0.1:{site.port}\r\nCookie: {cookie}\r\n"
+        "Accept: text/event-stream\r\n\r\n"
+    ).encode()
+    try:
+        for _ in range(connections):
+            sock = socket.create_connection(("127.0.0.1", site.port), timeout=10)
+            sock.sendall(request)
+            sockets.append(sock)
+        time.sleep(5.0)  # every stream has started and rendered its first event
+        opened = 0
+        for sock in sockets:
+            try:
+                sock.settimeout(5)
+                opened += b"200 OK" in sock.recv(200)
+            except OSError:
+                pass
+        after = site.workers_rss_kib()
+    finally:
+        for sock in sockets:
+            sock.close()
+    return before, after, opened
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+
+def run(args, workdir, cleanup):
+    from selfserve import config as config_module
+    from selfserve import schema
+
+    say("starting the Particle Cloud simulator and setting up homeowners...")
+    from selfserve.simulator.server import SimulatorServer
+
+    sim = SimulatorServer(host="127.0.0.1", port=0).start()
+    cleanup.append(sim.stop)
+    sim.configure(rate_limit={"requests": 10**9, "window": 300})  # we count; we don't limit here
+    db_url = f"sqlite:///{os.path.join(workdir, 'events.db')}"
+    env = dict(os.environ)
+    env.update(
+        {
+            "SELFSERVE_DATABASE_URL": db_url,
+            "SELFSERVE_PARTICLE_API_URL": sim.url,
+            "SELFSERVE_PARTICLE_PRODUCT": config_module.DEMO_PARTICLE_PRODUCT,
+            "SELFSERVE_PARTICLE_CLIENT_ID": config_module.DEMO_PARTICLE_CLIENT_ID,
+            "SELFSERVE_PARTICLE_CLIENT_SECRET": config_module.DEMO_PARTICLE_CLIENT_SECRET,
+            "SELFSERVE_SECRET_KEY": secrets.token_hex(32),
+            "SELFSERVE_BASE_URL": "http://127.0.0.1",
+            "SELFSERVE_SWEEP_SECONDS": "0",
+            "SELFSERVE_PARTICLE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        }
+    )
+    os.environ.update(env)
+    schema.upgrade_url(db_url)
+    from selfserve import create_app
+    from selfserve import models
+    from selfserve.models import Device
+    from selfserve.models import User
+    from selfserve.services import devices as device_service
+    from selfserve.services import registry
+
+    app = create_app({"SWEEP_SECONDS": 0, "EVENT_STREAM": False})
+    users = max(args.watched, 2)
+    homeowners, _offline = fleet.create(app, sim, users)
+    watched_ids = [h.device_ids[0] for h in homeowners[: args.watched]]
+    # One homeowner with the big dashboard: args.dashboard devices (windows and pumps).
+    big = homeowners[0]
+    labels = [fleet._label(1000 + i) for i in range(args.dashboard - 1)]
+    for label in labels:
+        sim.add_device(
+            label["device_id"],
+            model=label["model"],
+            serial_number=label["serial_number"],
+            setup_code=label["setup_code"],
+        )
+    with app.app_context(), models.db.connection_context():
+        registry.import_rows(labels)
+        owner = User.get(User.email == big.email)
+        for label in labels:
+            device_service.claim(owner, label["serial_number"], label["setup_code"])
+        Device.update(claimed_at=datetime.datetime(2020, 1, 1)).execute()
+        pump = next(d.device_id for d in Device.select() if d.model == "pump" and d.owner_id == owner.id)
+    dashboard_ids = [big.device_ids[0]] + [label["device_id"] for label in labels]
+
+    results = {}
+    for mode in ("polling (today)", "events"):
+        events_mode = mode == "events"
+        say(f"--- {mode} ---")
+        mode_env = dict(env)
+        mode_env["SELFSERVE_EVENT_STREAM"] = "true" if events_mode else "false"
+        mode_env["SELFSERVE_PUSH_ENABLED"] = "true" if events_mode else "false"
+        # Two workers on SQLite: pushes fan out between them through Redis pub/sub.
+        mode_env["SELFSERVE_PUSH_BROKER_URL"] = args.redis
+        site = Site("events" if events_mode else "polling", mode_env, workdir, gevent=events_mode)
+        cleanup.append(site.stop)
+        site.launch()
+        site.wait_ready("/login")
+        session = load.login_many(site.url, [big.email], fleet.PASSWORD, site.url + "/devices")[0]
+        watcher_sessions = load.login_many(
+            site.url, [h.email for h in homeowners[: args.watched]], fleet.PASSWORD, site.url + "/devices"
+        )
+        if events_mode:
+            # The first request started each worker's listener; one holds the stream. Let every
+            # device publish once (as they do on connecting) so the cache is event-fed.
+            time.sleep(3.0)
+            for device_id in set(watched_ids + dashboard_ids):
+                sim.set_device(device_id, online=False)
+                sim.set_device(device_id, online=True)
+            time.sleep(3.0)
+        row = {}
+        say("watching devices...")
+        costs = []
+        for watcher, device_id in zip(watcher_sessions, watched_ids, strict=True):
+            costs.append((watcher, device_id))
+        sim.reset_counters()
+        started = time.monotonic()
+        threads = []
+        for watcher, device_id in costs:
+            thread = threading.Thread(
+                target=watch_cost,
+                args=(site, _NoReset(sim), watcher, [device_id], args.seconds, events_mode),
+                daemon=True,
+            )
+            thread.start()
+            threads.append(thread)
+        for thread in threads:
+            thread.join()
+        minutes = (time.monotonic() - started) / 60
+        row["calls_per_device_minute"] = device_calls(counters(sim)) / len(costs) / minutes
+        say("dashboard view...")
+        row["dashboard_calls"] = dashboard_cost(site, sim, session, dashboard_ids, events_mode)
+        say(f"publish -> page with {args.pages} open pages...")
+        row["latency"] = latency(site, sim, session, pump, args.pages, args.rounds, events_mode)
+        if events_mode:
+            say("webhook intake (SQLite)...")
+            row["webhook_sqlite"] = webhook_rate(site.url, dashboard_ids, args.webhook_seconds)
+            say(f"memory of {args.connections} open push connections...")
+            row["memory"] = push_memory(site, session, dashboard_ids[0], args.connections)
+        site.stop()
+        results[mode] = row
+
+    if args.postgres:
+        say("webhook intake (PostgreSQL)...")
+        results["events"]["webhook_postgres"] = postgres_webhook_rate(
+            args, env, workdir, cleanup, dashboard_ids
+        )
+    report(args, results)
+
+
+class _NoReset:
+    """The simulator's counters for a phase that counts across threads (reset once outside)."""
+
+    def __init__(self, sim):
+        self.sim = sim
+
+    def reset_counters(self):
+        pass
+
+    def counters(self):
+        return self.sim.counters()
+
+
+def postgres_webhook_rate(args, env, workdir, cleanup, device_ids):
+    import peewee
+    from playhouse.db_url import connect
+
+    from selfserve import models
+    from selfserve import schema
+
+    url = args.postgres
+    database = connect(url)
+    models.db.initialize(database)
+    with models.db.connection_context():
+        models.db.drop_tables(models.ALL_MODELS, safe=True, cascade=True)
+        models.db.execute_sql("DROP TABLE IF EXISTS migratehistory")
+    schema.upgrade_url(url)
+    models.db.initialize(connect(url))
+    with models.db.connection_context():
+        user = models.User.create(
+            email="webhook@bench.example", password_hash="x", provisioning_state="ready"
+        )
+        for index, device_id in enumerate(device_ids):
+            models.Device.create(
+                device_id=device_id,
+                serial_number=f"PG-{index:05d}",
+                setup_code_hash="x",
+                model="window",
+                in_product=True,
+                owner=user,
+                claimed_at=datetime.datetime(2020, 1, 1),
+            )
+    pg_env = dict(env)
+    pg_env.update({"SELFSERVE_DATABASE_URL": url, "SELFSERVE_EVENT_STREAM": "false"})
+    site = Site("events-pg", pg_env, workdir, gevent=True)
+    cleanup.append(site.stop)
+    site.launch()
+    site.wait_ready("/login")
+    try:
+        return webhook_rate(site.url, device_ids, args.webhook_seconds)
+    finally:
+        site.stop()
+        del peewee
+
+
+def report(args, results):
+    today, events = results["polling (today)"], results["events"]
+    width = 62
+    lines = ["=" * (width + 44), "selfserve bench/events: Live by events (polling today vs events)"]
+    lines.append(
+        f"  {os.cpu_count()} CPUs shared with the load generator and the simulator; SQLite (WAL); "
+        f"{args.seconds:g} s watching phases; heartbeat 120 s"
+    )
+    lines.append(
+        "  polling: gunicorn -k gthread -w 2 --threads 8; events: gunicorn -c gunicorn.conf.py (gevent, -w 2)"
+    )
+    lines.append("")
+    lines.append(f"  {'measure':<{width}}{'polling (today)':>20}{'events':>20}    must reach")
+
+    def row(label, old, new, goal):
+        lines.append(f"  {label:<{width}}{old:>20}{new:>20}    {goal}")
+
+    row(
+        "Particle calls per watched online device per minute",
+        f"{today['calls_per_device_minute']:.1f}",
+        f"{events['calls_per_device_minute']:.2f}",
+        "<= 0.5",
+    )
+
+    def live(calls):
+        if calls <= 0:
+            return f">= {FLEET}"
+        return f"{min(FLEET, PARTICLE_PER_MINUTE / calls):.0f}"
+
+    row(
+        f"devices kept live under 10,000 req/5 min (fleet {FLEET}, derived)",
+        live(today["calls_per_device_minute"]),
+        live(events["calls_per_device_minute"]),
+        f">= {FLEET}",
+    )
+
+    def lat(value):
+        return "n/a" if not value else f"{value[0]:.2f} / {value[1]:.2f} s ({value[2]})"
+
+    row(
+        f"publish -> value on open pages, median / p95 ({args.pages} pages)",
+        lat(today["latency"]),
+        lat(events["latency"]),
+        "<= 1 s / <= 2 s",
+    )
+    row(
+        "webhook events taken in per second, SQLite / PostgreSQL",
+        "-",
+        f"{events['webhook_sqlite']:.0f} / "
+        + (f"{events['webhook_postgres']:.0f}" if "webhook_postgres" in events else "n/a"),
+        ">= 500",
+    )
+    row(
+        f"Particle calls for one view of a {args.dashboard}-device dashboard",
+        f"{today['dashboard_calls']}",
+        f"{events['dashboard_calls']}",
+        "0",
+    )
+    before, after, opened = events["memory"]
+    per_thousand = (after - before) / max(opened, 1) * 1000 / 1024
+    row(
+        f"memory per 1,000 open push connections ({opened} opened)",
+        "1 thread each",
+        f"{per_thousand:.0f} MiB",
+        "report it",
+    )
+    lines.append("")
+    lines.append(
+        "  Latency with polling: pages poll every 5 s (cache 4 s), at most 40 polling pages; with events: "
+        "the pump's fault state event -> listener -> cache -> NOTIFY/in-process -> SSE."
+    )
+    lines.append(
+        "  Devices kept live is derived: Particle's 2,000 requests a minute / calls per watched device per minute."
+    )
+    lines.append("=" * (width + 44))
+    print("\n".join(lines), flush=True)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    workdir = tempfile.mkdtemp(prefix="selfserve-events-bench-")
+    cleanup = []
+    signal.signal(signal.SIGTERM, _interrupt)
+    status = 0
+    try:
+        run(args, workdir, cleanup)
+    except KeyboardInterrupt:
+        status = 130
+    except BenchError as exc:
+        say(str(exc))
+        status = 1
+    finally:
+        load.STOP.set()
+        for stop in reversed(cleanup):
+            try:
+                stop()
+            except Exception as exc:  # noqa: BLE001
+                say(f"cleanup step failed: {exc!r}")
+        shutil.rmtree(workdir, ignore_errors=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

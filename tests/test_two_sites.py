@@ -1,0 +1,171 @@
+"""Two site processes on one database, as two machines would run them: exactly one holds the
+product event stream, and an event taken in by that one reaches a page held open on the other.
+
+On PostgreSQL (SELFSERVE_TEST_DATABASE_URL) the fan-out is LISTEN/NOTIFY; on the SQLite pass the
+two processes share the database file and fan out through Redis pub/sub."""
+
+import datetime
+import os
+import sys
+import time
+
+import pytest
+import requests
+from helpers import free_port
+from helpers import make_user
+from helpers import seed_registry
+
+from bench import load
+from bench.servers import Gunicorn
+from selfserve import config as config_module
+from selfserve.models import Device
+from selfserve.models import utcnow
+from selfserve.services import devices
+
+PASSWORD = "correct horse battery"
+WINDOW = "e00fce68a1b2c3d4e5f60701"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REDIS_DB = "redis://127.0.0.1:6379/11"
+
+
+class SiteProcess(Gunicorn):
+    """One site process (gevent worker, as in production) on a free loopback port."""
+
+    def __init__(self, name, env, log_dir):
+        super().__init__(name, "bench.app:app", env, log_dir)
+        self.port = free_port()
+
+    @property
+    def command(self):
+        return [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            os.path.join(ROOT, "gunicorn.conf.py"),
+            "-w",
+            "1",
+            "-b",
+            f"127.0.0.1:{self.port}",
+            "--chdir",
+            ROOT,
+            "--log-level",
+            "warning",
+            self.app_path,
+        ]
+
+
+@pytest.fixture
+def owner(app, sim):
+    labels = {device["id"]: device for device in seed_registry()}
+    user = make_user("owner@example.com", PASSWORD)
+    devices.claim(user, labels[WINDOW]["serial_number"], labels[WINDOW]["setup_code"])
+    Device.update(claimed_at=utcnow() - datetime.timedelta(hours=1)).execute()
+    return user
+
+
+@pytest.fixture
+def sites(app, owner, sim, tmp_path):
+    from selfserve import models
+
+    models.db.close()  # the processes below need the database to themselves now (SQLite)
+    env = dict(os.environ)
+    env.update(
+        {
+            "SELFSERVE_DATABASE_URL": app.config["DATABASE_URL"],
+            "SELFSERVE_PARTICLE_API_URL": sim.url,
+            "SELFSERVE_PARTICLE_PRODUCT": config_module.DEMO_PARTICLE_PRODUCT,
+            "SELFSERVE_PARTICLE_CLIENT_ID": config_module.DEMO_PARTICLE_CLIENT_ID,
+            "SELFSERVE_PARTICLE_CLIENT_SECRET": config_module.DEMO_PARTICLE_CLIENT_SECRET,
+            "SELFSERVE_SECRET_KEY": app.config["SECRET_KEY"],
+            "SELFSERVE_TOKEN_ENCRYPTION_KEY": app.config.get("TOKEN_ENCRYPTION_KEY") or "",
+            "SELFSERVE_BASE_URL": "http://127.0.0.1",
+            "SELFSERVE_SWEEP_SECONDS": "0",
+            "SELFSERVE_EVENT_STREAM": "true",
+            "SELFSERVE_EVENT_STREAM_MIN_OPEN_SECONDS": "0.5",
+            "SELFSERVE_PUSH_BROKER_URL": ""
+            if app.config["DATABASE_URL"].startswith("postgres")
+            else REDIS_DB,
+        }
+    )
+    processes = [SiteProcess(name, env, str(tmp_path)) for name in ("one", "two")]
+    try:
+        for process in processes:
+            process.launch()
+        for process in processes:
+            process.wait_ready("/login")
+        yield processes
+    finally:
+        for process in processes:
+            process.stop()
+        models.db.connect(reuse_if_open=True)
+
+
+def holder_pid():
+    from selfserve import event_stream
+    from selfserve import models
+
+    with models.db.connection_context():
+        holder = event_stream.Lease.holder_of()
+    return int(holder.split(":")[1]) if holder else None
+
+
+def test_one_stream_for_two_processes_and_pushes_cross_between_them(sites, sim):
+    one, two = sites
+    sessions = {}
+    for site in sites:  # signing in is each process's first request: both start a listener
+        sessions[site.name] = load.login(site.url, "owner@example.com", PASSWORD, site.url + "/devices")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and sim.open_streams("product") != 1:
+        time.sleep(0.1)
+    for _ in range(20):  # and it stays one
+        assert sim.open_streams("product") == 1
+        time.sleep(0.1)
+    pid = holder_pid()
+    workers = {site.name: set(site_pids(site)) for site in sites}
+    leader = next(name for name, pids in workers.items() if pid in pids)
+    other = next(site for site in sites if site.name != leader)
+
+    # A page held open on the process that does not hold the stream.
+    response = sessions[other.name].get(f"{other.url}/devices/{WINDOW}/live", stream=True, timeout=(5, 30))
+    assert response.status_code == 200
+    chunks = response.iter_content(chunk_size=None)
+    buffer = ""
+    while "event: values" not in buffer:
+        buffer += next(chunks).decode()
+    # The device moves; its firmware publishes; the leader takes the events in.
+    sim.set_device(WINDOW, online=False)
+    sim.set_device(WINDOW, online=True)
+    token = requests.post(
+        f"{sim.url}/oauth/token",
+        data={"grant_type": "client_credentials"},
+        auth=(config_module.DEMO_PARTICLE_CLIENT_ID, config_module.DEMO_PARTICLE_CLIENT_SECRET),
+        timeout=5,
+    ).json()["access_token"]
+    answer = requests.post(
+        f"{sim.url}/v1/products/{config_module.DEMO_PARTICLE_PRODUCT}/devices/{WINDOW}/setPosition",
+        data={"arg": "20"},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=5,
+    )
+    assert answer.json()["return_value"] == 1
+    deadline = time.monotonic() + 25
+    while time.monotonic() < deadline and '<span class="value">20%</span>' not in buffer:
+        buffer = buffer[-20000:] + next(chunks).decode()
+    response.close()
+    assert '<span class="value">20%</span>' in buffer
+    assert sim.open_streams("product") == 1
+
+
+def site_pids(site):
+    master = site.process.pid
+    pids = {master}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as handle:
+                    if int(handle.read().rsplit(")", 1)[1].split()[1]) == master:
+                        pids.add(int(name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return pids
