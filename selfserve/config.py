@@ -57,6 +57,9 @@ DEFAULTS = {
     # Fan-out of changes between workers and machines: "" = PostgreSQL LISTEN/NOTIFY when the
     # database is PostgreSQL, else in-process only; "redis://host:6379/0" = Redis pub/sub.
     "PUSH_BROKER_URL": "",
+    # An open page's stream ends after this long (the browser opens a new one); the session and
+    # the device are checked again at every push anyway.
+    "PUSH_STREAM_MAX_SECONDS": 3600.0,
     # History: raw value changes kept this many days, hourly rollups (min, max, mean, last)
     # this many (396 = 13 months); the background sweep rolls up and purges.
     "HISTORY_RAW_DAYS": 7.0,

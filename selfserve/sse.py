@@ -46,7 +46,7 @@ def stream(device_ids, render):
     app = current_app._get_current_object()
     cookie_id = current_user.login_session.cookie_id
     tick = float(app.config.get("VALUES_POLL_SECONDS", 5) or 5)
-    max_seconds = float(app.config.get("PUSH_STREAM_MAX_SECONDS", 300))
+    max_seconds = float(app.config.get("PUSH_STREAM_MAX_SECONDS", 3600))
     subscription = push.subscribe(app, device_ids)
     # Close this request's connection now: a page may stay open for hours.
     if not models.db.is_closed():

@@ -435,6 +435,11 @@ def test_read_only_matrix_every_state_changing_route_is_refused(app, console, cu
         if not methods or rule.endpoint == "support.end_view":
             continue
         path = fill(rule, values)
+        if getattr(app.view_functions[rule.endpoint], "is_sessionless", False):
+            # A machine endpoint (the product webhook): a staff session is no credential there.
+            for method in methods:
+                assert console.open(path, method=method, data={"csrf_token": token}).status_code in (401, 404)
+            continue
         for method in methods:
             response = console.open(
                 path,

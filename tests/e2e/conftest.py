@@ -32,6 +32,9 @@ def pytest_collection_modifyitems(items):
 def app_config(app_config, live_port):
     # Links in emails must point at the live server.
     app_config["BASE_URL"] = f"http://127.0.0.1:{live_port}"
+    # A push stream the server ends is an error to htmx's SSE extension (logged in the console):
+    # in a browser test they stay open for the whole test.
+    app_config["PUSH_STREAM_MAX_SECONDS"] = 600.0
     return app_config
 
 
