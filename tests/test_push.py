@@ -11,7 +11,6 @@ import pytest
 from helpers import login
 from helpers import make_user
 from helpers import seed_registry
-from test_support_views import FreshContextClient
 from test_support_views import sign_in_staff
 from test_support_views import start_view
 
@@ -33,12 +32,6 @@ def app_config(app_config):
     app_config["PUSH_STREAM_MAX_SECONDS"] = 4.0
     app_config["VALUES_POLL_SECONDS"] = 1
     return app_config
-
-
-@pytest.fixture
-def app(app):
-    app.test_client_class = FreshContextClient
-    return app
 
 
 @pytest.fixture

@@ -137,7 +137,7 @@ def dashboard_live():
         found = []
         for device_id in sorted(changed):
             try:
-                device = devices.device_for(user, device_id)
+                device = devices.device_for(user, device_id, need="viewer")
             except NotFound:
                 continue  # left the account: its card just stops changing
             snapshot = _pushed_snapshot(device, check)
@@ -250,13 +250,13 @@ def detail(device_id):
 @bp.get("/devices/<device_id>/live")
 def live(device_id):
     """Server-sent events: the device page's values, pushed when the device changes."""
-    device = devices.device_for(current_user, device_id)
+    device = devices.device_for(current_user, device_id, need="viewer")
     if not _push_enabled():
         abort(404)
 
     def render(user, changed, check):
         try:
-            current = devices.device_for(user, device.device_id)
+            current = devices.device_for(user, device.device_id, need="viewer")
         except NotFound:
             raise sse.Gone() from None
         snapshot = _pushed_snapshot(current, check)
