@@ -779,27 +779,3 @@ def test_strangers_still_get_the_plain_404(app, labels, sim):
     again = app.test_client()
     login(again, "former@example.com", PASSWORD)
     assert again.get(f"/devices/{WINDOW}").status_code == 200
-
-
-def test_dashboard_reads_open_transfers_with_one_query(browser, owner, labels, app):
-    """However many cards, their open transfers come from one query (not one per card)."""
-    from selfserve import models
-
-    own(owner, labels, WINDOW)
-    own(owner, labels, PUMP)
-    queries = []
-    original = models.db.obj.execute_sql
-
-    def counting(sql, params=None, *args, **kwargs):
-        queries.append(sql)
-        return original(sql, params, *args, **kwargs)
-
-    models.db.obj.execute_sql = counting
-    try:
-        page = browser.get("/devices")
-    finally:
-        models.db.obj.execute_sql = original
-    assert page.status_code == 200
-    by_device = [sql for sql in queries if 'FROM "transfer"' in sql and '"open_device" = ' in sql]
-    all_cards = [sql for sql in queries if 'FROM "transfer"' in sql and '"open_device" IN ' in sql]
-    assert by_device == [] and len(all_cards) == 1, [q for q in queries if "transfer" in q]
