@@ -118,6 +118,8 @@ class FunctionResult:
     ok: bool
     message: str
     return_value: int = None
+    # The device accepted it; the page now follows what it reports (static/js/devices.js).
+    pending: bool = False
 
 
 # --- lookups -------------------------------------------------------------------------------
@@ -750,6 +752,10 @@ def call_function(user, device, function_name, raw_arg="", confirmed=False):
         raise DeviceError(problem, kind="invalid", field="arg", status=422)
     if function.confirm and not confirmed:
         raise DeviceError(function.confirm, kind="confirm", status=409)
+    warning = function.argument.warns(arg) if function.argument else ""
+    if warning and not confirmed:
+        # A value the device allows but guards against: say what will happen, then ask.
+        raise DeviceError(warning, kind="confirm", status=409)
     name = display_name(device)
     # Every call runs as the owner's customer, whoever pressed the button (a grantee's access
     # is ours to decide; Particle only knows the owner).
@@ -802,6 +808,7 @@ def call_function(user, device, function_name, raw_arg="", confirmed=False):
         return FunctionResult(False, f"“{function.label}” failed: {exc.user_message}")
     live_values.invalidate(device.device_id)
     refused = return_value is not None and return_value < 0
+    answer = function.answer_for(return_value) if refused else function.pending_text(arg)
     audit.record(
         "device.function_called",
         user=owner,
@@ -812,9 +819,9 @@ def call_function(user, device, function_name, raw_arg="", confirmed=False):
         arg=arg or None,
         result="refused" if refused else "done",
         **_by(user, owner),
+        # What the device answered, in the catalogue's words (the activity page shows it).
+        answer=answer,
     )
     if refused:
-        return FunctionResult(
-            False, f"The device refused the value ({function.label}: code {return_value}).", return_value
-        )
-    return FunctionResult(True, function.done_text, return_value)
+        return FunctionResult(False, answer, return_value)
+    return FunctionResult(True, answer, return_value, pending=True)

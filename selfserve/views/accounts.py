@@ -8,6 +8,7 @@ from flask import Blueprint
 from flask import abort
 from flask import current_app
 from flask import flash
+from flask import make_response
 from flask import render_template
 from flask import request
 from flask import session
@@ -31,6 +32,10 @@ bp = Blueprint("accounts", __name__)
 
 # Session key: the address just verified, for the sign-in form to fill in.
 SIGN_IN_EMAIL = "sign_in_email"
+# An offer's "Create an account": the address it was offered to (pre-filled in the sign-up form)
+# and where to return after verifying (the offer). In the server-side session, not in URLs.
+SIGNUP_EMAIL = "signup_email"
+AFTER_VERIFY_NEXT = "after_verify_next"
 
 MAIL_FAILED = "We couldn't send the email right now. Nothing was lost; please try again in a few minutes."
 
@@ -101,13 +106,16 @@ def _link_error(error, kind):
 @limiter.limit(_limit("signup"), methods=["POST"])
 @limiter.limit(_limit("signup_email"), methods=["POST"], key_func=_form_email_key)
 def signup():
+    next_url = safe_next(request.values.get("next"))
     if request.method == "GET":
-        return render_template("accounts/signup.html", errors={}, email="")
+        return render_template(
+            "accounts/signup.html", errors={}, email=session.get(SIGNUP_EMAIL, ""), next_url=next_url
+        )
     email = request.form.get("email", "")
     try:
         accounts.sign_up(email, request.form.get("password", ""))
     except FormErrors as exc:
-        return render_template("accounts/signup.html", errors=exc.errors, email=email), 400
+        return render_template("accounts/signup.html", errors=exc.errors, email=email, next_url=next_url), 400
     except MailError:
         return render_template(
             "accounts/check_email.html",
@@ -115,6 +123,9 @@ def signup():
             email=accounts.normalize_email(email),
             mail_failed=True,
         ), 503
+    session.pop(SIGNUP_EMAIL, None)
+    if next_url:
+        session[AFTER_VERIFY_NEXT] = next_url
     return render_template("accounts/check_email.html", kind="signup", email=accounts.normalize_email(email))
 
 
@@ -161,22 +172,53 @@ def verify(token):
         flash("Thank you: your email address is verified.", "success")
     else:
         flash("Your email address was already verified.", "info")
+    # Signed up from somewhere (an offer): go back there after verifying.
+    back_to = safe_next(session.pop(AFTER_VERIFY_NEXT, None))
     if current_user.is_authenticated and current_user.id == result.user.id:
-        return htmx.redirect(_home(result.user))
+        return htmx.redirect(back_to or _home(result.user))
     flash("Please sign in to continue.", "info")
     # The sign-in form fills in the address just confirmed (kept in the session, not the URL;
     # read once). Signing in rotates the session, so it goes no further.
     session[SIGN_IN_EMAIL] = result.user.email
-    return htmx.redirect(url_for("accounts.login"))
+    return htmx.redirect(url_for("accounts.login", next=back_to) if back_to else url_for("accounts.login"))
 
 
 # --- signing in and out -------------------------------------------------------------------------
 
 
+def _login_rate_limited(request_limit):
+    """Too many sign-in attempts: the sign-in page with its form (the address kept), when to
+    try again (the limiter knows), and the way out by email. Sent with Retry-After."""
+    import math
+    import time
+
+    seconds = max(1, int(request_limit.reset_at - time.time()))
+    minutes = math.ceil(seconds / 60)
+    wait = "a minute" if minutes <= 1 else f"{minutes} minutes"
+    response = make_response(
+        render_template(
+            "accounts/login.html",
+            next_url=safe_next(request.values.get("next")),
+            email=request.form.get("email", "")[:254],
+            error=None,
+            retry_in=wait,
+        ),
+        429,
+    )
+    response.headers["Retry-After"] = str(seconds)
+    return response
+
+
 @bp.route("/login", methods=["GET", "POST"])
 @public
-@limiter.limit(_limit("login"), methods=["POST"])
-@limiter.limit(_limit("login_email"), methods=["POST"], key_func=_form_email_key, deduct_when=_failed_login)
+@limiter.limit(_limit("login"), methods=["POST"], on_breach=_login_rate_limited)
+@limiter.limit(
+    _limit("login_email"),
+    methods=["POST"],
+    key_func=_form_email_key,
+    deduct_when=_failed_login,
+    on_breach=_login_rate_limited,
+)
 def login():
     next_url = safe_next(request.values.get("next"))
     if request.method == "GET":
@@ -355,7 +397,7 @@ def activity():
     events, older = accounts.activity(_me(), before)
     return render_template(
         "accounts/activity.html",
-        events=events,
+        events=audit.fold_support_visits(events),
         older=older,
         describe=audit.describe,
         first_page=before is None,

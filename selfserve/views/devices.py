@@ -57,6 +57,17 @@ def device_age(moment, now=None):
     return f"{seconds // 86400} days ago"
 
 
+@bp.app_template_filter("device_since")
+def device_since(moment, now=None):
+    """A moment for "Offline since …": "14:05 UTC" today, "28 Nov, 14:05 UTC" before."""
+    if moment is None:
+        return "never"
+    now = now or utcnow()
+    if moment.date() == now.date():
+        return moment.strftime("%H:%M UTC")
+    return moment.strftime("%d %b, %H:%M UTC").lstrip("0")
+
+
 @bp.app_template_filter("device_iso")
 def device_iso(moment):
     if moment is None:

@@ -11,6 +11,7 @@ from flask import current_app
 from flask import flash
 from flask import render_template
 from flask import request
+from flask import session
 from flask import url_for
 from flask_login import current_user
 
@@ -246,6 +247,11 @@ def offer_link(token):
         return render_template("transfers/link_error.html", message=transfers.too_late_message(transfer)), 410
     if current_user.is_authenticated and transfers.role_of(current_user, transfer) == "buyer":
         return htmx.redirect(url_for("transfers.detail", transfer_id=transfer.id))
+    if not current_user.is_authenticated:
+        # "Create an account" from here pre-fills the address the device was offered to.
+        from selfserve.views.accounts import SIGNUP_EMAIL
+
+        session[SIGNUP_EMAIL] = transfer.buyer_email
     device = Device.get_by_id(transfer.device_id)
     return render_template(
         "transfers/offer_link.html",
