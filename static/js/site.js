@@ -83,11 +83,27 @@ document.addEventListener("htmx:confirm", function (event) {
   dialog.querySelector("[data-dialog-cancel]").focus();
 });
 
+// A modal <dialog> makes the page behind it inert, but Tab can still leave it for the browser's
+// own controls: keep Tab and Shift+Tab cycling through the dialog's buttons.
+document.addEventListener("keydown", function (event) {
+  if (event.key !== "Tab") return;
+  var dialog = document.querySelector("dialog[open]");
+  if (!dialog) return;
+  var focusable = Array.prototype.filter.call(
+    dialog.querySelectorAll("button, a[href], input, select, textarea, [tabindex]:not([tabindex='-1'])"),
+    function (el) { return !el.disabled && el.offsetParent !== null; });
+  if (!focusable.length) return;
+  var first = focusable[0], last = focusable[focusable.length - 1];
+  var inside = dialog.contains(document.activeElement);
+  if (event.shiftKey && (document.activeElement === first || !inside)) { event.preventDefault(); last.focus(); }
+  else if (!event.shiftKey && (document.activeElement === last || !inside)) { event.preventDefault(); first.focus(); }
+});
+
 // --- Support viewing an account read-only ----------------------------------------------------
 // <body data-read-only> (see base.html): the server refuses every change anyway, so make the page
 // look like it instead of failing after a press. One notice says so: the banner at the top.
 // Forms marked data-allowed-while-viewing (End view) and plain GET forms (search) stay usable;
-// links that lead to a change (a.button to a form page) look and act unavailable.
+// links that lead to a change (a[data-leads-to-change]) look and act unavailable.
 var STATE_CHANGING = "[hx-post], [hx-put], [hx-patch], [hx-delete]";
 
 function changesState(control) {
@@ -107,8 +123,9 @@ function disableWhileViewing() {
     control.disabled = true;
     control.setAttribute("data-read-only-disabled", "");
   });
-  main.querySelectorAll("a.button").forEach(function (link) {
-    if (link.closest("[data-allowed-while-viewing]")) return;
+  // Links marked data-leads-to-change open a form that changes something (Add a device,
+  // Transfer…, Release…); plain navigation (history ranges, Details) stays usable.
+  main.querySelectorAll("a[data-leads-to-change]").forEach(function (link) {
     link.setAttribute("aria-disabled", "true");
     link.setAttribute("data-read-only-disabled", "");
     link.setAttribute("tabindex", "-1");
