@@ -119,7 +119,9 @@ def test_support_viewing_an_account_sees_its_controls_disabled(live_server, page
         if path.startswith("/devices/e00"):
             expect(page.locator("#values [data-freshness]")).to_be_visible()  # swapped in by htmx
             # Links that lead to a change look and act unavailable too.
-            expect(page.locator("a:has-text('Release this device')")).to_have_attribute("aria-disabled", "true")
+            expect(page.locator("a:has-text('Release this device')")).to_have_attribute(
+                "aria-disabled", "true"
+            )
             # Swap the values again and wait until htmx has settled them: still nothing live.
             page.locator("#values").evaluate(
                 "el => new Promise(done => {"

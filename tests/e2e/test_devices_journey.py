@@ -46,7 +46,9 @@ def test_claim_from_label_watch_control_rename_release(live_server, page, labels
     assert not any(window["setup_code"] in url for url in requests)
 
     page.click("button:has-text('Add device')")
-    expect(page).to_have_url(f"{live_server}/devices/{WINDOW}")
+    expect(page).to_have_url(
+        f"{live_server}/devices/{WINDOW}", timeout=20_000
+    )  # a claim hashes the setup code: slow on a busy machine
     expect(page.locator("#flashes")).to_contain_text("was added to your account")
     values = page.locator("#values")
     # One freshness indicator for the device, not a time on every value.
@@ -112,7 +114,7 @@ def test_typed_claim_and_pump_confirmation(live_server, page, labels, sim):
     check_page(page)
     page.fill("#setup_code", pump["setup_code"])
     page.click("button:has-text('Add device')")
-    expect(page).to_have_url(f"{live_server}/devices/{PUMP}")
+    expect(page).to_have_url(f"{live_server}/devices/{PUMP}", timeout=20_000)
     expect(page.locator("#values")).to_contain_text("Pressure")
 
     # The question comes in the page's own dialog (no browser confirm() box).
