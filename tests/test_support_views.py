@@ -532,9 +532,11 @@ def test_the_homeowner_sees_that_support_viewed_their_account(app, console, cust
     home = app.test_client()
     login(home, customer.email, PASSWORD)
     page = home.get("/account/activity").get_data(as_text=True)
-    assert "Support viewed your account" in page
-    assert "Support looked at /devices" in page
-    assert "Support stopped viewing your account" in page
+    # One entry for the visit: the reason support gave, how long, the pages seen (folded).
+    assert page.count("data-support-visit") == 1
+    assert "Support viewed your account" in page and "Reason: " in page
+    assert "1 page seen" in page and '<li class="mono">/devices</li>' in page
+    assert "Support looked at" not in page and "Support stopped viewing" not in page
     assert "data-staff-view" not in page
 
 

@@ -359,7 +359,7 @@ def test_create_an_account_from_an_offer_prefills_the_address_and_returns_to_it(
     visitor = app.test_client()
     offer = visitor.get(link.replace("http://localhost", "")).get_data(as_text=True)
     create = re.search(r'href="([^"]*/signup[^"]*)">Create an account', offer).group(1).replace("&amp;", "&")
-    assert create == f"/signup?next=%2Ftransfers%2F{transfer.id}"  # the offer, not its token
+    assert create == f"/signup?next=/transfers/{transfer.id}"  # the offer, not its token
     form = visitor.get(create).get_data(as_text=True)
     assert 'value="newbuyer@example.com"' in form  # pre-filled (from the session, not the URL)
     assert f'name="next" value="/transfers/{transfer.id}"' in form
@@ -380,4 +380,4 @@ def test_create_an_account_from_an_offer_prefills_the_address_and_returns_to_it(
     verified = visitor.post(verify_path, data={"csrf_token": token})
     # Verified: sign in, and from there back to the offer.
     assert verified.status_code == 302
-    assert verified.headers["Location"] == f"/login?next=%2Ftransfers%2F{transfer.id}"
+    assert verified.headers["Location"] == f"/login?next=/transfers/{transfer.id}"

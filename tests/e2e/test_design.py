@@ -107,7 +107,7 @@ def test_overpressure_warning_fault_alert_and_reset(live_server, page, owner, si
     page.fill("#arg-setPressure", "395")
     expect(warning).to_be_visible()
     expect(warning).to_contain_text("Above 380 kPa the pump's overpressure guard stops it")
-    page.click("button:has-text('Set pressure')")
+    page.click("#controls button:has-text('Set pressure')")
     question = page.locator("#function-result .confirm")
     expect(question).to_contain_text("Above 380 kPa")
     check_page(page)
@@ -119,7 +119,7 @@ def test_overpressure_warning_fault_alert_and_reset(live_server, page, owner, si
     expect(alert).to_contain_text("Press Stop pump to reset it, then start it again at a lower pressure.")
     expect(page.locator("#function-result")).to_contain_text("Overpressure")
     expect(page.locator("#values")).not_to_contain_text("overpressure")  # the device's own code
-    expect(page.locator("button:has-text('Start pump')")).to_be_disabled()
+    expect(page.locator("#controls button:has-text('Start pump')")).to_be_disabled()
     expect(page.locator("#why-start")).to_have_text("Reset the fault first: press Stop pump.")
     check_page(page)
 
@@ -130,10 +130,10 @@ def test_overpressure_warning_fault_alert_and_reset(live_server, page, owner, si
 
     # Stop resets it; the alert clears when the device reports no fault.
     page.goto(f"{live_server}/devices/{RUNNING_PUMP}")
-    page.click("button:has-text('Stop pump')")
+    page.click("#controls button:has-text('Stop pump')")
     page.locator("#confirm-dialog button:has-text('Yes, stop pump')").click()
     expect(page.locator("#device-alert [role=alert]")).to_have_count(0, timeout=15_000)
-    expect(page.locator("button:has-text('Start pump')")).to_be_enabled()
+    expect(page.locator("#controls button:has-text('Start pump')")).to_be_enabled()
     assert sim.device(RUNNING_PUMP)["variables"]["fault"] == ""
 
     page.goto(f"{live_server}/account/activity")

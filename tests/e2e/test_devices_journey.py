@@ -120,7 +120,7 @@ def test_typed_claim_and_pump_confirmation(live_server, page, labels, sim):
     # The question comes in the page's own dialog (no browser confirm() box).
     page.on("dialog", lambda dialog: pytest.fail(f"a browser dialog appeared: {dialog.message}"))
     dialog = page.locator("#confirm-dialog")
-    page.click("button:has-text('Start pump')")
+    page.click("#controls button:has-text('Start pump')")
     expect(dialog).to_be_visible()
     expect(dialog).to_contain_text("Start the pump?")
     check_page(page)
@@ -130,17 +130,17 @@ def test_typed_claim_and_pump_confirmation(live_server, page, labels, sim):
     assert sim.device(PUMP)["variables"]["running"] is False
     # The device answers slowly: the page says what is being sent and every control waits.
     sim.add_fault("POST", f"/v1/devices/{PUMP}/start", count=1, status=None, latency=2)
-    page.click("button:has-text('Start pump')")
+    page.click("#controls button:has-text('Start pump')")
     dialog.locator("button:has-text('Yes, start pump')").click()  # accepted
     expect(page.locator("#function-result")).to_contain_text("Sending ‘Start pump’ to the device…")
-    expect(page.locator("button:has-text('Stop pump')")).to_be_disabled()
-    expect(page.locator("button:has-text('Set pressure')")).to_be_disabled()
+    expect(page.locator("#controls button:has-text('Stop pump')")).to_be_disabled()
+    expect(page.locator("#controls button:has-text('Set pressure')")).to_be_disabled()
     expect(page.locator("#function-result")).to_contain_text(
         re.compile("The pump is starting|Done. Now: Running")
     )
-    expect(page.locator("button:has-text('Stop pump')")).to_be_enabled()
+    expect(page.locator("#controls button:has-text('Stop pump')")).to_be_enabled()
     # Running now: Start can't apply, and says so.
-    expect(page.locator("button:has-text('Start pump')")).to_be_disabled()
+    expect(page.locator("#controls button:has-text('Start pump')")).to_be_disabled()
     expect(page.locator("#why-start")).to_have_text("Already running.")
     assert sim.device(PUMP)["variables"]["running"] is True
 
