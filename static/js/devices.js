@@ -121,7 +121,11 @@
     controls.querySelectorAll("form[data-function]").forEach(function (form) {
       var reason = state.unavailable[form.dataset["function"]] || "";
       var why = form.querySelector(".why");
-      if (why) why.textContent = reason;
+      if (why) {
+        why.textContent = reason;
+        // Offline: the note above says it once for all controls.
+        why.classList.toggle("visually-hidden", !state.online);
+      }
       form.querySelectorAll("button").forEach(function (button) { button.disabled = inFlight || !!reason; });
     });
     var note = document.getElementById("offline-note");
