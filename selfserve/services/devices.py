@@ -246,6 +246,11 @@ def claim_problem(user):
     return None
 
 
+def normalize_serial(raw):
+    """A serial number as stored: no whitespace, uppercase, at most 64 characters."""
+    return re.sub(r"\s+", "", raw or "").upper()[:64]
+
+
 def claim(user, serial, setup_code):
     """Add the device with this label (serial + setup code) to `user`'s account.
 
@@ -253,7 +258,7 @@ def claim(user, serial, setup_code):
     checked against its hash with the same work whether or not the serial exists, and only
     ever leaves this function as a yes/no.
     """
-    serial = re.sub(r"\s+", "", serial or "").upper()
+    serial = normalize_serial(serial)
     setup_code = registry.normalize_setup_code(setup_code)
     problem = claim_problem(user)
     if problem:
@@ -266,7 +271,6 @@ def claim(user, serial, setup_code):
         raise DeviceError(
             "Enter the setup code from the device's label.", kind="invalid", field="setup_code", status=422
         )
-    serial = serial[:64]
     _check_attempts(user, serial)
 
     device = Device.get_or_none(Device.serial_number == serial)
