@@ -103,7 +103,13 @@ DEFAULTS = {
     # Requests (Flask-Limiter syntax "N per period", several joined by "; "), counted per client
     # address (ip), per address typed into the form (email), or per signed-in account.
     "RATE_LIMIT_LOGIN": "20 per minute; 200 per hour",  # ip
-    "RATE_LIMIT_LOGIN_EMAIL": "10 per 15 minutes",  # email, failed attempts only
+    # Failed sign-ins are counted per address typed AND client address together (a guesser
+    # locks out only themselves), under a slower ceiling per typed address from anywhere (many
+    # guessers at once); an owner caught by either can ask for a sign-in link by email.
+    "RATE_LIMIT_LOGIN_EMAIL_SOURCE": "10 per 15 minutes",  # email + ip, failed attempts only
+    "RATE_LIMIT_LOGIN_EMAIL": "30 per hour; 100 per day",  # email, failed attempts only
+    "RATE_LIMIT_SIGN_IN_LINK": "10 per hour",  # ip: asking for a sign-in link, or using one
+    "RATE_LIMIT_SIGN_IN_LINK_EMAIL": "3 per hour",  # email: sign-in links sent
     "RATE_LIMIT_SIGNUP": "20 per hour",  # ip
     "RATE_LIMIT_SIGNUP_EMAIL": "3 per hour",  # email
     "RATE_LIMIT_FORGOT": "20 per hour",  # ip
