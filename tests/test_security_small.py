@@ -4,6 +4,7 @@ staff couldn't sign out while viewing as a customer."""
 import logging
 
 import pytest
+from helpers import csrf_token
 from test_support_views import PASSWORD
 from test_support_views import customer  # noqa: F401 (fixture)
 from test_support_views import events
@@ -11,7 +12,6 @@ from test_support_views import sign_in_staff
 from test_support_views import staff_user  # noqa: F401 (fixture)
 from test_support_views import start_view
 
-from helpers import csrf_token
 from selfserve import tokens
 from selfserve.models import LoginSession
 from selfserve.models import StaffView
@@ -74,9 +74,12 @@ def test_staff_can_sign_out_while_viewing_as_a_customer(app, staff_user, custome
     assert response.status_code == 302 and response.headers["Location"].startswith("/login")
     # Signed out for real: the session ended on the server, the view ended with it.
     assert console.get("/support").status_code == 302
-    assert LoginSession.select().where(
-        (LoginSession.user == staff_user.id) & LoginSession.ended_at.is_null()
-    ).count() == 0
+    assert (
+        LoginSession.select()
+        .where((LoginSession.user == staff_user.id) & LoginSession.ended_at.is_null())
+        .count()
+        == 0
+    )
     view = StaffView.get_by_id(view.id)
     assert view.ended_at is not None and view.end_cause == "signed_out"
     # The sign-out is the staff member's; the customer's history shows the view ending.
