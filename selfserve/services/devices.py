@@ -540,6 +540,11 @@ def _finish_release(device, user, name):
             access.end_all(device.device_id, "released", actor=user, owner_id=user.id, name=name)
     if done:
         live_values.forget(device.device_id)
+        # An offer or a request waiting on this device ends with the ownership (the next owner
+        # must never see a stranger's offer on their device page); its buyer is emailed.
+        from selfserve.services import transfers
+
+        transfers.close_on_release(device.device_id)
 
 
 def _undo_release(device, user):

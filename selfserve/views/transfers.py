@@ -44,8 +44,8 @@ def _keep_tokens_out_of_logs(state):
 
 @bp.app_template_global("transfer_of")
 def transfer_of(device):
-    """The device's open transfer (device page panel)."""
-    return transfers.open_transfer_of(device)
+    """The device's open transfer its owner is party to (device page panel)."""
+    return transfers.open_transfer_for_owner(device)
 
 
 @bp.app_template_global("transfers_dashboard")
@@ -102,7 +102,7 @@ def start(device_id):
         "name": devices.display_name(device),
         "model": device_models.get(device.model),
         "days": transfers.OFFER_DAYS,
-        "open_transfer": transfers.open_transfer_of(device),
+        "open_transfer": transfers.open_transfer_for_owner(device),
     }
     if request.method == "GET":
         return render_template("transfers/start.html", email="", error=None, **context)

@@ -60,6 +60,7 @@ from selfserve.services.transfers.common import device_label
 from selfserve.services.transfers.common import get
 from selfserve.services.transfers.common import label
 from selfserve.services.transfers.common import mask_email
+from selfserve.services.transfers.common import open_transfer_for_owner
 from selfserve.services.transfers.common import open_transfer_of
 from selfserve.services.transfers.common import role_of
 from selfserve.services.transfers.common import too_late_message
@@ -77,6 +78,7 @@ from selfserve.services.transfers.move import run_step
 from selfserve.services.transfers.move import take
 from selfserve.services.transfers.offers import accept
 from selfserve.services.transfers.offers import cancel
+from selfserve.services.transfers.offers import close_on_release
 from selfserve.services.transfers.offers import decline
 from selfserve.services.transfers.offers import expire_lapsed
 from selfserve.services.transfers.offers import offer
@@ -106,6 +108,7 @@ __all__ = [
     "answer_link",
     "approve",
     "cancel",
+    "close_on_release",
     "complete_unopposed",
     "dashboard_of",
     "decide_dispute",
@@ -120,6 +123,7 @@ __all__ = [
     "object_to",
     "offer",
     "offer_link",
+    "open_transfer_for_owner",
     "open_transfer_of",
     "remember_possession",
     "request_device",

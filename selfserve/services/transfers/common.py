@@ -80,6 +80,17 @@ def open_transfer_of(device):
     return Transfer.get_or_none(Transfer.open_device == device.device_id)
 
 
+def open_transfer_for_owner(device):
+    """The device's open transfer if its current owner is a party to it (the device page and
+    the transfer form show nothing else: never an offer someone else made), else None."""
+    transfer = open_transfer_of(device)
+    if transfer is None or device.owner_id is None:
+        return None
+    if device.owner_id not in (transfer.seller_id, transfer.buyer_id):
+        return None
+    return transfer
+
+
 def get(transfer_id):
     return Transfer.get_or_none(Transfer.id == transfer_id)
 

@@ -364,6 +364,7 @@ MAILS = {
     "mail_done_seller": (_seller_email, "Your device was transferred", "transfer_done_seller", None),
     "mail_declined": (_seller_email, "Your transfer offer was declined", "transfer_declined", None),
     "mail_cancelled": (None, "A device transfer was cancelled", "transfer_cancelled", None),
+    "mail_released": (_buyer_email, "A device transfer was closed", "transfer_released", None),
     "mail_objected": (_buyer_email, "Your request for a device was refused", "transfer_objected", None),
     "mail_expired": (_seller_email, "Your transfer offer expired", "transfer_expired", None),
     "mail_returned_seller": (
