@@ -524,6 +524,11 @@ def _prove(buyer, labels, device_id=WINDOW):
 
 
 def test_request_without_objection_completes_by_itself(owned, seller, buyer, labels, sim, mailbox):
+    # The seller has had it for a year: a device that changed hands recently (or a request from
+    # a former owner) never moves on silence (tests/test_transfers_guarded_requests.py).
+    Device.update(claimed_at=utcnow() - datetime.timedelta(days=365)).where(
+        Device.device_id == WINDOW
+    ).execute()
     proof = _prove(buyer, labels)
     transfer = transfers.request_device(buyer, proof)
     assert transfer.state == "requested" and transfer.seller_id == seller.id

@@ -66,6 +66,7 @@ DESCRIPTIONS = {
     "transfer.request_received": "Someone holding device {name} asked for it",
     "transfer.owner_approved": "Agreed to transfer device {name}",
     "transfer.objected": "Objected to the transfer of device {name}",
+    "transfer.unanswered": "The owner of device {name} didn't answer your request: support decides",
     "transfer.failed_returned": "The transfer of device {name} failed; it stays with its owner",
     # Sharing (services/access.py, services/sharing.py): "user" is the owner for the plain
     # action, the person given or losing access for "_for_me" / "access_received".

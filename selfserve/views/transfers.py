@@ -54,6 +54,12 @@ def transfers_dashboard(user):
     return transfers.dashboard_of(user)
 
 
+@bp.app_template_global("transfer_needs_answer")
+def transfer_needs_answer(transfer):
+    """A request that never completes on silence (the owner's pages say so)."""
+    return transfers.needs_owner_answer(transfer)
+
+
 @bp.app_template_global("transfer_role")
 def transfer_role(user, transfer):
     return transfers.role_of(user, transfer)
@@ -220,11 +226,19 @@ def request_device():
     except transfers.TransferError as exc:
         flash(exc.message, "error")
         return htmx.redirect(url_for("devices.claim"))
-    flash(
-        "We asked the owner. If they don't object within "
-        f"{transfers.OBJECTION_DAYS} days, the device moves to your account by itself.",
-        "success",
-    )
+    if transfers.needs_owner_answer(transfer):
+        flash(
+            "We asked the owner. This device changed hands recently or was yours before, so it "
+            "moves only if the owner agrees; without an answer within "
+            f"{transfers.OBJECTION_DAYS} days, support decides.",
+            "success",
+        )
+    else:
+        flash(
+            "We asked the owner. If they don't object within "
+            f"{transfers.OBJECTION_DAYS} days, the device moves to your account by itself.",
+            "success",
+        )
     return htmx.redirect(url_for("transfers.detail", transfer_id=transfer.id))
 
 

@@ -60,6 +60,7 @@ from selfserve.services.transfers.common import device_label
 from selfserve.services.transfers.common import get
 from selfserve.services.transfers.common import label
 from selfserve.services.transfers.common import mask_email
+from selfserve.services.transfers.common import needs_owner_answer
 from selfserve.services.transfers.common import open_transfer_for_owner
 from selfserve.services.transfers.common import open_transfer_of
 from selfserve.services.transfers.common import role_of
@@ -123,6 +124,7 @@ __all__ = [
     "object_to",
     "offer",
     "offer_link",
+    "needs_owner_answer",
     "open_transfer_for_owner",
     "open_transfer_of",
     "remember_possession",
