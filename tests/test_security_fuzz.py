@@ -69,22 +69,8 @@ def app_config(app_config, tmp_path):
     return app_config
 
 
-@pytest.fixture(autouse=True)
-def cheap_hashing(monkeypatch):
-    """Argon2 at its cheapest for this module: the fuzz is about input handling, and a few
-    hundred sign-in and password forms at full cost would take minutes (the hashes record
-    their own cost, so accounts made here are checked cheaply too)."""
-    from argon2 import PasswordHasher
-
-    from selfserve import passwords
-
-    cheap = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
-    monkeypatch.setattr(passwords, "_hasher", cheap)
-    monkeypatch.setattr(passwords, "_DUMMY_HASH", cheap.hash("not-a-real-password-just-for-timing"))
-
-
 @pytest.fixture
-def clients(app, sim, mailbox, cheap_hashing):
+def clients(app, sim, mailbox):
     from helpers import seed_registry
     from test_support_views import sign_in_staff
 

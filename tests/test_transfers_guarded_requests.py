@@ -12,7 +12,6 @@ from test_transfers_services import _prove
 from test_transfers_services import assert_buyer_owns
 from test_transfers_services import assert_seller_owns
 from test_transfers_services import buyer  # noqa: F401 (fixture)
-from test_transfers_services import labels  # noqa: F401 (fixture)
 from test_transfers_services import owned  # noqa: F401 (fixture)
 from test_transfers_services import seller  # noqa: F401 (fixture)
 
