@@ -188,7 +188,9 @@ def verify(token):
         session[SIGN_IN_EMAIL] = exc.user.email
         flash("Nearly done: sign in with your password and your email address is verified.", "info")
         back_to = safe_next(session.pop(AFTER_VERIFY_NEXT, None))  # signed up from an offer
-        return htmx.redirect(url_for("accounts.login", next=back_to) if back_to else url_for("accounts.login"))
+        return htmx.redirect(
+            url_for("accounts.login", next=back_to) if back_to else url_for("accounts.login")
+        )
     if result.newly_verified:
         flash("Thank you: your email address is verified.", "success")
     else:
