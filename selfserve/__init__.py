@@ -106,6 +106,7 @@ def create_app(test_config=None):
 def _background_jobs(app):
     """The one list of background jobs (README "Background jobs" says how to add one). The
     sweep runs them in every web worker every SWEEP_SECONDS and in `flask sweep`."""
+    from selfserve import event_stream
     from selfserve import sweep
     from selfserve.services import access
     from selfserve.services import alerts
@@ -130,6 +131,7 @@ def _background_jobs(app):
             sweep.Job(access.record_expired),  # audit grants that ended on their date (access ended then)
             sweep.Job(sharing.resend_unsent),  # invitation emails the mail server refused
             sweep.Job(alerts.run_timers),  # offline past grace, stuck steps, reminders; sends due alerts
+            sweep.Job(event_stream.keep_listening),  # this process's product event-stream listener
         ],
     )
     # Alerts leave as soon as they are decided: a sender thread per web worker, started with

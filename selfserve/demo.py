@@ -183,6 +183,10 @@ def main(argv=None):
     app, simulator, mail = build(args.host, args.port, args.sim_port, args.instance, args.keep)
     try:
         devices = seed(app)
+        from selfserve import event_stream
+
+        # The demo listens to the simulated product's event stream from the start.
+        event_stream.start(app)
         banner(args.host, args.port, simulator, devices)
         # Finish interrupted work (a --keep database) at once, not only after the first request.
         sweep.start(app)

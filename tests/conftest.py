@@ -218,6 +218,7 @@ def app_config(sim, mailbox, db_url):
         "PASSWORD_HASH_MEMORY_KIB": 8,
         "PASSWORD_HASH_TIME_COST": 1,
         "SWEEP_SECONDS": 0,  # no background sweep thread in tests; tests call the sweep
+        "EVENT_STREAM": False,  # no event-stream listener either; tests start their own
     }
 
 

@@ -378,6 +378,7 @@ class ParticleClient:
         auth=None,
         stream=False,
         segments=None,
+        read_timeout=None,
     ):
         """Send one API request and return the parsed JSON answer (None when empty), or for
         `stream=True` the open response. Raises a typed ParticleError for anything else.
@@ -398,12 +399,13 @@ class ParticleClient:
             raise ValueError("token must be None, 'product' or ('customer', id)")
 
         access_token = self._token(key) if key else None
-        response = self._send(method, url, path, access_token, data, params, form, auth, stream)
+        timeout = self.timeout if read_timeout is None else (self.timeout[0], read_timeout)
+        response = self._send(method, url, path, access_token, data, params, form, auth, stream, timeout)
         if response.status_code == 401 and key:
             response.close()
             log.info("%s %s: token refused; getting a new one and retrying once", method, path)
             access_token = self._replace_rejected_token(key, access_token)
-            response = self._send(method, url, path, access_token, data, params, form, auth, stream)
+            response = self._send(method, url, path, access_token, data, params, form, auth, stream, timeout)
 
         if stream and response.status_code == 200:
             return response
@@ -415,7 +417,7 @@ class ParticleClient:
             return body
         raise self._error_for(response, body, secrets=(access_token,))
 
-    def _send(self, method, url, route, access_token, data, params, form, auth, stream):
+    def _send(self, method, url, route, access_token, data, params, form, auth, stream, timeout=None):
         if access_token:
             auth = _BearerAuth(access_token)
         body = {}
@@ -429,7 +431,7 @@ class ParticleClient:
                 url,
                 params=params,
                 auth=auth,
-                timeout=self.timeout,
+                timeout=timeout or self.timeout,
                 stream=stream,
                 allow_redirects=False,
                 **body,
@@ -752,15 +754,18 @@ class ParticleClient:
         response = self._request("GET", path, token=("customer", customer_id), segments=segments, stream=True)
         return EventStream(response, path)
 
-    def get_product_event_stream(self, prefix=None, on_line=None):
+    def get_product_event_stream(self, prefix=None, on_line=None, silence=None):
         """An EventStream of every product device's events (customer-owned ones included;
         reference §11, permission events:get), with the product token. `on_line` is called for
         every line received, keep-alives included (a listener renews its lease there); when it
-        returns False the stream ends."""
+        returns False the stream ends. `silence`: seconds without a byte (not even a keep-alive)
+        after which the stream ends (the read timeout by default)."""
         path = "/v1/products/{product}/events"
         segments = {}
         if prefix:
             path += "/{prefix}"
             segments["prefix"] = prefix
-        response = self._request("GET", path, token="product", segments=segments, stream=True)
+        response = self._request(
+            "GET", path, token="product", segments=segments, stream=True, read_timeout=silence
+        )
         return EventStream(response, path, on_line=on_line)

@@ -72,6 +72,8 @@ class SimulatorApp:
             ("POST", "/_sim/counters/reset", self.c_reset_counters),
             ("GET", "/_sim/config", self.c_get_config),
             ("POST", "/_sim/config", self.c_config),
+            ("GET", "/_sim/streams", self.c_streams),
+            ("DELETE", "/_sim/streams", self.c_drop_streams),
             ("GET", "/_sim/webhooks", self.c_webhooks),
             ("POST", "/_sim/webhooks", self.c_add_webhook),
             ("DELETE", "/_sim/webhooks", self.c_clear_webhooks),
@@ -264,6 +266,15 @@ class SimulatorApp:
     def c_reset_counters(self, data):
         self.state.reset_counters()
         return json_response(200, {"ok": True})
+
+    def c_streams(self, data):
+        return json_response(
+            200,
+            {"product": self.state.open_streams("product"), "customer": self.state.open_streams("customer")},
+        )
+
+    def c_drop_streams(self, data):
+        return json_response(200, {"ok": True, "dropped": self.state.drop_streams()})
 
     def c_webhooks(self, data):
         with self.state.lock:

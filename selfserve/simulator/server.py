@@ -169,6 +169,14 @@ class SimulatorServer:
     def clear_webhooks(self):
         self.control.clear_webhooks()
 
+    def drop_streams(self, kind=None):
+        """Close open event streams (all, or "product" / "customer" ones); returns how many."""
+        return self.cloud.drop_streams(kind)
+
+    def open_streams(self, kind=None):
+        """How many event streams are open (all, or "product" / "customer" ones)."""
+        return self.cloud.open_streams(kind)
+
     def counters(self):
         return self.cloud.counter_snapshot()
 

@@ -390,6 +390,21 @@ class State:
                     }
                     self.webhook_queue.put((hook, body, 0))
 
+    def drop_streams(self, kind=None):
+        """Close open event streams (all, or of one kind: "product" | "customer") as a dropped
+        connection would; returns how many."""
+        with self.lock:
+            dropped = [s for s in self.subscribers if kind is None or s.kind == kind]
+            for subscriber in dropped:
+                subscriber.closed = True
+                subscriber.queue.put(None)
+            self.subscribers = [s for s in self.subscribers if s not in dropped]
+        return len(dropped)
+
+    def open_streams(self, kind=None):
+        with self.lock:
+            return sum(1 for s in self.subscribers if not s.closed and (kind is None or s.kind == kind))
+
     def subscribe(self, subscriber):
         with self.lock:
             self.subscribers.append(subscriber)
