@@ -147,6 +147,17 @@ def test_a_dropped_stream_is_reopened_and_watched_devices_are_read_again(owner, 
         lambda: sim.counters()["routes"].get("GET /v1/devices/:id", 0) >= 1, what="the watched device re-read"
     )
     assert listener.stats["gaps"] >= 2
+    # Once the re-read is stored (its values are newer than anything published before), the
+    # device's next events count again.
+    wait_until(
+        lambda: (
+            (row := DeviceSnapshot.get_or_none(DeviceSnapshot.device_id == WINDOW)) is not None
+            and row.fetched_at is not None
+            and row.lease_until is None
+        ),
+        what="the re-read to be stored",
+    )
+    time.sleep(0.05)
     reconnect_device(sim)
     wait_until(lambda: stored_position() == 0, what="events again")
 
