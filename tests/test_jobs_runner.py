@@ -299,6 +299,7 @@ def test_the_background_jobs_are_one_explicit_list(app):
         "selfserve.services.access.record_expired",
         "selfserve.services.sharing.resend_unsent",
         "selfserve.services.alerts.run_timers",
+        "selfserve.event_stream.keep_listening",
     ]
 
 
