@@ -62,7 +62,7 @@ def create(app, simulator, count, offline_owner=1):
             # What accounts.sign_up saves (minus its verification email: the bench has no mail).
             user = User.create(email=email, password_hash=password_hash)
             link = tokens.make("verify_email", {"u": user.id, "e": tokens.fingerprint(email)})
-            user = accounts.verify_email(link).user
+            user = accounts.verify_email(link, password=PASSWORD).user  # the sign-in that finishes it
             if user.provisioning_state != "ready":
                 raise BenchError(
                     f"provisioning {email} ended {user.provisioning_state!r}: {user.provisioning_error}"

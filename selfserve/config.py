@@ -106,7 +106,13 @@ DEFAULTS = {
     # Requests (Flask-Limiter syntax "N per period", several joined by "; "), counted per client
     # address (ip), per address typed into the form (email), or per signed-in account.
     "RATE_LIMIT_LOGIN": "20 per minute; 200 per hour",  # ip
-    "RATE_LIMIT_LOGIN_EMAIL": "10 per 15 minutes",  # email, failed attempts only
+    # Failed sign-ins are counted per address typed AND client address together (a guesser
+    # locks out only themselves), under a slower ceiling per typed address from anywhere (many
+    # guessers at once); an owner caught by either can ask for a sign-in link by email.
+    "RATE_LIMIT_LOGIN_EMAIL_SOURCE": "10 per 15 minutes",  # email + ip, failed attempts only
+    "RATE_LIMIT_LOGIN_EMAIL": "30 per hour; 100 per day",  # email, failed attempts only
+    "RATE_LIMIT_SIGN_IN_LINK": "10 per hour",  # ip: asking for a sign-in link, or using one
+    "RATE_LIMIT_SIGN_IN_LINK_EMAIL": "3 per hour",  # email: sign-in links sent
     "RATE_LIMIT_SIGNUP": "20 per hour",  # ip
     "RATE_LIMIT_SIGNUP_EMAIL": "3 per hour",  # email
     "RATE_LIMIT_FORGOT": "20 per hour",  # ip
@@ -117,8 +123,17 @@ DEFAULTS = {
     "RATE_LIMIT_ACCOUNT_CHANGE": "10 per hour",  # account: guessing the current password
     "RATE_LIMIT_SECOND_FACTOR": "10 per 5 minutes",  # staff account: guessing the TOTP code
     "RATE_LIMIT_TRANSFER_REQUEST": "5 per hour",  # account, and ip: asking for someone's device
+    # Claims (adding a device by its label), right code or wrong, before any Argon2 check: per
+    # account, and per serial number from every account together. Wrong codes are also
+    # counted on their own, tighter, in the database (CLAIM_MAX_FAILURES_* below).
+    "RATE_LIMIT_CLAIM": "10 per minute; 30 per hour",  # account
+    "RATE_LIMIT_CLAIM_SERIAL": "10 per hour",  # serial number
     # Asking for other people's devices is rare: at most this many requests per account a day.
     "TRANSFER_REQUESTS_PER_DAY": 3,
+    # A request for a device that changed hands less than this many days before it was asked
+    # for (or from someone who owned it before) never completes on silence: the owner agrees,
+    # or support decides (services/transfers/common.py needs_owner_answer).
+    "TRANSFER_RECENT_OWNER_CHANGE_DAYS": 30,
     # Wrong setup codes: a claim is refused after this many failures within the window, per
     # account and per serial number (counted in the database, so shared by every worker).
     "CLAIM_WINDOW_SECONDS": 15 * 60,

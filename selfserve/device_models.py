@@ -50,6 +50,19 @@ class Argument:
     minimum: int
     maximum: int
     unit: str = ""
+    # A limit the device guards inside the allowed range: above it, warn (and ask) first.
+    warn_above: int = None
+    warning: str = ""
+
+    def warns(self, value):
+        """The warning for a parsed value above the device's guard limit, else ""."""
+        if self.warn_above is None or value in (None, ""):
+            return ""
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            return ""
+        return self.warning if number > self.warn_above else ""
 
     def parse(self, raw):
         """Return (value as the string sent to the device, None) or (None, error message)."""
@@ -81,6 +94,21 @@ class Function:
     primary: bool = False  # the model's main action, styled to stand out
     # The variable whose stored value pre-fills the argument (the current target), if any.
     prefill_from: str = ""
+    # Negative return values the firmware documents -> what to tell the homeowner (never the code).
+    codes: dict = dataclasses.field(default_factory=dict)
+    # state -> why this can't apply now ("" when it can); see DeviceState.
+    unavailable_when: object = None
+
+    def pending_text(self, arg=""):
+        """What to say right after the device accepted it, before it reports the outcome."""
+        return self.done_text.format(arg=arg)
+
+    def answer_for(self, return_value):
+        """A sentence for a refusal (negative return value), from the catalogue, never a code."""
+        return self.codes.get(
+            return_value,
+            f"The device did not carry out “{self.label}”. Please try again, or contact support if it keeps happening.",
+        )
 
     def prefill(self, raw_values):
         """The argument's starting value from stored variable values ({name: value}), as a
@@ -138,6 +166,47 @@ ALERT_KINDS = {
 
 
 @dataclasses.dataclass(frozen=True)
+class Fault:
+    """A fault a device reports (its `fault` variable): what happened and what to do, in words."""
+
+    code: str
+    title: str
+    text: str
+    fix: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceState:
+    """What the catalogue's rules look at: the raw values and whether the device is online
+    (None: not known yet)."""
+
+    raw: dict
+    online: bool = None
+
+    def number(self, name):
+        value = (self.raw or {}).get(name)
+        if isinstance(value, bool) or value is None:
+            return None
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return None
+
+    def flag(self, name):
+        value = (self.raw or {}).get(name)
+        if isinstance(value, str):
+            return value.strip().lower() in ("1", "true", "yes", "on")
+        return bool(value) if value is not None else None
+
+    def text(self, name):
+        value = (self.raw or {}).get(name)
+        return "" if value is None else str(value).strip()
+
+
+OFFLINE_REASON = "The device is offline. This will work again when it's back online."
+
+
+@dataclasses.dataclass(frozen=True)
 class DeviceModel:
     key: str
     label: str
@@ -148,6 +217,38 @@ class DeviceModel:
     alerts: tuple = ()  # keys of ALERT_KINDS this model can raise
     offline_grace_minutes: int = 60  # offline this long before the "offline" alert
     battery_low_v: float = None  # "battery low" below this voltage
+    icon: str = "device"  # the sprite symbol (templates/_icons.svg)
+    faults: tuple = ()  # known Fault codes; an unknown code still shows, in general words
+    describe: object = None  # DeviceState -> (sentence, settled: bool)
+
+    def fault(self, state):
+        """The Fault the device reports now, or None."""
+        code = state.text("fault") if any(v.name == "fault" for v in self.variables) else ""
+        if not code:
+            return None
+        for fault in self.faults:
+            if fault.code == code:
+                return fault
+        return Fault(
+            code,
+            "The device reports a fault",
+            f"It says “{code}”.",
+            "Stop it, then contact support if the fault doesn't clear.",
+        )
+
+    def unavailable(self, function, state):
+        """Why `function` can't apply in this state ("" when it can)."""
+        if state.online is False:
+            return OFFLINE_REASON
+        if function.unavailable_when is None or not state.raw:
+            return ""
+        return function.unavailable_when(state) or ""
+
+    def state_text(self, state):
+        """(what the device is doing, in a few words; settled: nothing is changing)."""
+        if self.describe is None or not state.raw:
+            return "", True
+        return self.describe(state)
 
     def variable(self, name):
         for variable in self.variables:
@@ -168,6 +269,42 @@ def _with_space(unit):
     return unit if unit == "%" else " " + unit
 
 
+def _window_moving(state):
+    return bool(state.flag("moving"))
+
+
+def _window_describe(state):
+    position, target = state.number("position"), state.number("target")
+    if position is None:
+        return "", True
+    here = f"{position:.0f}%"
+    if _window_moving(state) and target is not None:
+        if target >= 100:
+            return f"Opening… ({here})", False
+        if target <= 0:
+            return f"Closing… ({here})", False
+        return f"Moving to {target:.0f}% ({here} now)", False
+    if position >= 100:
+        return "Open", True
+    if position <= 0:
+        return "Closed", True
+    return f"Open {here}", True
+
+
+def _already_open(state):
+    position = state.number("position")
+    return "Already open." if position is not None and position >= 100 and not _window_moving(state) else ""
+
+
+def _already_closed(state):
+    position = state.number("position")
+    return "Already closed." if position is not None and position <= 0 and not _window_moving(state) else ""
+
+
+def _not_moving(state):
+    return "It isn't moving." if state.flag("moving") is False else ""
+
+
 WINDOW = DeviceModel(
     key="window",
     label="Window covering",
@@ -179,23 +316,52 @@ WINDOW = DeviceModel(
         Variable("fw_version", "Firmware", kind="text"),
     ),
     functions=(
-        Function("open", "Open", "Opening."),
-        Function("close", "Close", "Closing."),
+        Function("open", "Open", "Opening…", unavailable_when=_already_open),
+        Function("close", "Close", "Closing…", unavailable_when=_already_closed),
         Function(
             "setPosition",
             "Set position",
-            "Moving to the new position.",
+            "Moving to {arg}%…",
             argument=Argument("Position (0 = closed, 100 = open)", 0, 100, "%"),
             prefill_from="target",
+            codes={-1: "The blind didn't accept that position: it takes 0 (closed) to 100 (open)."},
         ),
-        Function("stop", "Stop", "Stopped."),
+        Function("stop", "Stop", "Stopping…", unavailable_when=_not_moving),
     ),
     summary=("position", "moving"),
     charts=("position",),
     alerts=("offline", "back_online", "battery_low", "transfer_stuck"),
     offline_grace_minutes=60,
     battery_low_v=3.4,
+    icon="window",
+    describe=_window_describe,
 )
+
+PUMP_GUARD_KPA = 380  # the firmware's overpressure guard stops the pump above this
+
+
+def _pump_describe(state):
+    fault = state.text("fault")
+    running = state.flag("running")
+    pressure = state.number("pressure_kpa")
+    if fault:
+        return "Stopped by a fault", True
+    if running:
+        return (f"Running at {pressure:.0f} kPa" if pressure is not None else "Running"), True
+    if running is False:
+        return "Stopped", True
+    return "", True
+
+
+def _pump_start_unavailable(state):
+    if state.text("fault"):
+        return "Reset the fault first: press Stop pump."
+    return "Already running." if state.flag("running") else ""
+
+
+def _pump_stop_unavailable(state):
+    return "Already stopped." if state.flag("running") is False and not state.text("fault") else ""
+
 
 PUMP = DeviceModel(
     key="pump",
@@ -211,30 +377,56 @@ PUMP = DeviceModel(
         Function(
             "start",
             "Start pump",
-            "The pump is starting.",
+            "The pump is starting…",
             confirm="Start the pump? Water will flow as soon as it runs.",
             primary=True,
+            codes={
+                -2: "The pump didn't start: it stopped itself because of a fault. Press Stop pump to reset it, then start it again.",
+            },
+            unavailable_when=_pump_start_unavailable,
         ),
         Function(
             "stop",
             "Stop pump",
-            "The pump is stopping.",
+            "The pump is stopping…",
             # Stopping is the safe action: asked first, but not styled as dangerous.
             confirm="Stop the pump? Anything that depends on it will stop getting water.",
+            unavailable_when=_pump_stop_unavailable,
         ),
         Function(
             "setPressure",
             "Set pressure",
-            "The pump is changing to the new pressure.",
+            "The pump is changing to {arg} kPa…",
             # No prefill: the pump's firmware reports its pressure, not its set point, and a
             # reading is not what the homeowner last asked for.
-            argument=Argument("Pressure (50 to 400 kPa)", 50, 400, "kPa"),
+            argument=Argument(
+                "Pressure (50 to 400 kPa)",
+                50,
+                400,
+                "kPa",
+                warn_above=PUMP_GUARD_KPA,
+                warning=(
+                    f"Above {PUMP_GUARD_KPA} kPa the pump's overpressure guard stops it, and it "
+                    "stays stopped until you reset it with Stop pump."
+                ),
+            ),
+            codes={-1: "The pump didn't accept that pressure: it takes 50 to 400 kPa."},
         ),
     ),
     summary=("running", "pressure_kpa", "fault"),
     charts=("pressure_kpa", "flow_lpm", "runtime_h"),
     alerts=("offline", "back_online", "fault", "transfer_stuck"),
     offline_grace_minutes=15,
+    icon="pump",
+    faults=(
+        Fault(
+            "overpressure",
+            "Overpressure: the pump stopped itself",
+            f"The pressure went above {PUMP_GUARD_KPA} kPa, so its guard switched it off.",
+            "Press Stop pump to reset it, then start it again at a lower pressure.",
+        ),
+    ),
+    describe=_pump_describe,
 )
 
 MODELS = {model.key: model for model in (WINDOW, PUMP)}

@@ -115,6 +115,9 @@ class User(BaseModel):
     # An email change waiting for the new address to confirm its link.
     pending_email = peewee.CharField(null=True, max_length=254)
     password_changed_at = peewee.DateTimeField(default=utcnow)
+    # When an emailed sign-in link was last used: that link, and every one sent before it, is
+    # spent (services/accounts.py use_sign_in_link).
+    sign_in_link_used_at = peewee.DateTimeField(null=True)
     # Second factor for staff (TOTP secret, encrypted at rest).
     totp_secret_encrypted = peewee.TextField(null=True)
     # Set when the staff member confirmed the secret with a code (the QR is shown until then).

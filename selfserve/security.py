@@ -82,6 +82,10 @@ def sessionless(view):
 
 
 def init_app(app):
+    from selfserve import input_rules
+
+    # First: bad input is refused before the limiter, CSRF or the login read or write anything.
+    input_rules.init_app(app)
     _hide_sql_parameters()
     login_manager.init_app(app)
     login_manager.login_view = "accounts.login"
@@ -210,7 +214,7 @@ def _load_user(cookie_id):
 
 
 # While a staff member views as a customer, only these non-GET endpoints work.
-WRITES_ALLOWED_WHILE_VIEWING = frozenset({"support.end_view"})
+WRITES_ALLOWED_WHILE_VIEWING = frozenset({"support.end_view", "accounts.logout"})
 READ_ONLY_MESSAGE = (
     "You are viewing this account as support, read-only: nothing can be changed. "
     "End the view (the button at the top of the page) to do anything else."

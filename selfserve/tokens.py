@@ -31,6 +31,8 @@ PURPOSES = {
     "verify_email": Purpose(salt="selfserve.verify-email.v1", max_age=48 * 3600),
     "reset_password": Purpose(salt="selfserve.reset-password.v1", max_age=3600),
     "confirm_email_change": Purpose(salt="selfserve.confirm-email-change.v1", max_age=24 * 3600),
+    # A throttled owner's way in (services/accounts.py send_sign_in_link): short, used once.
+    "sign_in_link": Purpose(salt="selfserve.sign-in-link.v1", max_age=15 * 60),
     # Transfers (services/transfers/): the buyer's offer link, the owner's approve/object links.
     "transfer_offer": Purpose(salt="selfserve.transfer-offer.v1", max_age=7 * 24 * 3600),
     "transfer_answer": Purpose(salt="selfserve.transfer-answer.v1", max_age=8 * 24 * 3600),
@@ -120,13 +122,22 @@ def same(a, b):
 
 # URL paths that carry a token. Access logs (werkzeug, gunicorn) print request lines; these
 # paths are cut down to their prefix so links never land in a log file.
+_SLASH = r"(?:/|%(?:25)*2[Ff])"  # also percent-encoded (a link inside another URL's `next`)
 _TOKEN_PATH = re.compile(
-    r"(/(?:verify|reset|confirm-email|transfers/offer|transfers/answer|share|alerts/unsubscribe)/)[A-Za-z0-9_.\-]+"
+    rf"({_SLASH}(?:verify|reset|confirm-email|login{_SLASH}link|transfers{_SLASH}offer|transfers{_SLASH}answer|share"
+    rf"|alerts{_SLASH}unsubscribe){_SLASH})[A-Za-z0-9_.\-]+"
 )
 
 
 # Query parameters that may carry a secret: a label's setup code in a hand-made claim link.
-_SECRET_QUERY = re.compile(r"([?&](?:code|setup_code)=)[^&\s\"]+")
+# Also percent-encoded, once or more, as when the link sits in another URL's `next`
+# ("/login?next=%2Fclaim%3Fcode%3DR2DX7GHU"): "?", "&" and "=" then read %3F, %26 and %3D
+# (%253F... when encoded twice), and an encoded space or dash may sit inside the value.
+_ENCODED = r"%(?:25)*"
+_SECRET_QUERY = re.compile(
+    rf"((?:[?&]|{_ENCODED}3[Ff]|{_ENCODED}26)(?:code|setup_code)(?:=|{_ENCODED}3[Dd]))"
+    rf"(?:[A-Za-z0-9_.~+\-]|{_ENCODED}(?:2[0BbDd]))+"
+)
 
 
 class RedactTokenPaths(logging.Filter):

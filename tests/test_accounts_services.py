@@ -85,8 +85,9 @@ def test_sign_up_creates_an_unverified_account_and_mails_a_verify_link(app, mail
     assert actions(user) == ["account.signed_up"]
 
 
-def test_sign_up_with_a_registered_address_creates_nothing_and_tells_the_owner(app, mailbox):
-    owner = make_user("owner@example.com", verified=False)
+def test_sign_up_with_a_registered_address_creates_nothing_and_tells_the_owner(app, mailbox, sim):
+    # A verified account (an unverified one is replaced: tests/test_accounts_takeover.py).
+    owner = make_user("owner@example.com")
 
     accounts.sign_up("Owner@example.com", "another long password")
 
@@ -134,7 +135,7 @@ def test_verify_creates_one_opaque_customer_and_a_second_click_creates_nothing(a
     accounts.sign_up("verify.me@example.com", PASSWORD)
     token = verify_token_from(mailbox, "verify.me@example.com")
 
-    first = accounts.verify_email(token)
+    first = accounts.verify_email(token, password=PASSWORD)
 
     assert first.newly_verified
     user = User.get_by_id(first.user.id)
@@ -144,7 +145,7 @@ def test_verify_creates_one_opaque_customer_and_a_second_click_creates_nothing(a
     assert "verify" not in user.particle_customer_id and "example" not in user.particle_customer_id
     assert customers(sim) == [user.particle_customer_id]
 
-    second = accounts.verify_email(token)
+    second = accounts.verify_email(token, password=PASSWORD)
     assert not second.newly_verified
     assert customers(sim) == [user.particle_customer_id]
     assert User.get_by_id(user.id).particle_customer_id == user.particle_customer_id
@@ -169,22 +170,24 @@ def test_expired_tampered_and_misdirected_verify_links_are_refused(app, mailbox,
 
     old = tokens.make("verify_email", payload, issued_at=time.time() - 48 * 3600 - 60)
     with pytest.raises(tokens.TokenExpired):
-        accounts.verify_email(old)
+        accounts.verify_email(old, password=PASSWORD)
     fresh_enough = tokens.make("verify_email", payload, issued_at=time.time() - 47 * 3600)
     assert accounts.check_verify_link(fresh_enough).id == user.id
 
     good = tokens.make("verify_email", payload)
     tampered = good[:-3] + ("AAA" if not good.endswith("AAA") else "BBB")
     with pytest.raises(tokens.TokenInvalid):
-        accounts.verify_email(tampered)
+        accounts.verify_email(tampered, password=PASSWORD)
     with pytest.raises(tokens.TokenInvalid):
-        accounts.verify_email("not a token at all")
+        accounts.verify_email("not a token at all", password=PASSWORD)
     # A token signed for another purpose, same payload: the salt differs.
     with pytest.raises(tokens.TokenInvalid):
-        accounts.verify_email(tokens.make("reset_password", payload))
+        accounts.verify_email(tokens.make("reset_password", payload), password=PASSWORD)
     # Someone else's account id in an otherwise well-formed payload doesn't verify.
     with pytest.raises(tokens.TokenInvalid):
-        accounts.verify_email(tokens.make("verify_email", {"u": user.id + 1000, "e": payload["e"]}))
+        accounts.verify_email(
+            tokens.make("verify_email", {"u": user.id + 1000, "e": payload["e"]}), password=PASSWORD
+        )
 
     assert not User.get_by_id(user.id).is_verified
     assert customers(sim) == []
@@ -198,7 +201,7 @@ def test_a_verify_link_dies_when_the_email_changes(app, mailbox, sim):
     User.update(email="after@example.com").where(User.id == user.id).execute()
 
     with pytest.raises(tokens.TokenInvalid) as caught:
-        accounts.verify_email(token)
+        accounts.verify_email(token, password=PASSWORD)
     assert "no longer on the account" in caught.value.message
     assert not User.get_by_id(user.id).is_verified
     assert customers(sim) == []
@@ -214,7 +217,7 @@ def test_two_simultaneous_verifications_make_one_customer(app, mailbox, sim):
     def click():
         def work():
             start.wait(timeout=10)
-            return accounts.verify_email(token)
+            return accounts.verify_email(token, password=PASSWORD)
 
         results.append(in_thread_with_db(app, work))
 
@@ -238,7 +241,7 @@ def test_particle_down_during_verify_leaves_the_account_pending_and_resume_finis
     token = verify_token_from(mailbox, "outage@example.com")
     sim.add_fault("POST", "/v1/products/*/customers", count=3, status=503)
 
-    result = accounts.verify_email(token)
+    result = accounts.verify_email(token, password=PASSWORD)
 
     user = User.get_by_id(user.id)
     assert result.newly_verified and user.is_verified
@@ -532,7 +535,7 @@ def test_confirming_a_new_address_verifies_an_unverified_account(app, mailbox, s
     assert changed.is_verified and changed.provisioning_state == "ready"
     assert customers(sim) == [changed.particle_customer_id]
     with pytest.raises(tokens.TokenInvalid):
-        accounts.verify_email(old_verify)
+        accounts.verify_email(old_verify, password=PASSWORD)
 
 
 # --- activity ----------------------------------------------------------------------------------

@@ -104,6 +104,9 @@ def test_sign_up_verify_journey_creates_one_opaque_customer(client, mailbox, sim
 
     response = post(client, path)
     assert response.status_code == 302 and response.headers["Location"].endswith("/login")
+    # The link proves the mailbox; signing in with the password, in this browser, finishes it.
+    assert not User.get_by_id(user.id).is_verified and customers(sim) == []
+    assert login(client, "journey@example.com").request.path == "/devices"
     user = User.get_by_id(user.id)
     assert user.is_verified and user.provisioning_state == "ready"
     assert re.fullmatch(r"c[0-9a-f]{24}", user.particle_customer_id)

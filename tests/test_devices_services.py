@@ -511,6 +511,7 @@ def test_call_function_with_a_valid_argument(labels, owner, sim):
         "name": devices.display_name(device),
         "arg": "40",
         "result": "done",
+        "answer": "Moving to 40%…",
     }
 
 
@@ -553,9 +554,27 @@ def test_a_negative_return_value_means_the_device_refused(labels, owner, sim):
     sim.set_device(PUMP, fault="overpressure")
     result = devices.call_function(owner, device, "start", confirmed=True)
     assert not result.ok
-    assert "refused" in result.message
+    # The catalogue's sentence with the fix, never the raw return code.
+    assert result.message.startswith("The pump didn't start: it stopped itself because of a fault.")
+    assert "Press Stop pump to reset it" in result.message
+    assert "code" not in result.message and str(result.return_value) not in result.message
     assert result.return_value < 0
-    assert AuditEvent.get(AuditEvent.action == "device.function_called").detail["result"] == "refused"
+    event = AuditEvent.get(AuditEvent.action == "device.function_called")
+    assert event.detail["result"] == "refused"
+    assert event.detail["answer"] == result.message
+
+
+def test_a_pressure_above_the_guard_limit_is_warned_about_first(labels, owner, sim):
+    device = claim(owner, labels, PUMP)
+    sim.reset_counters()
+    with pytest.raises(devices.DeviceError) as error:
+        devices.call_function(owner, device, "setPressure", "395")
+    assert error.value.kind == "confirm"
+    assert "Above 380 kPa the pump's overpressure guard stops it" in error.value.message
+    assert particle_calls(sim) == 0
+    # At the limit itself no question; confirmed above it, the value is sent.
+    assert devices.call_function(owner, device, "setPressure", "380").ok
+    assert devices.call_function(owner, device, "setPressure", "395", confirmed=True).ok
 
 
 def test_function_on_an_offline_device(labels, owner, sim):

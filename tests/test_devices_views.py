@@ -1,6 +1,7 @@
 """Device pages through the Flask client: dashboard, claim, device page, fragments, actions."""
 
 import html
+import json
 import logging
 import re
 
@@ -97,7 +98,9 @@ def test_summary_fragment_with_and_without_htmx(browser, owner, labels, sim):
     fragment = response.get_data(as_text=True)
     assert response.status_code == 200
     assert "<html" not in fragment
-    assert "Online" in fragment and "Position" in fragment
+    # One freshness indicator ("Live"), the state in words, the summary reading.
+    assert 'data-freshness="live"' in fragment and ">Live<" in fragment.replace("\n", "")
+    assert "Closed" in fragment and "Position" in fragment
     plain = browser.get(f"/devices/{WINDOW}/summary")
     assert plain.status_code == 302
     assert plain.headers["Location"].endswith(f"/devices/{WINDOW}")
@@ -133,7 +136,12 @@ def test_values_fragment_with_and_without_htmx(browser, owner, labels, sim):
     for label in ("Position", "Target position", "Moving", "Battery", "Firmware"):
         assert f"<dt>{label}</dt>" in fragment
     assert " V</span>" in fragment  # battery unit
-    assert "as of" in fragment and "<time datetime=" in fragment
+    # One freshness indicator for the whole device, not an "as of" on every value.
+    assert fragment.count("data-freshness=") == 1 and "as of" not in fragment
+    # The blind drawn at its position; what can't apply now, for the controls.
+    assert 'class="blind"' in fragment and 'aria-label="Blind 0% open"' in fragment
+    unavailable = json.loads(html.unescape(re.search(r"data-unavailable='([^']*)'", fragment).group(1)))
+    assert unavailable == {"close": "Already closed.", "stop": "It isn't moving."}
     plain = browser.get(f"/devices/{WINDOW}/values")
     assert plain.status_code == 302
     assert plain.headers["Location"].endswith(f"/devices/{WINDOW}")
@@ -153,8 +161,9 @@ def test_pump_page_has_pump_controls_with_confirmation(browser, owner, labels):
 def test_offline_device_shows_offline_since(browser, owner, labels):
     own(owner, labels, OFFLINE_WINDOW)
     fragment = browser.get(f"/devices/{OFFLINE_WINDOW}/values", headers=HTMX).get_data(as_text=True)
-    assert "Offline" in fragment
-    assert "Offline since" in fragment
+    # Never heard from since it was added: offline, without a misleading "since".
+    assert 'data-freshness="offline"' in fragment and "Offline" in fragment
+    assert "heard from since you added it" in fragment
 
 
 @pytest.fixture
@@ -172,9 +181,9 @@ def test_hung_device_answers_quickly_with_last_values(slow_cloud, browser, owner
     DeviceSnapshot.update(checked_at=None).where(DeviceSnapshot.device_id == WINDOW).execute()
     fragment = browser.get(f"/devices/{WINDOW}/values", headers=HTMX).get_data(as_text=True)
     assert "Offline since" in fragment
-    # The last known values, with their age.
+    # The last known values, under the device's one freshness indicator.
     assert f'<span class="value">{position}%</span>' in fragment
-    assert "as of" in fragment
+    assert 'data-freshness="offline"' in fragment
 
 
 # --- ownership: one check, 404, no Particle call --------------------------------------------------
@@ -438,7 +447,8 @@ def test_call_function_with_htmx(browser, owner, labels, sim):
     )
     fragment = response.get_data(as_text=True)
     assert response.status_code == 200
-    assert "Moving to the new position." in fragment
+    # Accepted: pending until the device reports where it got to (static/js/devices.js).
+    assert "Moving to 30%…" in fragment and "data-pending" in fragment
     assert response.headers["HX-Trigger"] == "device-changed"
     assert sim.device(WINDOW)["variables"]["target"] == 30
 
@@ -448,7 +458,7 @@ def test_call_function_without_htmx(browser, owner, labels, sim):
     response = browser.post(f"/devices/{WINDOW}/functions/close", data={"csrf_token": token(browser)})
     assert response.status_code == 302
     assert response.headers["Location"].endswith(f"/devices/{WINDOW}")
-    assert "Closing." in browser.get(f"/devices/{WINDOW}").get_data(as_text=True)
+    assert "Closing…" in browser.get(f"/devices/{WINDOW}").get_data(as_text=True)
 
 
 def test_bad_argument_is_explained(browser, owner, labels, sim):
@@ -634,9 +644,9 @@ def test_a_command_in_flight_disables_every_control_and_names_itself(browser, ow
     forms = re.findall(r'<form method="post" action="/devices/[0-9a-f]+/functions/[^"]+"[^>]*>', page)
     assert len(forms) == 4
     for form in forms:
-        # Each command disables all the device's control buttons, not just its own.
-        assert 'hx-disabled-elt="#controls button"' in form
-        assert 'data-function-label="' in form
+        # static/js/devices.js disables all the device's controls while one is in flight; it
+        # finds them by these.
+        assert 'data-function-label="' in form and 'data-function="' in form
     assert 'data-function-label="Set position"' in page
     # The status region the "Sending …" message goes to (static/js/devices.js) is live.
     assert '<div id="function-result" role="status" aria-live="polite">' in page
@@ -656,23 +666,22 @@ def test_offline_device_without_values_says_so_and_describes_the_controls(browse
     sim.reset_counters()
     page = browser.get(f"/devices/{OFFLINE_WINDOW}").get_data(as_text=True)
     assert total_calls(sim) == 0
-    assert 'id="offline-note"' in page
-    assert (
-        "The device is offline. Commands will be sent when you press them, but will fail until it reconnects."
-        in page
-    )
+    assert 'id="offline-note">' in page  # shown (not hidden)
+    assert "The device is offline. The controls will work again when it's back online." in page
     assert page.index('id="offline-note"') < page.index('id="controls"')
     buttons = control_buttons(page)
+    # Unavailable, with the reason next to each (the values poll enables them when it is back).
     for label in ("Open", "Close", "Stop", "Set position"):
-        assert 'aria-describedby="offline-note"' in buttons[label]
-        assert "disabled" not in buttons[label]  # the offline flag may be stale: let them try
+        assert "disabled" in buttons[label]
+    assert page.count("This will work again when it&#39;s back online.") == 4
 
 
 def test_online_device_has_no_offline_note_and_keeps_last_known_wording(browser, owner, labels, sim):
     own(owner, labels, WINDOW)
     browser.get(f"/devices/{WINDOW}/values", headers=HTMX)
     page = browser.get(f"/devices/{WINDOW}").get_data(as_text=True)
-    assert 'id="offline-note"' not in page and 'aria-describedby="offline-note"' not in page
+    # The offline note is there for the page's script to show, but hidden while online.
+    assert 'id="offline-note" hidden' in page
     # Once values were read and the device goes offline, the old wording is right.
     DeviceSnapshot.update(online=False, offline_since=DeviceSnapshot.fetched_at).where(
         DeviceSnapshot.device_id == WINDOW
@@ -736,8 +745,9 @@ def test_activity_names_the_argument_of_a_function(browser, owner, labels):
     browser.post(f"/devices/{WINDOW}/functions/setPosition", data={"arg": "40", "csrf_token": token(browser)})
     browser.post(f"/devices/{WINDOW}/functions/open", data={"csrf_token": token(browser)})
     page = browser.get("/account/activity").get_data(as_text=True)
-    assert "Ran Set position (40%) on Lounge" in page
-    assert "Ran Open on Lounge" in page
+    # What was asked, and what the device answered (in the catalogue's words).
+    assert "Asked Lounge: Set position (40%). The device answered: Moving to 40%…" in page
+    assert "Asked Lounge: Open. The device answered: Opening…" in page
     # A row recorded before the value was shown (no "arg") still reads well.
     AuditEvent.create(
         action="device.function_called",
@@ -746,7 +756,7 @@ def test_activity_names_the_argument_of_a_function(browser, owner, labels):
         device_id=WINDOW,
         detail={"function": "Close", "name": "Lounge", "result": "done"},
     )
-    assert "Ran Close on Lounge" in browser.get("/account/activity").get_data(as_text=True)
+    assert "Asked Lounge: Close<" in browser.get("/account/activity").get_data(as_text=True)
 
 
 def test_released_device_link_says_it_left_the_account(browser, owner, labels, sim, client, app):

@@ -57,7 +57,7 @@ def verify_new_account(email):
     accounts.sign_up(email, "correct horse battery")
     user = User.get(User.email == email)
     link = tokens.make("verify_email", {"u": user.id, "e": tokens.fingerprint(email)})
-    return accounts.verify_email(link).user
+    return accounts.verify_email(link, password="correct horse battery").user
 
 
 def test_dry_run_reports_and_changes_nothing(app, field, sim, tmp_path, mailbox):

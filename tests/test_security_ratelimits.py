@@ -98,7 +98,12 @@ def test_sign_in_limit_is_shared_by_workers_through_redis(shared_store, app_conf
         environ_base={"REMOTE_ADDR": address},
     )
     assert response.status_code == 429
-    assert "Too many attempts" in response.get_data(as_text=True)
+    page = response.get_data(as_text=True)
+    # The sign-in page keeps its form and the address, says when to try again, offers the reset.
+    assert "Too many sign-in attempts" in page and "try again in" in page
+    assert 'id="password"' in page and 'value="guess9@example.com"' in page
+    assert "/forgot" in page
+    assert 0 < int(response.headers["Retry-After"]) <= 3600
     # Another address is unaffected.
     other = client.post(
         "/login",

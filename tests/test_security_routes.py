@@ -43,6 +43,8 @@ PUBLIC = {
     "accounts.verify": "emailed link: GET shows a button, POST verifies; the signed token is the proof",
     "accounts.reset": "emailed link: signed, single-use token",
     "accounts.confirm_email": "emailed link: GET shows a button, POST changes the address",
+    "accounts.send_sign_in_link": "a throttled owner asks for a sign-in link (POST only, rate-limited, same answer for every address)",
+    "accounts.sign_in_link": "emailed sign-in link: GET shows a button, POST signs in once; signed, 15 minutes",
     "devices.claim_from_label": "label QR link: moves a code in the query into the fragment, then checks the sign-in itself",
     "demo.mailbox": "demo mode only: the local mailbox (never registered outside DEMO)",
     "transfers.offer_link": "emailed offer link: a signed token shows the offer, accepting needs an account",

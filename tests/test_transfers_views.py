@@ -349,3 +349,35 @@ def test_former_owner_after_a_transfer_gets_a_friendly_404(app, owned, seller, b
     assert "This device is no longer on your account (it was transferred to its new owner on" in page
     assert 'href="/devices"' in page
     assert "buyer@example.com" not in page
+
+
+def test_create_an_account_from_an_offer_prefills_the_address_and_returns_to_it(
+    app, owned, seller, sim, mailbox
+):
+    transfer = transfers.offer(seller, owned, "newbuyer@example.com")
+    link = [u for u in mailbox.links(mailbox.wait_for("newbuyer@example.com")) if "/transfers/offer/" in u][0]
+    visitor = app.test_client()
+    offer = visitor.get(link.replace("http://localhost", "")).get_data(as_text=True)
+    create = re.search(r'href="([^"]*/signup[^"]*)">Create an account', offer).group(1).replace("&amp;", "&")
+    assert create == f"/signup?next=/transfers/{transfer.id}"  # the offer, not its token
+    form = visitor.get(create).get_data(as_text=True)
+    assert 'value="newbuyer@example.com"' in form  # pre-filled (from the session, not the URL)
+    assert f'name="next" value="/transfers/{transfer.id}"' in form
+    token = re.search(r'name="csrf_token" value="([^"]+)"', form).group(1)
+    visitor.post(
+        "/signup",
+        data={
+            "email": "newbuyer@example.com",
+            "password": PASSWORD,
+            "next": f"/transfers/{transfer.id}",
+            "csrf_token": token,
+        },
+    )
+    verify = [u for u in mailbox.links(mailbox.wait_for("newbuyer@example.com", count=2)) if "/verify/" in u]
+    verify_path = verify[0].replace("http://localhost", "")
+    page = visitor.get(verify_path).get_data(as_text=True)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+    verified = visitor.post(verify_path, data={"csrf_token": token})
+    # Verified: sign in, and from there back to the offer.
+    assert verified.status_code == 302
+    assert verified.headers["Location"] == f"/login?next=/transfers/{transfer.id}"

@@ -12,8 +12,10 @@ answer the same either way (the owner of an existing address gets a different em
 and a failed sign-in costs the same work for unknown addresses (a dummy hash is checked).
 """
 
+import datetime
 import logging
 import re
+import time
 from dataclasses import dataclass
 
 import peewee
@@ -24,6 +26,7 @@ from flask import request
 from selfserve import mail
 from selfserve import passwords
 from selfserve import tokens
+from selfserve.models import LoginSession
 from selfserve.models import User
 from selfserve.models import db
 from selfserve.models import utcnow
@@ -43,6 +46,7 @@ _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s.]+$")
 VERIFY_HOURS = tokens.PURPOSES["verify_email"].max_age // 3600
 RESET_MINUTES = tokens.PURPOSES["reset_password"].max_age // 60
 EMAIL_CHANGE_HOURS = tokens.PURPOSES["confirm_email_change"].max_age // 3600
+SIGN_IN_LINK_MINUTES = tokens.PURPOSES["sign_in_link"].max_age // 60
 
 ACTIVITY_PAGE_SIZE = 25
 
@@ -155,10 +159,14 @@ def checked_credentials(email, password):
 def sign_up(email, password):
     """Create an account and send its verification email.
 
-    If the address already has an account, nothing is created and that address gets a
+    If the address already has a verified account, nothing is created and that address gets a
     "someone tried to sign up with your address" email instead; the caller can't tell which
-    happened. Raises FormErrors for a bad address or password, MailError if the email could not
-    be sent (the account, if new, is kept: signing in and "resend" work).
+    happened. If it has an account that was never verified, this sign-up replaces it: the
+    password is the new one, every session of the old sign-up ends, and a verification link
+    goes out (someone who signed up with another person's address first can't keep it, and
+    a person who lost the first link just starts again). Raises FormErrors for a bad address
+    or password, MailError if the email could not be sent (the account is kept: signing in
+    and "resend" work).
     """
     email = checked_credentials(email, password)
     # Hashed before the lookup so a new and an existing address cost the same work.
@@ -173,6 +181,17 @@ def sign_up(email, password):
         else:
             audit.record("account.signed_up", user=user)
             send_verification(user)
+            return
+    if not existing.is_verified and not existing.is_staff:
+        replaced = (
+            User.update(password_hash=password_hash, password_changed_at=utcnow())
+            .where((User.id == existing.id) & User.email_verified_at.is_null())
+            .execute()
+        )
+        if replaced:
+            end_all_login_sessions(existing)
+            audit.record("account.signup_replaced", user=existing)
+            send_verification(User.get_by_id(existing.id))
             return
     audit.record("account.signup_attempted", user=existing)
     mail.send(
@@ -214,8 +233,25 @@ def check_verify_link(token):
     return user
 
 
-def verify_email(token, now=None):
+class SignInToVerify(Exception):
+    """The link is good, but whoever opened it hasn't shown they know the account's password:
+    they sign in (the view then calls `verify_email` again with the new session)."""
+
+    def __init__(self, user):
+        super().__init__("sign in to finish the verification")
+        self.user = user
+
+
+def verify_email(token, *, login_session=None, password=None, now=None):
     """Verify the address a link was sent to and create the Particle customer.
+
+    Whoever verifies must hold both the mailbox (the link) and the password: a live
+    `login_session` of this account (the browser that opened the link is signed in to it) or
+    the `password` itself. Otherwise SignInToVerify is raised and nothing changes. Verifying
+    ends every other session of the account, so someone who signed up with another person's
+    address and stayed signed in is signed out the moment the mailbox holder verifies, and
+    can't sign in again (the password they chose is gone: a later sign-up or the reset link
+    replaced it, or the mailbox holder's sign-in proved it is theirs).
 
     One atomic UPDATE (`... WHERE email_verified_at IS NULL`) picks the winner when several
     clicks arrive at once: only it starts provisioning. Later clicks get
@@ -225,17 +261,33 @@ def verify_email(token, now=None):
     user = check_verify_link(token)
     if user.is_verified:
         return VerifyResult(user, False)
+    proven = (
+        login_session is not None
+        and login_session.user_id == user.id
+        and LoginSession.select()
+        .where((LoginSession.id == login_session.id) & LoginSession.ended_at.is_null())
+        .exists()
+    ) or (password is not None and passwords.check_password(user.password_hash, password))
+    if not proven:
+        raise SignInToVerify(user)
     now = now or utcnow()
     won = (
         User.update(_verified_fields(now))
-        .where((User.id == user.id) & User.email_verified_at.is_null() & (User.email == user.email))
+        .where(
+            (User.id == user.id)
+            & User.email_verified_at.is_null()
+            & (User.email == user.email)
+            # The password proven above is still the account's (not replaced meanwhile).
+            & (User.password_hash == user.password_hash)
+        )
         .execute()
     )
     if not won:
         user = User.get_by_id(user.id)
-        if not user.is_verified:  # the address changed in between
+        if not user.is_verified:  # the address or the password changed in between
             raise tokens.TokenInvalid(VERIFY_LINK_OUTDATED)
         return VerifyResult(user, False)
+    end_all_login_sessions(user, keep=login_session)
     audit.record("account.email_verified", user=user)
     return VerifyResult(provisioning.attempt(user.id, now), True)
 
@@ -261,6 +313,88 @@ def authenticate(email, password):
 def record_sign_out(user):
     """Audit a sign-out (the caller ends the session)."""
     audit.record("account.signed_out", user=user)
+
+
+# --- a sign-in link by email (when sign-in is throttled) ---------------------------------------
+
+
+def send_sign_in_link(email):
+    """Email a link that signs in without the password (15 minutes, once), for an owner whose
+    sign-in is throttled because someone else guessed at the address.
+
+    Only verified accounts get one (the link proves the mailbox, as a verification or reset
+    does); the answer is the same for every address. Raises FormErrors for a malformed
+    address, MailError if the email could not be sent.
+    """
+    email = normalize_email(email)
+    problem = email_problem(email)
+    if problem:
+        raise FormErrors({"email": problem})
+    user = User.get_or_none(User.email == email)
+    if user is None or not user.is_verified:
+        return
+    token = tokens.make(
+        "sign_in_link",
+        {
+            "u": user.id,
+            "e": tokens.fingerprint(user.email),
+            "p": tokens.fingerprint(user.password_hash),
+            "i": time.time(),  # links issued before the last one used are dead
+        },
+    )
+    audit.record("account.sign_in_link_sent", user=user)
+    mail.send(
+        user.email,
+        "Your sign-in link",
+        "sign_in_link",
+        link_url=absolute_url("accounts.sign_in_link", token=token),
+        minutes=SIGN_IN_LINK_MINUTES,
+    )
+
+
+def _sign_in_link_payload(token):
+    payload = tokens.read("sign_in_link", token)
+    user = _user_from(payload)
+    issued = payload.get("i")
+    used = user.sign_in_link_used_at
+    if not (
+        isinstance(issued, (int, float))
+        and user.is_verified
+        and tokens.same(payload.get("e"), tokens.fingerprint(user.email))
+        and tokens.same(payload.get("p"), tokens.fingerprint(user.password_hash))
+        and (used is None or used.replace(tzinfo=datetime.UTC).timestamp() < issued)
+    ):
+        raise tokens.TokenInvalid(LINK_USED)
+    return user, issued
+
+
+def check_sign_in_link(token):
+    """The account a sign-in link is for, if still usable (changes nothing: the GET page)."""
+    return _sign_in_link_payload(token)[0]
+
+
+def use_sign_in_link(token):
+    """Spend a sign-in link: the account to sign in, once. One atomic UPDATE marks it used, so
+    of two clicks only one signs in; every link sent before it dies with it."""
+    user, issued = _sign_in_link_payload(token)
+    now = utcnow()
+    spent = (
+        User.update(sign_in_link_used_at=now)
+        .where(
+            (User.id == user.id)
+            & (User.password_hash == user.password_hash)
+            & (User.sign_in_link_used_at.is_null() | (User.sign_in_link_used_at < _naive(issued)))
+        )
+        .execute()
+    )
+    if not spent:
+        raise tokens.TokenInvalid(LINK_USED)
+    audit.record("account.signed_in_by_link", user=user)
+    return User.get_by_id(user.id)
+
+
+def _naive(timestamp):
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).replace(tzinfo=None)
 
 
 # --- forgotten password ------------------------------------------------------------------------
@@ -328,6 +462,18 @@ def reset_password(token, new_password):
         raise tokens.TokenInvalid(LINK_USED)
     end_all_login_sessions(user)
     audit.record("account.password_reset", user=user)
+    if not user.is_verified:
+        # The reset link proved the mailbox and its holder just chose the password: the same
+        # proof as a verification (and the way in when someone else chose the first password).
+        now = utcnow()
+        verified = (
+            User.update(_verified_fields(now))
+            .where((User.id == user.id) & User.email_verified_at.is_null())
+            .execute()
+        )
+        if verified:
+            audit.record("account.email_verified", user=user)
+            provisioning.attempt(user.id, now)
     _notify(
         user.email,
         "Your password was changed",

@@ -12,14 +12,19 @@ from selfserve.models import User
 
 class _WithArgument(str):
     """A description with an optional "{value}": the function's argument, when there was one
-    (" (40%)"), else nothing, so rows without an argument still read well."""
+    (" (40%)"), else nothing, so rows without an argument still read well; and, when recorded,
+    what the device answered (" The device answered: …"). Older rows have no answer."""
 
     def format(self, *args, **detail):
         arg = detail.get("arg")
         detail["value"] = (
             "" if arg in (None, "") else f" ({device_models.argument_text(detail.get('function'), arg)})"
         )
-        return str.format(self, *args, **detail)
+        text = str.format(self, *args, **detail)
+        answer = detail.get("answer")
+        if answer:
+            text += f". The device answered: {answer}"
+        return text
 
 
 class _Until(str):
@@ -48,7 +53,7 @@ DESCRIPTIONS = {
     "device.claimed": "Added device {name}",
     "device.released": "Released device {name}",
     "device.renamed": "Renamed device {old} to {new}",
-    "device.function_called": _WithArgument("Ran {function}{value} on {name}"),
+    "device.function_called": _WithArgument("Asked {name}: {function}{value}"),
     "device.transferred_out": "Transferred device {name} to its new owner",
     "device.transferred_in": "Device {name} was transferred to you",
     "device.migrated_in": "Device {name} was moved into your account by the manufacturer",
@@ -61,6 +66,7 @@ DESCRIPTIONS = {
     "transfer.request_received": "Someone holding device {name} asked for it",
     "transfer.owner_approved": "Agreed to transfer device {name}",
     "transfer.objected": "Objected to the transfer of device {name}",
+    "transfer.unanswered": "The owner of device {name} didn't answer your request: support decides",
     "transfer.failed_returned": "The transfer of device {name} failed; it stays with its owner",
     # Sharing (services/access.py, services/sharing.py): "user" is the owner for the plain
     # action, the person given or losing access for "_for_me" / "access_received".
@@ -162,3 +168,66 @@ def history(user, limit=100, before_id=None):
     if before_id is not None:
         query = query.where(AuditEvent.id < before_id)
     return list(query.order_by(AuditEvent.id.desc()).limit(limit))
+
+
+# --- support's visits, folded -----------------------------------------------------------------
+
+_VISIT_ACTIONS = ("support.view_started", "support.page_viewed", "support.view_ended")
+
+
+class SupportVisit:
+    """One read-only visit by support, folded from its start, page views and end: who (staff),
+    the reason they gave, how long, and the pages seen (in the order seen, once each)."""
+
+    is_visit = True
+
+    def __init__(self, newest):
+        self.events = [newest]
+        self.actor = newest.actor
+        self.actor_id = newest.actor_id
+        self.user_id = newest.user_id
+        self.ip = None
+        self.reason = (newest.detail or {}).get("reason", "")
+
+    def accepts(self, event):
+        return (
+            event.action in _VISIT_ACTIONS
+            and event.actor_id == self.actor_id
+            and (event.detail or {}).get("reason", "") == self.reason
+            and self.events[-1].action != "support.view_started"  # that one began this visit
+        )
+
+    @property
+    def at(self):
+        return self.events[-1].at  # when it started (events run newest first)
+
+    @property
+    def minutes(self):
+        ended = next((e for e in self.events if e.action == "support.view_ended"), None)
+        if ended is not None and "minutes" in (ended.detail or {}):
+            return int(ended.detail["minutes"])
+        return max(0, int((self.events[0].at - self.events[-1].at).total_seconds() // 60))
+
+    @property
+    def pages(self):
+        seen = []
+        for event in reversed(self.events):
+            page = (event.detail or {}).get("page")
+            if event.action == "support.page_viewed" and page and page not in seen:
+                seen.append(page)
+        return seen
+
+
+def fold_support_visits(events):
+    """The activity list with each support visit as one entry (SupportVisit) instead of a row per
+    page; other events unchanged. `events` run newest first."""
+    entries = []
+    for event in events:
+        last = entries[-1] if entries else None
+        if isinstance(last, SupportVisit) and last.accepts(event):
+            last.events.append(event)
+        elif event.action in _VISIT_ACTIONS and event.actor_id != event.user_id:
+            entries.append(SupportVisit(event))
+        else:
+            entries.append(event)
+    return entries

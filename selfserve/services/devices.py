@@ -118,6 +118,8 @@ class FunctionResult:
     ok: bool
     message: str
     return_value: int = None
+    # The device accepted it; the page now follows what it reports (static/js/devices.js).
+    pending: bool = False
 
 
 # --- lookups -------------------------------------------------------------------------------
@@ -244,6 +246,11 @@ def claim_problem(user):
     return None
 
 
+def normalize_serial(raw):
+    """A serial number as stored: no whitespace, uppercase, at most 64 characters."""
+    return re.sub(r"\s+", "", raw or "").upper()[:64]
+
+
 def claim(user, serial, setup_code):
     """Add the device with this label (serial + setup code) to `user`'s account.
 
@@ -251,7 +258,7 @@ def claim(user, serial, setup_code):
     checked against its hash with the same work whether or not the serial exists, and only
     ever leaves this function as a yes/no.
     """
-    serial = re.sub(r"\s+", "", serial or "").upper()
+    serial = normalize_serial(serial)
     setup_code = registry.normalize_setup_code(setup_code)
     problem = claim_problem(user)
     if problem:
@@ -264,7 +271,6 @@ def claim(user, serial, setup_code):
         raise DeviceError(
             "Enter the setup code from the device's label.", kind="invalid", field="setup_code", status=422
         )
-    serial = serial[:64]
     _check_attempts(user, serial)
 
     device = Device.get_or_none(Device.serial_number == serial)
@@ -534,6 +540,11 @@ def _finish_release(device, user, name):
             access.end_all(device.device_id, "released", actor=user, owner_id=user.id, name=name)
     if done:
         live_values.forget(device.device_id)
+        # An offer or a request waiting on this device ends with the ownership (the next owner
+        # must never see a stranger's offer on their device page); its buyer is emailed.
+        from selfserve.services import transfers
+
+        transfers.close_on_release(device.device_id)
 
 
 def _undo_release(device, user):
@@ -750,6 +761,10 @@ def call_function(user, device, function_name, raw_arg="", confirmed=False):
         raise DeviceError(problem, kind="invalid", field="arg", status=422)
     if function.confirm and not confirmed:
         raise DeviceError(function.confirm, kind="confirm", status=409)
+    warning = function.argument.warns(arg) if function.argument else ""
+    if warning and not confirmed:
+        # A value the device allows but guards against: say what will happen, then ask.
+        raise DeviceError(warning, kind="confirm", status=409)
     name = display_name(device)
     # Every call runs as the owner's customer, whoever pressed the button (a grantee's access
     # is ours to decide; Particle only knows the owner).
@@ -802,6 +817,7 @@ def call_function(user, device, function_name, raw_arg="", confirmed=False):
         return FunctionResult(False, f"“{function.label}” failed: {exc.user_message}")
     live_values.invalidate(device.device_id)
     refused = return_value is not None and return_value < 0
+    answer = function.answer_for(return_value) if refused else function.pending_text(arg)
     audit.record(
         "device.function_called",
         user=owner,
@@ -812,9 +828,9 @@ def call_function(user, device, function_name, raw_arg="", confirmed=False):
         arg=arg or None,
         result="refused" if refused else "done",
         **_by(user, owner),
+        # What the device answered, in the catalogue's words (the activity page shows it).
+        answer=answer,
     )
     if refused:
-        return FunctionResult(
-            False, f"The device refused the value ({function.label}: code {return_value}).", return_value
-        )
-    return FunctionResult(True, function.done_text, return_value)
+        return FunctionResult(False, answer, return_value)
+    return FunctionResult(True, answer, return_value, pending=True)

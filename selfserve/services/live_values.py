@@ -61,6 +61,8 @@ STALE_REASONS = (NOT_ANSWERING, OFFLINE, UNREACHABLE, PARTLY_READ, BUSY)
 # without one, the values are read from Particle as for older firmware.
 EVENT_AFTER_COMMAND_SECONDS = 5.0
 NEVER_HEARD = "No values yet: the device hasn't been heard from since you added it. It is offline."
+# Values read this recently count as "Live" (a couple of polls); older ones show their age.
+LIVE_SECONDS = 30
 
 
 @dataclasses.dataclass
@@ -86,12 +88,56 @@ class Snapshot:
     readings: list = dataclasses.field(default_factory=list)
     message: str = ""  # why the values may be old (safe to show)
     raw: dict = dataclasses.field(default_factory=dict)  # name -> value
+    model: object = None  # the DeviceModel, None for a model we don't know
 
     def reading(self, name):
         for reading in self.readings:
             if reading.name == name:
                 return reading
         return None
+
+    # What the catalogue makes of these values (device_models): the templates only show it.
+
+    @property
+    def state(self):
+        return device_models.DeviceState(self.raw, self.online)
+
+    @property
+    def state_text(self):
+        return self.model.state_text(self.state)[0] if self.model and self.fetched_at else ""
+
+    @property
+    def settled(self):
+        return self.model.state_text(self.state)[1] if self.model and self.fetched_at else True
+
+    @property
+    def fault(self):
+        return self.model.fault(self.state) if self.model and self.fetched_at else None
+
+    def unavailable(self, function):
+        """Why `function` can't apply now ("" when it can)."""
+        return self.model.unavailable(function, self.state) if self.model else ""
+
+    def unavailable_map(self):
+        """{function name: reason} for every function that can't apply now."""
+        if not self.model:
+            return {}
+        reasons = {f.name: self.unavailable(f) for f in self.model.functions}
+        return {name: reason for name, reason in reasons.items() if reason}
+
+    def freshness(self, now=None):
+        """One indicator for the whole device: (kind, words, moment or None). kind is
+        live | old | offline | unknown; the words go next to the moment's age."""
+        now = now or utcnow()
+        if self.online is False:
+            if self.offline_since and self.fetched_at:
+                return "offline", "Offline since", self.offline_since
+            return "offline", "Offline", None
+        if self.fetched_at is None:
+            return "unknown", ("Status unknown" if self.checked_at else "Checking…"), None
+        if self.online and (now - self.fetched_at).total_seconds() <= LIVE_SECONDS:
+            return "live", "Live", None
+        return "old", "Updated", self.fetched_at
 
 
 def current(device):
@@ -439,7 +485,7 @@ def _message_for(exc):
 
 
 def _to_snapshot(device, row):
-    snapshot = Snapshot(device_id=device.device_id)
+    snapshot = Snapshot(device_id=device.device_id, model=device_models.get(device.model))
     values = {}
     if row is not None:
         snapshot.online = row.online

@@ -359,7 +359,7 @@ def transfers_needing_staff(now=None):
     slow_move = Transfer.state.in_(("moving", "returning")) & (
         Transfer.decided_at.is_null() | (Transfer.decided_at <= cutoff)
     )
-    query = Transfer.select().where((Transfer.state == "objected") | slow_move)
+    query = Transfer.select().where(Transfer.state.in_(("objected", "unanswered")) | slow_move)
     return list(query.order_by(Transfer.id).limit(100))
 
 

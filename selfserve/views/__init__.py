@@ -80,6 +80,9 @@ def register(app):
 
     @app.errorhandler(HTTPException)
     def _http_error(exc):
+        if exc.code == 429 and getattr(exc, "response", None) is not None:
+            # A rate limit with its own page (on_breach), e.g. sign-in keeps its form.
+            return exc.response
         message = ERROR_MESSAGES.get(exc.code, exc.description)
         return htmx.error_response(message, exc.code, ERROR_TITLES.get(exc.code, exc.name))
 

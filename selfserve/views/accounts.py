@@ -8,10 +8,12 @@ from flask import Blueprint
 from flask import abort
 from flask import current_app
 from flask import flash
+from flask import make_response
 from flask import render_template
 from flask import request
 from flask import session
 from flask import url_for
+from flask_limiter.util import get_remote_address
 from flask_login import current_user
 
 from selfserve import htmx
@@ -24,13 +26,21 @@ from selfserve.security import public
 from selfserve.security import start_login_session
 from selfserve.services import accounts
 from selfserve.services import audit
+from selfserve.services import impersonation
 from selfserve.services import provisioning
 from selfserve.services.accounts import FormErrors
+from selfserve.services.staff import real_user
 
 bp = Blueprint("accounts", __name__)
 
 # Session key: the address just verified, for the sign-in form to fill in.
 SIGN_IN_EMAIL = "sign_in_email"
+# An offer's "Create an account": the address it was offered to (pre-filled in the sign-up form)
+# and where to return after verifying (the offer). In the server-side session, not in URLs.
+SIGNUP_EMAIL = "signup_email"
+AFTER_VERIFY_NEXT = "after_verify_next"
+# Session key: a verification link opened in this browser, finished by the next sign-in.
+VERIFY_PENDING = "verify_pending"
 
 MAIL_FAILED = "We couldn't send the email right now. Nothing was lost; please try again in a few minutes."
 
@@ -42,6 +52,10 @@ def _limit(name):
 
 def _form_email_key():
     return "email:" + accounts.normalize_email(request.form.get("email"))
+
+
+def _form_email_and_source_key():
+    return "email-source:" + accounts.normalize_email(request.form.get("email")) + "|" + get_remote_address()
 
 
 def _account_key():
@@ -101,13 +115,16 @@ def _link_error(error, kind):
 @limiter.limit(_limit("signup"), methods=["POST"])
 @limiter.limit(_limit("signup_email"), methods=["POST"], key_func=_form_email_key)
 def signup():
+    next_url = safe_next(request.values.get("next"))
     if request.method == "GET":
-        return render_template("accounts/signup.html", errors={}, email="")
+        return render_template(
+            "accounts/signup.html", errors={}, email=session.get(SIGNUP_EMAIL, ""), next_url=next_url
+        )
     email = request.form.get("email", "")
     try:
         accounts.sign_up(email, request.form.get("password", ""))
     except FormErrors as exc:
-        return render_template("accounts/signup.html", errors=exc.errors, email=email), 400
+        return render_template("accounts/signup.html", errors=exc.errors, email=email, next_url=next_url), 400
     except MailError:
         return render_template(
             "accounts/check_email.html",
@@ -115,6 +132,9 @@ def signup():
             email=accounts.normalize_email(email),
             mail_failed=True,
         ), 503
+    session.pop(SIGNUP_EMAIL, None)
+    if next_url:
+        session[AFTER_VERIFY_NEXT] = next_url
     return render_template("accounts/check_email.html", kind="signup", email=accounts.normalize_email(email))
 
 
@@ -153,49 +173,172 @@ def verify(token):
         except tokens.TokenError as exc:
             return _link_error(exc, "verify")
         return render_template("accounts/verify.html", token=token, already=user.is_verified)
+    signed_in = current_user.is_authenticated and getattr(current_user, "staff_view", None) is None
     try:
-        result = accounts.verify_email(token)
+        result = accounts.verify_email(token, login_session=current_user.login_session if signed_in else None)
     except tokens.TokenError as exc:
         return _link_error(exc, "verify")
+    except accounts.SignInToVerify as exc:
+        if signed_in:
+            flash("This link is for another account. Sign out, then open the link again.", "error")
+            return htmx.redirect(_home(current_user))
+        # The link proves the mailbox; the password is proven by signing in, in this browser,
+        # which finishes the verification (the link waits in the session, read once).
+        session[VERIFY_PENDING] = token
+        session[SIGN_IN_EMAIL] = exc.user.email
+        flash("Nearly done: sign in with your password and your email address is verified.", "info")
+        back_to = safe_next(session.pop(AFTER_VERIFY_NEXT, None))  # signed up from an offer
+        return htmx.redirect(
+            url_for("accounts.login", next=back_to) if back_to else url_for("accounts.login")
+        )
     if result.newly_verified:
         flash("Thank you: your email address is verified.", "success")
     else:
         flash("Your email address was already verified.", "info")
+    # Signed up from somewhere (an offer): go back there after verifying.
+    back_to = safe_next(session.pop(AFTER_VERIFY_NEXT, None))
     if current_user.is_authenticated and current_user.id == result.user.id:
-        return htmx.redirect(_home(result.user))
+        return htmx.redirect(back_to or _home(result.user))
     flash("Please sign in to continue.", "info")
     # The sign-in form fills in the address just confirmed (kept in the session, not the URL;
     # read once). Signing in rotates the session, so it goes no further.
     session[SIGN_IN_EMAIL] = result.user.email
-    return htmx.redirect(url_for("accounts.login"))
+    return htmx.redirect(url_for("accounts.login", next=back_to) if back_to else url_for("accounts.login"))
+
+
+def _finish_verification(token, user):
+    """After a sign-in: verify the address whose link was opened in this browser just before
+    (the sign-in proved the password). Returns the account as it is now."""
+    try:
+        result = accounts.verify_email(token, login_session=user.login_session)
+    except (tokens.TokenError, accounts.SignInToVerify):
+        return user  # a link of another account, or outdated: the sign-in is all that happened
+    if result.newly_verified:
+        flash("Thank you: your email address is verified.", "success")
+    return result.user
 
 
 # --- signing in and out -------------------------------------------------------------------------
 
 
+def _login_rate_limited(request_limit):
+    """Too many sign-in attempts: the sign-in page with its form (the address kept), when to
+    try again (the limiter knows), and the way out by email. Sent with Retry-After."""
+    import math
+    import time
+
+    seconds = max(1, int(request_limit.reset_at - time.time()))
+    minutes = math.ceil(seconds / 60)
+    wait = "a minute" if minutes <= 1 else f"{minutes} minutes"
+    response = make_response(
+        render_template(
+            "accounts/login.html",
+            next_url=safe_next(request.values.get("next")),
+            email=request.form.get("email", "")[:254],
+            error=None,
+            retry_in=wait,
+            throttled=True,
+        ),
+        429,
+    )
+    response.headers["Retry-After"] = str(seconds)
+    return response
+
+
 @bp.route("/login", methods=["GET", "POST"])
 @public
-@limiter.limit(_limit("login"), methods=["POST"])
-@limiter.limit(_limit("login_email"), methods=["POST"], key_func=_form_email_key, deduct_when=_failed_login)
+@limiter.limit(_limit("login"), methods=["POST"], on_breach=_login_rate_limited)
+@limiter.limit(
+    _limit("login_email_source"),
+    methods=["POST"],
+    key_func=_form_email_and_source_key,
+    deduct_when=_failed_login,
+    on_breach=_login_rate_limited,
+)
+@limiter.limit(
+    _limit("login_email"),
+    methods=["POST"],
+    key_func=_form_email_key,
+    deduct_when=_failed_login,
+    on_breach=_login_rate_limited,
+)
 def login():
     next_url = safe_next(request.values.get("next"))
     if request.method == "GET":
         email = session.pop(SIGN_IN_EMAIL, "")
         if current_user.is_authenticated:
             return htmx.redirect(next_url or _home(current_user))
-        return render_template("accounts/login.html", next_url=next_url, email=email, error=None)
+        return _login_page(next_url, email)
     email = request.form.get("email", "")
     user = accounts.authenticate(email, request.form.get("password", ""))
     if user is None:
         error = "That email address and password don't match an account. Check both and try again."
-        return render_template("accounts/login.html", next_url=next_url, email=email, error=error), 401
+        return _login_page(next_url, email, error), 401
+    pending_verification = session.get(VERIFY_PENDING)
     start_login_session(user)  # a fresh session: nothing from before the login survives
+    if pending_verification:
+        user = _finish_verification(pending_verification, user)
     return htmx.redirect(next_url or _home(user))
+
+
+def _login_page(next_url, email, error=None, throttled=False):
+    return render_template(
+        "accounts/login.html",
+        next_url=next_url,
+        email=email,
+        error=error,
+        verifying=bool(session.get(VERIFY_PENDING)),
+        throttled=throttled,
+    )
+
+
+@bp.post("/login/link")
+@public
+@limiter.limit(_limit("sign_in_link"))
+@limiter.limit(_limit("sign_in_link_email"), key_func=_form_email_key)
+def send_sign_in_link():
+    email = request.form.get("email", "")
+    try:
+        accounts.send_sign_in_link(email)
+    except FormErrors as exc:
+        flash(exc.errors["email"], "error")
+        return htmx.redirect(url_for("accounts.login"))
+    except MailError:
+        flash(MAIL_FAILED, "error")
+        return htmx.redirect(url_for("accounts.login"))
+    return render_template(
+        "accounts/check_email.html", kind="sign_in_link", email=accounts.normalize_email(email)
+    )
+
+
+@bp.route("/login/link/<token>", methods=["GET", "POST"])
+@public
+@limiter.limit(_limit("sign_in_link"), methods=["POST"])
+def sign_in_link(token):
+    # GET only shows a button (mail scanners fetch links); POST signs in, once.
+    if request.method == "GET":
+        try:
+            user = accounts.check_sign_in_link(token)
+        except tokens.TokenError as exc:
+            return _link_error(exc, "sign_in_link")
+        return render_template("accounts/sign_in_link.html", token=token, email=user.email)
+    try:
+        user = accounts.use_sign_in_link(token)
+    except tokens.TokenError as exc:
+        return _link_error(exc, "sign_in_link")
+    start_login_session(user)
+    flash("You are signed in.", "success")
+    return htmx.redirect(_home(user))
 
 
 @bp.post("/logout")
 def logout():
-    accounts.record_sign_out(_me())
+    # Staff viewing as a customer sign out too (the read-only wall lets this through): the
+    # view ends with the session, and the sign-out is the staff member's, not the customer's.
+    view = getattr(current_user, "staff_view", None)
+    if view is not None:
+        impersonation.end_view(view, "signed_out")
+    accounts.record_sign_out(real_user())
     end_login_session()
     flash("You are signed out.", "success")
     return htmx.redirect(url_for("accounts.login"))
@@ -355,7 +498,7 @@ def activity():
     events, older = accounts.activity(_me(), before)
     return render_template(
         "accounts/activity.html",
-        events=events,
+        events=audit.fold_support_visits(events),
         older=older,
         describe=audit.describe,
         first_page=before is None,

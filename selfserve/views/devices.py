@@ -29,6 +29,7 @@ from selfserve import device_models
 from selfserve import htmx
 from selfserve import sse
 from selfserve.models import utcnow
+from selfserve.security import limiter
 from selfserve.security import public
 from selfserve.security import verified_required
 from selfserve.services import access
@@ -56,6 +57,17 @@ def device_age(moment, now=None):
     if seconds < 2 * 86400:
         return f"{seconds // 3600} h ago"
     return f"{seconds // 86400} days ago"
+
+
+@bp.app_template_filter("device_since")
+def device_since(moment, now=None):
+    """A moment for "Offline since …": "14:05 UTC" today, "28 Nov, 14:05 UTC" before."""
+    if moment is None:
+        return "never"
+    now = now or utcnow()
+    if moment.date() == now.date():
+        return moment.strftime("%H:%M UTC")
+    return moment.strftime("%d %b, %H:%M UTC").lstrip("0")
 
 
 @bp.app_template_filter("device_iso")
@@ -162,7 +174,26 @@ def _pushed_snapshot(device, check):
     return live_values.last_known(device)
 
 
+def _claim_limit(setting):
+    return lambda: current_app.config[setting]
+
+
+def _claim_account_key():
+    # Limits are checked before the sign-in is: an anonymous request is keyed by its address.
+    return f"claim-account:{getattr(current_user, 'id', None) or request.remote_addr}"
+
+
+def _claim_serial_key():
+    return "claim-serial:" + devices.normalize_serial(request.form.get("serial"))
+
+
+# Every claim costs an Argon2 check and, for an owned device, a proof row: limited per account
+# and per serial, right code or wrong, before any of that work (Flask-Limiter's store: shared
+# by every worker with RATELIMIT_STORAGE_URI=redis://...). Wrong codes have their own, tighter
+# count in the database (services/devices.py).
 @bp.route("/devices/claim", methods=["GET", "POST"])
+@limiter.limit(_claim_limit("RATE_LIMIT_CLAIM"), methods=["POST"], key_func=_claim_account_key)
+@limiter.limit(_claim_limit("RATE_LIMIT_CLAIM_SERIAL"), methods=["POST"], key_func=_claim_serial_key)
 @verified_required
 def claim():
     if request.method == "GET":

@@ -19,6 +19,7 @@ from flask import url_for
 from flask_login import current_user
 
 from selfserve import htmx
+from selfserve import input_rules
 from selfserve.mail import MailError
 from selfserve.refusals import Refusal
 from selfserve.security import limiter
@@ -59,6 +60,7 @@ def _safe_support_next(value):
         and "//" not in value
         and "\\" not in value
         and len(value) < 500
+        and not input_rules.has_control_character(value)  # a CR/LF would reach a header
     ):
         return value
     return None

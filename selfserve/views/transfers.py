@@ -12,6 +12,7 @@ from flask import flash
 from flask import g
 from flask import render_template
 from flask import request
+from flask import session
 from flask import url_for
 from flask_login import current_user
 
@@ -44,12 +45,12 @@ def _keep_tokens_out_of_logs(state):
 
 @bp.app_template_global("transfer_of")
 def transfer_of(device):
-    """The device's open transfer (device page panel, dashboard cards): from the dashboard's
-    one query when `preload_transfers` ran, else its own query."""
+    """The device's open transfer its owner is party to (device page panel, dashboard cards):
+    from the dashboard's one query when `preload_transfers` ran, else its own query."""
     preloaded = g.get("open_transfers")
     if preloaded is not None and device.device_id in preloaded[0]:
-        return preloaded[1].get(device.device_id)
-    return transfers.open_transfer_of(device)
+        return transfers.owner_party_to(device, preloaded[1].get(device.device_id))
+    return transfers.open_transfer_for_owner(device)
 
 
 @bp.app_template_global("preload_transfers")
@@ -63,6 +64,12 @@ def preload_transfers(devices):
 def transfers_dashboard(user):
     """Incoming offers and open requests of `user` (dashboard panel)."""
     return transfers.dashboard_of(user)
+
+
+@bp.app_template_global("transfer_needs_answer")
+def transfer_needs_answer(transfer):
+    """A request that never completes on silence (the owner's pages say so)."""
+    return transfers.needs_owner_answer(transfer)
 
 
 @bp.app_template_global("transfer_role")
@@ -113,7 +120,7 @@ def start(device_id):
         "name": devices.display_name(device),
         "model": device_models.get(device.model),
         "days": transfers.OFFER_DAYS,
-        "open_transfer": transfers.open_transfer_of(device),
+        "open_transfer": transfers.open_transfer_for_owner(device),
     }
     if request.method == "GET":
         return render_template("transfers/start.html", email="", error=None, **context)
@@ -231,11 +238,19 @@ def request_device():
     except transfers.TransferError as exc:
         flash(exc.message, "error")
         return htmx.redirect(url_for("devices.claim"))
-    flash(
-        "We asked the owner. If they don't object within "
-        f"{transfers.OBJECTION_DAYS} days, the device moves to your account by itself.",
-        "success",
-    )
+    if transfers.needs_owner_answer(transfer):
+        flash(
+            "We asked the owner. This device changed hands recently or was yours before, so it "
+            "moves only if the owner agrees; without an answer within "
+            f"{transfers.OBJECTION_DAYS} days, support decides.",
+            "success",
+        )
+    else:
+        flash(
+            "We asked the owner. If they don't object within "
+            f"{transfers.OBJECTION_DAYS} days, the device moves to your account by itself.",
+            "success",
+        )
     return htmx.redirect(url_for("transfers.detail", transfer_id=transfer.id))
 
 
@@ -258,6 +273,11 @@ def offer_link(token):
         return render_template("transfers/link_error.html", message=transfers.too_late_message(transfer)), 410
     if current_user.is_authenticated and transfers.role_of(current_user, transfer) == "buyer":
         return htmx.redirect(url_for("transfers.detail", transfer_id=transfer.id))
+    if not current_user.is_authenticated:
+        # "Create an account" from here pre-fills the address the device was offered to.
+        from selfserve.views.accounts import SIGNUP_EMAIL
+
+        session[SIGNUP_EMAIL] = transfer.buyer_email
     device = Device.get_by_id(transfer.device_id)
     return render_template(
         "transfers/offer_link.html",

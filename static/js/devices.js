@@ -116,37 +116,144 @@
   document.addEventListener("htmx:sseError", function (event) { startFallback(pushRoot(event.target)); });
   document.addEventListener("htmx:sseOpen", function (event) { stopFallback(pushRoot(event.target)); });
 
-  // --- Commands in flight ------------------------------------------------------------------
-  // A command can take seconds (the device answers through the cloud). While it is in flight
-  // the status region says which one is being sent (hx-disabled-elt disables every control);
-  // the answer replaces the message. A request htmx doesn't swap (network down, 403, 5xx)
-  // must not leave "Sending…" behind.
+  // --- Controls that follow the device's state ---------------------------------------------
+  // Each values update (#device-state, from the server's catalogue rules) says which actions
+  // can't apply now and why: we disable those and show the reason under each. While one command
+  // is in flight every control waits, so a second one can't race it. The status region says
+  // what is being sent, then what the device reports once it has settled.
+
+  var inFlight = false;
+  var pendingSince = 0;
+  var valuesRequestedAt = 0;
 
   function controlForm(elt) {
     return elt && elt.closest ? elt.closest("#controls form[data-function-label]") : null;
   }
 
-  function showStatus(text, className) {
+  function currentState() {
+    var state = document.getElementById("device-state");
+    if (!state) return null;
+    var unavailable = {};
+    try { unavailable = JSON.parse(state.getAttribute("data-unavailable") || "{}"); } catch (e) { unavailable = {}; }
+    return {
+      unavailable: unavailable,
+      settled: state.getAttribute("data-settled") === "true",
+      text: state.getAttribute("data-state-text") || "",
+      fault: state.getAttribute("data-fault") || "",
+      online: state.getAttribute("data-online") !== "false"
+    };
+  }
+
+  function applyControls() {
+    var controls = document.getElementById("controls");
+    var state = currentState();
+    if (!controls || !state) return;
+    if (document.body.hasAttribute("data-read-only")) return; // site.js keeps them disabled
+    controls.querySelectorAll("form[data-function]").forEach(function (form) {
+      var reason = state.unavailable[form.dataset["function"]] || "";
+      var why = form.querySelector(".why");
+      if (why) {
+        why.textContent = reason;
+        // Offline: the note above says it once for all controls.
+        why.classList.toggle("visually-hidden", !state.online);
+      }
+      form.querySelectorAll("button").forEach(function (button) { button.disabled = inFlight || !!reason; });
+    });
+    var note = document.getElementById("offline-note");
+    if (note) note.hidden = state.online;
+  }
+
+  function showStatus(text, className, pending, followed) {
     var region = document.getElementById("function-result");
     if (!region) return;
     var line = document.createElement("p");
     line.className = className;
     line.textContent = text;
+    if (pending) line.setAttribute("data-pending", "");
+    if (followed) line.setAttribute("data-followed", "");
     region.replaceChildren(line);
   }
 
+  // The device accepted a command ("Opening…"): once values read after it show the device
+  // settled, say where it ended up ("Open", "Open 60%"), or the fault it reports.
+  function followPending() {
+    var state = currentState();
+    if (!state) return;
+    // A fault after the outcome was reported ("Done. Now: Running…") takes its place.
+    if (state.fault && document.querySelector("#function-result [data-followed]")) {
+      showStatus(state.fault + ": see the alert at the top of the page.", "flash flash-error");
+      return;
+    }
+    var pending = document.querySelector("#function-result [data-pending]");
+    if (!pending || valuesRequestedAt < pendingSince) return;
+    if (state.fault) {
+      showStatus(state.fault + ": see the alert at the top of the page.", "flash flash-error");
+    } else if (!state.online) {
+      showStatus("The device went offline before it reported back.", "flash flash-warning");
+    } else if (state.settled && state.text) {
+      showStatus("Done. Now: " + state.text + ".", "flash flash-success", false, true);
+    }
+  }
+
   document.addEventListener("htmx:beforeRequest", function (event) {
-    var form = controlForm(event.detail && event.detail.elt);
+    var elt = event.detail && event.detail.elt;
+    if (elt && elt.id === "values" && !event.defaultPrevented) valuesRequestedAt = Date.now();
+    var form = controlForm(elt);
     if (!form || event.defaultPrevented) return;
+    inFlight = true;
+    document.querySelectorAll("#controls button").forEach(function (button) { button.disabled = true; });
     showStatus("Sending \u2018" + form.dataset.functionLabel + "\u2019 to the device\u2026", "flash flash-info sending");
   });
 
   document.addEventListener("htmx:afterRequest", function (event) {
     var form = controlForm(event.detail && event.detail.elt);
-    if (!form || event.detail.successful) return;
+    if (!form) return;
+    inFlight = false;
+    applyControls();
+    if (event.detail.successful) return;
     showStatus("\u2018" + form.dataset.functionLabel + "\u2019 could not be sent (no answer from our server). " +
       "Check your connection, then reload the page to see whether it was done.", "flash flash-error");
   });
+
+  // A pushed values update (server-sent event) is rendered when it is sent: as new as a request.
+  document.addEventListener("htmx:sseBeforeMessage", function (event) {
+    if (event.target && event.target.id === "values" && !event.defaultPrevented) valuesRequestedAt = Date.now();
+  });
+
+  document.addEventListener("htmx:afterSwap", function (event) {
+    // A pushed swap (htmx's SSE extension) names no target in its detail: the event's own is it.
+    var target = (event.detail && event.detail.target) || event.target;
+    if (!target) return;
+    if (target.id === "function-result" && target.querySelector("[data-pending]")) pendingSince = Date.now();
+    if (target.id === "values") { applyControls(); followPending(); }
+  });
+
+  // A value past a limit the device guards (data-warn-above): warn while typing, before sending.
+  function checkLimit(input) {
+    var limit = parseFloat(input.getAttribute("data-warn-above"));
+    var warning = input.form && input.form.querySelector("[data-limit-warning]");
+    if (!warning || isNaN(limit)) return;
+    warning.hidden = !(parseFloat(input.value) > limit);
+  }
+
+  document.addEventListener("input", function (event) {
+    var input = event.target;
+    if (input.matches && input.matches("input[data-warn-above]")) checkLimit(input);
+    // The slider and the number box set the same value.
+    if (input.matches && input.matches("input[data-range-for]")) {
+      var box = document.getElementById(input.getAttribute("data-range-for"));
+      if (box) box.value = input.value;
+    } else if (input.id) {
+      var slider = document.querySelector("input[data-range-for='" + input.id + "']");
+      if (slider && input.value !== "") slider.value = input.value;
+    }
+  });
+
+  function enhanceControls() {
+    document.querySelectorAll("input[data-range-for]").forEach(function (slider) { slider.hidden = false; });
+    document.querySelectorAll("input[data-warn-above]").forEach(checkLimit);
+    applyControls();
+  }
 
   // --- After a rename ----------------------------------------------------------------------
   // The name region is replaced: focus would fall back to the page body, and the tab title
@@ -172,9 +279,10 @@
     heading.focus();
   });
 
+  function start() { handleLabel(); enhanceControls(); }
   if (document.readyState === "loading") {
-    document.addEventListener("DOMContentLoaded", handleLabel);
+    document.addEventListener("DOMContentLoaded", start);
   } else {
-    handleLabel();
+    start();
   }
 })();

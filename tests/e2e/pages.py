@@ -14,3 +14,10 @@ def check_page(page):
     # clientWidth, not innerWidth: on a mobile viewport innerWidth grows with wide content.
     overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
     assert overflow <= 1, f"{page.url} is {overflow}px wider than the screen"
+
+
+def open_menu(page):
+    """On a phone the navigation folds behind "Menu": open it (a no-op where it is always shown)."""
+    toggle = page.locator("[data-menu-toggle]")
+    if toggle.is_visible() and toggle.get_attribute("aria-expanded") != "true":
+        toggle.click()

@@ -65,7 +65,10 @@ def test_pump_fault_alert_mail_and_unsubscribe_from_the_link(live_server, page, 
 
     # The pump trips its overpressure guard while the page is open.
     sim.set_device(PUMP, fault="overpressure")
-    expect(page.locator("#values")).to_contain_text("overpressure", timeout=15_000)
+    # The fault shows as an alert in words at the top of the page (not the device's raw code).
+    expect(page.locator("#device-alert")).to_contain_text(
+        "Overpressure: the pump stopped itself", timeout=15_000
+    )
     deadline = utcnow() + datetime.timedelta(seconds=15)
     while not AlertNotice.select().where(AlertNotice.kind == "fault").exists() and utcnow() < deadline:
         page.wait_for_timeout(200)

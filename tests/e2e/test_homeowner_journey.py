@@ -59,7 +59,7 @@ def test_sign_up_verify_claim_watch_a_value_change_and_release(app, live_server,
     check_page(page)
     _add_device(page, window)
     expect(page).to_have_url(f"{live_server}/devices/{WINDOW}")
-    expect(page.locator("#values")).to_contain_text("Online")
+    expect(page.locator("#values [data-freshness=live]")).to_have_text("Live")
     assert _position(page) == 0
     check_page(page)
 
@@ -81,11 +81,11 @@ def test_sign_up_verify_claim_watch_a_value_change_and_release(app, live_server,
     page.goto(live_server + "/account/activity")
     activity = page.locator("main")
     expect(activity).to_contain_text("Released device")
-    expect(activity).to_contain_text("Ran")
+    expect(activity).to_contain_text("The device answered: Opening…")
     check_page(page)
 
 
-def test_a_command_to_an_offline_device_shows_a_clear_message(app, live_server, page, sim):
+def test_an_offline_device_s_controls_are_unavailable_with_the_reason(app, live_server, page, sim):
     offline = _labels()[OFFLINE_WINDOW]
     make_user("offline@example.com", PASSWORD)
     page.goto(live_server + "/login")
@@ -95,9 +95,19 @@ def test_a_command_to_an_offline_device_shows_a_clear_message(app, live_server, 
     expect(page).to_have_url(f"{live_server}/devices/{OFFLINE_WINDOW}")
     expect(page.locator("#values")).to_contain_text("Offline")
 
+    # Every action says why it can't be used now, instead of failing after a press.
+    for name in ("open", "close", "stop", "setPosition"):
+        form = page.locator(f"#controls form[data-function={name}]")
+        expect(form.locator("button")).to_be_disabled()
+        expect(form.locator(".why")).to_have_text(
+            "The device is offline. This will work again when it's back online."
+        )
+    expect(page.locator("#offline-note")).to_contain_text("will work again when it's back online")
+    check_page(page)
+    # Sent anyway (an old page, no JavaScript): the server still answers with a clear message.
+    page.evaluate("document.querySelector('#controls form[data-function=close] button').disabled = false")
     page.click("#main button:has-text('Close')")
     expect(page.locator("#function-result")).to_contain_text(re.compile("offline|not answering", re.I))
-    check_page(page)
 
 
 def test_an_htmx_error_answer_is_shown_in_the_flash_region(app, live_server, page, sim):
@@ -115,7 +125,7 @@ def test_an_htmx_error_answer_is_shown_in_the_flash_region(app, live_server, pag
         document.body.setAttribute('hx-headers', '{"X-CSRFToken": "expired"}');
         document.querySelectorAll('input[name=csrf_token]').forEach(i => { i.value = 'expired'; });
     }""")
-    page.click("#main button:has-text('Stop')")
+    page.click("#main button:has-text('Open')")  # the blind is closed: Open is the one that applies
     expect(page.locator("#flashes")).to_contain_text("This form has expired")
     assert sim.device(WINDOW)["variables"]["moving"] is False
     # The 400 is deliberate; Chromium logs any 4xx answer as a console error.

@@ -135,8 +135,12 @@ def test_homeowner_gives_a_dealer_a_week_and_revokes_it(live_server, page, secon
     second_page.goto(f"{live_server}/devices/{WINDOW}")
     expect(second_page.locator("#controls")).to_be_visible()
 
-    page.once("dialog", lambda dialog: dialog.accept())
+    # Asked in the page's own dialog (site.js), not the browser's confirm() box.
     page.click("#share-grants button:has-text('Revoke')")
+    expect(page.locator("#confirm-dialog")).to_contain_text(
+        "Revoke the access of organisation Blinds and Co?"
+    )
+    page.locator("#confirm-dialog button[data-dialog-confirm]").click()
     expect(page.locator("#sharing")).to_contain_text("Nobody else has access")
     check_page(page)
     response = second_page.goto(f"{live_server}/devices/{WINDOW}")

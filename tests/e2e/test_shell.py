@@ -13,13 +13,19 @@ def test_landing_page_is_accessible_and_fits_a_phone(live_server, page):
 
 def test_shell_is_easy_to_tap_and_uses_one_font(live_server, page):
     page.goto(live_server + "/")
-    # Header and footer links (Help & support included) are at least 44px tall.
-    sizes = page.eval_on_selector_all(
-        ".site-header a, .site-footer a",
-        "els => els.map(e => [e.textContent.trim(), e.getBoundingClientRect().height])",
+    # Header and footer links (Help & support included) are at least 44px tall: those shown,
+    # then the phone menu's once it is open.
+    visible = (
+        "els => els.filter(e => e.offsetParent !== null)"
+        ".map(e => [e.textContent.trim(), e.getBoundingClientRect().height])"
     )
-    assert "Help & support" in dict(sizes), sizes
+    sizes = page.eval_on_selector_all(".site-header a, .site-footer a", visible)
+    assert "Help & support" in dict(sizes) and "Menu" in dict(sizes), sizes
     assert all(height >= 44 for _, height in sizes), sizes
+    page.click("[data-menu-toggle]")
+    menu = page.eval_on_selector_all("#site-nav a, #site-nav button", visible)
+    assert "Sign in" in dict(menu) and "Create account" in dict(menu), menu
+    assert all(height >= 44 for _, height in menu), menu
     page.click(".site-footer a:has-text('Help & support')")
     assert page.url == live_server + "/help"
     assert page.locator("main a[href^='mailto:']").count() == 1

@@ -13,6 +13,7 @@ from helpers import make_user
 from pages import check_page
 from playwright.sync_api import expect
 
+from selfserve.models import Device
 from selfserve.models import Transfer
 from selfserve.models import User
 from selfserve.models import utcnow
@@ -132,6 +133,11 @@ def _ask_for_it(page, base, labels):
 
 
 def test_buyer_asks_and_nobody_objects(live_server, page, owned, labels, mailbox, sim):
+    # The seller has had it for a year (a device that changed hands recently, or a request
+    # from a former owner, needs the owner's answer: tests/test_transfers_guarded_requests.py).
+    Device.update(claimed_at=utcnow() - datetime.timedelta(days=365)).where(
+        Device.device_id == WINDOW
+    ).execute()
     buyer = make_user("buyer@example.com", PASSWORD)
     transfer = _ask_for_it(page, live_server, labels)
     mailbox.wait_for("seller@example.com")

@@ -60,8 +60,11 @@ from selfserve.services.transfers.common import device_label
 from selfserve.services.transfers.common import get
 from selfserve.services.transfers.common import label
 from selfserve.services.transfers.common import mask_email
+from selfserve.services.transfers.common import needs_owner_answer
+from selfserve.services.transfers.common import open_transfer_for_owner
 from selfserve.services.transfers.common import open_transfer_of
 from selfserve.services.transfers.common import open_transfers_of
+from selfserve.services.transfers.common import owner_party_to
 from selfserve.services.transfers.common import role_of
 from selfserve.services.transfers.common import too_late_message
 from selfserve.services.transfers.common import visible_to
@@ -78,6 +81,7 @@ from selfserve.services.transfers.move import run_step
 from selfserve.services.transfers.move import take
 from selfserve.services.transfers.offers import accept
 from selfserve.services.transfers.offers import cancel
+from selfserve.services.transfers.offers import close_on_release
 from selfserve.services.transfers.offers import decline
 from selfserve.services.transfers.offers import expire_lapsed
 from selfserve.services.transfers.offers import offer
@@ -107,6 +111,7 @@ __all__ = [
     "answer_link",
     "approve",
     "cancel",
+    "close_on_release",
     "complete_unopposed",
     "dashboard_of",
     "decide_dispute",
@@ -121,8 +126,11 @@ __all__ = [
     "object_to",
     "offer",
     "offer_link",
+    "needs_owner_answer",
+    "open_transfer_for_owner",
     "open_transfer_of",
     "open_transfers_of",
+    "owner_party_to",
     "remember_possession",
     "request_device",
     "resume_pending",

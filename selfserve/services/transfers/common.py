@@ -14,13 +14,28 @@ log = logging.getLogger(__name__)
 
 OFFER_DAYS = 7
 OBJECTION_DAYS = 7
+# A request for a device that changed hands less than this long before it was asked for never
+# completes on silence (setting TRANSFER_RECENT_OWNER_CHANGE_DAYS).
+RECENT_OWNER_CHANGE_DAYS = 30
 PROOF_MINUTES = 15
 REQUESTS_PER_DAY = 3  # per account: asking for other people's devices is rare
 MAIL_MAX_ATTEMPTS = 8
 
 TRANSFERRING = "transferring"  # Device.claim_state while a move runs (owned by this module)
 OPEN_STATES = ("offered", "requested", "moving", "returning")
-CLOSED_STATES = ("done", "failed_returned", "declined", "cancelled", "objected", "expired", "kept")
+CLOSED_STATES = (
+    "done",
+    "failed_returned",
+    "declined",
+    "cancelled",
+    "objected",
+    "unanswered",
+    "expired",
+    "kept",
+)
+# Requests support decides: the owner objected, or a request that needed the owner's answer
+# got none by its deadline.
+DISPUTED_STATES = ("objected", "unanswered")
 
 STATE_LABELS = {
     "offered": "Offered, waiting for the new owner",
@@ -32,6 +47,7 @@ STATE_LABELS = {
     "declined": "Declined",
     "cancelled": "Cancelled",
     "objected": "Objected to by the owner",
+    "unanswered": "No answer from the owner: support decides",
     "expired": "Expired",
     "kept": "Kept by the owner (decided by support)",
 }
@@ -88,6 +104,43 @@ def open_transfers_of(devices):
     return {
         transfer.open_device: transfer for transfer in Transfer.select().where(Transfer.open_device.in_(ids))
     }
+
+
+def needs_owner_answer(transfer):
+    """True for a request that must never complete on silence: the person asking owned the
+    device before (a seller keeps the label, whose setup code never changes), or the device
+    changed hands within TRANSFER_RECENT_OWNER_CHANGE_DAYS before it was asked for (a sale
+    just made). The current owner approves it; without an answer by the deadline support
+    decides, as for an objection."""
+    import datetime
+
+    from selfserve.models import User
+    from selfserve.services import devices
+
+    if transfer.kind != "request" or transfer.buyer_id is None:
+        return False
+    buyer = User.get_or_none(User.id == transfer.buyer_id)
+    if buyer is not None and devices.former_ownership(buyer, transfer.device_id) is not None:
+        return True
+    device = Device.get_or_none(Device.device_id == transfer.device_id)
+    window = datetime.timedelta(days=_setting("TRANSFER_RECENT_OWNER_CHANGE_DAYS", RECENT_OWNER_CHANGE_DAYS))
+    return bool(device and device.claimed_at and device.claimed_at > transfer.created_at - window)
+
+
+def open_transfer_for_owner(device):
+    """The device's open transfer if its current owner is a party to it (the device page and
+    the transfer form show nothing else: never an offer someone else made), else None."""
+    return owner_party_to(device, open_transfer_of(device))
+
+
+def owner_party_to(device, transfer):
+    """`transfer` (the device's open one, or None) if the device's current owner is a party to
+    it, else None (shared by the device page and the dashboard's one-query read)."""
+    if transfer is None or device.owner_id is None:
+        return None
+    if device.owner_id not in (transfer.seller_id, transfer.buyer_id):
+        return None
+    return transfer
 
 
 def get(transfer_id):

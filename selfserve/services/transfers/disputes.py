@@ -13,6 +13,7 @@ from selfserve.services import audit
 from selfserve.services import impersonation
 from selfserve.services import provisioning
 from selfserve.services import steps
+from selfserve.services.transfers.common import DISPUTED_STATES
 from selfserve.services.transfers.common import TRANSFERRING
 from selfserve.services.transfers.common import TransferError
 from selfserve.services.transfers.common import _fresh
@@ -63,7 +64,7 @@ def decide_dispute(staff, transfer, outcome, reason, now=None):
             status=422,
         )
     transfer = _fresh(transfer)
-    if transfer.kind != "request" or transfer.state != "objected":
+    if transfer.kind != "request" or transfer.state not in DISPUTED_STATES:
         raise TransferError(_not_disputed_message(transfer), kind="decided", status=409)
     if outcome == "owner":
         with db.atomic():
@@ -147,7 +148,7 @@ def _undecided(transfer, now):
     email: the decision's emails replace it)."""
     return (
         (Transfer.id == transfer.id)
-        & (Transfer.state == "objected")
+        & Transfer.state.in_(DISPUTED_STATES)
         & (Transfer.lease_until.is_null() | (Transfer.lease_until <= now))
     )
 
@@ -156,7 +157,7 @@ def _not_disputed_message(transfer):
     current = _fresh(transfer)
     if current.dispute_outcome:
         return f"Support already decided this request: {_decision_text(current.dispute_outcome, 0, current)}."
-    if current.state == "objected":
+    if current.state in DISPUTED_STATES:
         return "Someone is working on this transfer right now. Try again in a minute."
     return f"Only a request its owner objected to can be decided. This transfer is: {label(current).lower()}."
 

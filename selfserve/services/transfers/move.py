@@ -30,6 +30,7 @@ from selfserve.services.transfers.common import _fresh
 from selfserve.services.transfers.common import _name
 from selfserve.services.transfers.common import _setting
 from selfserve.services.transfers.common import device_label
+from selfserve.services.transfers.common import needs_owner_answer
 from selfserve.services.transfers.common import too_late_message
 from selfserve.services.transfers.links import answer_link
 from selfserve.services.transfers.links import offer_link
@@ -339,6 +340,8 @@ def _mail_context(transfer):
         "model_label": model.label if model else device.model,
         "expires_at": transfer.expires_at.strftime("%d %B %Y, %H:%M UTC"),
         "site_url": absolute_url("main.index"),
+        # A request that never completes on silence: both sides are told so.
+        "needs_answer": needs_owner_answer(transfer),
     }
 
 
@@ -364,6 +367,19 @@ MAILS = {
     "mail_done_seller": (_seller_email, "Your device was transferred", "transfer_done_seller", None),
     "mail_declined": (_seller_email, "Your transfer offer was declined", "transfer_declined", None),
     "mail_cancelled": (None, "A device transfer was cancelled", "transfer_cancelled", None),
+    "mail_unanswered_buyer": (
+        _buyer_email,
+        "Your request for a device goes to support",
+        "transfer_unanswered_buyer",
+        "mail_unanswered_seller",
+    ),
+    "mail_unanswered_seller": (
+        _seller_email,
+        "A request for your device goes to support",
+        "transfer_unanswered_seller",
+        None,
+    ),
+    "mail_released": (_buyer_email, "A device transfer was closed", "transfer_released", None),
     "mail_objected": (_buyer_email, "Your request for a device was refused", "transfer_objected", None),
     "mail_expired": (_seller_email, "Your transfer offer expired", "transfer_expired", None),
     "mail_returned_seller": (

@@ -7,6 +7,7 @@ import logging
 import peewee
 
 from selfserve.models import Transfer
+from selfserve.models import User
 from selfserve.models import db
 from selfserve.models import utcnow
 from selfserve.services import audit
@@ -172,3 +173,24 @@ def expire_lapsed(now=None):
         if _close(transfer, "offered", "expired", notify, now):
             count += 1
     return count
+
+
+# --- the device left its owner outside a transfer ---------------------------------------------
+
+
+def close_on_release(device_id, now=None):
+    """The device left its owner's account (released): the transfer waiting on it, an offer to
+    someone or someone's request, ends as cancelled and the other side is told (the buyer of
+    a mailed offer, the person who asked). The device's next owner never inherits it. Returns
+    the closed transfer, or None."""
+    now = now or utcnow()
+    transfer = Transfer.get_or_none(Transfer.open_device == device_id)
+    if transfer is None or transfer.state not in ("offered", "requested"):
+        return None  # a move in progress keeps the device "transferring": no release then
+    # The buyer hears of it (if the offer reached them at all).
+    notify = "mail_released" if (transfer.kind == "request" or transfer.offer_mailed_at) else None
+    if not _close(transfer, transfer.state, "cancelled", notify, now):
+        return None  # answered at the same moment: that answer stands
+    seller = User.get_or_none(User.id == transfer.seller_id)
+    audit.record("transfer.cancelled", user=seller, device_id=transfer.device_id, name=_name(transfer))
+    return _run(transfer.id, holding_lease=False) if notify else _fresh(transfer)

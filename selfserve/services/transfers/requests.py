@@ -25,6 +25,7 @@ from selfserve.services.transfers.common import _close
 from selfserve.services.transfers.common import _name
 from selfserve.services.transfers.common import _setting
 from selfserve.services.transfers.common import device_label
+from selfserve.services.transfers.common import needs_owner_answer
 from selfserve.services.transfers.common import open_transfer_of
 from selfserve.services.transfers.common import too_late_message
 from selfserve.services.transfers.move import _run
@@ -170,8 +171,9 @@ def object_to(owner, transfer, now=None):
 
 
 def complete_unopposed(now=None):
-    """Requests whose objection time ran out without an objection start moving. Returns how
-    many started (a busy device is tried again at the next sweep)."""
+    """Requests whose objection time ran out without an objection start moving, except those
+    that need the owner's answer (`needs_owner_answer`): they go to support ("unanswered").
+    Returns how many started (a busy device is tried again at the next sweep)."""
     now = now or utcnow()
     due = Transfer.select(Transfer.id).where((Transfer.state == "requested") & (Transfer.expires_at <= now))
     started = 0
@@ -180,6 +182,14 @@ def complete_unopposed(now=None):
         buyer = User.get_or_none(User.id == transfer.buyer_id)
         if buyer is None:
             _close(transfer, "requested", "cancelled", None, now)
+            continue
+        if needs_owner_answer(transfer):
+            # Silence is no answer here: support decides, and both sides are told.
+            if _close(transfer, "requested", "unanswered", "mail_unanswered_buyer", now):
+                audit.record(
+                    "transfer.unanswered", user=buyer, device_id=transfer.device_id, name=_name(transfer)
+                )
+                _run(transfer.id, holding_lease=False)
             continue
         try:
             _start_move(transfer, "requested", buyer, now, take_lease=False)
