@@ -50,6 +50,13 @@ DEFAULTS = {
     "PARTICLE_WEBHOOK_MAX_BYTES": 65536,
     # The product event stream: one listener per deployment (a lease in the database).
     "EVENT_STREAM": True,
+    # The listener's lease (one holder per deployment), how often others try to take it over,
+    # the least time between two stream opens (Particle allows 100 per 5 minutes per address),
+    # and how long a silent stream is trusted before it is opened again.
+    "EVENT_STREAM_LEASE_SECONDS": 40.0,
+    "EVENT_STREAM_LEASE_POLL_SECONDS": 10.0,
+    "EVENT_STREAM_MIN_OPEN_SECONDS": 6.0,
+    "EVENT_STREAM_SILENCE_SECONDS": 35.0,
     # Pages: server-sent events push changes; pages also poll our cache every
     # PUSH_FALLBACK_POLL_SECONDS while pushed (VALUES_POLL_SECONDS when the push can't be held).
     "PUSH_ENABLED": True,
