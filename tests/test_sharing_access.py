@@ -37,6 +37,7 @@ NEEDS = {
     "devices.detail": "viewer",
     "devices.values": "viewer",
     "devices.summary": "viewer",
+    "devices.live": "viewer",  # the page's pushed values (server-sent events)
     "devices.history_charts": "viewer",
     "devices.history_csv": "viewer",
     "devices.call_function": "operator",

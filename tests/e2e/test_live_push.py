@@ -43,7 +43,7 @@ def test_a_published_value_appears_on_the_open_device_page_without_polling(live_
         page.on("request", lambda request: "/values" in request.url and values_requests.append(request.url))
         page.goto(f"{live_server}/devices/{WINDOW}")
         values = page.locator("#values")
-        expect(values).to_contain_text("Online")
+        expect(values.locator("[data-freshness=live]")).to_be_visible()  # design: one "Live" indicator
         # The device moves (a command from elsewhere: the Particle API); its firmware publishes.
         app.extensions["particle"].call_function(user.particle_customer_id, WINDOW, "setPosition", "30")
         expect(values.locator("dd").first).to_contain_text("30%", timeout=20_000)
