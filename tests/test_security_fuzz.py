@@ -65,7 +65,6 @@ PATH_VALUES = ["9223372036854775808", "18446744073709551616", "9" * 40, "-1", "0
 def app_config(app_config, tmp_path):
     app_config["DEMO"] = True  # the demo routes are fuzzed too
     app_config["DEMO_MAILBOX_DIR"] = str(tmp_path / "mailbox")
-    app_config["RATELIMIT_ENABLED"] = False  # reach the views, not the limiter
     return app_config
 
 
