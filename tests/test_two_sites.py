@@ -80,6 +80,7 @@ def sites(app, owner, sim, tmp_path):
             "SELFSERVE_SECRET_KEY": app.config["SECRET_KEY"],
             "SELFSERVE_TOKEN_ENCRYPTION_KEY": app.config.get("TOKEN_ENCRYPTION_KEY") or "",
             "SELFSERVE_BASE_URL": "http://127.0.0.1",
+            "SELFSERVE_SESSION_COOKIE_SECURE": "false",  # plain http on loopback
             "SELFSERVE_SWEEP_SECONDS": "30",  # the sweep keeps each process's listener running
             "SELFSERVE_EVENT_STREAM": "true",
             "SELFSERVE_EVENT_STREAM_MIN_OPEN_SECONDS": "0.5",
