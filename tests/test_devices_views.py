@@ -789,3 +789,24 @@ def test_strangers_still_get_the_plain_404(app, labels, sim):
     again = app.test_client()
     login(again, "former@example.com", PASSWORD)
     assert again.get(f"/devices/{WINDOW}").status_code == 200
+
+
+def test_dashboard_reads_the_open_transfers_of_all_cards_with_one_query(browser, owner, labels):
+    from helpers import count_queries
+
+    from selfserve.services import transfers
+
+    def dashboard_queries():
+        with count_queries() as queries:
+            assert browser.get("/devices").status_code == 200
+        return len(queries)
+
+    own(owner, labels, WINDOW)
+    transfers.offer(owner, Device.get_by_id(WINDOW), "buyer1@example.com")
+    one_card = dashboard_queries()
+    for number, device_id in enumerate((PUMP, OFFLINE_WINDOW), start=2):
+        own(owner, labels, device_id)
+        transfers.offer(owner, Device.get_by_id(device_id), f"buyer{number}@example.com")
+    page = browser.get("/devices").get_data(as_text=True)
+    assert page.count("Offered to") == 3
+    assert dashboard_queries() == one_card  # flat in the number of cards

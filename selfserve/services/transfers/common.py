@@ -8,6 +8,7 @@ from flask import current_app
 from selfserve import device_models
 from selfserve.models import Device
 from selfserve.models import Transfer
+from selfserve.refusals import Refusal
 from selfserve.services import provisioning
 
 log = logging.getLogger(__name__)
@@ -53,15 +54,11 @@ STATE_LABELS = {
 }
 
 
-class TransferError(Exception):
-    """A refusal to show. `kind` names the case, `field` the form field at fault."""
+class TransferError(Refusal):
+    """A refusal to show (see refusals.Refusal); `transfer` is the transfer it concerns."""
 
     def __init__(self, message, kind="error", status=400, field=None, transfer=None):
-        super().__init__(message)
-        self.message = message
-        self.kind = kind
-        self.status = status
-        self.field = field
+        super().__init__(message, kind=kind, field=field, status=status)
         self.transfer = transfer
 
 
