@@ -404,6 +404,7 @@ def run(args, workdir, cleanup):
             "SELFSERVE_PARTICLE_CLIENT_SECRET": config_module.DEMO_PARTICLE_CLIENT_SECRET,
             "SELFSERVE_SECRET_KEY": secrets.token_hex(32),
             "SELFSERVE_BASE_URL": "http://127.0.0.1",
+            "SELFSERVE_SESSION_COOKIE_SECURE": "false",  # plain http on loopback
             # The sweep keeps each worker's event-stream listener running (events mode).
             "SELFSERVE_SWEEP_SECONDS": "30",
             "SELFSERVE_PARTICLE_WEBHOOK_SECRET": WEBHOOK_SECRET,

@@ -29,6 +29,10 @@ def demo_site(tmp_path):
             sender.stop.set()
             alerts.wake()
             sender.join(timeout=30)
+        # And its event-stream listener, which would keep renewing its lease in them.
+        listener = app.extensions.get("event_stream")
+        if listener is not None:
+            listener.stop()
         mail.stop()
         simulator.stop()
 
