@@ -16,6 +16,7 @@ import time
 import pytest
 from aiosmtpd.controller import Controller
 from flask.testing import FlaskClient
+from helpers import POSTGRES_MIGRATED
 from helpers import free_port
 from helpers import seed_registry
 
@@ -152,9 +153,6 @@ def mailbox(smtp_server):
 # --- The app ----------------------------------------------------------------------------------
 
 
-_postgres_migrated = set()
-
-
 def _reset_postgres(url):
     """Bind and empty the shared PostgreSQL test database.
 
@@ -166,11 +164,11 @@ def _reset_postgres(url):
 
     database = models.init_db(url)
     with database.connection_context():
-        if url not in _postgres_migrated:
+        if url not in POSTGRES_MIGRATED:
             for table in database.get_tables():
                 database.execute_sql(f'DROP TABLE IF EXISTS "{table}" CASCADE')
             schema.upgrade(database)
-            _postgres_migrated.add(url)
+            POSTGRES_MIGRATED.add(url)
         for model in reversed(models.ALL_MODELS):
             model.delete().execute()
 

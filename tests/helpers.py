@@ -142,3 +142,9 @@ def count_queries():
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+# PostgreSQL test databases whose schema this run has built through the migrations (conftest's
+# db_url rebuilds one the first time; a test that replaced the tables takes it out again). Here
+# rather than in conftest: `import conftest` may find tests/e2e/conftest.py instead.
+POSTGRES_MIGRATED = set()

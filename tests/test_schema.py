@@ -43,9 +43,9 @@ def empty_database(tmp_path):
             database.close()
     if TEST_DATABASE_URL:
         # The shared test database now holds this test's tables: rebuild it for the next test.
-        import conftest
+        from helpers import POSTGRES_MIGRATED
 
-        conftest._postgres_migrated.discard(TEST_DATABASE_URL)
+        POSTGRES_MIGRATED.discard(TEST_DATABASE_URL)
 
 
 def _previous_release_with_data(database):
