@@ -251,8 +251,11 @@ def normalize_serial(raw):
     return re.sub(r"\s+", "", raw or "").upper()[:64]
 
 
-def claim(user, serial, setup_code):
+def claim(user, serial, setup_code, ask_dealer=True):
     """Add the device with this label (serial + setup code) to `user`'s account.
+
+    A device the registry says was sold through a dealer (who asks for access) is not claimed
+    yet: DeviceError kind "dealer_choice" (with the device) asks the homeowner first.
 
     Returns the Device, or raises DeviceError with a specific message. The setup code is
     checked against its hash with the same work whether or not the serial exists, and only
@@ -281,6 +284,20 @@ def claim(user, serial, setup_code):
         log.info("Claim attempt with a wrong serial or setup code (user %s)", user.id)
         raise DeviceError(MESSAGES["wrong"], kind="wrong", status=422)
 
+    if ask_dealer and device.owner_id is None and device.claim_state is None:
+        from selfserve.services import sharing
+
+        if sharing.dealer_at_claim(device) is not None:
+            # The label is right: the homeowner chooses the dealer's access first (the view
+            # shows the choice with a signed token, and claim_checked finishes).
+            raise DeviceError("", kind="dealer_choice", device=device, status=200)
+    return claim_checked(user, device)
+
+
+def claim_checked(user, device):
+    """Claim `device`, whose label `user` has proved (claim's checks passed, or a signed token
+    of this user and device that they did)."""
+    device = Device.get_by_id(device.device_id)
     if device.owner_id == user.id:
         if device.claim_state == "claiming" and _older_than_grace(device):
             # An earlier attempt of this user stopped half-way: finish it now.
