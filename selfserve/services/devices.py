@@ -213,18 +213,28 @@ def pending_of(user):
 
 @dataclasses.dataclass
 class Overview:
-    """What the dashboard shows: ready devices with their stored snapshots, and devices whose
-    claim or release is still being finished."""
+    """What the dashboard shows: ready devices with their stored snapshots and the open
+    transfer each owner is party to, and devices whose claim or release is still being
+    finished."""
 
     devices: list
     snapshots: dict
+    transfers: dict
     pending: list
 
 
 def overview(user):
-    """The dashboard's data, from the database only (no Particle call)."""
+    """The dashboard's data, from the database only (no Particle call), with one query for
+    the open transfers of all its cards."""
+    from selfserve.services import transfers  # transfers imports this module
+
     ready = devices_of(user)
-    return Overview(devices=ready, snapshots=live_values.last_known_many(ready), pending=pending_of(user))
+    return Overview(
+        devices=ready,
+        snapshots=live_values.last_known_many(ready),
+        transfers=transfers.owner_transfers_of(ready),
+        pending=pending_of(user),
+    )
 
 
 def display_name(device):
