@@ -124,6 +124,14 @@ class User(BaseModel):
     totp_enrolled_at = peewee.DateTimeField(null=True)
     # The last accepted TOTP time step: a code works once (no replay within its 30 s window).
     totp_last_step = peewee.BigIntegerField(null=True)
+    # Language and time zone (selfserve/i18n.py). `locale`: the language the person chose in
+    # their settings (None: follow the browser's Accept-Language). `seen_locale`: the browser's
+    # language at their last sign-up or sign-in, for emails when they chose none. `time_zone`:
+    # an IANA name, the browser's at sign-up (or first sign-in), changeable in settings; pages,
+    # emails, quiet hours and the daily digest use it (None: UTC).
+    locale = peewee.CharField(null=True, max_length=8)
+    seen_locale = peewee.CharField(null=True, max_length=8)
+    time_zone = peewee.CharField(null=True, max_length=64)
 
     # Flask-Login protocol. get_id() is the login session's random cookie id, never the primary
     # key (Flask-Login "Alternative Tokens"), so ending a session on the server really ends it.
@@ -571,7 +579,7 @@ class AlertSetting(BaseModel):
 
     user = peewee.ForeignKeyField(User, primary_key=True, backref="+", on_delete="CASCADE")
     modes = JSONField(default=dict)
-    time_zone = peewee.CharField(default="UTC", max_length=64)
+    # The hours below are in the person's time zone, User.time_zone (one for the whole site).
     quiet_from = peewee.IntegerField(null=True)  # local hour 0-23 (None: no quiet hours)
     quiet_until = peewee.IntegerField(null=True)
     faults_in_quiet = peewee.BooleanField(default=True)  # faults still go through at night

@@ -14,10 +14,13 @@ from flask import render_template
 from flask import request
 from flask import session
 from flask import url_for
+from flask_babel import gettext as _
+from flask_babel import refresh
 from flask_limiter.util import get_remote_address
 from flask_login import current_user
 
 from selfserve import htmx
+from selfserve import i18n
 from selfserve import passwords
 from selfserve import tokens
 from selfserve.mail import MailError
@@ -137,7 +140,12 @@ def signup():
         )
     email = request.form.get("email", "")
     try:
-        accounts.sign_up(email, request.form.get("password", ""))
+        accounts.sign_up(
+            email,
+            request.form.get("password", ""),
+            language=i18n.browser_language(),
+            time_zone=i18n.browser_time_zone(request.form),
+        )
     except FormErrors as exc:
         return render_template("accounts/signup.html", errors=exc.errors, email=email, next_url=next_url), 400
     except MailError:
@@ -284,6 +292,7 @@ def login():
     if user is None:
         error = "That email address and password don't match an account. Check both and try again."
         return _login_page(next_url, email, error), 401
+    accounts.remember_browser(user, i18n.browser_language(), i18n.browser_time_zone(request.form))
     pending_verification = session.get(VERIFY_PENDING)
     start_login_session(user)  # a fresh session: nothing from before the login survives
     if pending_verification:
@@ -392,19 +401,33 @@ def reset(token):
 # --- settings ----------------------------------------------------------------------------------
 
 
-def _settings_page(status=200, password_errors=None, email_errors=None, new_email=""):
+def _settings_page(status=200, password_errors=None, email_errors=None, new_email="", preference_errors=None):
     return render_template(
         "accounts/settings.html",
         user=current_user,
         password_errors=password_errors or {},
         email_errors=email_errors or {},
         new_email=new_email,
+        preference_errors=preference_errors or {},
+        time_zones=i18n.time_zones(),
+        browser_language=i18n.browser_language(),
     ), status
 
 
 @bp.get("/account")
 def settings():
     return _settings_page()
+
+
+@bp.post("/account/preferences")
+def change_preferences():
+    try:
+        accounts.save_preferences(_me(), request.form.get("language"), request.form.get("time_zone"))
+    except FormErrors as exc:
+        return _settings_page(400, preference_errors=exc.errors)
+    refresh()  # the confirmation below is already in the new language
+    flash(_("Your language and time zone are saved."), "success")
+    return htmx.redirect(url_for("accounts.settings"))
 
 
 @bp.post("/account/password")

@@ -8,6 +8,7 @@ Fragments (summary, values, function result) answer htmx requests; a plain reque
 is sent to the device page instead.
 """
 
+import datetime
 from urllib.parse import urlencode
 
 from flask import Blueprint
@@ -19,6 +20,8 @@ from flask import redirect as flask_redirect
 from flask import render_template
 from flask import request
 from flask import url_for
+from flask_babel import format_timedelta
+from flask_babel import gettext as _
 from flask_login import current_user
 from markupsafe import Markup
 from markupsafe import escape
@@ -27,6 +30,7 @@ from werkzeug.exceptions import NotFound
 from selfserve import charts
 from selfserve import device_models
 from selfserve import htmx
+from selfserve import i18n
 from selfserve import sse
 from selfserve import tokens
 from selfserve.models import utcnow
@@ -46,30 +50,21 @@ NAME_ECHO_MAX = 200  # a rejected name is shown back for correction, but never a
 
 @bp.app_template_filter("device_age")
 def device_age(moment, now=None):
-    """'just now', '12 s ago', '5 min ago', '3 h ago', '2 days ago' for a naive UTC time."""
+    """How long ago, in the reader's language: "just now", "12 seconds ago", "vor 5 Minuten"."""
     if moment is None:
-        return "never"
+        return _("never")
     seconds = int(((now or utcnow()) - moment).total_seconds())
     if seconds < 2:
-        return "just now"
-    if seconds < 60:
-        return f"{seconds} s ago"
-    if seconds < 3600:
-        return f"{seconds // 60} min ago"
-    if seconds < 2 * 86400:
-        return f"{seconds // 3600} h ago"
-    return f"{seconds // 86400} days ago"
+        return _("just now")
+    return format_timedelta(datetime.timedelta(seconds=-seconds), add_direction=True, threshold=1.5)
 
 
 @bp.app_template_filter("device_since")
 def device_since(moment, now=None):
-    """A moment for "Offline since …": "14:05 UTC" today, "28 Nov, 14:05 UTC" before."""
+    """A moment for "Offline since …" in the reader's zone: the time today, else date and time."""
     if moment is None:
-        return "never"
-    now = now or utcnow()
-    if moment.date() == now.date():
-        return moment.strftime("%H:%M UTC")
-    return moment.strftime("%d %b, %H:%M UTC").lstrip("0")
+        return _("never")
+    return i18n.local_moment(moment, now)
 
 
 @bp.app_template_filter("device_iso")
