@@ -10,6 +10,8 @@ from email.utils import make_msgid
 from flask import current_app
 from flask import render_template
 
+from selfserve import i18n
+
 log = logging.getLogger(__name__)
 
 
@@ -31,13 +33,17 @@ def send(to, subject, template, headers=None, **context):
     message = (
         EmailMessage(policy=email.policy.default.clone(max_line_length=998)) if headers else EmailMessage()
     )
+    # In the recipient's language and time zone (a lazy `subject` is translated here too).
+    with i18n.as_recipient(*i18n.recipient_preferences(to)):
+        subject = str(subject)
+        body = render_template(f"emails/{template}.txt", **context)
     message["From"] = config["MAIL_SENDER"]
     message["To"] = to
     message["Subject"] = subject
     message["Message-ID"] = make_msgid(domain="selfserve")
     for name, value in (headers or {}).items():
         message[name] = value
-    message.set_content(render_template(f"emails/{template}.txt", **context))
+    message.set_content(body)
     try:
         if config["MAIL_USE_SSL"]:
             smtp = smtplib.SMTP_SSL(

@@ -49,6 +49,7 @@ DESCRIPTIONS = {
     "account.password_reset": "Reset password by email",
     "account.email_change_requested": "Asked to change email address",
     "account.email_changed": "Changed email address",
+    "account.preferences_changed": "Changed language or time zone",
     "account.provisioned": "Account connected to the device cloud",
     "device.claimed": "Added device {name}",
     "device.released": "Released device {name}",

@@ -409,6 +409,86 @@ def grant_dealer(actor, device, organisation_name, role, until, now=None):
     )
 
 
+@dataclasses.dataclass
+class DealerAsk:
+    """What a device's dealer asks for at claim: the organisation and the role."""
+
+    dealer: object  # Organisation
+    role: str
+
+
+CLAIM_TOKEN = "claim_dealer"
+DEALER_ROLES_AT_CLAIM = ("viewer", "operator")  # never manager: a dealer doesn't share on
+
+
+def dealer_at_claim(device):
+    """The dealer the registry says `device` was sold through, and the access it asks for
+    (DEALER_ACCESS_AT_CLAIM), or None: no dealer named, no such dealer organisation here, or
+    the company asks for none."""
+    from flask import current_app
+
+    from selfserve.models import Organisation
+
+    role = current_app.config.get("DEALER_ACCESS_AT_CLAIM", "none")
+    if role not in DEALER_ROLES_AT_CLAIM or not device.sold_through:
+        return None
+    dealer = Organisation.get_or_none(
+        (Organisation.name == device.sold_through) & (Organisation.kind == "dealer")
+    )
+    return DealerAsk(dealer=dealer, role=role) if dealer is not None else None
+
+
+def claim_token(user, device):
+    """A signed token saying `user` proved `device`'s label (for the dealer step of the claim,
+    so the setup code is never sent back to the page)."""
+    return tokens.make(CLAIM_TOKEN, {"d": device.device_id, "u": user.id})
+
+
+def device_of_claim_token(user, token):
+    """The device a claim token of `user` names. Raises tokens.TokenError."""
+    payload = tokens.read(CLAIM_TOKEN, token)
+    if payload.get("u") != user.id or not isinstance(payload.get("d"), str):
+        raise tokens.TokenInvalid()
+    device = Device.get_or_none(Device.device_id == payload["d"])
+    if device is None:
+        raise tokens.TokenInvalid()
+    return device
+
+
+def claim_with_dealer_choice(user, token, choice):
+    """Finish a claim whose label `user` proved (`token`), with their choice of the dealer's
+    access: "none" (the default) or the role the dealer asks for. The grant is an ordinary
+    grant to the dealer organisation (audited, revocable on the Sharing section). Returns
+    (device, grant or None). Raises tokens.TokenError, SharingError, devices.DeviceError."""
+    from selfserve.services import devices
+
+    device = device_of_claim_token(user, token)
+    ask = dealer_at_claim(device)
+    if choice not in ("none", ask.role if ask else "none"):
+        raise SharingError(
+            "Choose what access the dealer gets.", kind="invalid", field="dealer_access", status=422
+        )
+    problem = devices.claim_problem(user)
+    if problem:
+        raise devices.DeviceError(problem, kind="not_ready", status=409)
+    device = devices.claim_checked(user, device)
+    if ask is None:
+        return device, None
+    if choice == "none":
+        audit.record(
+            "sharing.dealer_declined",
+            user=user,
+            actor=user,
+            device_id=device.device_id,
+            name=_name(device),
+            to=f"organisation {ask.dealer.name}",
+            role=ask.role,
+        )
+        return device, None
+    grant = access.give(device, None, ask.role, user, via="dealer at claim", grantee_org=ask.dealer)
+    return device, grant
+
+
 def dealers():
     """The dealers one can give access to, by name."""
     from selfserve.models import Organisation
