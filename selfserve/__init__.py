@@ -8,7 +8,7 @@ from selfserve import config as config_module
 
 
 def create_app(test_config=None):
-    """Build the app: config -> db -> security -> particle -> mail -> views -> errors -> cli ->
+    """Build the app: config -> db -> i18n -> security -> particle -> mail -> views -> errors -> cli ->
     background jobs.
 
     `test_config` overrides everything (tests and the demo pass it); otherwise values come from
@@ -71,6 +71,11 @@ def create_app(test_config=None):
     from selfserve import schema
 
     schema.init_app(app)
+
+    from selfserve import i18n
+
+    # Language and time zone of each page and email (Flask-Babel), before anything renders.
+    i18n.init_app(app)
 
     from selfserve import security
 

@@ -77,6 +77,9 @@ DEFAULTS = {
     "ALERT_REOPEN_SECONDS": 600.0,
     "ALERT_REMINDER_HOURS": 24.0,
     "ALERT_STUCK_MINUTES": 60.0,
+    # Sharing: the access a device's dealer (named by the registry) asks for at claim: "none"
+    # (don't ask), "viewer" or "operator". The homeowner chooses; "no access" is the default.
+    "DEALER_ACCESS_AT_CLAIM": "viewer",
     # Mail (SMTP)
     "MAIL_SERVER": "localhost",
     "MAIL_PORT": 25,

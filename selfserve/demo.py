@@ -28,6 +28,10 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "simulator", "fixtures", "dem
 DEMO_STAFF_EMAIL = "support@demo.example"
 DEMO_STAFF_PASSWORD = "demo support desk"
 DEMO_STAFF_TOTP_SECRET = "SELFSERVEDEMOSTAFFTOTPSECRET2345"
+# The dealer the demo registry names for some windows (fixtures' "dealer"), and its admin.
+DEMO_DEALER = "Demo Window Dealer"
+DEMO_DEALER_EMAIL = "dealer@demo.example"
+DEMO_DEALER_PASSWORD = "demo dealer desk"
 
 
 class MailboxHandler:
@@ -133,7 +137,26 @@ def seed(app):
         if not User.get_or_none(User.email == DEMO_STAFF_EMAIL):
             user = staff.create_staff(DEMO_STAFF_EMAIL, DEMO_STAFF_PASSWORD, role="admin")
             staff.enrol_with_secret(user, DEMO_STAFF_TOTP_SECRET)
+        _seed_dealer()
     return fixtures["devices"]
+
+
+def _seed_dealer():
+    """The demo dealer organisation (so claiming its windows asks what access it gets)."""
+    from selfserve import passwords
+    from selfserve.models import Organisation
+    from selfserve.models import User
+    from selfserve.models import utcnow
+    from selfserve.services import organisations
+
+    if Organisation.get_or_none(Organisation.name == DEMO_DEALER):
+        return
+    person = User.get_or_none(User.email == DEMO_DEALER_EMAIL) or User.create(
+        email=DEMO_DEALER_EMAIL,
+        password_hash=passwords.hash_password(DEMO_DEALER_PASSWORD),
+        email_verified_at=utcnow(),
+    )
+    organisations.create(person, DEMO_DEALER, kind="dealer")
 
 
 def banner(host, port, simulator, devices):
@@ -154,6 +177,8 @@ def banner(host, port, simulator, devices):
             notes.append("offline")
         if device.get("latency"):
             notes.append(f"slow ({device['latency']} s)")
+        if device.get("dealer"):
+            notes.append("dealer")
         lines.append(
             f"  {device['serial_number']:<16} {device['setup_code']:<12} {device['model']:<8} {', '.join(notes)}"
         )
@@ -161,6 +186,8 @@ def banner(host, port, simulator, devices):
         "",
         f"Support console:  http://{host}:{port}/support  as {DEMO_STAFF_EMAIL} / {DEMO_STAFF_PASSWORD}",
         "                  (its sign-in code is shown on the demo mailbox page)",
+        f"Dealer:           {DEMO_DEALER_EMAIL} / {DEMO_DEALER_PASSWORD} runs {DEMO_DEALER}, which sold",
+        "                  the windows marked 'dealer' (claiming one asks what access it gets)",
         "",
         "Sign up, open the verification mail in the mailbox, then add a device.",
         "Ctrl-C stops.",

@@ -16,6 +16,8 @@ from email.utils import make_msgid
 from flask import current_app
 from flask import render_template
 
+from selfserve import i18n
+
 log = logging.getLogger(__name__)
 
 
@@ -32,9 +34,11 @@ def init_app(app):
     app.extensions["mail"] = True
 
 
-def render(template, **context):
-    """The body of templates/emails/<template>.txt."""
-    return render_template(f"emails/{template}.txt", **context)
+def render(to, subject, template, **context):
+    """(subject, body) of templates/emails/<template>.txt for `to`, in the recipient's language
+    and time zone (a lazy `subject` is translated here too)."""
+    with i18n.as_recipient(*i18n.recipient_preferences(to)):
+        return str(subject), render_template(f"emails/{template}.txt", **context)
 
 
 def send(to, subject, template, headers=None, sensitive=False, dedupe_key=None, **context):
@@ -44,10 +48,11 @@ def send(to, subject, template, headers=None, sensitive=False, dedupe_key=None, 
     step that may run twice). Returns the outbox row (or None when the key was queued)."""
     from selfserve.services import outbox
 
+    subject, body = render(to, subject, template, **context)
     return outbox.enqueue(
         to,
         subject,
-        render(template, **context),
+        body,
         kind=template,
         headers=headers,
         sensitive=sensitive,

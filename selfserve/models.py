@@ -124,6 +124,14 @@ class User(BaseModel):
     totp_enrolled_at = peewee.DateTimeField(null=True)
     # The last accepted TOTP time step: a code works once (no replay within its 30 s window).
     totp_last_step = peewee.BigIntegerField(null=True)
+    # Language and time zone (selfserve/i18n.py). `locale`: the language the person chose in
+    # their settings (None: follow the browser's Accept-Language). `seen_locale`: the browser's
+    # language at their last sign-up or sign-in, for emails when they chose none. `time_zone`:
+    # an IANA name, the browser's at sign-up (or first sign-in), changeable in settings; pages,
+    # emails, quiet hours and the daily digest use it (None: UTC).
+    locale = peewee.CharField(null=True, max_length=8)
+    seen_locale = peewee.CharField(null=True, max_length=8)
+    time_zone = peewee.CharField(null=True, max_length=64)
 
     # Flask-Login protocol. get_id() is the login session's random cookie id, never the primary
     # key (Flask-Login "Alternative Tokens"), so ending a session on the server really ends it.
@@ -187,6 +195,9 @@ class Device(BaseModel):
     claim_state = peewee.CharField(null=True, max_length=16)  # None | claiming | releasing
     claim_state_at = peewee.DateTimeField(null=True)  # when claim_state was set (resumer's grace)
     claim_error = peewee.TextField(null=True)
+    # The dealer organisation (by name) the registry says it was sold through, if any: at claim
+    # the homeowner chooses what access that dealer gets (services/sharing.py).
+    sold_through = peewee.CharField(null=True, max_length=100)
 
 
 class ClaimAttempt(BaseModel):
@@ -477,6 +488,9 @@ class DeviceGroup(BaseModel):
     organisation = peewee.ForeignKeyField(Organisation, backref="groups", on_delete="CASCADE")
     name = peewee.CharField(max_length=100)
     created_at = peewee.DateTimeField(default=utcnow)
+    # The alerts of this group's devices go to the people it is shared with, instead of the
+    # organisation's admins (services/alerts.py).
+    alerts_to_members = peewee.BooleanField(default=False)
 
     class Meta:
         indexes = ((("organisation", "name"), True),)
@@ -555,6 +569,8 @@ class Invitation(BaseModel):
     decided_by = peewee.ForeignKeyField(User, null=True, backref="+", on_delete="SET NULL")
     grant = peewee.ForeignKeyField(Grant, null=True, backref="+", on_delete="SET NULL")
     mailed_at = peewee.DateTimeField(null=True)
+    # Offered to an organisation: whoever accepts does so for an organisation they administer.
+    to_organisation = peewee.BooleanField(default=False)
 
 
 class AlertSetting(BaseModel):
@@ -563,11 +579,22 @@ class AlertSetting(BaseModel):
 
     user = peewee.ForeignKeyField(User, primary_key=True, backref="+", on_delete="CASCADE")
     modes = JSONField(default=dict)
-    time_zone = peewee.CharField(default="UTC", max_length=64)
+    # The hours below are in the person's time zone, User.time_zone (one for the whole site).
     quiet_from = peewee.IntegerField(null=True)  # local hour 0-23 (None: no quiet hours)
     quiet_until = peewee.IntegerField(null=True)
     faults_in_quiet = peewee.BooleanField(default=True)  # faults still go through at night
     digest_hour = peewee.IntegerField(default=8)  # local hour the daily digest is sent
+
+
+class AlertOptIn(BaseModel):
+    """A person who is not the owner wants a shared device's alerts (services/alerts.py). It
+    counts only while they can see the device: a revoked or expired grant stops them."""
+
+    user = peewee.ForeignKeyField(User, backref="+", on_delete="CASCADE")
+    device = peewee.ForeignKeyField(Device, backref="+", on_delete="CASCADE", column_name="device_id")
+
+    class Meta:
+        indexes = ((("user", "device"), True), (("device", "user"), False))
 
 
 class AlertEpisode(BaseModel):
@@ -664,6 +691,7 @@ ALL_MODELS = [
     Grant,
     Invitation,
     AlertSetting,
+    AlertOptIn,
     AlertEpisode,
     AlertNotice,
     OutboxMail,

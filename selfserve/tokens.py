@@ -38,6 +38,8 @@ PURPOSES = {
     "transfer_answer": Purpose(salt="selfserve.transfer-answer.v1", max_age=8 * 24 * 3600),
     # Sharing (services/sharing.py): an invitation to a role on a device.
     "share_invite": Purpose(salt="selfserve.share-invite.v1", max_age=7 * 24 * 3600),
+    # A claim's dealer step: this person proved this device's label (never leaves the site).
+    "claim_dealer": Purpose(salt="selfserve.claim-dealer.v1", max_age=15 * 60),
     # Alerts (services/alerts.py): one-click unsubscribe from a kind of alert, from any alert mail.
     "alert_unsubscribe": Purpose(salt="selfserve.alert-unsubscribe.v1", max_age=400 * 24 * 3600),
 }

@@ -105,6 +105,7 @@ def seed_registry():
             serial_number=fixture["serial_number"],
             setup_code_hash=_seeded_hashes[fixture["id"]],
             model=fixture["model"],
+            sold_through=fixture.get("dealer"),
             in_product=True,
         )
     return fixtures

@@ -17,6 +17,7 @@ from selfserve.models import db
 from selfserve.models import utcnow
 from selfserve.particle.errors import CloudUnavailable
 from selfserve.particle.errors import RateLimited
+from selfserve.services import alerts
 from selfserve.services import outbox
 from selfserve.services import steps
 
@@ -336,6 +337,13 @@ def test_other_cli_commands_never_start_the_sweep_and_a_request_does(app, sim):
             sender.stop.set()
             outbox.wake(app)
             sender.join(timeout=30)
+        # The alert sender too: left running, any later test's alert would wake it, and it
+        # would send that test's notices from under it (the models' binding is process-wide).
+        alert_sender = app.extensions.get("alert_sender")
+        if alert_sender is not None:
+            alert_sender.stop.set()
+            alerts.wake()
+            alert_sender.join(timeout=30)
 
 
 def test_flask_sweep_once_runs_the_background_jobs(app, sim):

@@ -23,7 +23,9 @@ import peewee
 from flask import current_app
 from flask import has_request_context
 from flask import request
+from flask_babel import gettext as _
 
+from selfserve import i18n
 from selfserve import mail
 from selfserve import passwords
 from selfserve import tokens
@@ -150,7 +152,7 @@ def checked_credentials(email, password):
     return email
 
 
-def sign_up(email, password):
+def sign_up(email, password, language=None, time_zone=None):
     """Create an account and send its verification email.
 
     If the address already has a verified account, nothing is created and that address gets a
@@ -161,15 +163,19 @@ def sign_up(email, password):
     a person who lost the first link just starts again). Raises FormErrors for a bad address
     or password. The email is queued with the account (outbox): an address the mail server
     refuses still gets its account, the mail is marked failed for support, and "resend" works.
+    `language` and `time_zone` are the browser's (i18n.browser_language,
+    i18n.browser_time_zone): the verification email goes out in that language.
     """
     email = checked_credentials(email, password)
+    browser = {"seen_locale": language if language in i18n.LANGUAGES else None, "time_zone": time_zone}
+    browser = {key: value for key, value in browser.items() if value}
     # Hashed before the lookup so a new and an existing address cost the same work.
     password_hash = passwords.hash_password(password)
     existing = User.get_or_none(User.email == email)
     if existing is None:
         try:
             with db.atomic():
-                user = User.create(email=email, password_hash=password_hash)
+                user = User.create(email=email, password_hash=password_hash, **browser)
                 audit.record("account.signed_up", user=user)
                 send_verification(user)
             return
@@ -178,7 +184,7 @@ def sign_up(email, password):
     if not existing.is_verified and not existing.is_staff:
         with db.atomic():
             replaced = (
-                User.update(password_hash=password_hash, password_changed_at=utcnow())
+                User.update(password_hash=password_hash, password_changed_at=utcnow(), **browser)
                 .where((User.id == existing.id) & User.email_verified_at.is_null())
                 .execute()
             )
@@ -305,6 +311,37 @@ def authenticate(email, password):
         User.update(password_hash=user.password_hash).where(User.id == user.id).execute()
     audit.record("account.signed_in", user=user)
     return user
+
+
+def remember_browser(user, language=None, time_zone=None):
+    """At sign-in: the browser's language (for emails while the person chose none) and, when
+    the account has none yet, the browser's time zone."""
+    changes = {}
+    if language in i18n.LANGUAGES and language != user.seen_locale:
+        changes["seen_locale"] = language
+    if time_zone and i18n.valid_time_zone(time_zone) and not user.time_zone:
+        changes["time_zone"] = time_zone
+    if changes:
+        User.update(**changes).where(User.id == user.id).execute()
+        for field, value in changes.items():
+            setattr(user, field, value)
+
+
+def save_preferences(user, language, time_zone):
+    """The language ("" = follow the browser) and time zone chosen on the settings page.
+    Raises FormErrors naming the field at fault (nothing is saved)."""
+    language = (language or "").strip()
+    time_zone = (time_zone or "").strip()
+    errors = {}
+    if language and language not in i18n.LANGUAGES:
+        errors["language"] = _("Choose one of the languages in the list.")
+    if not i18n.valid_time_zone(time_zone):
+        errors["time_zone"] = _("Choose a time zone from the list, such as Europe/Berlin.")
+    if errors:
+        raise FormErrors(errors)
+    User.update(locale=language or None, time_zone=time_zone).where(User.id == user.id).execute()
+    user.locale, user.time_zone = language or None, time_zone
+    audit.record("account.preferences_changed", user=user)
 
 
 def record_sign_out(user):

@@ -85,10 +85,14 @@ def _setting(key, default):
 
 
 def settings_of(user_id):
-    """The person's AlertSetting (an unsaved default when they never chose anything)."""
+    """The person's AlertSetting (an unsaved default when they never chose anything), with
+    `time_zone`: the account's zone (User.time_zone, one for the whole site; UTC when unknown)."""
     user_id = getattr(user_id, "id", user_id)
     row = AlertSetting.get_or_none(AlertSetting.user == user_id)
-    return row or AlertSetting(user=user_id, modes={})
+    row = row or AlertSetting(user=user_id, modes={})
+    zone = User.select(User.time_zone).where(User.id == user_id).scalar()
+    row.time_zone = zone if _valid_zone(zone) else "UTC"
+    return row
 
 
 def mode_of(setting, kind):
@@ -97,17 +101,19 @@ def mode_of(setting, kind):
 
 
 def save_settings(
-    user, modes, time_zone="UTC", quiet_from=None, quiet_until=None, faults_in_quiet=True, digest_hour=8
+    user, modes, time_zone=None, quiet_from=None, quiet_until=None, faults_in_quiet=True, digest_hour=8
 ):
-    """Store the person's choices; raises AlertError naming a bad field (nothing is saved)."""
+    """Store the person's choices; raises AlertError naming a bad field (nothing is saved).
+    `time_zone` (None: unchanged) is the account's zone, which the account settings page also
+    changes."""
     clean = {}
     for kind in KINDS:
         mode = (modes or {}).get(kind, KINDS[kind].default)
         if mode not in MODES:
             raise AlertError(f"Choose how to get “{KINDS[kind].label}” alerts.", field=f"mode_{kind}")
         clean[kind] = mode
-    time_zone = (time_zone or "UTC").strip()
-    if not _valid_zone(time_zone):
+    time_zone = time_zone.strip() if time_zone is not None else None
+    if time_zone is not None and not _valid_zone(time_zone):
         raise AlertError("Enter a time zone such as Europe/London or America/New_York.", field="time_zone")
     hours = {}
     for field, value in (
@@ -131,13 +137,14 @@ def save_settings(
         raise AlertError("Quiet hours need a different start and end (or neither).", field="quiet_from")
     values = {
         "modes": clean,
-        "time_zone": time_zone,
         "quiet_from": hours["quiet_from"],
         "quiet_until": hours["quiet_until"],
         "faults_in_quiet": bool(faults_in_quiet),
         "digest_hour": 8 if hours["digest_hour"] is None else hours["digest_hour"],
     }
     user_id = getattr(user, "id", user)
+    if time_zone is not None:
+        User.update(time_zone=time_zone).where(User.id == user_id).execute()
     AlertSetting.insert(user=user_id, **values).on_conflict(
         conflict_target=[AlertSetting.user], update=values
     ).execute()
@@ -154,7 +161,7 @@ def turn_off(user_id, kinds):
     save_settings(
         user_id,
         modes,
-        setting.time_zone,
+        None,
         setting.quiet_from,
         setting.quiet_until,
         setting.faults_in_quiet,

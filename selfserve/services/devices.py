@@ -213,18 +213,28 @@ def pending_of(user):
 
 @dataclasses.dataclass
 class Overview:
-    """What the dashboard shows: ready devices with their stored snapshots, and devices whose
-    claim or release is still being finished."""
+    """What the dashboard shows: ready devices with their stored snapshots and the open
+    transfer each owner is party to, and devices whose claim or release is still being
+    finished."""
 
     devices: list
     snapshots: dict
+    transfers: dict
     pending: list
 
 
 def overview(user):
-    """The dashboard's data, from the database only (no Particle call)."""
+    """The dashboard's data, from the database only (no Particle call), with one query for
+    the open transfers of all its cards."""
+    from selfserve.services import transfers  # transfers imports this module
+
     ready = devices_of(user)
-    return Overview(devices=ready, snapshots=live_values.last_known_many(ready), pending=pending_of(user))
+    return Overview(
+        devices=ready,
+        snapshots=live_values.last_known_many(ready),
+        transfers=transfers.owner_transfers_of(ready),
+        pending=pending_of(user),
+    )
 
 
 def display_name(device):
@@ -251,8 +261,11 @@ def normalize_serial(raw):
     return re.sub(r"\s+", "", raw or "").upper()[:64]
 
 
-def claim(user, serial, setup_code):
+def claim(user, serial, setup_code, ask_dealer=True):
     """Add the device with this label (serial + setup code) to `user`'s account.
+
+    A device the registry says was sold through a dealer (who asks for access) is not claimed
+    yet: DeviceError kind "dealer_choice" (with the device) asks the homeowner first.
 
     Returns the Device, or raises DeviceError with a specific message. The setup code is
     checked against its hash with the same work whether or not the serial exists, and only
@@ -281,6 +294,20 @@ def claim(user, serial, setup_code):
         log.info("Claim attempt with a wrong serial or setup code (user %s)", user.id)
         raise DeviceError(MESSAGES["wrong"], kind="wrong", status=422)
 
+    if ask_dealer and device.owner_id is None and device.claim_state is None:
+        from selfserve.services import sharing
+
+        if sharing.dealer_at_claim(device) is not None:
+            # The label is right: the homeowner chooses the dealer's access first (the view
+            # shows the choice with a signed token, and claim_checked finishes).
+            raise DeviceError("", kind="dealer_choice", device=device, status=200)
+    return claim_checked(user, device)
+
+
+def claim_checked(user, device):
+    """Claim `device`, whose label `user` has proved (claim's checks passed, or a signed token
+    of this user and device that they did)."""
+    device = Device.get_by_id(device.device_id)
     if device.owner_id == user.id:
         if device.claim_state == "claiming" and _older_than_grace(device):
             # An earlier attempt of this user stopped half-way: finish it now.

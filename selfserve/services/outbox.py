@@ -183,12 +183,14 @@ def _reset_message(row):
     )
     if row.attempts == 0:
         audit.record("account.password_reset_requested", user=user)
-    body = mail.render(
+    subject, body = mail.render(
+        user.email,
+        row.subject,
         "reset_password",
         reset_url=accounts.absolute_url("accounts.reset", token=token),
         minutes=accounts.RESET_MINUTES,
     )
-    return user.email, row.subject, body, None
+    return user.email, subject, body, None
 
 
 def _finish(row, state, error=None):

@@ -27,6 +27,9 @@ from selfserve.particle.errors import ParticleError
 log = logging.getLogger(__name__)
 
 COLUMNS = ("device_id", "serial_number", "setup_code", "model")
+# Optional: the dealer organisation (its name here) the device was sold through.
+OPTIONAL_COLUMNS = ("dealer",)
+DEALER_MAX = 100
 DEVICE_ID_RE = re.compile(r"[0-9a-f]{24}")
 SERIAL_RE = re.compile(r"[A-Z0-9][A-Z0-9-]{2,63}")
 SETUP_CODE_MIN = 4
@@ -72,6 +75,7 @@ def _validate(row):
         "serial_number": normalize_serial(row.get("serial_number")),
         "setup_code": normalize_setup_code(row.get("setup_code")),
         "model": (row.get("model") or "").strip().lower(),
+        "dealer": re.sub(r"\s+", " ", row.get("dealer") or "").strip() or None,
     }
     shown_id = clean["device_id"] or device_id_raw[:40]
     clean["shown_id"] = shown_id
@@ -84,6 +88,9 @@ def _validate(row):
     if device_models.get(clean["model"]) is None:
         known = ", ".join(sorted(device_models.MODELS))
         return clean, f"model must be one of: {known}"
+    dealer = clean["dealer"]
+    if dealer is not None and (len(dealer) > DEALER_MAX or any(ord(ch) < 32 for ch in dealer)):
+        return clean, f"dealer must be an organisation name of at most {DEALER_MAX} characters"
     return clean, None
 
 
@@ -137,6 +144,7 @@ def _save_row(line, clean):
                     serial_number=serial,
                     setup_code_hash=passwords.hash_password(clean["setup_code"]),
                     model=clean["model"],
+                    sold_through=clean["dealer"],
                 )
                 result.status = "added"
                 return result
@@ -145,6 +153,8 @@ def _save_row(line, clean):
                 changes["serial_number"] = serial
             if existing.model != clean["model"]:
                 changes["model"] = clean["model"]
+            if existing.sold_through != clean["dealer"]:
+                changes["sold_through"] = clean["dealer"]
             if not passwords.check_password(existing.setup_code_hash, clean["setup_code"]):
                 changes["setup_code_hash"] = passwords.hash_password(clean["setup_code"])
             if changes:
@@ -214,6 +224,7 @@ def seed_from_fixtures(path):
             "serial_number": device["serial_number"],
             "setup_code": device["setup_code"],
             "model": device["model"],
+            "dealer": device.get("dealer"),
         }
         for device in fixtures["devices"]
     ]
@@ -253,7 +264,8 @@ def summarize(results):
 )
 @with_appcontext
 def import_registry_command(csv_file, labels, qr_dir):
-    """Import the manufacturing registry CSV (device_id, serial_number, setup_code, model)."""
+    """Import the manufacturing registry CSV (device_id, serial_number, setup_code, model, and
+    optionally dealer: the dealer organisation the device was sold through)."""
     try:
         rows = read_csv(csv_file)
     except (ValueError, csv.Error) as exc:

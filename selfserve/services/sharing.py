@@ -95,8 +95,10 @@ def _until_text(moment):
 # --- invitations ------------------------------------------------------------------------------
 
 
-def invite(actor, device, email, role, until="", now=None):
+def invite(actor, device, email, role, until="", now=None, to_organisation=False):
     """Invite `email` to `device` with `role` (device comes from device_for, with its role).
+    With `to_organisation`, whoever accepts (signed in with that address) does so for an
+    organisation they administer: the grant goes to that organisation (all its members).
 
     Raises SharingError for a role above the actor's, a bad address or date, the owner's own
     address, or an invitation to that address already waiting. The email is sent at once; if
@@ -137,6 +139,7 @@ def invite(actor, device, email, role, until="", now=None):
             created_at=now,
             expires_at=now + datetime.timedelta(days=INVITE_DAYS),
             nonce=secrets.token_hex(16),
+            to_organisation=bool(to_organisation),
         )
         audit.record(
             "sharing.invited",
@@ -148,6 +151,7 @@ def invite(actor, device, email, role, until="", now=None):
             role=role,
             until=_until_text(access_until),
             by=actor.email,
+            for_organisation=bool(to_organisation) or None,
         )
         send_invitation(invitation)
     return invitation
@@ -202,6 +206,7 @@ def send_invitation(invitation):
             role_label=access.ROLE_LABELS[invitation.role],
             until=_until_text(invitation.access_until),
             expires=invitation.expires_at.strftime("%d %b %Y"),
+            to_organisation=invitation.to_organisation,
         )
     return True
 
@@ -251,10 +256,41 @@ def waiting_for(user, now=None):
     )
 
 
-def accept(user, invitation, now=None):
-    """Accept `invitation` as `user` (signed in, verified, the invited address). Returns the
-    Grant. Raises SharingError: wrong account, not verified, or too late (withdrawn, used,
-    expired, the device changed hands, the inviter lost the right to give that role)."""
+def organisations_to_accept_for(user):
+    """The organisations `user` administers (an invitation to an organisation is accepted for
+    one of them), by name."""
+    from selfserve.services import organisations
+
+    return [org for org in organisations.organisations_of(user) if org.my_role == "admin"]
+
+
+def _accepting_organisation(user, invitation, organisation_id):
+    """The organisation `user` accepts `invitation` for: one they administer, chosen when
+    they run several. Raises SharingError."""
+    mine = organisations_to_accept_for(user)
+    if not mine:
+        raise SharingError(
+            "This invitation is for an organisation. You need to be an admin of one to accept it: "
+            "create an organisation, or ask an admin of yours to forward it.",
+            kind="not_admin",
+            status=403,
+        )
+    if organisation_id is None and len(mine) == 1:
+        return mine[0]
+    chosen = next((org for org in mine if org.id == organisation_id), None)
+    if chosen is None:
+        raise SharingError(
+            "Choose the organisation you accept it for.", kind="invalid", field="organisation", status=422
+        )
+    return chosen
+
+
+def accept(user, invitation, now=None, organisation_id=None):
+    """Accept `invitation` as `user` (signed in, verified, the invited address); for an
+    invitation to an organisation, on behalf of one they administer (`organisation_id`, needed
+    when they run several). Returns the Grant. Raises SharingError: wrong account, not
+    verified, not an admin, or too late (withdrawn, used, expired, the device changed hands,
+    the inviter lost the right to give that role)."""
     now = now or utcnow()
     if not user.is_verified:
         raise SharingError(
@@ -266,6 +302,9 @@ def accept(user, invitation, now=None):
             kind="wrong_account",
             status=403,
         )
+    holder = (
+        _accepting_organisation(user, invitation, organisation_id) if invitation.to_organisation else None
+    )
     with db.atomic():
         taken = (
             Invitation.update(state="accepted", decided_at=now, decided_by=user.id)
@@ -293,27 +332,31 @@ def accept(user, invitation, now=None):
                 kind="too_late",
                 status=410,
             )
-        if device.owner_id == user.id:
+        if device.owner_id == user.id or (holder is not None and device.owner_id == holder.account_id):
             raise SharingError("This device is already yours.", kind="too_late", status=409)
         grant = access.give(
             device,
-            user,
+            user if holder is None else None,
             invitation.role,
             inviter,
             expires_at=invitation.access_until,
             via="invitation",
             now=now,
+            grantee_org=holder,
         )
         Invitation.update(grant=grant.id).where(Invitation.id == invitation.id).execute()
-        audit.record(
-            "sharing.invitation_accepted",
-            user=device.owner_id,
-            actor=user,
-            device_id=device.device_id,
-            name=_name(device),
-            to=user.email,
-            role=invitation.role,
-        )
+        to = user.email if holder is None else f"organisation {holder.name} (accepted by {user.email})"
+        for concerned in (device.owner_id, holder.account_id if holder is not None else None):
+            if concerned is not None:
+                audit.record(
+                    "sharing.invitation_accepted",
+                    user=concerned,
+                    actor=user,
+                    device_id=device.device_id,
+                    name=_name(device),
+                    to=to,
+                    role=invitation.role,
+                )
     return grant
 
 
@@ -391,6 +434,86 @@ def grant_dealer(actor, device, organisation_name, role, until, now=None):
     return access.give(
         device, None, role, actor, expires_at=expires_at, via="dealer", now=now, grantee_org=dealer
     )
+
+
+@dataclasses.dataclass
+class DealerAsk:
+    """What a device's dealer asks for at claim: the organisation and the role."""
+
+    dealer: object  # Organisation
+    role: str
+
+
+CLAIM_TOKEN = "claim_dealer"
+DEALER_ROLES_AT_CLAIM = ("viewer", "operator")  # never manager: a dealer doesn't share on
+
+
+def dealer_at_claim(device):
+    """The dealer the registry says `device` was sold through, and the access it asks for
+    (DEALER_ACCESS_AT_CLAIM), or None: no dealer named, no such dealer organisation here, or
+    the company asks for none."""
+    from flask import current_app
+
+    from selfserve.models import Organisation
+
+    role = current_app.config.get("DEALER_ACCESS_AT_CLAIM", "none")
+    if role not in DEALER_ROLES_AT_CLAIM or not device.sold_through:
+        return None
+    dealer = Organisation.get_or_none(
+        (Organisation.name == device.sold_through) & (Organisation.kind == "dealer")
+    )
+    return DealerAsk(dealer=dealer, role=role) if dealer is not None else None
+
+
+def claim_token(user, device):
+    """A signed token saying `user` proved `device`'s label (for the dealer step of the claim,
+    so the setup code is never sent back to the page)."""
+    return tokens.make(CLAIM_TOKEN, {"d": device.device_id, "u": user.id})
+
+
+def device_of_claim_token(user, token):
+    """The device a claim token of `user` names. Raises tokens.TokenError."""
+    payload = tokens.read(CLAIM_TOKEN, token)
+    if payload.get("u") != user.id or not isinstance(payload.get("d"), str):
+        raise tokens.TokenInvalid()
+    device = Device.get_or_none(Device.device_id == payload["d"])
+    if device is None:
+        raise tokens.TokenInvalid()
+    return device
+
+
+def claim_with_dealer_choice(user, token, choice):
+    """Finish a claim whose label `user` proved (`token`), with their choice of the dealer's
+    access: "none" (the default) or the role the dealer asks for. The grant is an ordinary
+    grant to the dealer organisation (audited, revocable on the Sharing section). Returns
+    (device, grant or None). Raises tokens.TokenError, SharingError, devices.DeviceError."""
+    from selfserve.services import devices
+
+    device = device_of_claim_token(user, token)
+    ask = dealer_at_claim(device)
+    if choice not in ("none", ask.role if ask else "none"):
+        raise SharingError(
+            "Choose what access the dealer gets.", kind="invalid", field="dealer_access", status=422
+        )
+    problem = devices.claim_problem(user)
+    if problem:
+        raise devices.DeviceError(problem, kind="not_ready", status=409)
+    device = devices.claim_checked(user, device)
+    if ask is None:
+        return device, None
+    if choice == "none":
+        audit.record(
+            "sharing.dealer_declined",
+            user=user,
+            actor=user,
+            device_id=device.device_id,
+            name=_name(device),
+            to=f"organisation {ask.dealer.name}",
+            role=ask.role,
+        )
+        return device, None
+    grant = access.give(device, None, ask.role, user, via="dealer at claim", grantee_org=ask.dealer)
+    return device, grant
 
 
 def dealers():

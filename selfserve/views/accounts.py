@@ -2,6 +2,7 @@
 settings and the account's activity. Thin: parse input, call one service, render or redirect.
 """
 
+import functools
 from urllib.parse import urlsplit
 
 from flask import Blueprint
@@ -13,10 +14,13 @@ from flask import render_template
 from flask import request
 from flask import session
 from flask import url_for
+from flask_babel import gettext as _
+from flask_babel import refresh
 from flask_limiter.util import get_remote_address
 from flask_login import current_user
 
 from selfserve import htmx
+from selfserve import i18n
 from selfserve import passwords
 from selfserve import tokens
 from selfserve.security import end_login_session
@@ -98,10 +102,24 @@ def _me():
     return current_user._get_current_object()
 
 
-def _link_error(error, kind):
-    """An unusable emailed link: say why and offer the way forward."""
-    status = 410 if isinstance(error, tokens.TokenExpired) else 400
-    return render_template("accounts/link_error.html", message=error.message, kind=kind), status
+def emailed_link(kind):
+    """For a view behind an emailed link (verify, sign-in link, reset, email change): an
+    unusable link (expired, used, altered) gets the page that says why and offers the way
+    forward, whichever step found it. Such views answer GET with a button only (mail scanners
+    fetch links and must not act) and act on POST."""
+
+    def decorate(view):
+        @functools.wraps(view)
+        def checked(*args, **kwargs):
+            try:
+                return view(*args, **kwargs)
+            except tokens.TokenError as error:
+                status = 410 if isinstance(error, tokens.TokenExpired) else 400
+                return render_template("accounts/link_error.html", message=error.message, kind=kind), status
+
+        return checked
+
+    return decorate
 
 
 # --- sign-up and verification ------------------------------------------------------------------
@@ -119,7 +137,12 @@ def signup():
         )
     email = request.form.get("email", "")
     try:
-        accounts.sign_up(email, request.form.get("password", ""))
+        accounts.sign_up(
+            email,
+            request.form.get("password", ""),
+            language=i18n.browser_language(),
+            time_zone=i18n.browser_time_zone(request.form),
+        )
     except FormErrors as exc:
         return render_template("accounts/signup.html", errors=exc.errors, email=email, next_url=next_url), 400
     session.pop(SIGNUP_EMAIL, None)
@@ -151,19 +174,14 @@ def resend():
 
 @bp.route("/verify/<token>", methods=["GET", "POST"])
 @public
+@emailed_link("verify")
 def verify(token):
-    # GET only shows a button: mail scanners fetch links, and must not verify anything.
     if request.method == "GET":
-        try:
-            user = accounts.check_verify_link(token)
-        except tokens.TokenError as exc:
-            return _link_error(exc, "verify")
+        user = accounts.check_verify_link(token)
         return render_template("accounts/verify.html", token=token, already=user.is_verified)
     signed_in = current_user.is_authenticated and getattr(current_user, "staff_view", None) is None
     try:
         result = accounts.verify_email(token, login_session=current_user.login_session if signed_in else None)
-    except tokens.TokenError as exc:
-        return _link_error(exc, "verify")
     except accounts.SignInToVerify as exc:
         if signed_in:
             flash("This link is for another account. Sign out, then open the link again.", "error")
@@ -260,6 +278,7 @@ def login():
     if user is None:
         error = "That email address and password don't match an account. Check both and try again."
         return _login_page(next_url, email, error), 401
+    accounts.remember_browser(user, i18n.browser_language(), i18n.browser_time_zone(request.form))
     pending_verification = session.get(VERIFY_PENDING)
     start_login_session(user)  # a fresh session: nothing from before the login survives
     if pending_verification:
@@ -297,18 +316,12 @@ def send_sign_in_link():
 @bp.route("/login/link/<token>", methods=["GET", "POST"])
 @public
 @limiter.limit(_limit("sign_in_link"), methods=["POST"])
+@emailed_link("sign_in_link")
 def sign_in_link(token):
-    # GET only shows a button (mail scanners fetch links); POST signs in, once.
     if request.method == "GET":
-        try:
-            user = accounts.check_sign_in_link(token)
-        except tokens.TokenError as exc:
-            return _link_error(exc, "sign_in_link")
+        user = accounts.check_sign_in_link(token)
         return render_template("accounts/sign_in_link.html", token=token, email=user.email)
-    try:
-        user = accounts.use_sign_in_link(token)
-    except tokens.TokenError as exc:
-        return _link_error(exc, "sign_in_link")
+    user = accounts.use_sign_in_link(token)  # signs in once
     start_login_session(user)
     flash("You are signed in.", "success")
     return htmx.redirect(_home(user))
@@ -348,17 +361,13 @@ def forgot():
 @bp.route("/reset/<token>", methods=["GET", "POST"])
 @public
 @limiter.limit(_limit("reset"), methods=["POST"])
+@emailed_link("reset")
 def reset(token):
     if request.method == "GET":
-        try:
-            accounts.check_reset_link(token)
-        except tokens.TokenError as exc:
-            return _link_error(exc, "reset")
+        accounts.check_reset_link(token)
         return render_template("accounts/reset.html", token=token, errors={})
     try:
         accounts.reset_password(token, request.form.get("password", ""))
-    except tokens.TokenError as exc:
-        return _link_error(exc, "reset")
     except FormErrors as exc:
         return render_template("accounts/reset.html", token=token, errors=exc.errors), 400
     if current_user.is_authenticated:
@@ -373,19 +382,33 @@ def reset(token):
 # --- settings ----------------------------------------------------------------------------------
 
 
-def _settings_page(status=200, password_errors=None, email_errors=None, new_email=""):
+def _settings_page(status=200, password_errors=None, email_errors=None, new_email="", preference_errors=None):
     return render_template(
         "accounts/settings.html",
         user=current_user,
         password_errors=password_errors or {},
         email_errors=email_errors or {},
         new_email=new_email,
+        preference_errors=preference_errors or {},
+        time_zones=i18n.time_zones(),
+        browser_language=i18n.browser_language(),
     ), status
 
 
 @bp.get("/account")
 def settings():
     return _settings_page()
+
+
+@bp.post("/account/preferences")
+def change_preferences():
+    try:
+        accounts.save_preferences(_me(), request.form.get("language"), request.form.get("time_zone"))
+    except FormErrors as exc:
+        return _settings_page(400, preference_errors=exc.errors)
+    refresh()  # the confirmation below is already in the new language
+    flash(_("Your language and time zone are saved."), "success")
+    return htmx.redirect(url_for("accounts.settings"))
 
 
 @bp.post("/account/password")
@@ -429,18 +452,12 @@ def cancel_email_change():
 
 @bp.route("/confirm-email/<token>", methods=["GET", "POST"])
 @public
+@emailed_link("email")
 def confirm_email(token):
-    # GET only shows a button (mail scanners fetch links); POST makes the change.
     if request.method == "GET":
-        try:
-            user = accounts.check_email_change_link(token)
-        except tokens.TokenError as exc:
-            return _link_error(exc, "email")
+        user = accounts.check_email_change_link(token)
         return render_template("accounts/confirm_email.html", token=token, new_email=user.pending_email)
-    try:
-        user = accounts.confirm_email_change(token)
-    except tokens.TokenError as exc:
-        return _link_error(exc, "email")
+    user = accounts.confirm_email_change(token)
     flash(f"Your email address is now {user.email}.", "success")
     if current_user.is_authenticated and current_user.id == user.id:
         return htmx.redirect(url_for("accounts.settings"))

@@ -48,7 +48,8 @@ def settings():
         alerts.save_settings(
             current_user,
             {kind: form[f"mode_{kind}"] for kind in alerts.KINDS if f"mode_{kind}" in form},
-            time_zone=form.get("time_zone", "UTC"),
+            time_zone=form.get("time_zone")
+            or None,  # the account settings page sets it; kept for older forms
             quiet_from=form.get("quiet_from") or None,
             quiet_until=form.get("quiet_until") or None,
             faults_in_quiet=form.get("faults_in_quiet") == "yes",

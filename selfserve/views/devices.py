@@ -8,6 +8,7 @@ Fragments (summary, values, function result) answer htmx requests; a plain reque
 is sent to the device page instead.
 """
 
+import datetime
 from urllib.parse import urlencode
 
 from flask import Blueprint
@@ -19,6 +20,8 @@ from flask import redirect as flask_redirect
 from flask import render_template
 from flask import request
 from flask import url_for
+from flask_babel import format_timedelta
+from flask_babel import gettext as _
 from flask_login import current_user
 from markupsafe import Markup
 from markupsafe import escape
@@ -27,7 +30,9 @@ from werkzeug.exceptions import NotFound
 from selfserve import charts
 from selfserve import device_models
 from selfserve import htmx
+from selfserve import i18n
 from selfserve import sse
+from selfserve import tokens
 from selfserve.models import utcnow
 from selfserve.security import limiter
 from selfserve.security import public
@@ -36,6 +41,7 @@ from selfserve.services import access
 from selfserve.services import devices
 from selfserve.services import history
 from selfserve.services import live_values
+from selfserve.services import sharing
 
 bp = Blueprint("devices", __name__)
 
@@ -44,30 +50,21 @@ NAME_ECHO_MAX = 200  # a rejected name is shown back for correction, but never a
 
 @bp.app_template_filter("device_age")
 def device_age(moment, now=None):
-    """'just now', '12 s ago', '5 min ago', '3 h ago', '2 days ago' for a naive UTC time."""
+    """How long ago, in the reader's language: "just now", "12 seconds ago", "vor 5 Minuten"."""
     if moment is None:
-        return "never"
+        return _("never")
     seconds = int(((now or utcnow()) - moment).total_seconds())
     if seconds < 2:
-        return "just now"
-    if seconds < 60:
-        return f"{seconds} s ago"
-    if seconds < 3600:
-        return f"{seconds // 60} min ago"
-    if seconds < 2 * 86400:
-        return f"{seconds // 3600} h ago"
-    return f"{seconds // 86400} days ago"
+        return _("just now")
+    return format_timedelta(datetime.timedelta(seconds=-seconds), add_direction=True, threshold=1.5)
 
 
 @bp.app_template_filter("device_since")
 def device_since(moment, now=None):
-    """A moment for "Offline since …": "14:05 UTC" today, "28 Nov, 14:05 UTC" before."""
+    """A moment for "Offline since …" in the reader's zone: the time today, else date and time."""
     if moment is None:
-        return "never"
-    now = now or utcnow()
-    if moment.date() == now.date():
-        return moment.strftime("%H:%M UTC")
-    return moment.strftime("%d %b, %H:%M UTC").lstrip("0")
+        return _("never")
+    return i18n.local_moment(moment, now)
 
 
 @bp.app_template_filter("device_iso")
@@ -198,10 +195,14 @@ def _claim_serial_key():
 def claim():
     if request.method == "GET":
         return _claim_page()
+    if "claim_token" in request.form:
+        return _claim_with_dealer_choice()
     serial = request.form.get("serial", "")
     try:
         device = devices.claim(current_user, serial, request.form.get("setup_code", ""))
     except devices.DeviceError as exc:
+        if exc.kind == "dealer_choice":
+            return _dealer_choice_page(exc.device)
         if exc.kind == "checking":
             # The cloud's answer was lost: the claim stays recorded and the sweep finishes it.
             flash(exc.message, "info")
@@ -220,6 +221,56 @@ def claim():
         # The serial is echoed back for correction; the setup code never is.
         return _claim_page(error=exc, serial=serial, status=exc.status, transfer_proof=proof)
     flash(f"{devices.display_name(device)} was added to your account.", "success")
+    return htmx.redirect(url_for("devices.detail", device_id=device.device_id))
+
+
+def _dealer_choice_page(device, error=None, status=200):
+    """The claim's second step: the dealer the device was sold through asks for access; the
+    homeowner chooses (no access preselected). The setup code is not sent back: a signed token
+    says this person proved this device's label."""
+    context = {
+        "device": device,
+        "ask": sharing.dealer_at_claim(device),
+        "claim_token": sharing.claim_token(current_user, device),
+        "role_labels": access.ROLE_LABELS,
+        "error": error,
+    }
+    if htmx.is_htmx():
+        return render_template("devices/_claim_dealer.html", **context)
+    return render_template("devices/claim.html", dealer_step=True, **context), status
+
+
+def _claim_with_dealer_choice():
+    token = request.form.get("claim_token", "")[:500]
+    try:
+        device, grant = sharing.claim_with_dealer_choice(
+            current_user, token, request.form.get("dealer_access", "none")
+        )
+    except tokens.TokenError:
+        error = devices.DeviceError("This step took too long. Enter the label again.", kind="expired")
+        return _claim_page(error=error, status=400)
+    except sharing.SharingError as exc:
+        return _dealer_choice_page(
+            sharing.device_of_claim_token(current_user, token), error=exc, status=exc.status
+        )
+    except devices.DeviceError as exc:
+        if exc.kind == "checking":
+            flash(
+                exc.message
+                + " The dealer's access was not given: give it on the device's Sharing section once it is ready.",
+                "info",
+            )
+            return htmx.redirect(url_for("devices.dashboard"))
+        if exc.kind == "already_yours":
+            flash(exc.message, "info")
+            return htmx.redirect(url_for("devices.detail", device_id=exc.device.device_id))
+        return _claim_page(error=exc, status=exc.status)
+    message = f"{devices.display_name(device)} was added to your account."
+    if grant is not None:
+        message += (
+            f" {grant.grantee_org.name} has {grant.role} access; you can revoke it in Sharing at any time."
+        )
+    flash(message, "success")
     return htmx.redirect(url_for("devices.detail", device_id=device.device_id))
 
 

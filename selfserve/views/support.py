@@ -6,8 +6,6 @@ Every route but the second-factor step is `staff_required` (staff, second factor
 customers get 403 everywhere here. The read-only rule while viewing lives in security.py.
 """
 
-import datetime
-
 from flask import Blueprint
 from flask import abort
 from flask import current_app
@@ -19,6 +17,7 @@ from flask import url_for
 from flask_login import current_user
 
 from selfserve import htmx
+from selfserve import i18n
 from selfserve import input_rules
 from selfserve.refusals import Refusal
 from selfserve.security import limiter
@@ -38,14 +37,9 @@ bp = Blueprint("support", __name__, url_prefix="/support")
 
 @bp.app_template_filter("staff_time")
 def staff_time(moment):
-    """A time for staff pages, one format everywhere: "22 Nov 2026, 04:57 UTC". Takes a naive
-    UTC datetime or Particle's ISO-8601 text; text it can't read is shown as it is."""
-    if isinstance(moment, str):
-        try:
-            moment = datetime.datetime.fromisoformat(moment.replace("Z", "+00:00"))
-        except ValueError:
-            return moment
-    return moment.strftime("%d %b %Y, %H:%M") + " UTC"
+    """A time for staff pages: the medium date and time in the reader's locale and zone. Takes
+    a naive UTC datetime or Particle's ISO-8601 text; text it can't read is shown as it is."""
+    return i18n.local_datetime(moment)
 
 
 ENROLMENT_KEY = "totp_enrolment"  # the session key of the secret being enrolled (encrypted)

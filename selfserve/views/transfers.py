@@ -9,7 +9,6 @@ from flask import Blueprint
 from flask import abort
 from flask import current_app
 from flask import flash
-from flask import g
 from flask import render_template
 from flask import request
 from flask import session
@@ -45,19 +44,9 @@ def _keep_tokens_out_of_logs(state):
 
 @bp.app_template_global("transfer_of")
 def transfer_of(device):
-    """The device's open transfer its owner is party to (device page panel, dashboard cards):
-    from the dashboard's one query when `preload_transfers` ran, else its own query."""
-    preloaded = g.get("open_transfers")
-    if preloaded is not None and device.device_id in preloaded[0]:
-        return transfers.owner_party_to(device, preloaded[1].get(device.device_id))
+    """The device's open transfer its owner is party to (the device page's panel; the
+    dashboard's cards read theirs with one query, in devices.overview)."""
     return transfers.open_transfer_for_owner(device)
-
-
-@bp.app_template_global("preload_transfers")
-def preload_transfers(devices):
-    """Read the open transfers of all these devices with one query (the dashboard's cards)."""
-    g.open_transfers = ({device.device_id for device in devices}, transfers.open_transfers_of(devices))
-    return ""
 
 
 @bp.app_template_global("transfers_dashboard")

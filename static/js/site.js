@@ -19,7 +19,25 @@ document.addEventListener("DOMContentLoaded", function () {
 
   enhanceMenu();
   disableWhileViewing();
+  sendBrowserTimeZone();
 });
+
+// --- The browser's time zone -------------------------------------------------------------------
+// Sign-up and sign-in send it in a hidden field, so the account shows times in the person's own
+// zone (selfserve/i18n.py). The settings page keeps the stored choice; it only preselects the
+// browser's zone when the account has none yet (UTC).
+function sendBrowserTimeZone() {
+  var zone = "";
+  try { zone = Intl.DateTimeFormat().resolvedOptions().timeZone || ""; } catch (e) { return; }
+  if (!zone) return;
+  document.querySelectorAll("input[data-browser-time-zone]").forEach(function (input) {
+    if (!input.value) input.value = zone;
+  });
+  document.querySelectorAll("select[data-browser-time-zone-suggest][data-unset]").forEach(function (select) {
+    var option = Array.prototype.find.call(select.options, function (o) { return o.value === zone; });
+    if (option) option.selected = true;
+  });
+}
 
 // --- The phone menu ----------------------------------------------------------------------------
 // Without JavaScript "Menu" is a link to #site-nav (CSS :target opens it). Here it becomes a

@@ -62,8 +62,8 @@ from selfserve.services.transfers.common import mask_email
 from selfserve.services.transfers.common import needs_owner_answer
 from selfserve.services.transfers.common import open_transfer_for_owner
 from selfserve.services.transfers.common import open_transfer_of
-from selfserve.services.transfers.common import open_transfers_of
 from selfserve.services.transfers.common import owner_party_to
+from selfserve.services.transfers.common import owner_transfers_of
 from selfserve.services.transfers.common import role_of
 from selfserve.services.transfers.common import too_late_message
 from selfserve.services.transfers.common import visible_to
@@ -127,7 +127,7 @@ __all__ = [
     "needs_owner_answer",
     "open_transfer_for_owner",
     "open_transfer_of",
-    "open_transfers_of",
+    "owner_transfers_of",
     "owner_party_to",
     "remember_possession",
     "request_device",

@@ -92,13 +92,19 @@ def open_transfer_of(device):
     return Transfer.get_or_none(Transfer.open_device == device.device_id)
 
 
-def open_transfers_of(devices):
-    """{device_id: open Transfer} for several devices, with one query (the dashboard)."""
+def owner_transfers_of(devices):
+    """{device_id: the open transfer its owner is party to} for the devices that have one, with
+    one query (the dashboard's cards)."""
     ids = [device.device_id for device in devices]
     if not ids:
         return {}
-    return {
+    open_by_device = {
         transfer.open_device: transfer for transfer in Transfer.select().where(Transfer.open_device.in_(ids))
+    }
+    return {
+        device.device_id: transfer
+        for device in devices
+        if (transfer := owner_party_to(device, open_by_device.get(device.device_id))) is not None
     }
 
 
