@@ -37,6 +37,7 @@ from bench import load
 from bench.servers import REPO_ROOT
 from bench.servers import BenchError
 from bench.servers import Gunicorn
+from bench.servers import loopback_site_env
 
 PARTICLE_PER_MINUTE = 10000 / 5
 WEBHOOK_SECRET = "bench-webhook-secret-" + secrets.token_hex(8)
@@ -384,7 +385,6 @@ def push_memory(site, session, device_id, connections):
 
 
 def run(args, workdir, cleanup):
-    from selfserve import config as config_module
     from selfserve import schema
 
     say("starting the Particle Cloud simulator and setting up homeowners...")
@@ -394,21 +394,12 @@ def run(args, workdir, cleanup):
     cleanup.append(sim.stop)
     sim.configure(rate_limit={"requests": 10**9, "window": 300})  # we count; we don't limit here
     db_url = f"sqlite:///{os.path.join(workdir, 'events.db')}"
-    env = dict(os.environ)
-    env.update(
-        {
-            "SELFSERVE_DATABASE_URL": db_url,
-            "SELFSERVE_PARTICLE_API_URL": sim.url,
-            "SELFSERVE_PARTICLE_PRODUCT": config_module.DEMO_PARTICLE_PRODUCT,
-            "SELFSERVE_PARTICLE_CLIENT_ID": config_module.DEMO_PARTICLE_CLIENT_ID,
-            "SELFSERVE_PARTICLE_CLIENT_SECRET": config_module.DEMO_PARTICLE_CLIENT_SECRET,
-            "SELFSERVE_SECRET_KEY": secrets.token_hex(32),
-            "SELFSERVE_BASE_URL": "http://127.0.0.1",
-            "SELFSERVE_SESSION_COOKIE_SECURE": "false",  # plain http on loopback
-            # The sweep keeps each worker's event-stream listener running (events mode).
-            "SELFSERVE_SWEEP_SECONDS": "30",
-            "SELFSERVE_PARTICLE_WEBHOOK_SECRET": WEBHOOK_SECRET,
-        }
+    env = loopback_site_env(
+        db_url,
+        sim.url,
+        secrets.token_hex(32),
+        SWEEP_SECONDS=30,  # the sweep keeps each worker's event-stream listener running (events mode)
+        PARTICLE_WEBHOOK_SECRET=WEBHOOK_SECRET,
     )
     os.environ.update(env)
     schema.upgrade_url(db_url)

@@ -35,6 +35,7 @@ from bench.servers import THREADS
 from bench.servers import WORKERS
 from bench.servers import BenchError
 from bench.servers import Gunicorn
+from bench.servers import loopback_site_env
 
 TOKEN_ROUTE = "POST /oauth/token"
 DEVICE_READ_ROUTE = "GET /v1/devices/:id"
@@ -114,23 +115,18 @@ def device_calls(routes):
 
 
 def run(args, workdir, cleanup):
-    from selfserve import config as config_module
 
     say("bench: starting the Particle Cloud simulator and setting up homeowners...")
     simulator = Simulator()
     cleanup.append(simulator.stop)
     os.environ.update(
-        {
-            "SELFSERVE_DATABASE_URL": f"sqlite:///{os.path.join(workdir, 'bench.db')}",
-            "SELFSERVE_PARTICLE_API_URL": simulator.url,
-            "SELFSERVE_PARTICLE_PRODUCT": config_module.DEMO_PARTICLE_PRODUCT,
-            "SELFSERVE_PARTICLE_CLIENT_ID": config_module.DEMO_PARTICLE_CLIENT_ID,
-            "SELFSERVE_PARTICLE_CLIENT_SECRET": config_module.DEMO_PARTICLE_CLIENT_SECRET,
-            "SELFSERVE_SECRET_KEY": secrets.token_hex(32),
-            # One loopback address over plain http (see bench/app.py).
-            "SELFSERVE_RATE_LIMIT_LOGIN": "100000 per minute",
-            "SELFSERVE_SESSION_COOKIE_SECURE": "false",
-        }
+        loopback_site_env(
+            f"sqlite:///{os.path.join(workdir, 'bench.db')}",
+            simulator.url,
+            secrets.token_hex(32),
+            # It signs in a few dozen sessions from one loopback address (see bench/app.py).
+            RATE_LIMIT_LOGIN="100000 per minute",
+        )
     )
     site = Gunicorn("site", "bench.app:app", None, workdir)
     bare = Gunicorn("bare", "bench.bare:app", None, workdir)

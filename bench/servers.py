@@ -21,6 +21,31 @@ class BenchError(RuntimeError):
     """The bench could not do what it set out to do (the message says what)."""
 
 
+def loopback_site_env(database_url, particle_url, secret_key, **settings):
+    """The environment of a site process started here (a bench, or a test that runs the site
+    as production does): this process's environment, the database, the Particle simulator with
+    the demo product's credentials, and plain http on loopback, so the session cookie is not
+    Secure (an http client never sends a Secure cookie back). `settings` are further
+    SELFSERVE_* variables, named without the prefix."""
+    from selfserve import config
+
+    env = dict(os.environ)
+    env.update(
+        {
+            "SELFSERVE_DATABASE_URL": database_url,
+            "SELFSERVE_PARTICLE_API_URL": particle_url,
+            "SELFSERVE_PARTICLE_PRODUCT": config.DEMO_PARTICLE_PRODUCT,
+            "SELFSERVE_PARTICLE_CLIENT_ID": config.DEMO_PARTICLE_CLIENT_ID,
+            "SELFSERVE_PARTICLE_CLIENT_SECRET": config.DEMO_PARTICLE_CLIENT_SECRET,
+            "SELFSERVE_SECRET_KEY": secret_key,
+            "SELFSERVE_BASE_URL": "http://127.0.0.1",
+            "SELFSERVE_SESSION_COOKIE_SECURE": "false",
+        }
+    )
+    env.update({f"SELFSERVE_{name}": str(value) for name, value in settings.items()})
+    return env
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

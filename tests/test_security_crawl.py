@@ -121,7 +121,8 @@ class Crawler:
             htmx,
             response.status_code,
             list(response.headers.items()),
-            response.get_data(as_text=True),
+            # Downloads (the data export's zip) are bytes: searched as text all the same.
+            response.get_data().decode("utf-8", "replace"),
         )
         self.fetched.append(item)
         cookie = self.client.get_cookie(COOKIE)

@@ -17,6 +17,7 @@ from helpers import seed_registry
 
 from bench import load
 from bench.servers import Gunicorn
+from bench.servers import loopback_site_env
 from selfserve import config as config_module
 from selfserve.models import Device
 from selfserve.models import utcnow
@@ -69,25 +70,15 @@ def sites(app, owner, sim, tmp_path):
     from selfserve import models
 
     models.db.close()  # the processes below need the database to themselves now (SQLite)
-    env = dict(os.environ)
-    env.update(
-        {
-            "SELFSERVE_DATABASE_URL": app.config["DATABASE_URL"],
-            "SELFSERVE_PARTICLE_API_URL": sim.url,
-            "SELFSERVE_PARTICLE_PRODUCT": config_module.DEMO_PARTICLE_PRODUCT,
-            "SELFSERVE_PARTICLE_CLIENT_ID": config_module.DEMO_PARTICLE_CLIENT_ID,
-            "SELFSERVE_PARTICLE_CLIENT_SECRET": config_module.DEMO_PARTICLE_CLIENT_SECRET,
-            "SELFSERVE_SECRET_KEY": app.config["SECRET_KEY"],
-            "SELFSERVE_TOKEN_ENCRYPTION_KEY": app.config.get("TOKEN_ENCRYPTION_KEY") or "",
-            "SELFSERVE_BASE_URL": "http://127.0.0.1",
-            "SELFSERVE_SESSION_COOKIE_SECURE": "false",  # plain http on loopback
-            "SELFSERVE_SWEEP_SECONDS": "30",  # the sweep keeps each process's listener running
-            "SELFSERVE_EVENT_STREAM": "true",
-            "SELFSERVE_EVENT_STREAM_MIN_OPEN_SECONDS": "0.5",
-            "SELFSERVE_PUSH_BROKER_URL": ""
-            if app.config["DATABASE_URL"].startswith("postgres")
-            else REDIS_DB,
-        }
+    env = loopback_site_env(
+        app.config["DATABASE_URL"],
+        sim.url,
+        app.config["SECRET_KEY"],
+        TOKEN_ENCRYPTION_KEY=app.config.get("TOKEN_ENCRYPTION_KEY") or "",
+        SWEEP_SECONDS=30,  # the sweep keeps each process's listener running
+        EVENT_STREAM="true",
+        EVENT_STREAM_MIN_OPEN_SECONDS=0.5,
+        PUSH_BROKER_URL="" if app.config["DATABASE_URL"].startswith("postgres") else REDIS_DB,
     )
     processes = [SiteProcess(name, env, str(tmp_path)) for name in ("one", "two")]
     try:

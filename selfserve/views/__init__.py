@@ -39,6 +39,7 @@ def support_contact(config):
 
 
 def register(app):
+    from selfserve.views import account_data
     from selfserve.views import accounts
     from selfserve.views import alerts
     from selfserve.views import devices
@@ -49,7 +50,18 @@ def register(app):
     from selfserve.views import support
     from selfserve.views import transfers
 
-    for module in (main, accounts, devices, transfers, sharing, organisations, alerts, support, hooks):
+    for module in (
+        main,
+        accounts,
+        account_data,
+        devices,
+        transfers,
+        sharing,
+        organisations,
+        alerts,
+        support,
+        hooks,
+    ):
         app.register_blueprint(module.bp)
     if app.config.get("DEMO"):
         from selfserve.views import demo
