@@ -282,6 +282,15 @@ def give(device, grantee, role, granted_by, expires_at=None, via=None, now=None,
                 device_id=device.device_id,
                 **detail,
             )
+        else:
+            # On the receiving organisation's activity page too.
+            audit.record(
+                "sharing.access_received_org",
+                user=grantee_org.account_id,
+                actor=granted_by,
+                device_id=device.device_id,
+                **detail,
+            )
     if previous is not None and not at_least(role, previous.role):
         access_ended.send(
             device.device_id,
@@ -399,6 +408,14 @@ def _end_where(condition, cause, actor, now, owner_id=None, name=None):
         if grant.grantee_id is not None:
             audit.record(
                 action + "_for_me", user=grant.grantee_id, actor=actor, device_id=grant.device_id, **detail
+            )
+        elif grant.grantee_org.account_id != owner:
+            audit.record(
+                action + "_for_org",
+                user=grant.grantee_org.account_id,
+                actor=actor,
+                device_id=grant.device_id,
+                **detail,
             )
     # Tell live pages (the change is in this transaction; listeners re-check with device_for).
     for grant in ended:

@@ -88,6 +88,13 @@ DESCRIPTIONS = {
     "sharing.ended_by_release_for_me": "Your access to device {name} ended: its owner released it",
     "sharing.ended_by_transfer": "The access of {to} to device {name} ended: the device was transferred",
     "sharing.ended_by_transfer_for_me": "Your access to device {name} ended: it has a new owner",
+    # ..._org / _for_org: on the activity page of the organisation given or losing access.
+    "sharing.access_received_org": _Until("The organisation was given {role} access to device {name}{until}"),
+    "sharing.revoked_for_org": "The organisation's {role} access to device {name} was revoked",
+    "sharing.expired_for_org": "The organisation's {role} access to device {name} ended on its end date",
+    "sharing.ended_by_release_for_org": "The organisation's access to device {name} ended: its owner released it",
+    "sharing.ended_by_transfer_for_org": "The organisation's access to device {name} ended: it has a new owner",
+    "sharing.dealer_declined": "Gave {to} no access to device {name} when adding it",
     "org.created": "Created the organisation {organisation}",
     "org.member_added": "Added {to} to the organisation as {role}",
     "org.member_added_me": "You were added to the organisation {organisation} as {role}",

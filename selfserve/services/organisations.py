@@ -25,6 +25,7 @@ import peewee
 from flask import abort
 
 from selfserve import passwords  # noqa: F401 - the "!" hash below is one it never accepts
+from selfserve.models import AuditEvent
 from selfserve.models import Device
 from selfserve.models import DeviceGroup
 from selfserve.models import Grant
@@ -376,6 +377,39 @@ def revoke_group_grant(admin, organisation, grant_id):
         raise OrgError("There is no such access.", 404)
     access.revoke(grant, admin)
     return grant
+
+
+# --- activity -------------------------------------------------------------------------------------
+
+ACTIVITY_PAGE_SIZE = 50
+# What a member (not an admin) sees of the organisation's trail: what it shares and is given,
+# its groups, and its devices; not who joined or left (membership is for admins to follow).
+MEMBER_ACTIVITY_PREFIXES = ("sharing.", "org.group", "org.created", "device.", "transfer.")
+
+
+def activity(organisation, role, before=None, page_size=ACTIVITY_PAGE_SIZE):
+    """One page of the organisation's audit trail, newest first: every grant, revocation,
+    invitation, acceptance and expiry concerning it (given on its devices and groups, or to
+    it), membership and group changes. Admins see all of it; members see it without the
+    membership changes. Returns (events, cursor of the next older page or None)."""
+    actor = User.alias()
+    query = (
+        AuditEvent.select(AuditEvent, actor)
+        .join(actor, peewee.JOIN.LEFT_OUTER, on=AuditEvent.actor)
+        .switch(AuditEvent)
+        .where(AuditEvent.user == organisation.account_id)
+    )
+    if role != "admin":
+        visible = None
+        for prefix in MEMBER_ACTIVITY_PREFIXES:
+            condition = AuditEvent.action.startswith(prefix)
+            visible = condition if visible is None else visible | condition
+        query = query.where(visible)
+    if before is not None:
+        query = query.where(AuditEvent.id < before)
+    events = list(query.order_by(AuditEvent.id.desc()).limit(page_size + 1))
+    older = events[page_size - 1].id if len(events) > page_size else None
+    return events[:page_size], older
 
 
 def claim(admin, organisation, serial, setup_code):

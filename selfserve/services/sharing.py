@@ -96,8 +96,10 @@ def _until_text(moment):
 # --- invitations ------------------------------------------------------------------------------
 
 
-def invite(actor, device, email, role, until="", now=None):
+def invite(actor, device, email, role, until="", now=None, to_organisation=False):
     """Invite `email` to `device` with `role` (device comes from device_for, with its role).
+    With `to_organisation`, whoever accepts (signed in with that address) does so for an
+    organisation they administer: the grant goes to that organisation (all its members).
 
     Raises SharingError for a role above the actor's, a bad address or date, the owner's own
     address, or an invitation to that address already waiting. The email is sent at once; if
@@ -138,6 +140,7 @@ def invite(actor, device, email, role, until="", now=None):
             created_at=now,
             expires_at=now + datetime.timedelta(days=INVITE_DAYS),
             nonce=secrets.token_hex(16),
+            to_organisation=bool(to_organisation),
         )
         audit.record(
             "sharing.invited",
@@ -149,6 +152,7 @@ def invite(actor, device, email, role, until="", now=None):
             role=role,
             until=_until_text(access_until),
             by=actor.email,
+            for_organisation=bool(to_organisation) or None,
         )
     send_invitation(invitation)
     return invitation
@@ -201,6 +205,7 @@ def send_invitation(invitation):
             role_label=access.ROLE_LABELS[invitation.role],
             until=_until_text(invitation.access_until),
             expires=invitation.expires_at.strftime("%d %b %Y"),
+            to_organisation=invitation.to_organisation,
         )
     except mail.MailError:
         Invitation.update(mailed_at=None).where(Invitation.id == invitation.id).execute()
@@ -267,10 +272,41 @@ def waiting_for(user, now=None):
     )
 
 
-def accept(user, invitation, now=None):
-    """Accept `invitation` as `user` (signed in, verified, the invited address). Returns the
-    Grant. Raises SharingError: wrong account, not verified, or too late (withdrawn, used,
-    expired, the device changed hands, the inviter lost the right to give that role)."""
+def organisations_to_accept_for(user):
+    """The organisations `user` administers (an invitation to an organisation is accepted for
+    one of them), by name."""
+    from selfserve.services import organisations
+
+    return [org for org in organisations.organisations_of(user) if org.my_role == "admin"]
+
+
+def _accepting_organisation(user, invitation, organisation_id):
+    """The organisation `user` accepts `invitation` for: one they administer, chosen when
+    they run several. Raises SharingError."""
+    mine = organisations_to_accept_for(user)
+    if not mine:
+        raise SharingError(
+            "This invitation is for an organisation. You need to be an admin of one to accept it: "
+            "create an organisation, or ask an admin of yours to forward it.",
+            kind="not_admin",
+            status=403,
+        )
+    if organisation_id is None and len(mine) == 1:
+        return mine[0]
+    chosen = next((org for org in mine if org.id == organisation_id), None)
+    if chosen is None:
+        raise SharingError(
+            "Choose the organisation you accept it for.", kind="invalid", field="organisation", status=422
+        )
+    return chosen
+
+
+def accept(user, invitation, now=None, organisation_id=None):
+    """Accept `invitation` as `user` (signed in, verified, the invited address); for an
+    invitation to an organisation, on behalf of one they administer (`organisation_id`, needed
+    when they run several). Returns the Grant. Raises SharingError: wrong account, not
+    verified, not an admin, or too late (withdrawn, used, expired, the device changed hands,
+    the inviter lost the right to give that role)."""
     now = now or utcnow()
     if not user.is_verified:
         raise SharingError(
@@ -282,6 +318,9 @@ def accept(user, invitation, now=None):
             kind="wrong_account",
             status=403,
         )
+    holder = (
+        _accepting_organisation(user, invitation, organisation_id) if invitation.to_organisation else None
+    )
     with db.atomic():
         taken = (
             Invitation.update(state="accepted", decided_at=now, decided_by=user.id)
@@ -309,27 +348,31 @@ def accept(user, invitation, now=None):
                 kind="too_late",
                 status=410,
             )
-        if device.owner_id == user.id:
+        if device.owner_id == user.id or (holder is not None and device.owner_id == holder.account_id):
             raise SharingError("This device is already yours.", kind="too_late", status=409)
         grant = access.give(
             device,
-            user,
+            user if holder is None else None,
             invitation.role,
             inviter,
             expires_at=invitation.access_until,
             via="invitation",
             now=now,
+            grantee_org=holder,
         )
         Invitation.update(grant=grant.id).where(Invitation.id == invitation.id).execute()
-        audit.record(
-            "sharing.invitation_accepted",
-            user=device.owner_id,
-            actor=user,
-            device_id=device.device_id,
-            name=_name(device),
-            to=user.email,
-            role=invitation.role,
-        )
+        to = user.email if holder is None else f"organisation {holder.name} (accepted by {user.email})"
+        for concerned in (device.owner_id, holder.account_id if holder is not None else None):
+            if concerned is not None:
+                audit.record(
+                    "sharing.invitation_accepted",
+                    user=concerned,
+                    actor=user,
+                    device_id=device.device_id,
+                    name=_name(device),
+                    to=to,
+                    role=invitation.role,
+                )
     return grant
 
 

@@ -6,6 +6,7 @@ organisation (or a member on an admin's route) gets the same 404 as an unknown i
 """
 
 from flask import Blueprint
+from flask import abort
 from flask import flash
 from flask import redirect
 from flask import render_template
@@ -15,6 +16,7 @@ from flask_login import current_user
 
 from selfserve.security import verified_required
 from selfserve.services import access
+from selfserve.services import audit
 from selfserve.services import organisations
 from selfserve.services import sharing
 
@@ -63,6 +65,27 @@ def detail(organisation_id):
         is_admin=organisation.my_role == "admin",
         roles=access.GRANTABLE,
         holder_label=access.holder_label,
+    )
+
+
+@bp.get("/organisations/<int:organisation_id>/activity")
+def activity(organisation_id):
+    """The organisation's activity, newest first, paged by ?before= (a cursor)."""
+    organisation = organisations.org_for(current_user, organisation_id)
+    before = request.args.get("before")
+    if before is not None:
+        if not before.isdigit() or len(before) > 18:
+            abort(400)
+        before = int(before)
+    events, older = organisations.activity(organisation, organisation.my_role, before)
+    return render_template(
+        "organisations/activity.html",
+        organisation=organisation,
+        events=events,
+        older=older,
+        describe=audit.describe,
+        first_page=before is None,
+        is_admin=organisation.my_role == "admin",
     )
 
 

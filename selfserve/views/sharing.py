@@ -78,9 +78,16 @@ def _section(device, error=None, form=None, status=200):
 @bp.post("/devices/<device_id>/sharing/invite")
 def invite(device_id):
     device = devices.device_for(current_user, device_id, need="manager")
-    form = {name: request.form.get(name, "")[:254] for name in ("email", "role", "until")}
+    form = {name: request.form.get(name, "")[:254] for name in ("email", "role", "until", "to_organisation")}
     try:
-        invitation = sharing.invite(current_user, device, form["email"], form["role"], form["until"])
+        invitation = sharing.invite(
+            current_user,
+            device,
+            form["email"],
+            form["role"],
+            form["until"],
+            to_organisation=form["to_organisation"] == "yes",
+        )
     except sharing.SharingError as exc:
         return _section(device, error=exc, form=form)
     message = f"Invitation sent to {invitation.email}."
@@ -166,6 +173,9 @@ def _invitation_context(invitation):
     return {
         "invitation": invitation,
         "device": device,
+        "my_organisations": sharing.organisations_to_accept_for(current_user)
+        if invitation.to_organisation and current_user.is_authenticated
+        else [],
         "inviter_email": inviter.email if inviter else None,
         "role_label": access.ROLE_LABELS[invitation.role],
         "too_late": sharing.too_late_message(invitation),
@@ -204,8 +214,13 @@ def accept(invitation_id):
     found = sharing.for_invitee(current_user, invitation_id)
     if found is None:
         abort(404)
+    chosen = request.form.get("organisation", "")
     try:
-        sharing.accept(current_user, found)
+        sharing.accept(
+            current_user,
+            found,
+            organisation_id=int(chosen) if chosen.isdigit() and len(chosen) < 10 else None,
+        )
     except sharing.SharingError as exc:
         context = _invitation_context(sharing.for_invitee(current_user, invitation_id))
         return render_template("sharing/invitation.html", error=exc, **context), exc.status
