@@ -499,7 +499,7 @@ def csv_zip_chunks(user, now=None, flush_every=500):
     with zipfile.ZipFile(pipe, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.writestr(
             "README.txt",
-            f"Your selfserve data, exported {_iso(now)}. Times are UTC.\n"
+            f"Your Tidewell data, exported {_iso(now)}. Times are UTC.\n"
             "One CSV file per part: " + ", ".join(s.name for s in SECTIONS) + ".\n",
         )
         yield pipe.take()
