@@ -121,6 +121,7 @@ def _background_jobs(app):
     from selfserve.services import access
     from selfserve.services import alerts
     from selfserve.services import devices
+    from selfserve.services import erasure
     from selfserve.services import history
     from selfserve.services import impersonation
     from selfserve.services import migration
@@ -140,6 +141,7 @@ def _background_jobs(app):
             sweep.Job(history.maintain),  # hourly rollups of device values, retention (one at a time)
             sweep.Job(access.record_expired),  # audit grants that ended on their date (access ended then)
             sweep.Job(alerts.run_timers),  # offline past grace, stuck steps, reminders; sends due alerts
+            sweep.Job(erasure.resume_pending),  # account deletions whose grace ended, and their steps
             sweep.Job(event_stream.keep_listening),  # this process's product event-stream listener
             # Last, so mail the jobs above queued leaves in the same round.
             sweep.Job(outbox.send_due),  # every email: queued with its change, sent with retries

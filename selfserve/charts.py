@@ -8,6 +8,11 @@ the browser nothing. Each run of known, online values is its own path: offline t
 import dataclasses
 import datetime
 
+from babel.dates import format_skeleton
+from flask_babel import format_time
+from flask_babel import get_locale
+from flask_babel import get_timezone
+
 WIDTH = 640
 HEIGHT = 200
 LEFT = 52
@@ -72,18 +77,34 @@ def draw(series, start, end, step):
 
 
 def _x_ticks(start, end, x_of):
+    """Ticks on whole hours / days of the reader's clock (their time zone), labelled in their
+    locale ("18:00", "30. Nov.")."""
+    zone = get_timezone()
+    local_start = start.replace(tzinfo=datetime.UTC).astimezone(zone)
     span = end - start
     if span <= datetime.timedelta(days=1):
-        every, fmt = datetime.timedelta(hours=6), "%H:%M"
-        tick = start.replace(minute=0, second=0, microsecond=0)
+        every, fmt = datetime.timedelta(hours=6), "time"
+        tick = local_start.replace(minute=0, second=0, microsecond=0)
         tick += datetime.timedelta(hours=(6 - tick.hour % 6) % 6)
     else:
         every = datetime.timedelta(days=1 if span <= datetime.timedelta(days=7) else 7)
-        fmt = "%d %b"
-        tick = start.replace(hour=0, minute=0, second=0, microsecond=0) + datetime.timedelta(days=1)
+        fmt = "date"
+        tick = local_start.replace(hour=0, minute=0, second=0, microsecond=0) + datetime.timedelta(days=1)
     ticks = []
-    while tick <= end:
-        if tick >= start:
-            ticks.append((x_of(tick), tick.strftime(fmt)))
+    while True:
+        # Whole local hours/days, kept on the wall clock across a daylight-saving change.
+        moment = (
+            zone.normalize(zone.localize(tick.replace(tzinfo=None))) if hasattr(zone, "localize") else tick
+        )
+        utc = moment.astimezone(datetime.UTC).replace(tzinfo=None)
+        if utc > end:
+            break
+        if utc >= start:
+            label = (
+                format_time(utc, "short")
+                if fmt == "time"
+                else format_skeleton("MMMd", moment, locale=get_locale())
+            )
+            ticks.append((x_of(utc), label))
         tick += every
     return ticks

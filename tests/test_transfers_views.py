@@ -328,7 +328,8 @@ def test_dashboard_card_shows_an_offer_and_a_request_for_the_device(
     request = transfers.request_device(buyer, transfers.remember_possession(buyer, caught.value.device))
     card = seller_client.get("/devices").get_data(as_text=True)
     assert "Someone asked for this device — respond by" in card
-    assert request.expires_at.strftime("%d %b %Y") in card
+    # The date in the reader's locale (English: "Dec 7, 2026").
+    assert f"{request.expires_at:%b} {request.expires_at.day}, {request.expires_at.year}" in card
     assert f'href="/transfers/{request.id}"' in card
     # The buyer sees nothing of it on their own (empty) device list.
     assert "Someone asked for this device" not in signed_in(app, "buyer@example.com").get(

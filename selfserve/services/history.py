@@ -28,6 +28,7 @@ import logging
 import peewee
 from flask import current_app
 from flask import has_app_context
+from flask_babel import format_decimal
 
 from selfserve import device_models
 from selfserve.models import Device
@@ -416,8 +417,16 @@ class Series:
     def empty(self):
         return not any(len(segment) for segment in self.segments)
 
+    @property
+    def hourly(self):
+        return self.row_label == "Hour"
+
     def fmt(self, value):
-        return "" if value is None else f"{value:.{self.decimals}f}"
+        """The value in the reader's locale ("1.5" / "1,5"), with the series' decimals."""
+        if value is None:
+            return ""
+        pattern = "#,##0." + "0" * self.decimals if self.decimals else "#,##0"
+        return format_decimal(round(value, self.decimals), format=pattern)
 
 
 @dataclasses.dataclass

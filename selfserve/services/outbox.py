@@ -234,6 +234,13 @@ def _failed(row, error, permanent, now=None):
     return PENDING
 
 
+def forget(addresses):
+    """Delete every outbox row to these addresses (an account being erased: its mail, sent or
+    waiting, names the person)."""
+    if addresses:
+        OutboxMail.delete().where(OutboxMail.to_address.in_(list(addresses))).execute()
+
+
 # --- support's view --------------------------------------------------------------------------
 
 
