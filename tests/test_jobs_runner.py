@@ -300,6 +300,7 @@ def test_the_background_jobs_are_one_explicit_list(app):
         "selfserve.services.history.maintain",
         "selfserve.services.access.record_expired",
         "selfserve.services.alerts.run_timers",
+        "selfserve.services.erasure.resume_pending",
         "selfserve.event_stream.keep_listening",
         "selfserve.services.outbox.send_due",
     ]
