@@ -634,6 +634,23 @@ class AlertNotice(BaseModel):
     mail_id = peewee.CharField(null=True, max_length=32, index=True)  # the batch (one mail) it left in
 
 
+class AccountDeletion(JobColumns):
+    """An account its owner asked to delete (services/erasure.py), and the recorded job that
+    deletes it. state: scheduled (until `due_at`; the person may undo it) -> running (the steps
+    run; no way back) -> done; or cancelled (undone in the grace). `notify_email` holds the
+    address the "deleted" email goes to, only between the removal of the personal data and
+    that email. One row per account: asking again after an undo reuses it."""
+
+    user = peewee.ForeignKeyField(User, unique=True, backref="+", on_delete="CASCADE")
+    state = peewee.CharField(max_length=16, index=True)
+    requested_at = peewee.DateTimeField()
+    due_at = peewee.DateTimeField()
+    cancelled_at = peewee.DateTimeField(null=True)
+    started_at = peewee.DateTimeField(null=True)
+    finished_at = peewee.DateTimeField(null=True)
+    notify_email = peewee.CharField(null=True, max_length=254)
+
+
 ALL_MODELS = [
     User,
     LoginSession,
@@ -665,4 +682,5 @@ ALL_MODELS = [
     AlertOptIn,
     AlertEpisode,
     AlertNotice,
+    AccountDeletion,
 ]
