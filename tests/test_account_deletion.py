@@ -291,3 +291,28 @@ def test_a_crash_inside_a_device_release_resumes(app, world, sim, mailbox, monke
     assert sim.device(device_id)["owner"] is None
     run_to_the_end()
     assert_deleted_and_agreeing(sim, mailbox, world)
+
+
+def test_no_way_in_once_the_deletion_started(app, world, mailbox, monkeypatch):
+    """While the steps run, a password reset still works by email, but signing in with the new
+    password gets no session (the deletion can't be undone, nor the account used, any more)."""
+    from selfserve.services import accounts
+
+    schedule(world["home"])
+    monkeypatch.setitem(erasure.STEPS, "end_transfers", lambda row: (_ for _ in ()).throw(Crash()))
+    with pytest.raises(Crash):
+        erasure.resume_pending(now=later())  # "begin" ran, the worker stopped after it
+    assert AccountDeletion.get().state == erasure.RUNNING
+    assert login(app.test_client(), HOME).request.path == "/login"  # the old password: unusable
+    accounts.request_password_reset(HOME)
+    link = [url for url in mailbox.links(mailbox.wait_for(HOME, count=2)) if "/reset/" in url][0]
+    accounts.reset_password(link.rsplit("/", 1)[1], "a brand new password 123")
+    client = app.test_client()
+    response = login(client, HOME, "a brand new password 123")
+    assert response.request.path == "/login" and "being deleted" in response.get_data(as_text=True)
+    assert client.get("/account").status_code == 302
+    assert (
+        not LoginSession.select()
+        .where((LoginSession.user == world["home"].id) & LoginSession.ended_at.is_null())
+        .exists()
+    )

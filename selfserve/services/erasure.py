@@ -95,6 +95,12 @@ def anonymous_email(user_id):
     return f"deleted-{user_id}@deleted.invalid"
 
 
+def state_of(user):
+    """The state of the account's deletion (scheduled, running, done, cancelled), or None."""
+    row = AccountDeletion.select(AccountDeletion.state).where(AccountDeletion.user == user.id).first()
+    return row.state if row else None
+
+
 def pending_of(user):
     """The account's scheduled deletion (still undoable), or None."""
     return AccountDeletion.get_or_none(

@@ -166,8 +166,17 @@ _OPEN_WHILE_PENDING = frozenset(
 
 @user_logged_in.connect
 def _remember_pending_deletion(sender, user, **extra):
-    if getattr(user, "role", None) == "customer" and erasure.pending_of(user) is not None:
+    """Every way in (password, emailed sign-in link) passes here: a scheduled deletion marks
+    the session; an account whose deletion already started gets no session at all (a password
+    reset mailed before it started must not let anyone back in while it runs)."""
+    if getattr(user, "role", None) != "customer":
+        return
+    state = erasure.state_of(user)
+    if state == erasure.SCHEDULED:
         session[DELETION_PENDING] = True
+    elif state in (erasure.RUNNING, erasure.DONE):
+        end_login_session()
+        flash(_("This account is being deleted, as its owner asked."), "error")
 
 
 @bp.before_app_request
