@@ -104,6 +104,8 @@ DESCRIPTIONS = {
     "org.group_created": "Created the group {group}",
     "org.group_devices_added": "Put {count} device(s) in the group {group}",
     "org.group_devices_removed": "Took {count} device(s) out of the group {group}",
+    "org.group_alerts_to_members": "The alerts of the group {group} go to its people",
+    "org.group_alerts_to_admins": "The alerts of the group {group} go to the admins",
     "staff.alert": "Alert for staff: {reason}",
     "support.viewed": "Support viewed your account",
     "support.view_started": "Support viewed your account",

@@ -16,6 +16,7 @@ from flask_login import current_user
 
 from selfserve.security import verified_required
 from selfserve.services import access
+from selfserve.services import alert_recipients
 from selfserve.services import audit
 from selfserve.services import organisations
 from selfserve.services import sharing
@@ -187,6 +188,22 @@ def grant_group(organisation_id, group_id):
     except sharing.SharingError as exc:
         flash(exc.message, "error")
         return _back(organisation, f"#group-{group.id}")
+
+
+@bp.post("/organisations/<int:organisation_id>/groups/<int:group_id>/alerts")
+def group_alerts(organisation_id, group_id):
+    """Where the alerts of the group's devices go: its people, or the admins (the default)."""
+    organisation = organisations.org_for(current_user, organisation_id, need="admin")
+    group = organisations.group_of(organisation, group_id)
+    to_members = request.form.get("to_members") == "yes"
+    return _done(
+        organisation,
+        lambda: alert_recipients.set_group_routing(current_user, organisation, group, to_members),
+        f"The alerts of {group.name} go to its people now."
+        if to_members
+        else f"The alerts of {group.name} go to the admins now.",
+        f"#group-{group.id}",
+    )
 
 
 @bp.post("/organisations/<int:organisation_id>/grants/<int:grant_id>/revoke")
