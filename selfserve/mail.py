@@ -9,8 +9,10 @@ from email.utils import make_msgid
 
 from flask import current_app
 from flask import render_template
+from flask_babel import gettext
 
 from selfserve import i18n
+from selfserve.i18n import lazy_text as _l
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,9 @@ def send(to, subject, template, headers=None, **context):
     )
     # In the recipient's language and time zone (a lazy `subject` is translated here too).
     with i18n.as_recipient(*i18n.recipient_preferences(to)):
-        subject = str(subject)
+        # A plain subject may be a lazy one that was stored (steps keep their mail in the
+        # database, in English): look it up in the catalogue too.
+        subject = gettext(subject) if isinstance(subject, str) else str(subject)
         body = render_template(f"emails/{template}.txt", **context)
     message["From"] = config["MAIL_SENDER"]
     message["To"] = to
@@ -62,4 +66,4 @@ def send(to, subject, template, headers=None, **context):
             smtp.send_message(message)
     except (OSError, smtplib.SMTPException) as exc:
         log.warning("Could not send %r mail: %s", template, type(exc).__name__)
-        raise MailError("We could not send the email right now. Please try again shortly.") from exc
+        raise MailError(_l("We could not send the email right now. Please try again shortly.")) from exc

@@ -5,6 +5,7 @@ service, render or redirect. The rules are in services/data_export.py and servic
 
 from flask import Blueprint
 from flask import Response
+from flask_babel import gettext as _
 from flask_login import current_user
 
 from selfserve import htmx
@@ -39,8 +40,8 @@ def _streamed(chunks, user):
 def _download(chunks, mimetype, extension):
     user = _me()
     response = Response(_streamed(chunks, user), mimetype=mimetype)
-    response.headers["Content-Disposition"] = (
-        f'attachment; filename="{data_export.filename(user, extension)}"'
+    response.headers["Content-Disposition"] = _(
+        'attachment; filename="%(filename)s"', filename=data_export.filename(user, extension)
     )
     return response
 
@@ -53,12 +54,12 @@ def export_json():
     # A GET, so the read-only wall lets it through: a copy of someone's data is theirs alone,
     # so support viewing the account gets the site's read-only refusal here.
     if _viewing_as_support():
-        return htmx.error_response(READ_ONLY_MESSAGE, 403, "Read-only view")
+        return htmx.error_response(READ_ONLY_MESSAGE, 403, _("Read-only view"))
     return _download(data_export.json_chunks, "application/json", "json")
 
 
 @bp.get("/account/data.zip")
 def export_csv():
     if _viewing_as_support():
-        return htmx.error_response(READ_ONLY_MESSAGE, 403, "Read-only view")
+        return htmx.error_response(READ_ONLY_MESSAGE, 403, _("Read-only view"))
     return _download(data_export.csv_zip_chunks, "application/zip", "zip")

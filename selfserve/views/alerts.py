@@ -11,6 +11,7 @@ from flask import redirect
 from flask import render_template
 from flask import request
 from flask import url_for
+from flask_babel import gettext as _
 from flask_login import current_user
 
 from selfserve import htmx
@@ -57,14 +58,14 @@ def settings():
         )
     except alerts.AlertError as exc:
         return _page(errors={exc.field: exc.message}, form=form, status=400)
-    flash("Your alert choices are saved.", "success")
+    flash(_("Your alert choices are saved."), "success")
     return htmx.redirect(url_for("alerts.settings"))
 
 
 @bp.post("/account/alerts/test")
 def send_test():
     alerts.send_test(current_user)
-    flash(f"A test alert is on its way to {current_user.email}.", "success")
+    flash(_("A test alert is on its way to %(email)s.", email=current_user.email), "success")
     return htmx.redirect(url_for("alerts.settings"))
 
 

@@ -12,6 +12,7 @@ from flask import redirect
 from flask import render_template
 from flask import request
 from flask import url_for
+from flask_babel import gettext as _
 from flask_login import current_user
 
 from selfserve.security import verified_required
@@ -50,7 +51,7 @@ def index():
         except organisations.OrgError as exc:
             flash(exc.message, "error")
             return redirect(url_for("organisations.index"))
-        flash(f"{organisation.name} was created. You are its admin.", "success")
+        flash(_("%(name)s was created. You are its admin.", name=organisation.name), "success")
         return _back(organisation)
     return render_template("organisations/index.html", mine=organisations.organisations_of(current_user))
 
@@ -98,7 +99,7 @@ def add_member(organisation_id):
         lambda: organisations.add_member(
             current_user, organisation, email, request.form.get("role", "member")
         ),
-        f"{email} is a member now.",
+        _("%(email)s is a member now.", email=email),
         "#members",
     )
 
@@ -116,7 +117,7 @@ def remove_member(organisation_id, user_id):
     return _done(
         organisation,
         lambda: organisations.remove_member(current_user, organisation, user_id),
-        "The member was removed.",
+        _("The member was removed."),
         "#members",
     )
 
@@ -128,7 +129,7 @@ def create_group(organisation_id):
     return _done(
         organisation,
         lambda: organisations.create_group(current_user, organisation, name),
-        "The group was created.",
+        _("The group was created."),
         "#groups",
     )
 
@@ -158,10 +159,10 @@ def group_devices(organisation_id, group_id):
     ids = _device_ids(organisation)
     if request.form.get("remove") == "yes":
         action = lambda: organisations.remove_from_group(current_user, organisation, group, ids)  # noqa: E731
-        message = f"Taken out of {group.name}."
+        message = _("Taken out of %(name)s.", name=group.name)
     else:
         action = lambda: organisations.add_to_group(current_user, organisation, group, ids)  # noqa: E731
-        message = f"Added to {group.name}."
+        message = _("Added to %(name)s.", name=group.name)
     return _done(organisation, action, message, f"#group-{group.id}")
 
 
@@ -183,7 +184,7 @@ def grant_group(organisation_id, group_id):
         )
 
     try:
-        return _done(organisation, act, f"Access to {group.name} given.", f"#group-{group.id}")
+        return _done(organisation, act, _("Access to %(name)s given.", name=group.name), f"#group-{group.id}")
     except sharing.SharingError as exc:
         flash(exc.message, "error")
         return _back(organisation, f"#group-{group.id}")
@@ -202,6 +203,6 @@ def revoke_grant(organisation_id, grant_id):
     return _done(
         organisation,
         lambda: organisations.revoke_group_grant(current_user, organisation, grant_id),
-        "The access was revoked.",
+        _("The access was revoked."),
         "#groups",
     )
