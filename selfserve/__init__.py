@@ -121,6 +121,7 @@ def _background_jobs(app):
     from selfserve.services import access
     from selfserve.services import alerts
     from selfserve.services import devices
+    from selfserve.services import erasure
     from selfserve.services import history
     from selfserve.services import impersonation
     from selfserve.services import migration
@@ -141,6 +142,7 @@ def _background_jobs(app):
             sweep.Job(access.record_expired),  # audit grants that ended on their date (access ended then)
             sweep.Job(sharing.resend_unsent),  # invitation emails the mail server refused
             sweep.Job(alerts.run_timers),  # offline past grace, stuck steps, reminders; sends due alerts
+            sweep.Job(erasure.resume_pending),  # account deletions whose grace ended, and their steps
             sweep.Job(event_stream.keep_listening),  # this process's product event-stream listener
         ],
     )

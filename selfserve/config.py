@@ -144,6 +144,8 @@ DEFAULTS = {
     # for (or from someone who owned it before) never completes on silence: the owner agrees,
     # or support decides (services/transfers/common.py needs_owner_answer).
     "TRANSFER_RECENT_OWNER_CHANGE_DAYS": 30,
+    # Account deletion: days between asking and the deletion (signing in meanwhile undoes it).
+    "ACCOUNT_DELETION_GRACE_DAYS": 7.0,
     # Wrong setup codes: a claim is refused after this many failures within the window, per
     # account and per serial number (counted in the database, so shared by every worker).
     "CLAIM_WINDOW_SECONDS": 15 * 60,

@@ -38,7 +38,15 @@ def init_db(url, pool_size=32, pool_recycle_seconds=300, pool_wait_seconds=10):
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         database = PooledSqliteDatabase(
             path,
-            pragmas={"journal_mode": "wal", "foreign_keys": 1, "busy_timeout": 10000},
+            pragmas={
+                "journal_mode": "wal",
+                # SQLite's advice for WAL: a commit doesn't wait for the disk; the database is
+                # never corrupted, and a power cut (not a crashed process) can lose the last
+                # commits. Waiting for the flush capped event intake at the disk's flush rate.
+                "synchronous": "normal",
+                "foreign_keys": 1,
+                "busy_timeout": 10000,
+            },
             check_same_thread=False,
             **pool,
         )
@@ -644,6 +652,23 @@ class AlertNotice(BaseModel):
     mail_id = peewee.CharField(null=True, max_length=32, index=True)  # the batch (one mail) it left in
 
 
+class AccountDeletion(JobColumns):
+    """An account its owner asked to delete (services/erasure.py), and the recorded job that
+    deletes it. state: scheduled (until `due_at`; the person may undo it) -> running (the steps
+    run; no way back) -> done; or cancelled (undone in the grace). `notify_email` holds the
+    address the "deleted" email goes to, only between the removal of the personal data and
+    that email. One row per account: asking again after an undo reuses it."""
+
+    user = peewee.ForeignKeyField(User, unique=True, backref="+", on_delete="CASCADE")
+    state = peewee.CharField(max_length=16, index=True)
+    requested_at = peewee.DateTimeField()
+    due_at = peewee.DateTimeField()
+    cancelled_at = peewee.DateTimeField(null=True)
+    started_at = peewee.DateTimeField(null=True)
+    finished_at = peewee.DateTimeField(null=True)
+    notify_email = peewee.CharField(null=True, max_length=254)
+
+
 ALL_MODELS = [
     User,
     LoginSession,
@@ -675,4 +700,5 @@ ALL_MODELS = [
     AlertOptIn,
     AlertEpisode,
     AlertNotice,
+    AccountDeletion,
 ]

@@ -12,6 +12,12 @@ Fan-out between workers and machines goes through an existing engine:
 - in-process only otherwise (SQLite: the demo and single-process sites).
 
 Each process has one broker thread that listens and hands announcements to the local hub.
+
+Access that ends (services/access.py `access_ended`: a revoke, an expiry, a release or
+transfer, a member leaving an organisation, a device leaving a group) is announced the same
+way, once committed: the device's id, or EVERY_PAGE when no single device is concerned (a grant
+on a group, an organisation's membership). Each open page then checks its viewer's access
+again at once, in every process, and a page that lost it says so and stops (selfserve/sse.py).
 """
 
 import logging
@@ -24,6 +30,7 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "selfserve_devices"
 RECONNECT_SECONDS = 2.0
+EVERY_PAGE = "*"  # an announcement every open page re-checks (not a device id: those are hex)
 
 
 class Subscription:
@@ -75,6 +82,13 @@ class Hub:
                         del self._by_device[device_id]
 
     def deliver(self, device_id):
+        if device_id == EVERY_PAGE:
+            with self._lock:
+                pages = {s for subscriptions in self._by_device.values() for s in subscriptions}
+            for subscription in pages:
+                for shown in subscription.device_ids:
+                    subscription.notify(shown)
+            return
         with self._lock:
             pages = list(self._by_device.get(device_id, ()))
         for subscription in pages:
@@ -190,7 +204,25 @@ def init_app(app):
     app.extensions["push_hub"] = hub
     app.extensions["push_broker"] = broker
     app.extensions["announce_device_change"] = broker.announce
+    from selfserve.services import access
+
+    access.access_ended.connect(_announce_access_ended)  # one receiver, whatever the apps
+    # Endings made in a request's transaction are announced once it is over, at the latest.
+    app.teardown_request(lambda error: access.send_pending())
     return hub
+
+
+def _announce_access_ended(device_id, **why):
+    """An access ended (committed): every open page showing that device (EVERY_PAGE when not
+    one device) checks its viewer again, in every process."""
+    from flask import current_app
+    from flask import has_app_context
+
+    if not has_app_context():
+        return
+    announce = current_app.extensions.get("announce_device_change")
+    if announce is not None:
+        announce(device_id or EVERY_PAGE)
 
 
 _start_guard = threading.Lock()

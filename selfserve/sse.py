@@ -24,7 +24,12 @@ from selfserve import push
 
 
 class Gone(Exception):
-    """The page may not show this any more: end the stream."""
+    """The page may not show this any more: end the stream, after `last` ([(event, html)]:
+    what the page shows instead, e.g. that access ended)."""
+
+    def __init__(self, last=()):
+        super().__init__("gone")
+        self.last = list(last)
 
 
 def frame(event, html):
@@ -69,7 +74,9 @@ def stream(device_ids, render):
                         if sent.get(event) != html:
                             sent[event] = html
                             yield frame(event, html)
-                except Gone:
+                except Gone as gone:
+                    for event, html in gone.last:
+                        yield frame(event, html)
                     yield frame("gone", "")
                     return
                 finally:

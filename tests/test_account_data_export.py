@@ -17,6 +17,8 @@ from helpers import count_queries
 from helpers import login
 from helpers import make_user
 
+from selfserve.models import AlertOptIn
+from selfserve.models import AlertSetting
 from selfserve.models import AuditEvent
 from selfserve.models import Device
 from selfserve.models import ValueRollup
@@ -59,6 +61,8 @@ def world(app, sim, labels, mailbox):
     access.give(window, friend, "viewer", home)
     friends_pump = own(friend, labels, "e00fce68a1b2c3d4e5f60802")
     access.give(friends_pump, home, "operator", friend)
+    AlertSetting.create(user=home.id, modes={"offline": "off"}, quiet_from=22, quiet_until=7)
+    AlertOptIn.create(user=home.id, device=friends_pump.device_id)
     transfers.offer(home, devices.device_for(home, PUMP), "buyer@example.com")
     return {"home": home, "later": later, "friend": friend}
 
@@ -100,6 +104,10 @@ def test_json_download_has_every_section_and_nothing_of_other_people(app, world)
     assert offer["you_were"] == "seller" and offer["other_party"] == "buyer@example.com"
     directions = sorted((g["direction"], g["role"], g["to"]) for g in data["access"])
     assert directions == [("given", "viewer", "friend@example.com"), ("held", "operator", "you")]
+    assert data["alert_settings"]["quiet_from"] == 22 and json.loads(data["alert_settings"]["modes"]) == {
+        "offline": "off"
+    }
+    assert [row["device_id"] for row in data["alert_opt_ins"]] == ["e00fce68a1b2c3d4e5f60802"]
     assert any(row["what"] == "Released device Old bedroom" for row in data["activity"])
     assert all(row["by"] in ("you", "someone else", "support", None) for row in data["activity"])
     # Nothing of the next owner of the released window, nor of the friend's own account.

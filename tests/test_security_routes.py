@@ -258,6 +258,8 @@ def test_every_state_change_needs_the_csrf_token(app, owner, browser, sim):
         "devices.call_function",
         "devices.rename",
         "devices.release",
+        "account_data.delete",
+        "account_data.undo_delete",
     } <= checked
     # The signed-in session survived every forged logout.
     assert browser.get("/account").status_code == 200
@@ -328,6 +330,10 @@ def test_no_get_changes_state(app, owner, browser, sim):
     assert particle_writes(sim) == {}
     assert diff(before, database_state()) == {}
     assert browser.get("/account").status_code == 200  # still signed in
+    # The downloads and the deletion's pages were among them (and answered).
+    fetched = {item.url: item.status for item in signed_in.fetched}
+    for path in ("/account/data.json", "/account/data.zip", "/account/delete", "/account/delete/scheduled"):
+        assert fetched.get(path) in (200, 302), (path, fetched.get(path))
 
 
 def test_no_get_changes_state_for_staff_in_the_console_and_viewing_as_a_customer(app, owner, sim):

@@ -476,6 +476,8 @@ def test_read_only_matrix_every_state_changing_route_is_refused(app, console, cu
         "accounts.change_password",
         "support.release_device",
         "support.start_view",
+        "account_data.delete",
+        "account_data.undo_delete",
     ):
         if expected in app.view_functions:
             assert expected in endpoints

@@ -66,7 +66,13 @@ def owner(app, sim):
 
 
 @pytest.fixture
-def sites(app, owner, sim, tmp_path):
+def site_settings():
+    """More SELFSERVE_* settings of the site processes (a test parametrizes it)."""
+    return {}
+
+
+@pytest.fixture
+def sites(app, owner, sim, tmp_path, site_settings):
     from selfserve import models
 
     models.db.close()  # the processes below need the database to themselves now (SQLite)
@@ -79,6 +85,7 @@ def sites(app, owner, sim, tmp_path):
         EVENT_STREAM="true",
         EVENT_STREAM_MIN_OPEN_SECONDS=0.5,
         PUSH_BROKER_URL="" if app.config["DATABASE_URL"].startswith("postgres") else REDIS_DB,
+        **site_settings,
     )
     processes = [SiteProcess(name, env, str(tmp_path)) for name in ("one", "two")]
     try:
@@ -161,3 +168,46 @@ def site_pids(site):
             except (OSError, ValueError, IndexError):
                 continue
     return pids
+
+
+@pytest.fixture
+def shared_with_viewer(app, owner):
+    """A person the owner's window is shared with (as viewer)."""
+    from selfserve.services import access
+
+    viewer = make_user("viewer@example.com", PASSWORD, provisioned=False)
+    return access.give(devices.device_for(owner, WINDOW), viewer, "viewer", owner)
+
+
+# Pages re-check only every minute here: only the announcement can end the stream sooner.
+@pytest.mark.parametrize("site_settings", [{"VALUES_POLL_SECONDS": 60}])
+def test_a_revoke_on_one_process_ends_the_page_open_on_the_other(shared_with_viewer, sites):
+    """Issue 10/11: revocation ends any live page that person has open, whichever process
+    serves it (the announcement crosses through LISTEN/NOTIFY or Redis)."""
+    import re
+
+    one, two = sites
+    viewer = load.login(two.url, "viewer@example.com", PASSWORD, two.url + "/devices")
+    owner = load.login(one.url, "owner@example.com", PASSWORD, one.url + "/devices")
+    response = viewer.get(f"{two.url}/devices/{WINDOW}/live", stream=True, timeout=(5, 40))
+    assert response.status_code == 200
+    chunks = response.iter_content(chunk_size=None)
+    buffer = ""
+    while "event: values" not in buffer:
+        buffer += next(chunks).decode()
+    page = owner.get(f"{one.url}/devices/{WINDOW}").text
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+    done = owner.post(
+        f"{one.url}/devices/{WINDOW}/sharing/grants/{shared_with_viewer.id}/revoke",
+        data={"csrf_token": token, "confirmed": "yes"},
+        allow_redirects=False,
+        timeout=10,
+    )
+    assert done.status_code == 302
+    # The stream on the other process says so and ends (it would otherwise tick on for minutes).
+    for chunk in chunks:
+        buffer += chunk.decode()
+        if "event: gone" in buffer:
+            break
+    response.close()
+    assert "Your access to this device has ended" in buffer and "event: gone" in buffer

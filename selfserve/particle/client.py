@@ -587,6 +587,24 @@ class ParticleClient:
             raise failure from None
         log.warning("creating a customer answered %s, but the customer exists: done", type(failure).__name__)
 
+    def delete_customer(self, customer_id):
+        """Delete the shadow customer `customer_id` (§5.5): Particle revokes its tokens, claim
+        codes and activation codes; our cached token of it is dropped too. True when deleted now,
+        False when Particle doesn't know it (404: already gone, e.g. a retry after a lost answer)."""
+        customer_id = self._customer_id(customer_id)
+        try:
+            self._request(
+                "DELETE",
+                "/v1/products/{product}/customers/{customer_id}",
+                token="product",
+                segments={"customer_id": customer_id},
+            )
+            deleted = True
+        except errors.NotFound:
+            deleted = False
+        self.forget_customer_token(customer_id)
+        return deleted
+
     # --- product level (product token) ----------------------------------------------------
 
     def add_device_to_product(self, device_id):

@@ -16,12 +16,15 @@ rows. Ownership changes (release, transfer) end every grant of the device (`end_
 same transaction as the ownership write.
 
 When a person's access ends, `access_ended` (a blinker signal) is sent with the device id
-and the user id, after the database change: live pages (server-sent events) subscribe to
-close that person's streams. Polls need nothing: their next request is a 404.
+and the user id, once the change is committed (`send_pending`: a listener that looked before
+the commit would still see the access): selfserve/push.py announces it to every site process,
+whose open pages (server-sent events) check their viewer's access again at once and say that
+it ended. Polls need nothing: their next request is a 404.
 """
 
 import dataclasses
 import logging
+import threading
 
 import peewee
 from blinker import Namespace
@@ -296,6 +299,7 @@ def give(device, grantee, role, granted_by, expires_at=None, via=None, now=None,
                 device_id=device.device_id,
                 **detail,
             )
+    send_pending()
     if previous is not None and not at_least(role, previous.role):
         access_ended.send(
             device.device_id,
@@ -317,13 +321,15 @@ def revoke(grant, actor, now=None):
     now = now or utcnow()
     with db.atomic():
         ended = _end_where((Grant.id == grant.id) & Grant.ended_at.is_null(), "revoked", actor, now)
+    send_pending()
     return bool(ended)
 
 
 def end_all(device_id, cause, actor=None, owner_id=None, name=None, now=None):
     """End every grant on `device_id` because its ownership changed (`cause`: released,
     transferred). Call inside the transaction that changes the owner, with the owner it had
-    (`owner_id`) and its name then (`name`), for their activity pages. Returns how many."""
+    (`owner_id`) and its name then (`name`), for their activity pages, and `send_pending`
+    after it. Returns how many."""
     from selfserve.models import Invitation
 
     now = now or utcnow()
@@ -333,6 +339,10 @@ def end_all(device_id, cause, actor=None, owner_id=None, name=None, now=None):
     ).execute()
     # Out of the former owner's groups: grants on those groups no longer reach it.
     GroupDevice.delete().where(GroupDevice.device == device_id).execute()
+    # The former owner's own pages (and their organisation's members') end too.
+    _after_commit(
+        lambda: access_ended.send(device_id, user_id=owner_id, org_id=None, group_id=None, cause=cause)
+    )
     return _end_where(
         (Grant.device == device_id) & Grant.ended_at.is_null(),
         cause,
@@ -357,7 +367,9 @@ def record_expired(now=None, limit=500):
     if not ids:
         return 0
     with db.atomic():
-        return _end_where(Grant.id.in_(ids) & Grant.ended_at.is_null(), "expired", None, now)
+        ended = _end_where(Grant.id.in_(ids) & Grant.ended_at.is_null(), "expired", None, now)
+    send_pending()
+    return ended
 
 
 _END_ACTIONS = {
@@ -422,7 +434,7 @@ def _end_where(condition, cause, actor, now, owner_id=None, name=None):
                 device_id=grant.device_id,
                 **detail,
             )
-    # Tell live pages (the change is in this transaction; listeners re-check with device_for).
+    # Tell live pages once this transaction commits (they re-check with device_for).
     for grant in ended:
         _after_commit(
             lambda grant=grant: access_ended.send(
@@ -456,9 +468,34 @@ def _target_owner(grant):
     return Organisation.get_by_id(grant.group.organisation_id).account_id
 
 
+_pending = threading.local()
+
+
 def _after_commit(callback):
-    # peewee has no on-commit hook; the signal is advisory (a page that misses it gets a 404 on
-    # its next request), so sending it right away is safe: listeners re-check with device_for.
+    """Run `callback` (an access_ended send) now outside a transaction, else when the caller
+    calls `send_pending` after its transaction (peewee has no on-commit hook; a request's end
+    sends what is left). A rolled-back ending then sends a needless wake-up: harmless, as
+    listeners re-check with device_for."""
+    if db.in_transaction():
+        if not hasattr(_pending, "callbacks"):
+            _pending.callbacks = []
+        _pending.callbacks.append(callback)
+        return
+    _run(callback)
+
+
+def send_pending():
+    """Send the access_ended signals of endings this thread made in a transaction that has
+    now ended. Call after the transaction (does nothing inside one)."""
+    if db.in_transaction():
+        return
+    callbacks = getattr(_pending, "callbacks", None) or []
+    _pending.callbacks = []
+    for callback in callbacks:
+        _run(callback)
+
+
+def _run(callback):
     try:
         callback()
     except Exception:  # noqa: BLE001 - a listener's failure must not undo an ending

@@ -13,9 +13,10 @@ within ALERT_REOPEN_SECONDS is the same episode (flapping makes no second alert)
 Notifying. Opening, reminding (every ALERT_REMINDER_HOURS while it lasts) and closing write
 one AlertNotice per recipient in the same transaction, as each person chose per kind: at once,
 in the daily digest, or not at all; quiet hours in their time zone move a notice to their end
-(faults go through unless the person says otherwise). The owner receives them (grantees once
-sharing lands); a notice for a device that is no longer the person's is cancelled when it
-would be sent, so a transfer or release stops the old owner's alerts at once.
+(faults go through unless the person says otherwise). The owner receives them, and grantees
+who opted in; an organisation routes them to a group's people (services/alert_recipients.py).
+A notice for a device the person can no longer see is cancelled when it would be sent, so a
+transfer, a release or a revoked grant stops that person's alerts at once.
 
 Sending. `send_due` takes every due notice of a person under a lease and sends them as ONE
 mail (a person with 500 devices in an outage gets one message, not 500), with a one-click
@@ -51,6 +52,7 @@ from selfserve.models import DeviceSnapshot
 from selfserve.models import User
 from selfserve.models import db
 from selfserve.models import utcnow
+from selfserve.services import alert_recipients
 from selfserve.services import history
 from selfserve.services import leases
 from selfserve.services import steps
@@ -233,15 +235,15 @@ def due_time(setting, kind, mode, moment):
 
 
 def recipients(device_id, owner_id):
-    """The people told about a device's episodes: its owner (grantees once sharing lands)."""
-    return [owner_id] if owner_id is not None else []
+    """The people told about a device's episodes: its owner (an organisation's chosen group,
+    or admins) and the grantees who opted in (services/alert_recipients.py)."""
+    return alert_recipients.of_device(device_id, owner_id)
 
 
 def _still_theirs(user_id, device_id):
-    """Whether `user_id` may still be told about `device_id` (ownership may have changed)."""
-    if device_id is None:
-        return True
-    return Device.select().where((Device.device_id == device_id) & (Device.owner == user_id)).exists()
+    """Whether `user_id` may still be told about `device_id` (ownership or access may have
+    changed: a transfer, a release, a revoked grant)."""
+    return alert_recipients.may_still_hear(user_id, device_id)
 
 
 # --- episodes ---------------------------------------------------------------------------------

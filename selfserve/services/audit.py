@@ -31,8 +31,7 @@ class _WithArgument:
         text = str(self.template).format(**detail)
         answer = detail.get("answer")
         if answer:
-            answer = _(answer)
-            text = _("%(text)s. The device answered: %(answer)s", text=text, answer=answer)
+            text = _("%(text)s. The device answered: %(answer)s", text=text, answer=_(answer))
         return text
 
     def __str__(self):
@@ -63,6 +62,10 @@ DESCRIPTIONS = {
     "account.email_changed": _l("Changed email address"),
     "account.preferences_changed": _l("Changed language or time zone"),
     "account.provisioned": _l("Account connected to the device cloud"),
+    "account.deletion_scheduled": _l("Asked to delete the account (on {due})"),
+    "account.deletion_cancelled": _l("Undid the deletion of the account"),
+    "account.deletion_started": _l("The deletion of the account started"),
+    "account.deleted": _l("Account deleted"),
     "device.claimed": _l("Added device {name}"),
     "device.released": _l("Released device {name}"),
     "device.renamed": _l("Renamed device {old} to {new}"),
@@ -114,9 +117,12 @@ DESCRIPTIONS = {
     "org.member_added_me": _l("You were added to the organisation {organisation} as {role}"),
     "org.member_removed": _l("Removed {to} from the organisation"),
     "org.member_removed_me": _l("You were removed from the organisation {organisation}"),
+    "org.admin_handed_on": "{to} became admin of the organisation {organisation}: its last admin left",
     "org.group_created": _l("Created the group {group}"),
     "org.group_devices_added": _l("Put {count} device(s) in the group {group}"),
     "org.group_devices_removed": _l("Took {count} device(s) out of the group {group}"),
+    "org.group_alerts_to_members": _l("The alerts of the group {group} go to its people"),
+    "org.group_alerts_to_admins": _l("The alerts of the group {group} go to the admins"),
     "staff.alert": _l("Alert for staff: {reason}"),
     "support.viewed": _l("Support viewed your account"),
     "support.view_started": _l("Support viewed your account"),

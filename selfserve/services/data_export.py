@@ -28,6 +28,7 @@ from peewee import JOIN
 from selfserve import device_models
 from selfserve import i18n
 from selfserve.models import AlertNotice
+from selfserve.models import AlertOptIn
 from selfserve.models import AlertSetting
 from selfserve.models import AuditEvent
 from selfserve.models import Device
@@ -101,6 +102,8 @@ def _account(user):
         "email_verified_at": _iso(user.email_verified_at),
         "password_changed_at": _iso(user.password_changed_at),
         "device_cloud_customer_id": user.particle_customer_id,
+        "language": user.locale,
+        "time_zone": user.time_zone,
     }
 
 
@@ -302,12 +305,22 @@ def _alert_settings(user):
         return
     yield {
         "modes": json.dumps(setting.modes or {}, sort_keys=True),
-        "time_zone": setting.time_zone,
         "quiet_from": setting.quiet_from,
         "quiet_until": setting.quiet_until,
         "faults_in_quiet": setting.faults_in_quiet,
         "digest_hour": setting.digest_hour,
     }
+
+
+def _alert_opt_ins(user):
+    rows = (
+        AlertOptIn.select(AlertOptIn, Device.device_id, Device.serial_number, Device.model)
+        .join(Device, JOIN.LEFT_OUTER)
+        .where(AlertOptIn.user == user.id)
+        .order_by(AlertOptIn.id)
+    )
+    for row in rows:
+        yield {"device_id": row.device_id, "device": _label(row.device.model, row.device.serial_number)}
 
 
 def _alert_log(user):
@@ -360,6 +373,8 @@ SECTIONS = (
             "email_verified_at",
             "password_changed_at",
             "device_cloud_customer_id",
+            "language",
+            "time_zone",
         ),
         _account,
         single=True,
@@ -417,10 +432,11 @@ SECTIONS = (
     Section("organisations", ("organisation", "kind", "role", "member_since"), _organisations),
     Section(
         "alert_settings",
-        ("modes", "time_zone", "quiet_from", "quiet_until", "faults_in_quiet", "digest_hour"),
+        ("modes", "quiet_from", "quiet_until", "faults_in_quiet", "digest_hour"),
         _alert_settings,
         single=True,
     ),
+    Section("alert_opt_ins", ("device_id", "device"), _alert_opt_ins),
     Section(
         "alert_log",
         ("created_at", "device_id", "kind", "event", "delivery", "sent_at", "withdrawn_at"),
@@ -484,7 +500,7 @@ def csv_zip_chunks(user, now=None, flush_every=500):
     with zipfile.ZipFile(pipe, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.writestr(
             "README.txt",
-            f"Your selfserve data, exported {_iso(now)}. Times are UTC.\n"
+            f"Your Tidewell data, exported {_iso(now)}. Times are UTC.\n"
             "One CSV file per part: " + ", ".join(s.name for s in SECTIONS) + ".\n",
         )
         yield pipe.take()

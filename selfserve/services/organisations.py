@@ -281,6 +281,8 @@ def remove_from_group(admin, organisation, group, device_ids):
         group=group.name,
         count=removed,
     )
+    if removed:
+        access.access_ended.send(None, user_id=None, org_id=None, group_id=group.id, cause="ungrouped")
     return removed
 
 

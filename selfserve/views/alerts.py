@@ -12,19 +12,30 @@ from flask import render_template
 from flask import request
 from flask import url_for
 from flask_babel import gettext as _
+from flask_babel import ngettext
 from flask_login import current_user
 
 from selfserve import htmx
 from selfserve import tokens
 from selfserve.security import csrf
 from selfserve.security import public
+from selfserve.services import alert_recipients
 from selfserve.services import alerts
+from selfserve.services import sharing
 
 bp = Blueprint("alerts", __name__)
 
 
+def _shared_page():
+    page = request.args.get("page", "1")
+    page = int(page) if page.isdigit() and len(page) < 7 else 1
+    return sharing.reachable(current_user, page=page, query=request.args.get("q", ""))
+
+
 def _page(errors=None, form=None, status=200):
     setting = alerts.settings_of(current_user.id)
+    shared = _shared_page()
+    shown = [device.device_id for group in shared.groups for device in group.devices]
     return (
         render_template(
             "alerts/settings.html",
@@ -35,6 +46,8 @@ def _page(errors=None, form=None, status=200):
             errors=errors or {},
             form=form,
             log=alerts.log_of(current_user),
+            shared=shared,
+            opted=alert_recipients.opted_in(current_user, shown),
         ),
         status,
     )
@@ -60,6 +73,28 @@ def settings():
         return _page(errors={exc.field: exc.message}, form=form, status=400)
     flash(_("Your alert choices are saved."), "success")
     return htmx.redirect(url_for("alerts.settings"))
+
+
+@bp.post("/account/alerts/shared")
+def shared_devices():
+    """Opt in to (or out of) the alerts of devices shared with me: the ones the form showed."""
+    form = request.form
+    chosen = alert_recipients.set_opt_ins(
+        current_user, form.getlist("shown")[:500], form.getlist("device")[:500]
+    )
+    flash(
+        ngettext(
+            "You get the alerts of %(num)d of these shared devices.",
+            "You get the alerts of %(num)d of these shared devices.",
+            len(chosen),
+        )
+        if chosen
+        else _("You get no alerts of these shared devices."),
+        "success",
+    )
+    page = form.get("page", "1")
+    page = page if page.isdigit() and len(page) < 7 else "1"
+    return htmx.redirect(url_for("alerts.settings", page=page) + "#shared-alerts")
 
 
 @bp.post("/account/alerts/test")

@@ -148,7 +148,9 @@ def dashboard_live():
             try:
                 device = devices.device_for(user, device_id, need="viewer")
             except NotFound:
-                continue  # left the account: its card just stops changing
+                # Left the account (released, transferred): the card says so and stops changing.
+                found.append((f"summary-{device_id}", render_template("devices/_access_ended.html")))
+                continue
             snapshot = _pushed_snapshot(device, check)
             html = render_template(
                 "devices/_summary.html",
@@ -344,7 +346,8 @@ def live(device_id):
         try:
             current = devices.device_for(user, device.device_id, need="viewer")
         except NotFound:
-            raise sse.Gone() from None
+            # Access ended (revoked, expired, released...): no more values; the page says so.
+            raise sse.Gone([("values", render_template("devices/_access_ended.html"))]) from None
         snapshot = _pushed_snapshot(current, check)
         return [
             ("values", render_template("devices/_values.html", **_page_context(current, snapshot=snapshot)))

@@ -17,6 +17,7 @@ from flask_login import current_user
 
 from selfserve.security import verified_required
 from selfserve.services import access
+from selfserve.services import alert_recipients
 from selfserve.services import audit
 from selfserve.services import organisations
 from selfserve.services import sharing
@@ -28,13 +29,22 @@ def _back(organisation, anchor=""):
     return redirect(url_for("organisations.detail", organisation_id=organisation.id) + anchor)
 
 
-def _done(organisation, action, message, anchor=""):
+def _done(organisation, action, message, anchor="", confirm=None):
+    """Every change of the organisation area: run `action`, then back to the page with
+    `message` (or the refusal; a missing thing is a 404). With `confirm` (a question), a form
+    without confirmed=yes gets a page asking it first, whose button posts here again (pages
+    with JavaScript ask with hx-confirm and send confirmed=yes)."""
+    if confirm is not None and request.form.get("confirmed") != "yes":
+        return render_template(
+            "organisations/confirm.html",
+            organisation=organisation,
+            question=confirm,
+            action=request.script_root + request.path,
+        )
     try:
         action()
-    except organisations.OrgError as exc:
+    except (organisations.OrgError, sharing.SharingError) as exc:
         if exc.status == 404:
-            from flask import abort
-
             abort(404)
         flash(exc.message, "error")
         return _back(organisation, anchor)
@@ -107,18 +117,12 @@ def add_member(organisation_id):
 @bp.post("/organisations/<int:organisation_id>/members/<int:user_id>/remove")
 def remove_member(organisation_id, user_id):
     organisation = organisations.org_for(current_user, organisation_id, need="admin")
-    if request.form.get("confirmed") != "yes":
-        return render_template(
-            "organisations/confirm.html",
-            organisation=organisation,
-            question="Remove this member? Their access through the organisation ends at once.",
-            action=url_for("organisations.remove_member", organisation_id=organisation.id, user_id=user_id),
-        )
     return _done(
         organisation,
         lambda: organisations.remove_member(current_user, organisation, user_id),
         _("The member was removed."),
         "#members",
+        confirm=_("Remove this member? Their access through the organisation ends at once."),
     )
 
 
@@ -183,26 +187,32 @@ def grant_group(organisation_id, group_id):
             expires_at=until,
         )
 
-    try:
-        return _done(organisation, act, _("Access to %(name)s given.", name=group.name), f"#group-{group.id}")
-    except sharing.SharingError as exc:
-        flash(exc.message, "error")
-        return _back(organisation, f"#group-{group.id}")
+    return _done(organisation, act, _("Access to %(name)s given.", name=group.name), f"#group-{group.id}")
+
+
+@bp.post("/organisations/<int:organisation_id>/groups/<int:group_id>/alerts")
+def group_alerts(organisation_id, group_id):
+    """Where the alerts of the group's devices go: its people, or the admins (the default)."""
+    organisation = organisations.org_for(current_user, organisation_id, need="admin")
+    group = organisations.group_of(organisation, group_id)
+    to_members = request.form.get("to_members") == "yes"
+    return _done(
+        organisation,
+        lambda: alert_recipients.set_group_routing(current_user, organisation, group, to_members),
+        _("The alerts of %(name)s go to its people now.", name=group.name)
+        if to_members
+        else _("The alerts of %(name)s go to the admins now.", name=group.name),
+        f"#group-{group.id}",
+    )
 
 
 @bp.post("/organisations/<int:organisation_id>/grants/<int:grant_id>/revoke")
 def revoke_grant(organisation_id, grant_id):
     organisation = organisations.org_for(current_user, organisation_id, need="admin")
-    if request.form.get("confirmed") != "yes":
-        return render_template(
-            "organisations/confirm.html",
-            organisation=organisation,
-            question="Revoke this access? It ends at once.",
-            action=url_for("organisations.revoke_grant", organisation_id=organisation.id, grant_id=grant_id),
-        )
     return _done(
         organisation,
         lambda: organisations.revoke_group_grant(current_user, organisation, grant_id),
         _("The access was revoked."),
         "#groups",
+        confirm=_("Revoke this access? It ends at once."),
     )

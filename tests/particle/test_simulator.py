@@ -502,6 +502,29 @@ def test_delete_customer_revokes_tokens_codes_and_unclaims(sim):
     assert again.json()["error"] == "invalid_scope"
 
 
+def test_delete_customer_revokes_refresh_tokens_needs_a_product_token_and_answers_404_once_gone(sim):
+    """§5.5 as account deletion relies on it: every token of the customer dies (refresh tokens
+    too), a customer token can't delete anyone, and deleting again is a 404 (already gone)."""
+    product = product_token(sim)
+    issued = requests.post(
+        f"{sim.url}/v1/products/{PRODUCT}/customers",
+        data={"email": "leaving-2", "no_password": "true"},
+        auth=CLIENT,
+        timeout=10,
+    ).json()
+    url = f"{sim.url}/v1/products/{PRODUCT}/customers/leaving-2"
+    refused = requests.delete(url, headers=bearer(issued["access_token"]), timeout=10)
+    assert refused.status_code in (401, 403)
+    assert "leaving-2" in sim.cloud.customers
+    assert requests.delete(url, headers=bearer(product), timeout=10).status_code == 200
+    refresh = token_request(sim, grant_type="refresh_token", refresh_token=issued["refresh_token"])
+    assert refresh.status_code == 400 and refresh.json()["error"] == "invalid_grant"
+    again = requests.delete(url, headers=bearer(product), timeout=10)
+    assert again.status_code == 404
+    # The id can be used again afterwards (a new, empty customer).
+    assert create_customer(sim, "leaving-2")
+
+
 # --- product devices ------------------------------------------------------------------------------------
 
 
