@@ -124,3 +124,39 @@ def test_organisation_routes_refuse_outsiders_and_members_on_admin_routes(app, w
             expected = 200 if rule.endpoint in allowed else 404
             assert response.status_code == expected, (who.email, rule.endpoint, response.status_code)
         assert diff(before, database_state()) == {}
+
+
+def test_removing_and_revoking_ask_first_without_javascript(app, world):
+    from selfserve.models import DeviceGroup
+    from selfserve.models import Grant
+    from selfserve.models import Membership
+
+    org, admin, member = world["org"], world["admin"], world["member"]
+    site = DeviceGroup.get(DeviceGroup.name == "Site A")
+    grant = organisations.grant_group(admin, org, site, "viewer", email=member.email)
+    client = app.test_client()
+    login(client, admin.email, PASSWORD)
+    token = csrf_token(client, f"/organisations/{org.id}")
+    for path, question in (
+        (f"/organisations/{org.id}/members/{member.id}/remove", "Remove this member?"),
+        (f"/organisations/{org.id}/grants/{grant.id}/revoke", "Revoke this access?"),
+    ):
+        asked = client.post(path, data={"csrf_token": token})
+        text = asked.get_data(as_text=True)
+        assert asked.status_code == 200 and question in text and f'action="{path}"' in text
+    assert Membership.select().where(Membership.user == member.id).count() == 1
+    assert Grant.get_by_id(grant.id).ended_at is None
+    for path in (
+        f"/organisations/{org.id}/grants/{grant.id}/revoke",
+        f"/organisations/{org.id}/members/{member.id}/remove",
+    ):
+        assert client.post(path, data={"csrf_token": token, "confirmed": "yes"}).status_code == 302
+    assert Membership.select().where(Membership.user == member.id).count() == 0
+    assert Grant.get_by_id(grant.id).ended_at is not None
+    # A grant that is gone: 404, as for any unknown id.
+    assert (
+        client.post(
+            f"/organisations/{org.id}/grants/999999/revoke", data={"csrf_token": token, "confirmed": "yes"}
+        ).status_code
+        == 404
+    )

@@ -28,13 +28,22 @@ def _back(organisation, anchor=""):
     return redirect(url_for("organisations.detail", organisation_id=organisation.id) + anchor)
 
 
-def _done(organisation, action, message, anchor=""):
+def _done(organisation, action, message, anchor="", confirm=None):
+    """Every change of the organisation area: run `action`, then back to the page with
+    `message` (or the refusal; a missing thing is a 404). With `confirm` (a question), a form
+    without confirmed=yes gets a page asking it first, whose button posts here again (pages
+    with JavaScript ask with hx-confirm and send confirmed=yes)."""
+    if confirm is not None and request.form.get("confirmed") != "yes":
+        return render_template(
+            "organisations/confirm.html",
+            organisation=organisation,
+            question=confirm,
+            action=request.script_root + request.path,
+        )
     try:
         action()
-    except organisations.OrgError as exc:
+    except (organisations.OrgError, sharing.SharingError) as exc:
         if exc.status == 404:
-            from flask import abort
-
             abort(404)
         flash(exc.message, "error")
         return _back(organisation, anchor)
@@ -107,18 +116,12 @@ def add_member(organisation_id):
 @bp.post("/organisations/<int:organisation_id>/members/<int:user_id>/remove")
 def remove_member(organisation_id, user_id):
     organisation = organisations.org_for(current_user, organisation_id, need="admin")
-    if request.form.get("confirmed") != "yes":
-        return render_template(
-            "organisations/confirm.html",
-            organisation=organisation,
-            question="Remove this member? Their access through the organisation ends at once.",
-            action=url_for("organisations.remove_member", organisation_id=organisation.id, user_id=user_id),
-        )
     return _done(
         organisation,
         lambda: organisations.remove_member(current_user, organisation, user_id),
         "The member was removed.",
         "#members",
+        confirm="Remove this member? Their access through the organisation ends at once.",
     )
 
 
@@ -183,11 +186,7 @@ def grant_group(organisation_id, group_id):
             expires_at=until,
         )
 
-    try:
-        return _done(organisation, act, f"Access to {group.name} given.", f"#group-{group.id}")
-    except sharing.SharingError as exc:
-        flash(exc.message, "error")
-        return _back(organisation, f"#group-{group.id}")
+    return _done(organisation, act, f"Access to {group.name} given.", f"#group-{group.id}")
 
 
 @bp.post("/organisations/<int:organisation_id>/groups/<int:group_id>/alerts")
@@ -209,16 +208,10 @@ def group_alerts(organisation_id, group_id):
 @bp.post("/organisations/<int:organisation_id>/grants/<int:grant_id>/revoke")
 def revoke_grant(organisation_id, grant_id):
     organisation = organisations.org_for(current_user, organisation_id, need="admin")
-    if request.form.get("confirmed") != "yes":
-        return render_template(
-            "organisations/confirm.html",
-            organisation=organisation,
-            question="Revoke this access? It ends at once.",
-            action=url_for("organisations.revoke_grant", organisation_id=organisation.id, grant_id=grant_id),
-        )
     return _done(
         organisation,
         lambda: organisations.revoke_group_grant(current_user, organisation, grant_id),
         "The access was revoked.",
         "#groups",
+        confirm="Revoke this access? It ends at once.",
     )
