@@ -652,6 +652,35 @@ class AlertNotice(BaseModel):
     mail_id = peewee.CharField(null=True, max_length=32, index=True)  # the batch (one mail) it left in
 
 
+class OutboxMail(BaseModel):
+    """One email to send (services/outbox.py), written in the same transaction as the change it
+    reports: a rolled-back change sends nothing, a committed one is never lost. Holds the
+    rendered message, so sending needs no request. state: pending -> sent | failed (refused
+    for good, or out of attempts) | skipped (a reset request for an address without an
+    account: nothing to send). A sender takes a row with an atomic UPDATE of `lease_until`;
+    a recipient's rows leave in `id` order. `sensitive` mails (links that sign in or reset)
+    are never shown to staff and lose their body once finished."""
+
+    kind = peewee.CharField(max_length=32)  # the template (or "reset_request")
+    to_address = peewee.CharField(max_length=254, index=True)
+    subject = peewee.CharField(max_length=255)
+    body = peewee.TextField()
+    headers = JSONField(null=True)  # extra headers, e.g. List-Unsubscribe
+    sensitive = peewee.BooleanField(default=False)
+    # Steps that enqueue (transfers, migration rows) may run twice: the same key is one mail.
+    dedupe_key = peewee.CharField(null=True, max_length=128, unique=True)
+    state = peewee.CharField(default="pending", max_length=12)
+    attempts = peewee.IntegerField(default=0)
+    next_attempt_at = peewee.DateTimeField(null=True)
+    lease_until = peewee.DateTimeField(null=True)
+    last_error = peewee.CharField(null=True, max_length=500)
+    created_at = peewee.DateTimeField(default=utcnow, index=True)
+    finished_at = peewee.DateTimeField(null=True)
+
+    class Meta:
+        indexes = ((("state", "next_attempt_at"), False),)
+
+
 class AccountDeletion(JobColumns):
     """An account its owner asked to delete (services/erasure.py), and the recorded job that
     deletes it. state: scheduled (until `due_at`; the person may undo it) -> running (the steps
@@ -700,5 +729,6 @@ ALL_MODELS = [
     AlertOptIn,
     AlertEpisode,
     AlertNotice,
+    OutboxMail,
     AccountDeletion,
 ]

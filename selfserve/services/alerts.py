@@ -18,13 +18,13 @@ who opted in; an organisation routes them to a group's people (services/alert_re
 A notice for a device the person can no longer see is cancelled when it would be sent, so a
 transfer, a release or a revoked grant stops that person's alerts at once.
 
-Sending. `send_due` takes every due notice of a person under a lease and sends them as ONE
+Sending. `send_due` takes every due notice of a person under a lease and queues them as ONE
 mail (a person with 500 devices in an outage gets one message, not 500), with a one-click
-unsubscribe (signed link, RFC 8058 List-Unsubscribe / List-Unsubscribe-Post headers). A mail
-server that is down delays the mail (backoff) and it is sent after, oldest first; a worker
-killed between deciding and sending leaves the notice to be sent by the next run, and one
-killed after the server accepted but before it recorded `sent_at` can send it once more (that
-narrow window is the only duplicate possible).
+unsubscribe (signed link, RFC 8058 List-Unsubscribe / List-Unsubscribe-Post headers), in the
+outbox (services/outbox.py) in the same transaction that marks them `sent_at`: a worker killed
+before the commit leaves the notices to the next run, one killed after it left the mail in the
+outbox, which sends it once. A mail server that is down delays the mail (the outbox's backoff)
+and it is sent after, in order.
 """
 
 import datetime
@@ -586,6 +586,11 @@ def send_due(now=None):
 
 
 def _send_to(user_id, now):
+    with db.atomic():  # deciding what this mail says and queueing it: all or nothing
+        return _queue_mail_to(user_id, now)
+
+
+def _queue_mail_to(user_id, now):
     batch = secrets.token_hex(8)
     lease = steps.lease_until(now)
     free = AlertNotice.lease_until.is_null() | (AlertNotice.lease_until < now)
@@ -619,16 +624,7 @@ def _send_to(user_id, now):
     user = User.get_or_none(User.id == user_id)
     if not keep or user is None:
         return False
-    try:
-        _mail(user, keep, now)
-    except mail.MailError:
-        attempts = max(notice.attempts for notice in keep) + 1
-        retry = now + datetime.timedelta(seconds=steps.backoff_seconds(attempts))
-        AlertNotice.update(attempts=AlertNotice.attempts + 1, lease_until=retry).where(
-            AlertNotice.mail_id == batch
-        ).execute()
-        log.warning("Alert mail to user %s not sent (attempt %d); retrying later", user_id, attempts)
-        return False
+    _mail(user, keep, now)  # queued in the outbox (this transaction)
     AlertNotice.update(sent_at=utcnow(), lease_until=None).where(
         (AlertNotice.mail_id == batch) & AlertNotice.cancelled_at.is_null()
     ).execute()

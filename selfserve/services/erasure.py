@@ -67,6 +67,7 @@ from selfserve.particle import get_client
 from selfserve.refusals import Refusal
 from selfserve.security import end_all_login_sessions
 from selfserve.services import audit
+from selfserve.services import outbox
 from selfserve.services import steps
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,6 @@ log = logging.getLogger(__name__)
 SCHEDULED, RUNNING, DONE, CANCELLED = "scheduled", "running", "done", "cancelled"
 UNUSABLE_PASSWORD = "!"  # not an Argon2 hash: passwords.check_password is always False for it
 DELETED_ROLE = "deleted"
-MAIL_MAX_ATTEMPTS = 8
 
 
 class ErasureError(Refusal):
@@ -109,12 +109,9 @@ def pending_of(user):
 
 
 def _notify(to, subject, template, **context):
-    """A courtesy email through the site's one mail path; a failure is logged, never raised
-    (the deletion is recorded whatever the mail server does)."""
-    try:
-        mail.send(to, subject, template, **context)
-    except mail.MailError:
-        log.warning("Account deletion email %r could not be sent", template)
+    """A courtesy email through the site's one mail path, the outbox (queued now, sent later:
+    the deletion is recorded whatever the mail server does)."""
+    mail.send(to, subject, template, **context)
 
 
 # --- asking and undoing -----------------------------------------------------------------------------
@@ -408,6 +405,7 @@ def _step_scrub(deletion):
         for model in (AlertNotice, AlertSetting, AlertOptIn, PossessionProof, LoginSession):
             model.delete().where(model.user == user.id).execute()
         ClaimAttempt.delete().where(ClaimAttempt.key == f"user:{user.id}").execute()
+        outbox.forget(addresses)  # their mail, sent or not (the "deleted" mail is queued after)
         cleared = {
             User.email: replacement,
             User.pending_email: None,
@@ -473,9 +471,7 @@ def _step_mail_deleted(deletion):
             _l("Your account is deleted"),
             "account_deleted",
             {},
-            deletion.attempts,
-            MAIL_MAX_ATTEMPTS,
-            f"AccountDeletion {deletion.id}",
+            key=f"account-deletion:{deletion.id}",
         )
     AccountDeletion.update(notify_email=None, state=DONE, finished_at=utcnow()).where(
         AccountDeletion.id == deletion.id

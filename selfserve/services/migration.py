@@ -60,7 +60,6 @@ MIGRATING = "migrating"  # Device.claim_state while a migration claim runs (owne
 REQUESTS_PER_SECOND = 20.0  # well under Particle's ~33/s per IP, leaving room for the site
 MAX_INLINE_RATE_WAITS = 5
 MAX_RATE_WAIT_SECONDS = 60.0
-MAIL_MAX_ATTEMPTS = 8
 
 
 # --- the pacer ----------------------------------------------------------------------------------
@@ -466,16 +465,10 @@ def _step_mail(migration, template):
         if template == "migration_invite"
         else _l("Your device is in your account")
     )
-    sent = steps.send_mail(
-        migration.email,
-        subject,
-        template,
-        context,
-        migration.attempts,
-        MAIL_MAX_ATTEMPTS,
-        f"Migration of {migration.device_id}",
+    steps.send_mail(
+        migration.email, subject, template, context, key=f"migration:{migration.device_id}:{template}"
     )
-    if sent and template == "migration_invite":
+    if template == "migration_invite":
         MigrationRow.update(invited_at=utcnow()).where(
             MigrationRow.device_id == migration.device_id
         ).execute()

@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 INVITE_DAYS = 7
 MAX_ACCESS_DAYS = 5 * 366  # an end date further away is a typo
-MAIL_RETRY_SECONDS = 60
 
 
 class SharingError(Exception):
@@ -104,7 +103,7 @@ def invite(actor, device, email, role, until="", now=None, to_organisation=False
 
     Raises SharingError for a role above the actor's, a bad address or date, the owner's own
     address, or an invitation to that address already waiting. The email is sent at once; if
-    the mail server fails the invitation stays and the sweep sends it later."""
+    invitation is queued with it (outbox), so a mail server that is down only delays it."""
     now = now or utcnow()
     if role not in grantable_by(getattr(device, "role", None)):
         raise SharingError(_l("You can't give that role."), kind="role", field="role", status=422)
@@ -155,7 +154,7 @@ def invite(actor, device, email, role, until="", now=None, to_organisation=False
             by=actor.email,
             for_organisation=bool(to_organisation) or None,
         )
-    send_invitation(invitation)
+        send_invitation(invitation)
     return invitation
 
 
@@ -178,27 +177,29 @@ def from_link(token):
 
 
 def send_invitation(invitation):
-    """Email the link once: taken with an atomic UPDATE of `mailed_at`, so two workers never
-    both send it; a failure gives it back for the sweep. True when sent."""
-    now = utcnow()
-    taken = (
-        Invitation.update(mailed_at=now)
-        .where(
-            (Invitation.id == invitation.id)
-            & Invitation.mailed_at.is_null()
-            & (Invitation.state == "pending")
+    """Queue the invitation's email once (outbox), in the caller's transaction: `mailed_at`
+    (when it was queued) is taken with an atomic UPDATE, so it is queued once however often
+    this runs. True when queued now."""
+    with db.atomic():
+        taken = (
+            Invitation.update(mailed_at=utcnow())
+            .where(
+                (Invitation.id == invitation.id)
+                & Invitation.mailed_at.is_null()
+                & (Invitation.state == "pending")
+            )
+            .execute()
         )
-        .execute()
-    )
-    if not taken:
-        return False
-    device = Device.get_by_id(invitation.device_id)
-    inviter = User.get_or_none(User.id == invitation.invited_by_id)
-    try:
+        if not taken:
+            return False
+        device = Device.get_by_id(invitation.device_id)
+        inviter = User.get_or_none(User.id == invitation.invited_by_id)
         mail.send(
             invitation.email,
             _l("A device was shared with you"),
             "share_invitation",
+            sensitive=True,  # the link accepts the invitation
+            dedupe_key=f"invitation:{invitation.id}",
             link=invitation_link(invitation),
             inviter=inviter.email if inviter else "Someone",
             device_label=_label(device),
@@ -208,9 +209,6 @@ def send_invitation(invitation):
             expires=invitation.expires_at.strftime("%d %b %Y"),
             to_organisation=invitation.to_organisation,
         )
-    except mail.MailError:
-        Invitation.update(mailed_at=None).where(Invitation.id == invitation.id).execute()
-        return False
     return True
 
 
@@ -218,20 +216,6 @@ def _label(device):
     from selfserve import device_models
 
     return f"{device_models.label(device.model)} {device.serial_number}"
-
-
-def resend_unsent(now=None, limit=50):
-    """Sweep: send invitation emails that failed earlier (pending, still valid)."""
-    now = now or utcnow()
-    query = (
-        Invitation.select()
-        .where(
-            Invitation.mailed_at.is_null() & (Invitation.state == "pending") & (Invitation.expires_at > now)
-        )
-        .where(Invitation.created_at <= now - datetime.timedelta(seconds=MAIL_RETRY_SECONDS))
-        .limit(limit)
-    )
-    return sum(1 for invitation in list(query) if send_invitation(invitation))
 
 
 def too_late_message(invitation, now=None):

@@ -17,6 +17,7 @@ from selfserve.models import DeviceSnapshot
 from selfserve.models import MigrationRow
 from selfserve.models import Transfer
 from selfserve.models import User
+from selfserve.models import db
 from selfserve.models import utcnow
 from selfserve.particle import get_client
 from selfserve.particle.errors import NotFound
@@ -377,13 +378,14 @@ def failed_migrations():
 
 
 def resend_verification(staff, customer, reason):
-    """Send the customer a new verification link. Raises SupportError (already verified),
-    mail.MailError (not sent; nothing else changed)."""
+    """Queue a new verification link for the customer (outbox). Raises SupportError (already
+    verified)."""
     reason = check_reason(reason)
     if customer.is_verified:
         raise SupportError(_l("This address is already verified."), 409)
-    accounts.send_verification(customer)
-    audit.record("support.resent_verification", user=customer, actor=staff, reason=reason)
+    with db.atomic():
+        accounts.send_verification(customer)
+        audit.record("support.resent_verification", user=customer, actor=staff, reason=reason)
 
 
 def release_device(staff, device, reason):

@@ -23,8 +23,6 @@ from selfserve import htmx
 from selfserve import i18n
 from selfserve import passwords
 from selfserve import tokens
-from selfserve.i18n import lazy_text as _l
-from selfserve.mail import MailError
 from selfserve.security import end_login_session
 from selfserve.security import limiter
 from selfserve.security import public
@@ -46,8 +44,6 @@ SIGNUP_EMAIL = "signup_email"
 AFTER_VERIFY_NEXT = "after_verify_next"
 # Session key: a verification link opened in this browser, finished by the next sign-in.
 VERIFY_PENDING = "verify_pending"
-
-MAIL_FAILED = _l("We couldn't send the email right now. Nothing was lost; please try again in a few minutes.")
 
 
 def _limit(name):
@@ -149,13 +145,6 @@ def signup():
         )
     except FormErrors as exc:
         return render_template("accounts/signup.html", errors=exc.errors, email=email, next_url=next_url), 400
-    except MailError:
-        return render_template(
-            "accounts/check_email.html",
-            kind="signup",
-            email=accounts.normalize_email(email),
-            mail_failed=True,
-        ), 503
     session.pop(SIGNUP_EMAIL, None)
     if next_url:
         session[AFTER_VERIFY_NEXT] = next_url
@@ -173,11 +162,7 @@ def unverified():
 @limiter.limit(_limit("resend"), key_func=_account_key)
 @limiter.limit(_limit("resend_ip"))
 def resend():
-    try:
-        sent = accounts.resend_verification(_me())
-    except MailError:
-        flash(MAIL_FAILED, "error")
-        return htmx.redirect(url_for("accounts.unverified"))
+    sent = accounts.resend_verification(_me())
     if not sent:
         flash(_("Your email address is already verified."), "info")
         return htmx.redirect(_home(current_user))
@@ -328,9 +313,6 @@ def send_sign_in_link():
     except FormErrors as exc:
         flash(exc.errors["email"], "error")
         return htmx.redirect(url_for("accounts.login"))
-    except MailError:
-        flash(MAIL_FAILED, "error")
-        return htmx.redirect(url_for("accounts.login"))
     return render_template(
         "accounts/check_email.html", kind="sign_in_link", email=accounts.normalize_email(email)
     )
@@ -372,14 +354,12 @@ def logout():
 @limiter.limit(_limit("forgot_email"), methods=["POST"], key_func=_form_email_key)
 def forgot():
     if request.method == "GET":
-        return render_template("accounts/forgot.html", errors={}, email="", mail_failed=False)
+        return render_template("accounts/forgot.html", errors={}, email="")
     email = request.form.get("email", "")
     try:
         accounts.request_password_reset(email)
     except FormErrors as exc:
-        return render_template("accounts/forgot.html", errors=exc.errors, email=email, mail_failed=False), 400
-    except MailError:
-        return render_template("accounts/forgot.html", errors={}, email=email, mail_failed=True), 503
+        return render_template("accounts/forgot.html", errors=exc.errors, email=email), 400
     return render_template("accounts/check_email.html", kind="reset", email=accounts.normalize_email(email))
 
 
@@ -460,9 +440,6 @@ def change_email():
         accounts.request_email_change(_me(), new_email, request.form.get("email_password", ""))
     except FormErrors as exc:
         return _settings_page(400, email_errors=exc.errors, new_email=new_email)
-    except MailError:
-        flash(MAIL_FAILED, "error")
-        return htmx.redirect(url_for("accounts.settings"))
     flash(
         _(
             "We sent a link to %(email)s. Your address changes when you open it; until then, keep using the current one.",

@@ -20,7 +20,6 @@ from flask_login import current_user
 from selfserve import htmx
 from selfserve import i18n
 from selfserve import input_rules
-from selfserve.mail import MailError
 from selfserve.refusals import Refusal
 from selfserve.security import limiter
 from selfserve.security import rotate_login_session
@@ -246,10 +245,6 @@ def resend_verification(customer_id):
         support.resend_verification(real_user(), target, request.form.get("reason", ""))
     except support.SupportError as exc:
         return _action_refused(exc.message, back)
-    except MailError:
-        return _action_refused(
-            _("The email could not be sent right now. Nothing changed; try again in a few minutes."), back
-        )
     return _action_done(_("A new verification link was sent to %(email)s.", email=target.email), back)
 
 

@@ -21,7 +21,6 @@ OBJECTION_DAYS = 7
 RECENT_OWNER_CHANGE_DAYS = 30
 PROOF_MINUTES = 15
 REQUESTS_PER_DAY = 3  # per account: asking for other people's devices is rare
-MAIL_MAX_ATTEMPTS = 8
 
 TRANSFERRING = "transferring"  # Device.claim_state while a move runs (owned by this module)
 OPEN_STATES = ("offered", "requested", "moving", "returning")

@@ -21,7 +21,6 @@ from selfserve.services import audit
 from selfserve.services import live_values
 from selfserve.services import steps
 from selfserve.services.accounts import absolute_url
-from selfserve.services.transfers.common import MAIL_MAX_ATTEMPTS
 from selfserve.services.transfers.common import TRANSFERRING
 from selfserve.services.transfers.common import TransferError
 from selfserve.services.transfers.common import _close
@@ -29,7 +28,6 @@ from selfserve.services.transfers.common import _device
 from selfserve.services.transfers.common import _display
 from selfserve.services.transfers.common import _fresh
 from selfserve.services.transfers.common import _name
-from selfserve.services.transfers.common import _setting
 from selfserve.services.transfers.common import device_label
 from selfserve.services.transfers.common import needs_owner_answer
 from selfserve.services.transfers.common import too_late_message
@@ -439,16 +437,15 @@ def _step_mail(transfer, step):
     elif step == "mail_request":
         context["approve_link"] = answer_link(transfer, "approve")
         context["object_link"] = answer_link(transfer, "object")
-    sent = steps.send_mail(
+    steps.send_mail(
         to,
         subject,
         template,
         context,
-        transfer.attempts,
-        _setting("TRANSFER_MAIL_MAX_ATTEMPTS", MAIL_MAX_ATTEMPTS),
-        f"Transfer {transfer.id}",
+        key=f"transfer:{transfer.id}:{step}",
+        sensitive=step in ("mail_offer", "mail_request"),  # links that answer the transfer
     )
-    if sent and step == "mail_offer":
+    if step == "mail_offer":
         Transfer.update(offer_mailed_at=utcnow()).where(Transfer.id == transfer.id).execute()
     return next_step
 
