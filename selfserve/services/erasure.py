@@ -120,6 +120,8 @@ def _notify(to, subject, template, **context):
 def schedule(user, password, now=None):
     """Schedule `user`'s deletion after the grace period: checks the password, ends every
     session of the account, emails them. Returns the AccountDeletion. Raises ErasureError."""
+    from selfserve.services.accounts import absolute_url
+
     now = now or utcnow()
     user = User.get_by_id(user.id)
     if user.is_staff or user.role != "customer":
@@ -156,16 +158,15 @@ def schedule(user, password, now=None):
             AccountDeletion.update(fields).where(AccountDeletion.id == existing.id).execute()
             deletion = AccountDeletion.get_by_id(existing.id)
         audit.record("account.deletion_scheduled", user=user, due=due.strftime("%d %b %Y"))
-    end_all_login_sessions(user)
-    from selfserve.services.accounts import absolute_url
-
-    _notify(
-        user.email,
-        _l("Your account will be deleted"),
-        "account_deletion_scheduled",
-        due_at=deletion.due_at,
-        login_url=absolute_url("accounts.login"),
-    )
+        end_all_login_sessions(user)
+        # Queued in the same transaction as the change it reports (the outbox sends it).
+        _notify(
+            user.email,
+            _l("Your account will be deleted"),
+            "account_deletion_scheduled",
+            due_at=deletion.due_at,
+            login_url=absolute_url("accounts.login"),
+        )
     return deletion
 
 
@@ -465,17 +466,18 @@ def _replaced(value, pattern, label):
 
 def _step_mail_deleted(deletion):
     deletion = AccountDeletion.get_by_id(deletion.id)
-    if deletion.notify_email:
-        steps.send_mail(
-            deletion.notify_email,
-            _l("Your account is deleted"),
-            "account_deleted",
-            {},
-            key=f"account-deletion:{deletion.id}",
-        )
-    AccountDeletion.update(notify_email=None, state=DONE, finished_at=utcnow()).where(
-        AccountDeletion.id == deletion.id
-    ).execute()
+    with db.atomic():  # queued and the address forgotten together (run twice: one mail, its key)
+        if deletion.notify_email:
+            steps.send_mail(
+                deletion.notify_email,
+                _l("Your account is deleted"),
+                "account_deleted",
+                {},
+                key=f"account-deletion:{deletion.id}",
+            )
+        AccountDeletion.update(notify_email=None, state=DONE, finished_at=utcnow()).where(
+            AccountDeletion.id == deletion.id
+        ).execute()
     return None
 
 
