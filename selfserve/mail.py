@@ -15,6 +15,7 @@ from email.utils import make_msgid
 
 from flask import current_app
 from flask import render_template
+from flask_babel import gettext
 
 from selfserve import i18n
 
@@ -38,7 +39,10 @@ def render(to, subject, template, **context):
     """(subject, body) of templates/emails/<template>.txt for `to`, in the recipient's language
     and time zone (a lazy `subject` is translated here too)."""
     with i18n.as_recipient(*i18n.recipient_preferences(to)):
-        return str(subject), render_template(f"emails/{template}.txt", **context)
+        # A plain subject may be a lazy one that was stored (steps keep their mail in the
+        # database, in English): look it up in the catalogue too.
+        subject = gettext(subject) if isinstance(subject, str) else str(subject)
+        return subject, render_template(f"emails/{template}.txt", **context)
 
 
 def send(to, subject, template, headers=None, sensitive=False, dedupe_key=None, **context):

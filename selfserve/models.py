@@ -89,11 +89,21 @@ class JobColumns(BaseModel):
     last_error = peewee.TextField(null=True)
 
 
+def _plain_text(value):
+    """A lazy translated message stored in JSON: its English words (selfserve/i18n.py)."""
+    from selfserve import i18n
+
+    plain = i18n.english(value)
+    if plain is value:
+        raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+    return plain
+
+
 class JSONField(peewee.TextField):
     """JSON stored as text, so it works the same on SQLite and PostgreSQL."""
 
     def db_value(self, value):
-        return None if value is None else json.dumps(value, sort_keys=True)
+        return None if value is None else json.dumps(value, sort_keys=True, default=_plain_text)
 
     def python_value(self, value):
         return None if value is None else json.loads(value)

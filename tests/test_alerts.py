@@ -286,7 +286,7 @@ def test_settings_page_test_alert_and_the_log(app, owner, mailbox):
     response = client.post("/account/alerts/test", data={"csrf_token": token})
     assert response.status_code == 302
     alerts.send_due()
-    assert mailbox.wait_for("owner@example.com")["Subject"] == "Test alert from selfserve"
+    assert mailbox.wait_for("owner@example.com")["Subject"] == "Test alert from Tidewell"
     page = client.get("/account/alerts").get_data(as_text=True)
     assert "Test alert: your alerts reach this address." in page and "sent" in page
     fragment = client.get("/account/alerts/log", headers={"HX-Request": "true"}).get_data(as_text=True)

@@ -29,6 +29,7 @@ from selfserve import i18n
 from selfserve import mail
 from selfserve import passwords
 from selfserve import tokens
+from selfserve.i18n import lazy_text as _l
 from selfserve.models import LoginSession
 from selfserve.models import User
 from selfserve.models import db
@@ -54,10 +55,10 @@ SIGN_IN_LINK_MINUTES = tokens.PURPOSES["sign_in_link"].max_age // 60
 
 ACTIVITY_PAGE_SIZE = 25
 
-LINK_USED = (
+LINK_USED = _l(
     "This link has already been used or is no longer valid. If you still need one, please ask for a new link."
 )
-VERIFY_LINK_OUTDATED = (
+VERIFY_LINK_OUTDATED = _l(
     "This link was sent to an email address that is no longer on the account. Please ask for a new link."
 )
 
@@ -67,7 +68,7 @@ class FormErrors(Refusal):
     first one is also the refusal's `field` and `message`)."""
 
     def __init__(self, errors):
-        field, message = next(iter(errors.items()), (None, "Please correct the form."))
+        field, message = next(iter(errors.items()), (None, _l("Please correct the form.")))
         super().__init__(message, kind="form", field=field, status=422)
         self.errors = errors
 
@@ -92,9 +93,9 @@ def normalize_email(raw):
 def email_problem(email):
     """What is wrong with a (normalized) email address, or None."""
     if not email:
-        return "Enter your email address."
+        return _l("Enter your email address.")
     if len(email) > EMAIL_MAX_LENGTH or not _EMAIL.match(email):
-        return "Enter an email address like name@example.com."
+        return _l("Enter an email address like name@example.com.")
     return None
 
 
@@ -198,7 +199,7 @@ def sign_up(email, password, language=None, time_zone=None):
         audit.record("account.signup_attempted", user=existing)
         mail.send(
             existing.email,
-            "Someone tried to sign up with your email address",
+            _l("Someone tried to sign up with your email address"),
             "signup_attempt",
             login_url=absolute_url("accounts.login"),
             forgot_url=absolute_url("accounts.forgot"),
@@ -210,7 +211,7 @@ def send_verification(user):
     token = tokens.make("verify_email", {"u": user.id, "e": tokens.fingerprint(user.email)})
     mail.send(
         user.email,
-        "Confirm your email address",
+        _l("Confirm your email address"),
         "verify_email",
         sensitive=True,
         verify_url=absolute_url("accounts.verify", token=token),
@@ -380,7 +381,7 @@ def send_sign_in_link(email):
         audit.record("account.sign_in_link_sent", user=user)
         mail.send(
             user.email,
-            "Your sign-in link",
+            _l("Your sign-in link"),
             "sign_in_link",
             sensitive=True,
             link_url=absolute_url("accounts.sign_in_link", token=token),
@@ -485,7 +486,7 @@ def reset_password(token, new_password):
         audit.record("account.password_reset", user=user)
         mail.send(
             user.email,
-            "Your password was changed",
+            _l("Your password was changed"),
             "password_changed",
             forgot_url=absolute_url("accounts.forgot"),
         )
@@ -511,7 +512,7 @@ def change_password(user, current_password, new_password, keep_session=None):
     """Change the password (the current one is required); end every other session."""
     errors = {}
     if not passwords.check_password(user.password_hash, current_password or ""):
-        errors["current_password"] = "That is not your current password."
+        errors["current_password"] = _l("That is not your current password.")
     problem = passwords.problem(new_password or "")
     if problem:
         errors["new_password"] = problem
@@ -524,14 +525,14 @@ def change_password(user, current_password, new_password, keep_session=None):
     )
     if not changed:
         raise FormErrors(
-            {"current_password": "Your password was just changed elsewhere. Please reload the page."}
+            {"current_password": _l("Your password was just changed elsewhere. Please reload the page.")}
         )
     with db.atomic():
         end_all_login_sessions(user, keep=keep_session)
         audit.record("account.password_changed", user=user)
         mail.send(
             user.email,
-            "Your password was changed",
+            _l("Your password was changed"),
             "password_changed",
             forgot_url=absolute_url("accounts.forgot"),
         )
@@ -551,9 +552,9 @@ def request_email_change(user, new_email, password):
     if problem:
         errors["new_email"] = problem
     elif new_email == user.email:
-        errors["new_email"] = "That is already your email address."
+        errors["new_email"] = _l("That is already your email address.")
     if not passwords.check_password(user.password_hash, password or ""):
-        errors["email_password"] = "That is not your current password."
+        errors["email_password"] = _l("That is not your current password.")
     if errors:
         raise FormErrors(errors)
     with db.atomic():
@@ -562,7 +563,7 @@ def request_email_change(user, new_email, password):
         if User.select().where((User.email == new_email) & (User.id != user.id)).exists():
             mail.send(
                 new_email,
-                "Someone tried to use your email address",
+                _l("Someone tried to use your email address"),
                 "email_change_taken",
                 login_url=absolute_url("accounts.login"),
                 forgot_url=absolute_url("accounts.forgot"),
@@ -574,7 +575,7 @@ def request_email_change(user, new_email, password):
         )
         mail.send(
             new_email,
-            "Confirm your new email address",
+            _l("Confirm your new email address"),
             "confirm_email_change",
             sensitive=True,
             confirm_url=absolute_url("accounts.confirm_email", token=token),
@@ -618,11 +619,13 @@ def confirm_email_change(token, now=None):
             )
             if changed:
                 audit.record("account.email_changed", user=user)
-                mail.send(old_email, "Your email address was changed", "email_changed", new_email=new_email)
+                mail.send(
+                    old_email, _l("Your email address was changed"), "email_changed", new_email=new_email
+                )
     except peewee.IntegrityError:
         User.update(pending_email=None).where(User.id == user.id).execute()
         raise tokens.TokenInvalid(
-            "That address now belongs to another account, so your email address was not changed."
+            _l("That address now belongs to another account, so your email address was not changed.")
         ) from None
     if not changed:
         raise tokens.TokenInvalid(LINK_USED)

@@ -26,6 +26,7 @@ import zipfile
 from peewee import JOIN
 
 from selfserve import device_models
+from selfserve import i18n
 from selfserve.models import AlertNotice
 from selfserve.models import AlertOptIn
 from selfserve.models import AlertSetting
@@ -484,12 +485,12 @@ def json_chunks(user, now=None):
         yield f", {json.dumps(section.name)}: "
         if section.single:
             row = next(iter(section.rows(user)), None)
-            yield json.dumps(row, sort_keys=False)
+            yield json.dumps(row, sort_keys=False, default=i18n.json_text)
             continue
         yield "["
         first = True
         for row in section.rows(user):
-            yield ("" if first else ", ") + json.dumps(row)
+            yield ("" if first else ", ") + json.dumps(row, default=i18n.json_text)
             first = False
         yield "]"
     yield "}\n"

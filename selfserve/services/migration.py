@@ -34,6 +34,7 @@ from flask import current_app
 from flask.cli import with_appcontext
 
 from selfserve import device_models
+from selfserve.i18n import lazy_text as _l
 from selfserve.models import Device
 from selfserve.models import MigrationRow
 from selfserve.models import User
@@ -137,16 +138,16 @@ class Result:
 
 OUTCOMES = {
     "invalid": "skipped: {detail}",
-    "unknown_device": "skipped: not in the device registry (import it with import-registry first)",
+    "unknown_device": _l("skipped: not in the device registry (import it with import-registry first)"),
     "owned_by_other": "skipped: owned here by another account",
     "conflict": "skipped: already being migrated to another address",
-    "claimed": "done: the device is in the owner's account",
+    "claimed": _l("done: the device is in the owner's account"),
     "already_claimed": "already done",
     "invited": "invited: claimed when the owner verifies the address",
-    "already_invited": "already invited, waiting for the owner",
+    "already_invited": _l("already invited, waiting for the owner"),
     "would_invite": "would invite the owner",
-    "would_claim": "would claim to the owner's existing account",
-    "postponed": "started; the cloud was busy, the sweep finishes it ({detail})",
+    "would_claim": _l("would claim to the owner's existing account"),
+    "postponed": _l("started; the cloud was busy, the sweep finishes it ({detail})"),
     "failed": "failed: {detail}",
 }
 
@@ -460,9 +461,9 @@ def _step_mail(migration, template):
         "site_url": absolute_url("main.index"),
     }
     subject = (
-        "Your device is ready for selfserve"
+        _l("Your device is ready for Tidewell")
         if template == "migration_invite"
-        else "Your device is in your account"
+        else _l("Your device is in your account")
     )
     steps.send_mail(
         migration.email, subject, template, context, key=f"migration:{migration.device_id}:{template}"
