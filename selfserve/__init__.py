@@ -125,8 +125,8 @@ def _background_jobs(app):
     from selfserve.services import history
     from selfserve.services import impersonation
     from selfserve.services import migration
+    from selfserve.services import outbox
     from selfserve.services import provisioning
-    from selfserve.services import sharing
     from selfserve.services import transfers
 
     sweep.init_app(
@@ -140,12 +140,16 @@ def _background_jobs(app):
             sweep.Job(impersonation.end_stale_views),  # support views past their time
             sweep.Job(history.maintain),  # hourly rollups of device values, retention (one at a time)
             sweep.Job(access.record_expired),  # audit grants that ended on their date (access ended then)
-            sweep.Job(sharing.resend_unsent),  # invitation emails the mail server refused
             sweep.Job(alerts.run_timers),  # offline past grace, stuck steps, reminders; sends due alerts
             sweep.Job(erasure.resume_pending),  # account deletions whose grace ended, and their steps
             sweep.Job(event_stream.keep_listening),  # this process's product event-stream listener
+            # Last, so mail the jobs above queued leaves in the same round.
+            sweep.Job(outbox.send_due),  # every email: queued with its change, sent with retries
         ],
     )
+    # Mail leaves as soon as the request or job that queued it ends: a sender thread per web
+    # worker, started with the sweep (the sweep's send_due is the fallback).
+    outbox.init_app(app)
     # Alerts leave as soon as they are decided: a sender thread per web worker, started with
     # the sweep at the first request (the sweep's run_timers is the fallback).
     alerts.init_app(app)

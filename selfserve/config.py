@@ -162,8 +162,11 @@ DEFAULTS = {
     # A transfer's move retries a transient Particle failure while the person waits on the page,
     # after each of these pauses (seconds, comma-separated), before leaving it to the sweep.
     "TRANSFER_QUICK_RETRY_SECONDS": (0.2, 0.5),
-    # A transfer's email that keeps failing is given up (logged; the move goes on) after this many tries.
-    "TRANSFER_MAIL_MAX_ATTEMPTS": 8,
+    # The outbox (every email): a mail that keeps failing for a temporary reason (server down,
+    # 4xx, timeout) is retried with backoff (5 s doubling up to 10 min) and marked failed after
+    # this many attempts (20: about 2.5 hours); each round of the sender sends at most OUTBOX_BATCH.
+    "OUTBOX_MAX_ATTEMPTS": 20,
+    "OUTBOX_BATCH": 100,
     # Demo mode: local http, bundled simulator, emails shown locally.
     "DEMO": False,
     "DEMO_MAILBOX_DIR": "",

@@ -8,6 +8,9 @@ never sent to a device, whatever the device itself reports.
 import dataclasses
 import re
 
+from selfserve import i18n
+from selfserve.i18n import lazy_text as _l
+
 
 @dataclasses.dataclass(frozen=True)
 class Variable:
@@ -18,8 +21,8 @@ class Variable:
     unit: str = ""
     kind: str = "number"  # number | bool | text
     decimals: int = 0
-    true_text: str = "Yes"
-    false_text: str = "No"
+    true_text: str = _l("Yes")
+    false_text: str = _l("No")
     empty_text: str = ""  # shown for an empty text value ("" means show nothing special)
 
     def format(self, value):
@@ -35,7 +38,7 @@ class Variable:
                 number = float(value)
             except (TypeError, ValueError):
                 return str(value)
-            return f"{number:.{self.decimals}f}"
+            return i18n.number(number, self.decimals)
         text = str(value)
         if not text and self.empty_text:
             return self.empty_text
@@ -70,13 +73,23 @@ class Argument:
         if not re.fullmatch(r"-?\d{1,6}", text):
             return (
                 None,
-                f"Enter a whole number from {self.minimum} to {self.maximum}{_with_space(self.unit)}.",
+                _l(
+                    "Enter a whole number from %(minimum)s to %(maximum)s%(unit)s.",
+                    minimum=self.minimum,
+                    maximum=self.maximum,
+                    unit=_with_space(self.unit),
+                ),
             )
         number = int(text)
         if not self.minimum <= number <= self.maximum:
             return (
                 None,
-                f"Enter a whole number from {self.minimum} to {self.maximum}{_with_space(self.unit)}.",
+                _l(
+                    "Enter a whole number from %(minimum)s to %(maximum)s%(unit)s.",
+                    minimum=self.minimum,
+                    maximum=self.maximum,
+                    unit=_with_space(self.unit),
+                ),
             )
         return str(number), None
 
@@ -107,7 +120,10 @@ class Function:
         """A sentence for a refusal (negative return value), from the catalogue, never a code."""
         return self.codes.get(
             return_value,
-            f"The device did not carry out “{self.label}”. Please try again, or contact support if it keeps happening.",
+            _l(
+                "The device did not carry out “%(label)s”. Please try again, or contact support if it keeps happening.",
+                label=self.label,
+            ),
         )
 
     def prefill(self, raw_values):
@@ -148,18 +164,26 @@ class AlertKind:
 ALERT_KINDS = {
     kind.key: kind
     for kind in (
-        AlertKind("offline", "Device offline", "The device has been offline longer than its grace time."),
-        AlertKind("back_online", "Back online", "A device you were told was offline is back."),
         AlertKind(
-            "fault", "Pump fault", "The pump reports a fault (overpressure or any other fault).", fault=True
+            "offline", _l("Device offline"), _l("The device has been offline longer than its grace time.")
+        ),
+        AlertKind("back_online", _l("Back online"), _l("A device you were told was offline is back.")),
+        AlertKind(
+            "fault",
+            _l("Pump fault"),
+            _l("The pump reports a fault (overpressure or any other fault)."),
+            fault=True,
         ),
         AlertKind(
-            "battery_low", "Battery low", "A window covering's battery is running low.", default="digest"
+            "battery_low",
+            _l("Battery low"),
+            _l("A window covering's battery is running low."),
+            default="digest",
         ),
         AlertKind(
             "transfer_stuck",
-            "Transfer or release stuck",
-            "Handing over or releasing one of your devices is not finishing.",
+            _l("Transfer or release stuck"),
+            _l("Handing over or releasing one of your devices is not finishing."),
         ),
     )
 }
@@ -203,7 +227,7 @@ class DeviceState:
         return "" if value is None else str(value).strip()
 
 
-OFFLINE_REASON = "The device is offline. This will work again when it's back online."
+OFFLINE_REASON = _l("The device is offline. This will work again when it's back online.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,9 +255,9 @@ class DeviceModel:
                 return fault
         return Fault(
             code,
-            "The device reports a fault",
-            f"It says “{code}”.",
-            "Stop it, then contact support if the fault doesn't clear.",
+            _l("The device reports a fault"),
+            _l("It says “%(code)s”.", code=code),
+            _l("Stop it, then contact support if the fault doesn't clear."),
         )
 
     def unavailable(self, function, state):
@@ -280,53 +304,57 @@ def _window_describe(state):
     here = f"{position:.0f}%"
     if _window_moving(state) and target is not None:
         if target >= 100:
-            return f"Opening… ({here})", False
+            return _l("Opening… (%(position)s)", position=here), False
         if target <= 0:
-            return f"Closing… ({here})", False
-        return f"Moving to {target:.0f}% ({here} now)", False
+            return _l("Closing… (%(position)s)", position=here), False
+        return _l("Moving to %(target)s%% (%(here)s now)", target=format(target, ".0f"), here=here), False
     if position >= 100:
-        return "Open", True
+        return _l("Open"), True
     if position <= 0:
-        return "Closed", True
-    return f"Open {here}", True
+        return _l("Closed"), True
+    return _l("Open %(position)s", position=here), True
 
 
 def _already_open(state):
     position = state.number("position")
-    return "Already open." if position is not None and position >= 100 and not _window_moving(state) else ""
+    return (
+        _l("Already open.") if position is not None and position >= 100 and not _window_moving(state) else ""
+    )
 
 
 def _already_closed(state):
     position = state.number("position")
-    return "Already closed." if position is not None and position <= 0 and not _window_moving(state) else ""
+    return (
+        _l("Already closed.") if position is not None and position <= 0 and not _window_moving(state) else ""
+    )
 
 
 def _not_moving(state):
-    return "It isn't moving." if state.flag("moving") is False else ""
+    return _l("It isn't moving.") if state.flag("moving") is False else ""
 
 
 WINDOW = DeviceModel(
     key="window",
-    label="Window covering",
+    label=_l("Window covering"),
     variables=(
-        Variable("position", "Position", "%", decimals=0),
-        Variable("target", "Target position", "%", decimals=0),
-        Variable("moving", "Moving", kind="bool", true_text="Moving", false_text="Still"),
-        Variable("battery_v", "Battery", "V", decimals=2),
-        Variable("fw_version", "Firmware", kind="text"),
+        Variable("position", _l("Position"), "%", decimals=0),
+        Variable("target", _l("Target position"), "%", decimals=0),
+        Variable("moving", _l("Moving"), kind="bool", true_text=_l("Moving"), false_text=_l("Still")),
+        Variable("battery_v", _l("Battery"), "V", decimals=2),
+        Variable("fw_version", _l("Firmware"), kind="text"),
     ),
     functions=(
-        Function("open", "Open", "Opening…", unavailable_when=_already_open),
-        Function("close", "Close", "Closing…", unavailable_when=_already_closed),
+        Function("open", _l("Open"), _l("Opening…"), unavailable_when=_already_open),
+        Function("close", _l("Close"), _l("Closing…"), unavailable_when=_already_closed),
         Function(
             "setPosition",
-            "Set position",
-            "Moving to {arg}%…",
-            argument=Argument("Position (0 = closed, 100 = open)", 0, 100, "%"),
+            _l("Set position"),
+            _l("Moving to {arg}%…"),
+            argument=Argument(_l("Position (0 = closed, 100 = open)"), 0, 100, "%"),
             prefill_from="target",
-            codes={-1: "The blind didn't accept that position: it takes 0 (closed) to 100 (open)."},
+            codes={-1: _l("The blind didn't accept that position: it takes 0 (closed) to 100 (open).")},
         ),
-        Function("stop", "Stop", "Stopping…", unavailable_when=_not_moving),
+        Function("stop", _l("Stop"), _l("Stopping…"), unavailable_when=_not_moving),
     ),
     summary=("position", "moving"),
     charts=("position",),
@@ -345,72 +373,80 @@ def _pump_describe(state):
     running = state.flag("running")
     pressure = state.number("pressure_kpa")
     if fault:
-        return "Stopped by a fault", True
+        return _l("Stopped by a fault"), True
     if running:
-        return (f"Running at {pressure:.0f} kPa" if pressure is not None else "Running"), True
+        return (
+            _l("Running at %(pressure)s kPa", pressure=format(pressure, ".0f"))
+            if pressure is not None
+            else _l("Running")
+        ), True
     if running is False:
-        return "Stopped", True
+        return _l("Stopped"), True
     return "", True
 
 
 def _pump_start_unavailable(state):
     if state.text("fault"):
-        return "Reset the fault first: press Stop pump."
-    return "Already running." if state.flag("running") else ""
+        return _l("Reset the fault first: press Stop pump.")
+    return _l("Already running.") if state.flag("running") else ""
 
 
 def _pump_stop_unavailable(state):
-    return "Already stopped." if state.flag("running") is False and not state.text("fault") else ""
+    return _l("Already stopped.") if state.flag("running") is False and not state.text("fault") else ""
 
 
 PUMP = DeviceModel(
     key="pump",
-    label="Pump controller",
+    label=_l("Pump controller"),
     variables=(
-        Variable("pressure_kpa", "Pressure", "kPa", decimals=0),
-        Variable("flow_lpm", "Flow", "L/min", decimals=1),
-        Variable("running", "Running", kind="bool", true_text="Running", false_text="Stopped"),
-        Variable("runtime_h", "Run time", "h", decimals=1),
-        Variable("fault", "Fault", kind="text", empty_text="None"),
+        Variable("pressure_kpa", _l("Pressure"), "kPa", decimals=0),
+        Variable("flow_lpm", _l("Flow"), "L/min", decimals=1),
+        Variable("running", _l("Running"), kind="bool", true_text=_l("Running"), false_text=_l("Stopped")),
+        Variable("runtime_h", _l("Run time"), "h", decimals=1),
+        Variable("fault", _l("Fault"), kind="text", empty_text=_l("None")),
     ),
     functions=(
         Function(
             "start",
-            "Start pump",
-            "The pump is starting…",
-            confirm="Start the pump? Water will flow as soon as it runs.",
+            _l("Start pump"),
+            _l("The pump is starting…"),
+            confirm=_l("Start the pump? Water will flow as soon as it runs."),
             primary=True,
             codes={
-                -2: "The pump didn't start: it stopped itself because of a fault. Press Stop pump to reset it, then start it again.",
+                -2: _l(
+                    "The pump didn't start: it stopped itself because of a fault. Press Stop pump to reset it, then start it again."
+                ),
             },
             unavailable_when=_pump_start_unavailable,
         ),
         Function(
             "stop",
-            "Stop pump",
-            "The pump is stopping…",
+            _l("Stop pump"),
+            _l("The pump is stopping…"),
             # Stopping is the safe action: asked first, but not styled as dangerous.
-            confirm="Stop the pump? Anything that depends on it will stop getting water.",
+            confirm=_l("Stop the pump? Anything that depends on it will stop getting water."),
             unavailable_when=_pump_stop_unavailable,
         ),
         Function(
             "setPressure",
-            "Set pressure",
-            "The pump is changing to {arg} kPa…",
+            _l("Set pressure"),
+            _l("The pump is changing to {arg} kPa…"),
             # No prefill: the pump's firmware reports its pressure, not its set point, and a
             # reading is not what the homeowner last asked for.
             argument=Argument(
-                "Pressure (50 to 400 kPa)",
+                _l("Pressure (50 to 400 kPa)"),
                 50,
                 400,
                 "kPa",
                 warn_above=PUMP_GUARD_KPA,
                 warning=(
-                    f"Above {PUMP_GUARD_KPA} kPa the pump's overpressure guard stops it, and it "
-                    "stays stopped until you reset it with Stop pump."
+                    _l(
+                        "Above %(limit)s kPa the pump's overpressure guard stops it, and it stays stopped until you reset it with Stop pump.",
+                        limit=PUMP_GUARD_KPA,
+                    )
                 ),
             ),
-            codes={-1: "The pump didn't accept that pressure: it takes 50 to 400 kPa."},
+            codes={-1: _l("The pump didn't accept that pressure: it takes 50 to 400 kPa.")},
         ),
     ),
     summary=("running", "pressure_kpa", "fault"),
@@ -421,9 +457,12 @@ PUMP = DeviceModel(
     faults=(
         Fault(
             "overpressure",
-            "Overpressure: the pump stopped itself",
-            f"The pressure went above {PUMP_GUARD_KPA} kPa, so its guard switched it off.",
-            "Press Stop pump to reset it, then start it again at a lower pressure.",
+            _l("Overpressure: the pump stopped itself"),
+            _l(
+                "The pressure went above %(limit)s kPa, so its guard switched it off.",
+                limit=PUMP_GUARD_KPA,
+            ),
+            _l("Press Stop pump to reset it, then start it again at a lower pressure."),
         ),
     ),
     describe=_pump_describe,
@@ -437,7 +476,7 @@ def argument_text(function_label, arg):
     label as the audit trail records it; the bare value for a label we don't know."""
     for model in MODELS.values():
         for function in model.functions:
-            if function.label == function_label and function.argument is not None:
+            if i18n.english(function.label) == function_label and function.argument is not None:
                 return f"{arg}{_with_space(function.argument.unit)}"
     return str(arg)
 
@@ -449,4 +488,4 @@ def get(key):
 
 def label(key):
     model = MODELS.get(key)
-    return model.label if model else "Device"
+    return model.label if model else _l("Device")

@@ -29,10 +29,13 @@ from flask import request
 from flask_babel import Babel
 from flask_babel import format_date
 from flask_babel import format_datetime
+from flask_babel import format_decimal
 from flask_babel import format_time
 from flask_babel import get_timezone
-from flask_babel import lazy_gettext
+from flask_babel import gettext
 from flask_babel import refresh
+from flask_babel.speaklater import LazyString
+from markupsafe import escape
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,28 @@ def init_app(app):
         # Running from a checkout nobody set up: build the catalogues now rather than serve
         # English to everyone (bin/setup normally did it).
         compile_catalogues(TRANSLATIONS)
+    # flash() keeps its messages in the session cookie: a lazy message is stored as its text in
+    # the language of the request that flashed it.
+    from flask.json.tag import JSONTag
+
+    class _LazyText(JSONTag):
+        key = None  # never read back: it is stored as a plain string
+
+        def check(self, value):
+            return isinstance(value, LazyString)
+
+        def tag(self, value):
+            return str(value)
+
+    app.session_interface.serializer.register(_LazyText, index=0)
+    # ...and |tojson (data attributes for static/js) writes a lazy message as its text, not as
+    # the escaped markup Flask's JSON would take from its __html__.
+    json_default = app.json.default
+
+    def _json_default(value):
+        return str(value) if isinstance(value, LazyString) else json_default(value)
+
+    app.json.default = _json_default
     # {% trans %} blocks are extracted and looked up with their whitespace folded (babel.cfg).
     app.jinja_env.policies["ext.i18n.trimmed"] = True
     app.jinja_env.filters.update(
@@ -69,6 +94,7 @@ def init_app(app):
     )
     app.jinja_env.globals.update(
         current_language=current_language,
+        script_texts=script_texts,
         languages=LANGUAGES,
     )
 
@@ -266,6 +292,17 @@ def local_moment(moment, now=None):
     return local_datetime(moment)
 
 
+def number(value, decimals=0):
+    """A number in the reader's locale with `decimals` places ("3.72" / "3,72"); plain
+    outside a request or app (no locale to ask)."""
+    from flask import has_app_context
+
+    if not has_app_context():
+        return f"{value:.{decimals}f}"
+    pattern = "#,##0." + "0" * decimals if decimals else "#,##0"
+    return format_decimal(round(value, decimals), format=pattern)
+
+
 def zone_name():
     """The reader's zone, for a note such as "times are in Europe/Berlin"."""
     return str(get_timezone())
@@ -302,8 +339,57 @@ def compile_catalogues(directory=TRANSLATIONS):
     return count
 
 
-# A lazy string for messages defined at import time (module constants, Refusal messages).
-_l = lazy_gettext
+class LazyText(LazyString):
+    """A message translated when it is shown. Unlike Flask-Babel's LazyString (which passes as
+    markup), it is escaped in templates like any text: its values may come from people."""
+
+    def __html__(self):
+        return escape(str(self))
+
+
+def lazy_text(message, **values):
+    """`_l`: a lazy message for constants and service refusals (see LazyText)."""
+    return LazyText(gettext, message, **values)
+
+
+_l = lazy_text
+
+
+def json_text(value):
+    """json.dumps(default=...): a lazy message as its text in the current language."""
+    if isinstance(value, LazyString):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def script_texts():
+    """The sentences static/js writes into pages, in the reader's language (base.html puts them
+    on <body data-texts>; siteText() in site.js reads them). %(name)s marks a value."""
+    return {
+        "fault": _l("%(fault)s: see the alert at the top of the page."),
+        "offline_before_report": _l("The device went offline before it reported back."),
+        "done_now": _l("Done. Now: %(state)s."),
+        "sending": _l("Sending ‘%(label)s’ to the device…"),
+        "not_sent": _l(
+            "‘%(label)s’ could not be sent (no answer from our server). Check your connection, "
+            "then reload the page to see whether it was done."
+        ),
+        "confirm_title": _l("Are you sure?"),
+        "confirm": _l("Confirm"),
+        "view_clock": _l("%(minutes)s min %(seconds)s s"),
+        "view_ends_1": _l("The support view ends in less than 1 minute."),
+        "view_ends_5": _l("The support view ends in less than 5 minutes."),
+        "view_ended": _l("ended"),
+    }
+
+
+def english(value):
+    """The English text of a lazy message (its msgid, formatted), for what is stored or logged:
+    the database keeps the words in one language; pages translate them when shown."""
+    if isinstance(value, LazyString):
+        message, kwargs = value._args[0], value._kwargs
+        return message % kwargs if kwargs else message
+    return value
 
 
 if __name__ == "__main__":

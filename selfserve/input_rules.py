@@ -16,6 +16,7 @@ from flask import request
 from werkzeug.routing import IntegerConverter
 
 from selfserve import htmx
+from selfserve.i18n import lazy_text as _l
 
 # The largest id any of our tables can hold (BIGINT / SQLite INTEGER).
 MAX_ID = 2**63 - 1
@@ -26,7 +27,7 @@ _FORM_WHITESPACE = frozenset("\t\r\n")
 # Fields whose value becomes part of a URL or a header: no line breaks even in a form.
 _STRICT_FIELDS = frozenset({"next"})
 
-CONTROL_CHARACTER_MESSAGE = (
+CONTROL_CHARACTER_MESSAGE = _l(
     "Something you entered contains a character we can't accept (an invisible control "
     "character such as NUL or a line break). Please remove it and try again."
 )
@@ -65,5 +66,5 @@ def init_app(app):
     @app.before_request
     def _refuse_control_characters():
         if request_problem() is not None:
-            return htmx.error_response(CONTROL_CHARACTER_MESSAGE, 400, "Character not accepted")
+            return htmx.error_response(CONTROL_CHARACTER_MESSAGE, 400, _l("Character not accepted"))
         return None

@@ -38,7 +38,15 @@ def init_db(url, pool_size=32, pool_recycle_seconds=300, pool_wait_seconds=10):
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         database = PooledSqliteDatabase(
             path,
-            pragmas={"journal_mode": "wal", "foreign_keys": 1, "busy_timeout": 10000},
+            pragmas={
+                "journal_mode": "wal",
+                # SQLite's advice for WAL: a commit doesn't wait for the disk; the database is
+                # never corrupted, and a power cut (not a crashed process) can lose the last
+                # commits. Waiting for the flush capped event intake at the disk's flush rate.
+                "synchronous": "normal",
+                "foreign_keys": 1,
+                "busy_timeout": 10000,
+            },
             check_same_thread=False,
             **pool,
         )
@@ -81,11 +89,21 @@ class JobColumns(BaseModel):
     last_error = peewee.TextField(null=True)
 
 
+def _plain_text(value):
+    """A lazy translated message stored in JSON: its English words (selfserve/i18n.py)."""
+    from selfserve import i18n
+
+    plain = i18n.english(value)
+    if plain is value:
+        raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+    return plain
+
+
 class JSONField(peewee.TextField):
     """JSON stored as text, so it works the same on SQLite and PostgreSQL."""
 
     def db_value(self, value):
-        return None if value is None else json.dumps(value, sort_keys=True)
+        return None if value is None else json.dumps(value, sort_keys=True, default=_plain_text)
 
     def python_value(self, value):
         return None if value is None else json.loads(value)
@@ -634,12 +652,42 @@ class AlertNotice(BaseModel):
     mail_id = peewee.CharField(null=True, max_length=32, index=True)  # the batch (one mail) it left in
 
 
+class OutboxMail(BaseModel):
+    """One email to send (services/outbox.py), written in the same transaction as the change it
+    reports: a rolled-back change sends nothing, a committed one is never lost. Holds the
+    rendered message, so sending needs no request. state: pending -> sent | failed (refused
+    for good, or out of attempts) | skipped (a reset request for an address without an
+    account: nothing to send). A sender takes a row with an atomic UPDATE of `lease_until`;
+    a recipient's rows leave in `id` order. `sensitive` mails (links that sign in or reset)
+    are never shown to staff and lose their body once finished."""
+
+    kind = peewee.CharField(max_length=32)  # the template (or "reset_request")
+    to_address = peewee.CharField(max_length=254, index=True)
+    subject = peewee.CharField(max_length=255)
+    body = peewee.TextField()
+    headers = JSONField(null=True)  # extra headers, e.g. List-Unsubscribe
+    sensitive = peewee.BooleanField(default=False)
+    # Steps that enqueue (transfers, migration rows) may run twice: the same key is one mail.
+    dedupe_key = peewee.CharField(null=True, max_length=128, unique=True)
+    state = peewee.CharField(default="pending", max_length=12)
+    attempts = peewee.IntegerField(default=0)
+    next_attempt_at = peewee.DateTimeField(null=True)
+    lease_until = peewee.DateTimeField(null=True)
+    last_error = peewee.CharField(null=True, max_length=500)
+    created_at = peewee.DateTimeField(default=utcnow, index=True)
+    finished_at = peewee.DateTimeField(null=True)
+
+    class Meta:
+        indexes = ((("state", "next_attempt_at"), False),)
+
+
 class AccountDeletion(JobColumns):
     """An account its owner asked to delete (services/erasure.py), and the recorded job that
     deletes it. state: scheduled (until `due_at`; the person may undo it) -> running (the steps
-    run; no way back) -> done; or cancelled (undone in the grace). `notify_email` holds the
-    address the "deleted" email goes to, only between the removal of the personal data and
-    that email. One row per account: asking again after an undo reuses it."""
+    run; no way back) -> done; or cancelled (undone in the grace). `notify_email` is not
+    written any more (the outbox holds the "deleted" email, queued with the removal of the
+    personal data) and is cleared when the job finishes. One row per account: asking again
+    after an undo reuses it."""
 
     user = peewee.ForeignKeyField(User, unique=True, backref="+", on_delete="CASCADE")
     state = peewee.CharField(max_length=16, index=True)
@@ -682,5 +730,6 @@ ALL_MODELS = [
     AlertOptIn,
     AlertEpisode,
     AlertNotice,
+    OutboxMail,
     AccountDeletion,
 ]

@@ -24,6 +24,7 @@ from flask_login import login_user
 from flask_login import logout_user
 from flask_wtf.csrf import CSRFProtect
 
+from selfserve.i18n import lazy_text as _l
 from selfserve.models import LoginSession
 from selfserve.models import User
 from selfserve.models import utcnow
@@ -89,7 +90,7 @@ def init_app(app):
     _hide_sql_parameters()
     login_manager.init_app(app)
     login_manager.login_view = "accounts.login"
-    login_manager.login_message = "Please sign in to continue."
+    login_manager.login_message = _l("Please sign in to continue.")
     login_manager.login_message_category = "info"
     # Protection "strong" would end sessions on IP changes (phones roaming); our own
     # LoginSession rows give server-side logout instead.
@@ -215,13 +216,13 @@ def _load_user(cookie_id):
 
 # While a staff member views as a customer, only these non-GET endpoints work.
 WRITES_ALLOWED_WHILE_VIEWING = frozenset({"support.end_view", "accounts.logout"})
-READ_ONLY_MESSAGE = (
+READ_ONLY_MESSAGE = _l(
     "You are viewing this account as support, read-only: nothing can be changed. "
     "End the view (the button at the top of the page) to do anything else."
 )
 # A staff member who hasn't passed the second factor may only reach these (and public pages).
 SECOND_FACTOR_ENDPOINTS = frozenset({"support.second_factor", "accounts.logout"})
-SECOND_FACTOR_MESSAGE = "Please confirm your sign-in with your authenticator app first."
+SECOND_FACTOR_MESSAGE = _l("Please confirm your sign-in with your authenticator app first.")
 
 
 def _read_only_while_viewing(app, view):
@@ -236,7 +237,7 @@ def _read_only_while_viewing(app, view):
     if request.method not in ("GET", "HEAD", "OPTIONS"):
         if request.endpoint in WRITES_ALLOWED_WHILE_VIEWING:
             return None
-        return htmx.error_response(READ_ONLY_MESSAGE, 403, "Read-only view")
+        return htmx.error_response(READ_ONLY_MESSAGE, 403, _l("Read-only view"))
     if (
         request.method == "GET"
         and not request.headers.get("HX-Request")
@@ -262,7 +263,7 @@ def _second_factor_first(app):
     if request.method == "GET" and not request.headers.get("HX-Request"):
         next_page = request.full_path.rstrip("?") if request.endpoint.startswith("support.") else None
         return redirect(url_for("support.second_factor", next=next_page))
-    return htmx.error_response(SECOND_FACTOR_MESSAGE, 403, "Second factor needed")
+    return htmx.error_response(SECOND_FACTOR_MESSAGE, 403, _l("Second factor needed"))
 
 
 def start_login_session(user):
@@ -341,7 +342,7 @@ def verified_required(view):
     @functools.wraps(view)
     def wrapper(*args, **kwargs):
         if not current_user.is_verified:
-            flash("Please verify your email address first.", "warning")
+            flash(_l("Please verify your email address first."), "warning")
             return redirect(url_for("accounts.unverified"))
         return view(*args, **kwargs)
 

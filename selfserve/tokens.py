@@ -19,6 +19,8 @@ from itsdangerous import SignatureExpired
 from itsdangerous import TimestampSigner
 from itsdangerous import URLSafeTimedSerializer
 
+from selfserve.i18n import lazy_text as _l
+
 
 @dataclass(frozen=True)
 class Purpose:
@@ -48,7 +50,7 @@ PURPOSES = {
 class TokenError(Exception):
     """The link can't be used. `message` is safe to show."""
 
-    message = "This link is not valid. Please check that you copied all of it, or ask for a new one."
+    message = _l("This link is not valid. Please check that you copied all of it, or ask for a new one.")
 
     def __init__(self, message=None):
         super().__init__(message or self.message)
@@ -57,7 +59,7 @@ class TokenError(Exception):
 
 
 class TokenExpired(TokenError):
-    message = "This link has expired. Please ask for a new one."
+    message = _l("This link has expired. Please ask for a new one.")
 
 
 class TokenInvalid(TokenError):

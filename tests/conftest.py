@@ -90,25 +90,42 @@ def sim(sim_server):
 
 
 class Mailbox:
-    """Messages received by the SMTP sink, parsed."""
+    """Messages received by the SMTP sink, parsed.
+
+    Every email goes through the outbox (services/outbox.py) and tests run no sender thread:
+    reading the mailbox (`to`, `wait_for`) first runs the test app's outbox sender once
+    (`flush`, set by the `app` fixture), as the sweep would, so what a request queued has
+    arrived when the test looks."""
 
     def __init__(self):
-        self.messages = []
+        self._messages = []
         self._lock = threading.Lock()
+        self.flush = None
 
-    async def handle_DATA(self, server, session, envelope):
-        message = email.message_from_bytes(envelope.content)
+    @property
+    def messages(self):
+        """Every message received (after sending what the outbox holds)."""
+        if self.flush is not None:
+            self.flush()
+        return self._messages
+
+    def receive(self, content):
+        message = email.message_from_bytes(content)
         with self._lock:
-            self.messages.append(message)
-        return "250 Message accepted for delivery"
+            self._messages.append(message)
 
     def clear(self):
+        """Forget every message so far (what the outbox holds is sent first, and forgotten)."""
+        if self.flush is not None:
+            self.flush()
         with self._lock:
-            self.messages.clear()
+            self._messages.clear()
 
     def to(self, address):
+        if self.flush is not None:
+            self.flush()
         with self._lock:
-            return [m for m in self.messages if address.lower() in m["To"].lower()]
+            return [m for m in self._messages if address.lower() in m["To"].lower()]
 
     def wait_for(self, address, count=1, timeout=5.0):
         """Wait until `address` has at least `count` messages; return the newest."""
@@ -133,12 +150,25 @@ class Mailbox:
         return re.findall(r"https?://\S+", cls.body(message))
 
 
+class _SinkHandler:
+    """aiosmtpd's handler: hands each message to the Mailbox. (Not the Mailbox itself:
+    aiosmtpd reads every attribute of its handler, and `messages` would flush the outbox
+    from the sink's own thread.)"""
+
+    def __init__(self, mailbox):
+        self.mailbox = mailbox
+
+    async def handle_DATA(self, server, session, envelope):
+        self.mailbox.receive(envelope.content)
+        return "250 Message accepted for delivery"
+
+
 @pytest.fixture(scope="session")
 def smtp_server():
     handler = Mailbox()
     handler.port = free_port()
     # aiosmtpd probes its own port once started, so it can't be given port 0.
-    controller = Controller(handler, hostname="127.0.0.1", port=handler.port)
+    controller = Controller(_SinkHandler(handler), hostname="127.0.0.1", port=handler.port)
     controller.start()
     yield handler
     controller.stop()
@@ -234,7 +264,7 @@ class IsolatedContextClient(FlaskClient):
 
 
 @pytest.fixture
-def app(app_config):
+def app(app_config, mailbox):
     from selfserve import create_app
     from selfserve import models
 
@@ -242,9 +272,21 @@ def app(app_config):
     application.test_client_class = IsolatedContextClient
     with application.app_context():
         models.db.connect(reuse_if_open=True)
-        yield application
-        if not models.db.is_closed():
-            models.db.close()
+        mailbox.flush = lambda: _flush_outbox(application)
+        try:
+            yield application
+        finally:
+            mailbox.flush = None
+            if not models.db.is_closed():
+                models.db.close()
+
+
+def _flush_outbox(application):
+    """Run the outbox sender once, in this thread (the test's app context and connection)."""
+    from selfserve.services import outbox
+
+    with application.app_context():
+        outbox.send_due()
 
 
 @pytest.fixture

@@ -316,3 +316,29 @@ def test_no_way_in_once_the_deletion_started(app, world, mailbox, monkeypatch):
         .where((LoginSession.user == world["home"].id) & LoginSession.ended_at.is_null())
         .exists()
     )
+
+
+def test_requests_for_their_devices_close_and_a_lone_organisation_is_flagged(app, sim, labels, mailbox):
+    """Someone asking for one of their devices is told it was released; an organisation whose
+    only person leaves keeps its devices and raises a staff alert."""
+    from selfserve.services import support
+
+    home = make_user(HOME)
+    asker = make_user("asker@example.com")
+    own(home, labels, WINDOW)
+    opaque = transfers.remember_possession(asker, Device.get_by_id(WINDOW))
+    request = transfers.request_device(asker, opaque)
+    organisation = organisations.create(home, "Solo Shades")
+    own(organisations.account_of(organisation), labels, PUMP)
+    schedule(home)
+    run_to_the_end()
+    assert Transfer.get_by_id(request.id).state == "cancelled"
+    assert any(
+        "released" in (m["Subject"] or "").lower() or "released" in mailbox.body(m)
+        for m in mailbox.to("asker@example.com")
+    )
+    assert Device.get_by_id(PUMP).owner_id == organisation.account_id  # the company keeps it
+    assert sim.device(PUMP)["owner"] is not None
+    assert not Membership.select().where(Membership.organisation == organisation.id).exists()
+    (alert,) = support.staff_alerts()
+    assert "Solo Shades" in alert.detail["reason"] and f"deleted account #{home.id}" in alert.detail["reason"]

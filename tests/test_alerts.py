@@ -14,10 +14,12 @@ from selfserve.models import AlertEpisode
 from selfserve.models import AlertNotice
 from selfserve.models import Device
 from selfserve.models import DeviceSnapshot
+from selfserve.models import OutboxMail
 from selfserve.models import utcnow
 from selfserve.services import alerts
 from selfserve.services import history
 from selfserve.services import leases
+from selfserve.services import outbox
 
 PUMP = "e00fce68a1b2c3d4e5f6a001"
 WINDOW = "e00fce68a1b2c3d4e5f6b001"
@@ -144,17 +146,19 @@ def test_an_smtp_outage_delays_alerts_and_sends_them_after_in_order(app, owner, 
     app.config["MAIL_PORT"] = dead_port
     first = utcnow()
     fault("overpressure", at=first)
-    assert alerts.send_due(first) == 0
-    notice = AlertNotice.get()
-    assert notice.attempts == 1 and notice.sent_at is None and notice.lease_until > first
+    assert alerts.send_due(first) == 1  # queued in the outbox with the decision
+    assert outbox.send_due(first) == {"pending": 1}  # the server is down: it waits
+    queued = OutboxMail.get()
+    assert queued.attempts == 1 and queued.next_attempt_at > first and queued.kind == "alert"
     history.record(WINDOW, {"battery_v": 3.1}, at=first + datetime.timedelta(seconds=1))
-    app.config["MAIL_PORT"] = mailbox.port
     # Battery low is a digest kind by default: it waits for the digest hour.
     AlertNotice.update(due_at=first).where(AlertNotice.kind == "battery_low").execute()
-    assert alerts.send_due(first + datetime.timedelta(minutes=1)) == 1
-    message = mailbox.wait_for("owner@example.com")
-    body = mailbox.body(message)
-    assert body.index("fault") < body.index("battery low")  # oldest first
+    assert alerts.send_due(first + datetime.timedelta(seconds=2)) == 1
+    assert outbox.send_due(first + datetime.timedelta(minutes=1)) == {"pending": 1}  # still down
+    app.config["MAIL_PORT"] = mailbox.port
+    assert outbox.send_due(first + datetime.timedelta(minutes=2)) == {"sent": 2}
+    fault_mail, battery_mail = alert_mails(mailbox)  # after the outage, in order
+    assert "fault" in fault_mail["Subject"] and "battery low" in battery_mail["Subject"]
     assert AlertNotice.select().where(AlertNotice.sent_at.is_null()).count() == 0
 
 
@@ -282,7 +286,7 @@ def test_settings_page_test_alert_and_the_log(app, owner, mailbox):
     response = client.post("/account/alerts/test", data={"csrf_token": token})
     assert response.status_code == 302
     alerts.send_due()
-    assert mailbox.wait_for("owner@example.com")["Subject"] == "Test alert from selfserve"
+    assert mailbox.wait_for("owner@example.com")["Subject"] == "Test alert from Tidewell"
     page = client.get("/account/alerts").get_data(as_text=True)
     assert "Test alert: your alerts reach this address." in page and "sent" in page
     fragment = client.get("/account/alerts/log", headers={"HX-Request": "true"}).get_data(as_text=True)

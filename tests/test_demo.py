@@ -29,6 +29,14 @@ def demo_site(tmp_path):
             sender.stop.set()
             alerts.wake()
             sender.join(timeout=30)
+        # And its outbox sender thread (woken by any mail queued in any test).
+        outbox_sender = app.extensions.get("outbox_sender")
+        if outbox_sender is not None:
+            from selfserve.services import outbox
+
+            outbox_sender.stop.set()
+            outbox.wake(app)
+            outbox_sender.join(timeout=30)
         # And its event-stream listener, which would keep renewing its lease in them.
         listener = app.extensions.get("event_stream")
         if listener is not None:

@@ -17,6 +17,8 @@ from selfserve.models import db
 from selfserve.models import utcnow
 from selfserve.particle.errors import CloudUnavailable
 from selfserve.particle.errors import RateLimited
+from selfserve.services import alerts
+from selfserve.services import outbox
 from selfserve.services import steps
 
 
@@ -297,9 +299,10 @@ def test_the_background_jobs_are_one_explicit_list(app):
         "selfserve.services.impersonation.end_stale_views",
         "selfserve.services.history.maintain",
         "selfserve.services.access.record_expired",
-        "selfserve.services.sharing.resend_unsent",
         "selfserve.services.alerts.run_timers",
+        "selfserve.services.erasure.resume_pending",
         "selfserve.event_stream.keep_listening",
+        "selfserve.services.outbox.send_due",
     ]
 
 
@@ -324,11 +327,24 @@ def test_other_cli_commands_never_start_the_sweep_and_a_request_does(app, sim):
     assert app.extensions.get("sweep") is None
     app.test_client().get("/")
     thread = app.extensions.get("sweep")
+    sender = app.extensions.get("outbox_sender")
     try:
         assert thread is not None and thread.is_alive()
+        assert sender is not None and sender.is_alive()  # the outbox's sender starts with it
     finally:
         thread.stop.set()
         thread.join(timeout=30)
+        if sender is not None:
+            sender.stop.set()
+            outbox.wake(app)
+            sender.join(timeout=30)
+        # The alert sender too: left running, any later test's alert would wake it, and it
+        # would send that test's notices from under it (the models' binding is process-wide).
+        alert_sender = app.extensions.get("alert_sender")
+        if alert_sender is not None:
+            alert_sender.stop.set()
+            alerts.wake()
+            alert_sender.join(timeout=30)
 
 
 def test_flask_sweep_once_runs_the_background_jobs(app, sim):

@@ -101,7 +101,7 @@ def test_existing_owner_gets_the_device_now_and_new_owner_on_verification(app, f
     # Existing account: claimed on Particle (off the company's account) and here.
     assert sim.device(PUMP)["owner"] == existing.particle_customer_id
     assert devices.device_for(existing, PUMP)
-    assert "in your selfserve account" in mailbox.body(mailbox.wait_for("existing@example.com"))
+    assert "in your Tidewell account" in mailbox.body(mailbox.wait_for("existing@example.com"))
     assert (
         AuditEvent.select()
         .where((AuditEvent.action == "device.migrated_in") & (AuditEvent.user == existing.id))

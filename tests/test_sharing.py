@@ -20,6 +20,7 @@ from selfserve.models import Invitation
 from selfserve.models import utcnow
 from selfserve.services import access
 from selfserve.services import devices
+from selfserve.services import outbox
 from selfserve.services import sharing
 
 PASSWORD = "correct horse battery"
@@ -339,13 +340,16 @@ def test_revocation_is_published_for_live_pages(app, owner, window):
     assert heard == [(WINDOW, guest.id, "revoked")]
 
 
-def test_invitation_mail_not_sent_is_retried_by_the_sweep(app, owner, window, mailbox):
+def test_invitation_mail_not_sent_is_retried_by_the_outbox(app, owner, window, mailbox):
     app.config["MAIL_PORT"] = 1  # nothing listens there
     invitation = sharing.invite(owner, window, "guest@example.com", "viewer")
-    assert Invitation.get_by_id(invitation.id).mailed_at is None
+    assert Invitation.get_by_id(invitation.id).mailed_at is not None  # queued with the invitation
+    assert mailbox.to("guest@example.com") == []
+    assert sharing.send_invitation(invitation) is False  # queued once, however often asked
     app.config["MAIL_PORT"] = mailbox.port
-    assert sharing.resend_unsent(now=utcnow() + datetime.timedelta(minutes=5)) == 1
+    assert outbox.send_due(now=utcnow() + datetime.timedelta(minutes=5)) == {"sent": 1}
     body = mailbox.body(mailbox.wait_for("guest@example.com"))
+    assert len(mailbox.to("guest@example.com")) == 1
     assert re.search(r"/share/\S+", body) and "owner@example.com" in body
 
 

@@ -422,7 +422,8 @@ def test_the_forms_are_on_the_customer_page_and_in_the_fleet(console, disputed, 
         assert f'action="{decide_path(disputed)}"' in page
         assert 'name="outcome" value="requester"' in page and 'name="outcome" value="owner"' in page
         assert f'name="next" value="{path}"' in page
-        assert "Yes, move this device out of owner@example.com&#39;s account" in page
+        # The translated question is markup (its apostrophe as typed); the address is escaped.
+        assert "Yes, move this device out of owner@example.com's account" in page
     decide(console, disputed, "owner")
     page = console.get("/support/fleet").get_data(as_text=True)
     assert f'data-dispute="{disputed.id}"' not in page

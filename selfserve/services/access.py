@@ -29,6 +29,7 @@ import threading
 import peewee
 from blinker import Namespace
 
+from selfserve.i18n import lazy_text as _l
 from selfserve.models import DeviceGroup
 from selfserve.models import Grant
 from selfserve.models import GroupDevice
@@ -45,10 +46,10 @@ ROLES = ("viewer", "operator", "manager", "owner")
 RANK = {role: rank for rank, role in enumerate(ROLES)}
 GRANTABLE = ("viewer", "operator", "manager")
 ROLE_LABELS = {
-    "viewer": "Viewer: sees values and history",
-    "operator": "Operator: also runs the controls",
-    "manager": "Manager: also renames and shares",
-    "owner": "Owner",
+    "viewer": _l("Viewer: sees values and history"),
+    "operator": _l("Operator: also runs the controls"),
+    "manager": _l("Manager: also renames and shares"),
+    "owner": _l("Owner"),
 }
 
 _signals = Namespace()
@@ -165,17 +166,19 @@ def who_can_see(device, now=None):
         Organisation.get_or_none(Organisation.account == device.owner_id) if device.owner_id else None
     )
     if organisation is not None:
-        found.append(Reach(f"organisation {organisation.name}", "owner", "Owns the device"))
+        found.append(Reach(f"organisation {organisation.name}", "owner", _l("Owns the device")))
         admins = (
             Membership.select(Membership, User)
             .join(User)
             .where((Membership.organisation == organisation.id) & (Membership.role == "admin"))
             .order_by(User.email)
         )
-        found += [Reach(row.user.email, "owner", f"Admin of {organisation.name}") for row in admins]
+        found += [
+            Reach(row.user.email, "owner", _l("Admin of %(name)s", name=organisation.name)) for row in admins
+        ]
     elif device.owner_id is not None:
         owner = User.get_by_id(device.owner_id)
-        found.append(Reach(owner.email, "owner", "Owns the device"))
+        found.append(Reach(owner.email, "owner", _l("Owns the device")))
     Giver = User.alias()
     Holder = Organisation.alias()
     grants = (
@@ -192,10 +195,12 @@ def who_can_see(device, now=None):
     )
     for grant in grants:
         giver = grant.granted_by.email if grant.granted_by_id else "a former member"
-        through = f"Through the group {grant.group.name}, shared" if grant.group_id else "Shared"
+        through = (
+            _l("Through the group %(name)s, shared", name=grant.group.name) if grant.group_id else "Shared"
+        )
         why = f"{through} by {giver} {_when(grant)}"
         if grant.grantee_org_id:
-            why += f" (every member of {grant.grantee_org.name})"
+            why += _l(" (every member of %(name)s)", name=grant.grantee_org.name)
         found.append(Reach(holder_label(grant), grant.role, why))
     return found
 

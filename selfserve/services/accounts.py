@@ -3,9 +3,10 @@ and the account's own activity history.
 
 Plain functions, tested without HTTP. They raise:
 - `FormErrors` for input the person must correct (field name -> message);
-- `tokens.TokenError` for a link that can't be used (expired, tampered, used, outdated);
-- `mail.MailError` when an email could not be sent, always AFTER everything else was saved,
-  so nothing is lost and asking again works.
+- `tokens.TokenError` for a link that can't be used (expired, tampered, used, outdated).
+
+Emails go through the outbox (services/outbox.py), queued in the same transaction as the change
+they report: a mail server that is down delays them, it never fails the request.
 
 No answer reveals whether an email address has an account: sign-up and "forgot password"
 answer the same either way (the owner of an existing address gets a different email instead),
@@ -28,6 +29,7 @@ from selfserve import i18n
 from selfserve import mail
 from selfserve import passwords
 from selfserve import tokens
+from selfserve.i18n import lazy_text as _l
 from selfserve.models import LoginSession
 from selfserve.models import User
 from selfserve.models import db
@@ -35,6 +37,7 @@ from selfserve.models import utcnow
 from selfserve.refusals import Refusal
 from selfserve.security import end_all_login_sessions
 from selfserve.services import audit
+from selfserve.services import outbox
 from selfserve.services import provisioning
 from selfserve.services import steps
 
@@ -52,10 +55,10 @@ SIGN_IN_LINK_MINUTES = tokens.PURPOSES["sign_in_link"].max_age // 60
 
 ACTIVITY_PAGE_SIZE = 25
 
-LINK_USED = (
+LINK_USED = _l(
     "This link has already been used or is no longer valid. If you still need one, please ask for a new link."
 )
-VERIFY_LINK_OUTDATED = (
+VERIFY_LINK_OUTDATED = _l(
     "This link was sent to an email address that is no longer on the account. Please ask for a new link."
 )
 
@@ -65,7 +68,7 @@ class FormErrors(Refusal):
     first one is also the refusal's `field` and `message`)."""
 
     def __init__(self, errors):
-        field, message = next(iter(errors.items()), (None, "Please correct the form."))
+        field, message = next(iter(errors.items()), (None, _l("Please correct the form.")))
         super().__init__(message, kind="form", field=field, status=422)
         self.errors = errors
 
@@ -90,9 +93,9 @@ def normalize_email(raw):
 def email_problem(email):
     """What is wrong with a (normalized) email address, or None."""
     if not email:
-        return "Enter your email address."
+        return _l("Enter your email address.")
     if len(email) > EMAIL_MAX_LENGTH or not _EMAIL.match(email):
-        return "Enter an email address like name@example.com."
+        return _l("Enter an email address like name@example.com.")
     return None
 
 
@@ -105,14 +108,6 @@ def absolute_url(endpoint, **values):
         raise RuntimeError("Set BASE_URL to build links outside a request.")
     path = current_app.url_map.bind("localhost").build(endpoint, values)
     return base.rstrip("/") + path
-
-
-def _notify(to, subject, template, **context):
-    """Send a courtesy notice; a failure is logged (without the address) and not raised."""
-    try:
-        mail.send(to, subject, template, **context)
-    except mail.MailError:
-        log.warning("Courtesy email %r could not be sent", template)
 
 
 def _user_from(payload):
@@ -167,8 +162,9 @@ def sign_up(email, password, language=None, time_zone=None):
     password is the new one, every session of the old sign-up ends, and a verification link
     goes out (someone who signed up with another person's address first can't keep it, and
     a person who lost the first link just starts again). Raises FormErrors for a bad address
-    or password, MailError if the email could not be sent (the account is kept: signing in
-    and "resend" work). `language` and `time_zone` are the browser's (i18n.browser_language,
+    or password. The email is queued with the account (outbox): an address the mail server
+    refuses still gets its account, the mail is marked failed for support, and "resend" works.
+    `language` and `time_zone` are the browser's (i18n.browser_language,
     i18n.browser_time_zone): the verification email goes out in that language.
     """
     email = checked_credentials(email, password)
@@ -181,40 +177,43 @@ def sign_up(email, password, language=None, time_zone=None):
         try:
             with db.atomic():
                 user = User.create(email=email, password_hash=password_hash, **browser)
+                audit.record("account.signed_up", user=user)
+                send_verification(user)
+            return
         except peewee.IntegrityError:
             existing = User.get(User.email == email)  # the same address signed up just now
-        else:
-            audit.record("account.signed_up", user=user)
-            send_verification(user)
-            return
     if not existing.is_verified and not existing.is_staff:
-        replaced = (
-            User.update(password_hash=password_hash, password_changed_at=utcnow(), **browser)
-            .where((User.id == existing.id) & User.email_verified_at.is_null())
-            .execute()
-        )
+        with db.atomic():
+            replaced = (
+                User.update(password_hash=password_hash, password_changed_at=utcnow(), **browser)
+                .where((User.id == existing.id) & User.email_verified_at.is_null())
+                .execute()
+            )
+            if replaced:
+                end_all_login_sessions(existing)
+                audit.record("account.signup_replaced", user=existing)
+                send_verification(User.get_by_id(existing.id))
         if replaced:
-            end_all_login_sessions(existing)
-            audit.record("account.signup_replaced", user=existing)
-            send_verification(User.get_by_id(existing.id))
             return
-    audit.record("account.signup_attempted", user=existing)
-    mail.send(
-        existing.email,
-        "Someone tried to sign up with your email address",
-        "signup_attempt",
-        login_url=absolute_url("accounts.login"),
-        forgot_url=absolute_url("accounts.forgot"),
-    )
+    with db.atomic():
+        audit.record("account.signup_attempted", user=existing)
+        mail.send(
+            existing.email,
+            _l("Someone tried to sign up with your email address"),
+            "signup_attempt",
+            login_url=absolute_url("accounts.login"),
+            forgot_url=absolute_url("accounts.forgot"),
+        )
 
 
 def send_verification(user):
-    """Email `user` a fresh verification link (valid 48 h, bound to the current address)."""
+    """Queue for `user` a fresh verification link (valid 48 h, bound to the current address)."""
     token = tokens.make("verify_email", {"u": user.id, "e": tokens.fingerprint(user.email)})
     mail.send(
         user.email,
-        "Confirm your email address",
+        _l("Confirm your email address"),
         "verify_email",
+        sensitive=True,
         verify_url=absolute_url("accounts.verify", token=token),
         hours=VERIFY_HOURS,
     )
@@ -360,7 +359,7 @@ def send_sign_in_link(email):
 
     Only verified accounts get one (the link proves the mailbox, as a verification or reset
     does); the answer is the same for every address. Raises FormErrors for a malformed
-    address, MailError if the email could not be sent.
+    address.
     """
     email = normalize_email(email)
     problem = email_problem(email)
@@ -378,14 +377,16 @@ def send_sign_in_link(email):
             "i": time.time(),  # links issued before the last one used are dead
         },
     )
-    audit.record("account.sign_in_link_sent", user=user)
-    mail.send(
-        user.email,
-        "Your sign-in link",
-        "sign_in_link",
-        link_url=absolute_url("accounts.sign_in_link", token=token),
-        minutes=SIGN_IN_LINK_MINUTES,
-    )
+    with db.atomic():
+        audit.record("account.sign_in_link_sent", user=user)
+        mail.send(
+            user.email,
+            _l("Your sign-in link"),
+            "sign_in_link",
+            sensitive=True,
+            link_url=absolute_url("accounts.sign_in_link", token=token),
+            minutes=SIGN_IN_LINK_MINUTES,
+        )
 
 
 def _sign_in_link_payload(token):
@@ -437,35 +438,19 @@ def _naive(timestamp):
 
 
 def request_password_reset(email):
-    """Email a reset link (valid 1 h, single use) if the address has an account.
+    """Have a reset link (valid 1 h, single use, bound to the current password) emailed if the
+    address has an account.
 
-    Same outcome for unknown addresses (nothing is sent). Raises FormErrors for a malformed
-    address, MailError if the email to an existing account could not be sent.
+    The request does the same work for every address (finding 6: its time told which
+    addresses have accounts): it queues one reset request in the outbox and looks nothing up;
+    the outbox's sender finds the account and sends the link, or sends nothing
+    (services/outbox.py). Raises FormErrors for a malformed address.
     """
     email = normalize_email(email)
     problem = email_problem(email)
     if problem:
         raise FormErrors({"email": problem})
-    user = User.get_or_none(User.email == email)
-    if user is None:
-        return
-    token = tokens.make(
-        "reset_password",
-        {
-            "u": user.id,
-            "e": tokens.fingerprint(user.email),
-            # Binding the current hash makes the link die once the password changes.
-            "p": tokens.fingerprint(user.password_hash),
-        },
-    )
-    audit.record("account.password_reset_requested", user=user)
-    mail.send(
-        user.email,
-        "Reset your password",
-        "reset_password",
-        reset_url=absolute_url("accounts.reset", token=token),
-        minutes=RESET_MINUTES,
-    )
+    outbox.enqueue_reset_request(email)
 
 
 def check_reset_link(token):
@@ -496,8 +481,15 @@ def reset_password(token, new_password):
     )
     if not changed:
         raise tokens.TokenInvalid(LINK_USED)
-    end_all_login_sessions(user)
-    audit.record("account.password_reset", user=user)
+    with db.atomic():
+        end_all_login_sessions(user)
+        audit.record("account.password_reset", user=user)
+        mail.send(
+            user.email,
+            _l("Your password was changed"),
+            "password_changed",
+            forgot_url=absolute_url("accounts.forgot"),
+        )
     if not user.is_verified:
         # The reset link proved the mailbox and its holder just chose the password: the same
         # proof as a verification (and the way in when someone else chose the first password).
@@ -510,12 +502,6 @@ def reset_password(token, new_password):
         if verified:
             audit.record("account.email_verified", user=user)
             provisioning.attempt(user.id, now)
-    _notify(
-        user.email,
-        "Your password was changed",
-        "password_changed",
-        forgot_url=absolute_url("accounts.forgot"),
-    )
     return User.get_by_id(user.id)
 
 
@@ -526,7 +512,7 @@ def change_password(user, current_password, new_password, keep_session=None):
     """Change the password (the current one is required); end every other session."""
     errors = {}
     if not passwords.check_password(user.password_hash, current_password or ""):
-        errors["current_password"] = "That is not your current password."
+        errors["current_password"] = _l("That is not your current password.")
     problem = passwords.problem(new_password or "")
     if problem:
         errors["new_password"] = problem
@@ -539,16 +525,17 @@ def change_password(user, current_password, new_password, keep_session=None):
     )
     if not changed:
         raise FormErrors(
-            {"current_password": "Your password was just changed elsewhere. Please reload the page."}
+            {"current_password": _l("Your password was just changed elsewhere. Please reload the page.")}
         )
-    end_all_login_sessions(user, keep=keep_session)
-    audit.record("account.password_changed", user=user)
-    _notify(
-        user.email,
-        "Your password was changed",
-        "password_changed",
-        forgot_url=absolute_url("accounts.forgot"),
-    )
+    with db.atomic():
+        end_all_login_sessions(user, keep=keep_session)
+        audit.record("account.password_changed", user=user)
+        mail.send(
+            user.email,
+            _l("Your password was changed"),
+            "password_changed",
+            forgot_url=absolute_url("accounts.forgot"),
+        )
     return User.get_by_id(user.id)
 
 
@@ -557,7 +544,7 @@ def request_email_change(user, new_email, password):
     nothing changes until it is opened. Requires the current password.
 
     If the new address already belongs to another account, that address is told instead and
-    the answer here is the same (no probing for accounts). Raises FormErrors, MailError.
+    the answer here is the same (no probing for accounts). Raises FormErrors.
     """
     new_email = normalize_email(new_email)
     errors = {}
@@ -565,33 +552,35 @@ def request_email_change(user, new_email, password):
     if problem:
         errors["new_email"] = problem
     elif new_email == user.email:
-        errors["new_email"] = "That is already your email address."
+        errors["new_email"] = _l("That is already your email address.")
     if not passwords.check_password(user.password_hash, password or ""):
-        errors["email_password"] = "That is not your current password."
+        errors["email_password"] = _l("That is not your current password.")
     if errors:
         raise FormErrors(errors)
-    User.update(pending_email=new_email).where(User.id == user.id).execute()
-    audit.record("account.email_change_requested", user=user)
-    if User.select().where((User.email == new_email) & (User.id != user.id)).exists():
+    with db.atomic():
+        User.update(pending_email=new_email).where(User.id == user.id).execute()
+        audit.record("account.email_change_requested", user=user)
+        if User.select().where((User.email == new_email) & (User.id != user.id)).exists():
+            mail.send(
+                new_email,
+                _l("Someone tried to use your email address"),
+                "email_change_taken",
+                login_url=absolute_url("accounts.login"),
+                forgot_url=absolute_url("accounts.forgot"),
+            )
+            return
+        token = tokens.make(
+            "confirm_email_change",
+            {"u": user.id, "e": tokens.fingerprint(user.email), "n": tokens.fingerprint(new_email)},
+        )
         mail.send(
             new_email,
-            "Someone tried to use your email address",
-            "email_change_taken",
-            login_url=absolute_url("accounts.login"),
-            forgot_url=absolute_url("accounts.forgot"),
+            _l("Confirm your new email address"),
+            "confirm_email_change",
+            sensitive=True,
+            confirm_url=absolute_url("accounts.confirm_email", token=token),
+            hours=EMAIL_CHANGE_HOURS,
         )
-        return
-    token = tokens.make(
-        "confirm_email_change",
-        {"u": user.id, "e": tokens.fingerprint(user.email), "n": tokens.fingerprint(new_email)},
-    )
-    mail.send(
-        new_email,
-        "Confirm your new email address",
-        "confirm_email_change",
-        confirm_url=absolute_url("accounts.confirm_email", token=token),
-        hours=EMAIL_CHANGE_HOURS,
-    )
 
 
 def check_email_change_link(token):
@@ -628,20 +617,18 @@ def confirm_email_change(token, now=None):
                 .where((User.id == user.id) & (User.email == old_email) & (User.pending_email == new_email))
                 .execute()
             )
+            if changed:
+                audit.record("account.email_changed", user=user)
+                mail.send(
+                    old_email, _l("Your email address was changed"), "email_changed", new_email=new_email
+                )
     except peewee.IntegrityError:
         User.update(pending_email=None).where(User.id == user.id).execute()
         raise tokens.TokenInvalid(
-            "That address now belongs to another account, so your email address was not changed."
+            _l("That address now belongs to another account, so your email address was not changed.")
         ) from None
     if not changed:
         raise tokens.TokenInvalid(LINK_USED)
-    audit.record("account.email_changed", user=user)
-    _notify(
-        old_email,
-        "Your email address was changed",
-        "email_changed",
-        new_email=new_email,
-    )
     if not user.is_verified:
         audit.record("account.email_verified", user=user)
         return provisioning.attempt(user.id, now)

@@ -18,13 +18,13 @@ who opted in; an organisation routes them to a group's people (services/alert_re
 A notice for a device the person can no longer see is cancelled when it would be sent, so a
 transfer, a release or a revoked grant stops that person's alerts at once.
 
-Sending. `send_due` takes every due notice of a person under a lease and sends them as ONE
+Sending. `send_due` takes every due notice of a person under a lease and queues them as ONE
 mail (a person with 500 devices in an outage gets one message, not 500), with a one-click
-unsubscribe (signed link, RFC 8058 List-Unsubscribe / List-Unsubscribe-Post headers). A mail
-server that is down delays the mail (backoff) and it is sent after, oldest first; a worker
-killed between deciding and sending leaves the notice to be sent by the next run, and one
-killed after the server accepted but before it recorded `sent_at` can send it once more (that
-narrow window is the only duplicate possible).
+unsubscribe (signed link, RFC 8058 List-Unsubscribe / List-Unsubscribe-Post headers), in the
+outbox (services/outbox.py) in the same transaction that marks them `sent_at`: a worker killed
+before the commit leaves the notices to the next run, one killed after it left the mail in the
+outbox, which sends it once. A mail server that is down delays the mail (the outbox's backoff)
+and it is sent after, in order.
 """
 
 import datetime
@@ -36,10 +36,14 @@ import zoneinfo
 import peewee
 from flask import current_app
 from flask import has_app_context
+from flask_babel import gettext as _
+from flask_babel import ngettext
 
 from selfserve import device_models
+from selfserve import i18n
 from selfserve import mail
 from selfserve import tokens
+from selfserve.i18n import lazy_text as _l
 from selfserve.models import AlertEpisode
 from selfserve.models import AlertNotice
 from selfserve.models import AlertSetting
@@ -56,15 +60,15 @@ from selfserve.services import steps
 log = logging.getLogger(__name__)
 
 KINDS = device_models.ALERT_KINDS
-MODES = {"now": "Email at once", "digest": "In the daily digest", "off": "Off"}
+MODES = {"now": _l("Email at once"), "digest": _l("In the daily digest"), "off": _l("Off")}
 TIMER_LEASE = "alerts.timer"
 BATTERY_HYSTERESIS_V = 0.1  # "battery low" ends only this far above the threshold
 BATCH_USERS = 50
 EVENT_TEXT = {
-    "started": "started",
-    "reminder": "still going on",
-    "resolved": "resolved",
-    "test": "test",
+    "started": _l("started"),
+    "reminder": _l("still going on"),
+    "resolved": _l("resolved"),
+    "test": _l("test"),
 }
 
 
@@ -112,11 +116,15 @@ def save_settings(
     for kind in KINDS:
         mode = (modes or {}).get(kind, KINDS[kind].default)
         if mode not in MODES:
-            raise AlertError(f"Choose how to get “{KINDS[kind].label}” alerts.", field=f"mode_{kind}")
+            raise AlertError(
+                _l("Choose how to get “%(kind)s” alerts.", kind=KINDS[kind].label), field=f"mode_{kind}"
+            )
         clean[kind] = mode
     time_zone = time_zone.strip() if time_zone is not None else None
     if time_zone is not None and not _valid_zone(time_zone):
-        raise AlertError("Enter a time zone such as Europe/London or America/New_York.", field="time_zone")
+        raise AlertError(
+            _l("Enter a time zone such as Europe/London or America/New_York."), field="time_zone"
+        )
     hours = {}
     for field, value in (
         ("quiet_from", quiet_from),
@@ -131,12 +139,12 @@ def save_settings(
         except (TypeError, ValueError):
             number = -1
         if not 0 <= number <= 23:
-            raise AlertError("Choose an hour from 0 to 23.", field=field)
+            raise AlertError(_l("Choose an hour from 0 to 23."), field=field)
         hours[field] = number
     if (hours["quiet_from"] is None) != (hours["quiet_until"] is None) or (
         hours["quiet_from"] is not None and hours["quiet_from"] == hours["quiet_until"]
     ):
-        raise AlertError("Quiet hours need a different start and end (or neither).", field="quiet_from")
+        raise AlertError(_l("Quiet hours need a different start and end (or neither)."), field="quiet_from")
     values = {
         "modes": clean,
         "quiet_from": hours["quiet_from"],
@@ -578,6 +586,11 @@ def send_due(now=None):
 
 
 def _send_to(user_id, now):
+    with db.atomic():  # deciding what this mail says and queueing it: all or nothing
+        return _queue_mail_to(user_id, now)
+
+
+def _queue_mail_to(user_id, now):
     batch = secrets.token_hex(8)
     lease = steps.lease_until(now)
     free = AlertNotice.lease_until.is_null() | (AlertNotice.lease_until < now)
@@ -611,16 +624,7 @@ def _send_to(user_id, now):
     user = User.get_or_none(User.id == user_id)
     if not keep or user is None:
         return False
-    try:
-        _mail(user, keep, now)
-    except mail.MailError:
-        attempts = max(notice.attempts for notice in keep) + 1
-        retry = now + datetime.timedelta(seconds=steps.backoff_seconds(attempts))
-        AlertNotice.update(attempts=AlertNotice.attempts + 1, lease_until=retry).where(
-            AlertNotice.mail_id == batch
-        ).execute()
-        log.warning("Alert mail to user %s not sent (attempt %d); retrying later", user_id, attempts)
-        return False
+    _mail(user, keep, now)  # queued in the outbox (this transaction)
     AlertNotice.update(sent_at=utcnow(), lease_until=None).where(
         (AlertNotice.mail_id == batch) & AlertNotice.cancelled_at.is_null()
     ).execute()
@@ -637,32 +641,47 @@ def _device_names(device_ids):
 def describe(notice, names, episodes):
     """One line about a notice, as the mail and the alerts log say it."""
     if notice.kind == "test":
-        return "Test alert: your alerts reach this address."
-    name = names.get(notice.device_id, "A device")
+        return _l("Test alert: your alerts reach this address.")
+    name = names.get(notice.device_id) or _("A device")
     episode = episodes.get(notice.episode_id)
     detail = f" ({episode.detail})" if episode is not None and episode.detail else ""
+    since = i18n.local_datetime(episode.started_at if episode is not None else notice.created_at)
     texts = {
-        ("offline", "started"): f"{name} has been offline since {{since}}.",
-        ("offline", "reminder"): f"{name} is still offline (since {{since}}).",
-        ("back_online", "resolved"): f"{name} is back online.",
-        ("fault", "started"): f"{name} reports a fault{detail}.",
-        ("fault", "reminder"): f"{name} still reports a fault{detail}.",
-        ("fault", "resolved"): f"{name} no longer reports a fault.",
-        ("battery_low", "started"): f"{name}: battery low{detail}.",
-        ("battery_low", "reminder"): f"{name}: battery still low{detail}.",
-        ("battery_low", "resolved"): f"{name}: battery fine again.",
-        ("transfer_stuck", "started"): f"{name}: handing it over or releasing it is not finishing.",
-        ("transfer_stuck", "reminder"): f"{name}: handing it over or releasing it is still not finished.",
-        ("transfer_stuck", "resolved"): f"{name}: the handover or release has finished.",
+        ("offline", "started"): _l("%(name)s has been offline since %(since)s.", name=name, since=since),
+        ("offline", "reminder"): _l("%(name)s is still offline (since %(since)s).", name=name, since=since),
+        ("back_online", "resolved"): _l("%(name)s is back online.", name=name),
+        ("fault", "started"): _l("%(name)s reports a fault%(detail)s.", name=name, detail=detail),
+        ("fault", "reminder"): _l("%(name)s still reports a fault%(detail)s.", name=name, detail=detail),
+        ("fault", "resolved"): _l("%(name)s no longer reports a fault.", name=name),
+        ("battery_low", "started"): _l("%(name)s: battery low%(detail)s.", name=name, detail=detail),
+        ("battery_low", "reminder"): _l("%(name)s: battery still low%(detail)s.", name=name, detail=detail),
+        ("battery_low", "resolved"): _l("%(name)s: battery fine again.", name=name),
+        ("transfer_stuck", "started"): _l(
+            "%(name)s: handing it over or releasing it is not finishing.", name=name
+        ),
+        ("transfer_stuck", "reminder"): _l(
+            "%(name)s: handing it over or releasing it is still not finished.", name=name
+        ),
+        ("transfer_stuck", "resolved"): _l("%(name)s: the handover or release has finished.", name=name),
     }
-    text = texts.get(
-        (notice.kind, notice.event), f"{name}: {KINDS[notice.kind].label} {EVENT_TEXT[notice.event]}."
-    )
-    since = episode.started_at if episode is not None else notice.created_at
-    return text.replace("{since}", since.strftime("%d %b %H:%M UTC"))
+    text = texts.get((notice.kind, notice.event))
+    if text is None:
+        text = _l(
+            "%(name)s: %(kind)s %(event)s.",
+            name=name,
+            kind=KINDS[notice.kind].label,
+            event=EVENT_TEXT[notice.event],
+        )
+    return str(text)
 
 
 def _mail(user, notices, now):
+    # The lines and the subject are written in the recipient's language and time zone.
+    with i18n.as_recipient(*i18n.recipient_preferences(user.email)):
+        _mail_in_their_language(user, notices)
+
+
+def _mail_in_their_language(user, notices):
     names = _device_names({notice.device_id for notice in notices})
     episode_ids = {notice.episode_id for notice in notices if notice.episode_id}
     episodes = (
@@ -683,9 +702,15 @@ def _mail(user, notices, now):
             "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
         }
     if len(lines) == 1:
-        subject = "Alert: " + lines[0] if notices[0].kind != "test" else "Test alert from selfserve"
+        subject = (
+            _("Alert: %(line)s", line=lines[0])
+            if notices[0].kind != "test"
+            else _("Test alert from Tidewell")
+        )
     else:
-        subject = f"{len(lines)} alerts about your devices"
+        subject = ngettext(
+            "%(num)d alert about your devices", "%(num)d alerts about your devices", len(lines)
+        )
     device_links = {device_id: absolute_url("devices.detail", device_id=device_id) for device_id in names}
     mail.send(
         user.email,
@@ -696,7 +721,7 @@ def _mail(user, notices, now):
         notices=notices,
         device_links=device_links,
         unsubscribe=unsubscribe,
-        kind_labels=[KINDS[kind].label for kind in kinds],
+        kind_labels=[str(KINDS[kind].label) for kind in kinds],
         settings_link=absolute_url("alerts.settings"),
     )
 

@@ -3,127 +3,144 @@ records it here; the homeowner's activity page reads it back."""
 
 from flask import has_request_context
 from flask import request
+from flask_babel import gettext as _
 from peewee import JOIN
 
 from selfserve import device_models
+from selfserve.i18n import lazy_text as _l
 from selfserve.models import AuditEvent
 from selfserve.models import User
 
 
-class _WithArgument(str):
+class _WithArgument:
     """A description with an optional "{value}": the function's argument, when there was one
     (" (40%)"), else nothing, so rows without an argument still read well; and, when recorded,
-    what the device answered (" The device answered: …"). Older rows have no answer."""
+    what the device answered (" The device answered: …"). Older rows have no answer. Holds a
+    lazy template: translated when the page is shown."""
 
-    def format(self, *args, **detail):
+    def __init__(self, template):
+        self.template = template
+
+    def format(self, **detail):
         arg = detail.get("arg")
         detail["value"] = (
             "" if arg in (None, "") else f" ({device_models.argument_text(detail.get('function'), arg)})"
         )
-        text = str.format(self, *args, **detail)
+        if detail.get("function"):
+            detail["function"] = _(detail["function"])  # recorded in English (the catalogue's label)
+        text = str(self.template).format(**detail)
         answer = detail.get("answer")
         if answer:
-            text += f". The device answered: {answer}"
+            text = _("%(text)s. The device answered: %(answer)s", text=text, answer=_(answer))
         return text
 
+    def __str__(self):
+        return str(self.template)
 
-class _Until(str):
+
+class _Until(_WithArgument):
     """A sharing description with "{until}": " until <date>" when the access has an end."""
 
-    def format(self, *args, **detail):
+    def format(self, **detail):
         until = detail.get("until")
-        detail["until"] = f" until {until}" if until else ""
-        return str.format(self, *args, **detail)
+        detail["until"] = _(" until %(date)s", date=until) if until else ""
+        return str(self.template).format(**detail)
 
 
 # action -> how the activity page says it (the detail dict fills the placeholders).
 DESCRIPTIONS = {
-    "account.signed_up": "Signed up",
-    "account.signup_attempted": "Someone tried to sign up again with your email address",
-    "account.password_reset_requested": "Asked for a password reset link",
-    "account.email_verified": "Verified email address",
-    "account.signed_in": "Signed in",
-    "account.sign_in_failed": "Failed sign-in attempt",
-    "account.signed_out": "Signed out",
-    "account.password_changed": "Changed password",
-    "account.password_reset": "Reset password by email",
-    "account.email_change_requested": "Asked to change email address",
-    "account.email_changed": "Changed email address",
-    "account.preferences_changed": "Changed language or time zone",
-    "account.provisioned": "Account connected to the device cloud",
-    "account.deletion_scheduled": "Asked to delete the account (on {due})",
-    "account.deletion_cancelled": "Undid the deletion of the account",
-    "account.deletion_started": "The deletion of the account started",
-    "account.deleted": "Account deleted",
-    "device.claimed": "Added device {name}",
-    "device.released": "Released device {name}",
-    "device.renamed": "Renamed device {old} to {new}",
-    "device.function_called": _WithArgument("Asked {name}: {function}{value}"),
-    "device.transferred_out": "Transferred device {name} to its new owner",
-    "device.transferred_in": "Device {name} was transferred to you",
-    "device.migrated_in": "Device {name} was moved into your account by the manufacturer",
-    "transfer.offered": "Offered device {name} to {to}",
-    "transfer.cancelled": "Cancelled the transfer of device {name}",
-    "transfer.declined": "Declined the transfer of device {name}",
-    "transfer.accepted": "Accepted the transfer of device {name}",
-    "transfer.approved": "The transfer of device {name} started",
-    "transfer.requested": "Asked the owner of device {name} to transfer it",
-    "transfer.request_received": "Someone holding device {name} asked for it",
-    "transfer.owner_approved": "Agreed to transfer device {name}",
-    "transfer.objected": "Objected to the transfer of device {name}",
-    "transfer.unanswered": "The owner of device {name} didn't answer your request: support decides",
-    "transfer.failed_returned": "The transfer of device {name} failed; it stays with its owner",
+    "account.signed_up": _l("Signed up"),
+    "account.signup_attempted": _l("Someone tried to sign up again with your email address"),
+    "account.password_reset_requested": _l("Asked for a password reset link"),
+    "account.email_verified": _l("Verified email address"),
+    "account.signed_in": _l("Signed in"),
+    "account.sign_in_failed": _l("Failed sign-in attempt"),
+    "account.signed_out": _l("Signed out"),
+    "account.password_changed": _l("Changed password"),
+    "account.password_reset": _l("Reset password by email"),
+    "account.email_change_requested": _l("Asked to change email address"),
+    "account.email_changed": _l("Changed email address"),
+    "account.preferences_changed": _l("Changed language or time zone"),
+    "account.provisioned": _l("Account connected to the device cloud"),
+    "account.deletion_scheduled": _l("Asked to delete the account (on {due})"),
+    "account.deletion_cancelled": _l("Undid the deletion of the account"),
+    "account.deletion_started": _l("The deletion of the account started"),
+    "account.deleted": _l("Account deleted"),
+    "device.claimed": _l("Added device {name}"),
+    "device.released": _l("Released device {name}"),
+    "device.renamed": _l("Renamed device {old} to {new}"),
+    "device.function_called": _WithArgument(_l("Asked {name}: {function}{value}")),
+    "device.transferred_out": _l("Transferred device {name} to its new owner"),
+    "device.transferred_in": _l("Device {name} was transferred to you"),
+    "device.migrated_in": _l("Device {name} was moved into your account by the manufacturer"),
+    "transfer.offered": _l("Offered device {name} to {to}"),
+    "transfer.cancelled": _l("Cancelled the transfer of device {name}"),
+    "transfer.declined": _l("Declined the transfer of device {name}"),
+    "transfer.accepted": _l("Accepted the transfer of device {name}"),
+    "transfer.approved": _l("The transfer of device {name} started"),
+    "transfer.requested": _l("Asked the owner of device {name} to transfer it"),
+    "transfer.request_received": _l("Someone holding device {name} asked for it"),
+    "transfer.owner_approved": _l("Agreed to transfer device {name}"),
+    "transfer.objected": _l("Objected to the transfer of device {name}"),
+    "transfer.unanswered": _l("The owner of device {name} didn't answer your request: support decides"),
+    "transfer.failed_returned": _l("The transfer of device {name} failed; it stays with its owner"),
     # Sharing (services/access.py, services/sharing.py): "user" is the owner for the plain
     # action, the person given or losing access for "_for_me" / "access_received".
-    "sharing.invited": _Until("Invited {to} as {role} of device {name}{until}"),
-    "sharing.invitation_withdrawn": "Withdrew the invitation of {to} to device {name}",
+    "sharing.invited": _Until(_l("Invited {to} as {role} of device {name}{until}")),
+    "sharing.invitation_withdrawn": _l("Withdrew the invitation of {to} to device {name}"),
     "sharing.invitation_accepted": "{to} accepted the invitation to device {name} as {role}",
-    "sharing.granted": _Until("Gave {to} {role} access to device {name}{until}"),
-    "sharing.access_received": _Until("You were given {role} access to device {name}{until}"),
-    "sharing.revoked": "Revoked the {role} access of {to} to device {name}",
-    "sharing.revoked_for_me": "Your {role} access to device {name} was revoked",
-    "sharing.expired": "The {role} access of {to} to device {name} ended on its end date",
-    "sharing.expired_for_me": "Your {role} access to device {name} ended on its end date",
-    "sharing.ended_by_release": "The access of {to} to device {name} ended: the device was released",
-    "sharing.ended_by_release_for_me": "Your access to device {name} ended: its owner released it",
-    "sharing.ended_by_transfer": "The access of {to} to device {name} ended: the device was transferred",
-    "sharing.ended_by_transfer_for_me": "Your access to device {name} ended: it has a new owner",
+    "sharing.granted": _Until(_l("Gave {to} {role} access to device {name}{until}")),
+    "sharing.access_received": _Until(_l("You were given {role} access to device {name}{until}")),
+    "sharing.revoked": _l("Revoked the {role} access of {to} to device {name}"),
+    "sharing.revoked_for_me": _l("Your {role} access to device {name} was revoked"),
+    "sharing.expired": _l("The {role} access of {to} to device {name} ended on its end date"),
+    "sharing.expired_for_me": _l("Your {role} access to device {name} ended on its end date"),
+    "sharing.ended_by_release": _l("The access of {to} to device {name} ended: the device was released"),
+    "sharing.ended_by_release_for_me": _l("Your access to device {name} ended: its owner released it"),
+    "sharing.ended_by_transfer": _l("The access of {to} to device {name} ended: the device was transferred"),
+    "sharing.ended_by_transfer_for_me": _l("Your access to device {name} ended: it has a new owner"),
     # ..._org / _for_org: on the activity page of the organisation given or losing access.
-    "sharing.access_received_org": _Until("The organisation was given {role} access to device {name}{until}"),
-    "sharing.revoked_for_org": "The organisation's {role} access to device {name} was revoked",
-    "sharing.expired_for_org": "The organisation's {role} access to device {name} ended on its end date",
-    "sharing.ended_by_release_for_org": "The organisation's access to device {name} ended: its owner released it",
-    "sharing.ended_by_transfer_for_org": "The organisation's access to device {name} ended: it has a new owner",
-    "sharing.dealer_declined": "Gave {to} no access to device {name} when adding it",
-    "org.created": "Created the organisation {organisation}",
-    "org.member_added": "Added {to} to the organisation as {role}",
-    "org.member_added_me": "You were added to the organisation {organisation} as {role}",
-    "org.member_removed": "Removed {to} from the organisation",
-    "org.member_removed_me": "You were removed from the organisation {organisation}",
+    "sharing.access_received_org": _Until(
+        _l("The organisation was given {role} access to device {name}{until}")
+    ),
+    "sharing.revoked_for_org": _l("The organisation's {role} access to device {name} was revoked"),
+    "sharing.expired_for_org": _l("The organisation's {role} access to device {name} ended on its end date"),
+    "sharing.ended_by_release_for_org": _l(
+        "The organisation's access to device {name} ended: its owner released it"
+    ),
+    "sharing.ended_by_transfer_for_org": _l(
+        "The organisation's access to device {name} ended: it has a new owner"
+    ),
+    "sharing.dealer_declined": _l("Gave {to} no access to device {name} when adding it"),
+    "org.created": _l("Created the organisation {organisation}"),
+    "org.member_added": _l("Added {to} to the organisation as {role}"),
+    "org.member_added_me": _l("You were added to the organisation {organisation} as {role}"),
+    "org.member_removed": _l("Removed {to} from the organisation"),
+    "org.member_removed_me": _l("You were removed from the organisation {organisation}"),
     "org.admin_handed_on": "{to} became admin of the organisation {organisation}: its last admin left",
-    "org.group_created": "Created the group {group}",
-    "org.group_devices_added": "Put {count} device(s) in the group {group}",
-    "org.group_devices_removed": "Took {count} device(s) out of the group {group}",
-    "org.group_alerts_to_members": "The alerts of the group {group} go to its people",
-    "org.group_alerts_to_admins": "The alerts of the group {group} go to the admins",
-    "staff.alert": "Alert for staff: {reason}",
-    "support.viewed": "Support viewed your account",
-    "support.view_started": "Support viewed your account",
-    "support.view_ended": "Support stopped viewing your account",
-    "support.page_viewed": "Support looked at {page}",
-    "support.console_viewed": "Support looked at your account in the support console",
-    "support.console_viewed_device": "Support looked at device {name} in the support console",
-    "support.resent_verification": "Support sent you a new verification email",
-    "support.released_device": "Support released device {name} from your account",
-    "support.retried": "Support retried {operation}",
-    "support.cancelled": "Support cancelled {operation}",
-    "support.decided_transfer": "Support decided the transfer request: {decision}",
-    "support.reconciled": "Support compared the database with the device cloud",
-    "staff.created": "Staff account created",
-    "staff.second_factor_enrolled": "Set up the authenticator app",
-    "staff.second_factor_passed": "Confirmed sign-in with the authenticator app",
-    "staff.second_factor_failed": "Wrong authenticator code",
-    "staff.second_factor_reset": "Authenticator app reset by an operator",
+    "org.group_created": _l("Created the group {group}"),
+    "org.group_devices_added": _l("Put {count} device(s) in the group {group}"),
+    "org.group_devices_removed": _l("Took {count} device(s) out of the group {group}"),
+    "org.group_alerts_to_members": _l("The alerts of the group {group} go to its people"),
+    "org.group_alerts_to_admins": _l("The alerts of the group {group} go to the admins"),
+    "staff.alert": _l("Alert for staff: {reason}"),
+    "support.viewed": _l("Support viewed your account"),
+    "support.view_started": _l("Support viewed your account"),
+    "support.view_ended": _l("Support stopped viewing your account"),
+    "support.page_viewed": _l("Support looked at {page}"),
+    "support.console_viewed": _l("Support looked at your account in the support console"),
+    "support.console_viewed_device": _l("Support looked at device {name} in the support console"),
+    "support.resent_verification": _l("Support sent you a new verification email"),
+    "support.released_device": _l("Support released device {name} from your account"),
+    "support.retried": _l("Support retried {operation}"),
+    "support.cancelled": _l("Support cancelled {operation}"),
+    "support.decided_transfer": _l("Support decided the transfer request: {decision}"),
+    "support.reconciled": _l("Support compared the database with the device cloud"),
+    "staff.created": _l("Staff account created"),
+    "staff.second_factor_enrolled": _l("Set up the authenticator app"),
+    "staff.second_factor_passed": _l("Confirmed sign-in with the authenticator app"),
+    "staff.second_factor_failed": _l("Wrong authenticator code"),
+    "staff.second_factor_reset": _l("Authenticator app reset by an operator"),
 }
 
 
@@ -142,12 +159,14 @@ def record(action, user=None, actor=None, device_id=None, **detail):
 
 
 # The descriptions speak to the homeowner ("your account"); staff read them about the customer.
+# Pairs of translated phrases: a translation that keeps the phrase (German "Ihr Konto") reads
+# right for staff too.
 _FOR_STAFF = (
-    ("your account", "the customer's account"),
-    ("your email address", "the customer's email address"),
-    ("goes to you", "goes to the customer"),
-    ("transferred to you", "transferred to the customer"),
-    ("sent you", "sent the customer"),
+    (_l("your account"), _l("the customer's account")),
+    (_l("your email address"), _l("the customer's email address")),
+    (_l("goes to you"), _l("goes to the customer")),
+    (_l("transferred to you"), _l("transferred to the customer")),
+    (_l("sent you"), _l("sent the customer")),
 )
 
 
@@ -155,18 +174,18 @@ def describe(event, for_staff=False):
     """A human sentence for an event, addressed to the homeowner, or about them `for_staff`."""
     template = DESCRIPTIONS.get(event.action, event.action)
     detail = dict(event.detail or {})
-    detail.setdefault("name", event.device_id or "a device")
+    detail.setdefault("name", event.device_id or _("a device"))
     try:
         text = template.format(**detail)
-    except (KeyError, IndexError):
-        text = template
+    except (KeyError, IndexError, ValueError):
+        text = str(template)
     if detail.get("by") and event.action.startswith(("device.", "sharing.")):
         # Someone other than the account holder acted (a person the device is shared with).
         if event.actor_id != event.user_id:
-            text = f"{text} (by {detail['by']})"
+            text = _("%(text)s (by %(by)s)", text=text, by=detail["by"])
     if for_staff:
         for homeowner_words, staff_words in _FOR_STAFF:
-            text = text.replace(homeowner_words, staff_words)
+            text = text.replace(str(homeowner_words), str(staff_words))
     return text
 
 

@@ -22,7 +22,9 @@ from flask import abort
 from flask import current_app
 
 from selfserve import device_models
+from selfserve import i18n
 from selfserve import passwords
+from selfserve.i18n import lazy_text as _l
 from selfserve.models import AuditEvent
 from selfserve.models import ClaimAttempt
 from selfserve.models import Device
@@ -65,41 +67,63 @@ RESUME_GRACE_SECONDS = 60
 
 
 MESSAGES = {
-    "wrong": "That serial number and setup code don't match. Check both on the device's label and try again.",
-    "too_many": "Too many attempts to add a device. For your security, please wait {minutes} minutes and try again.",
-    "not_ready": (
-        "Your account is still being set up with the device cloud. This usually takes less than "
-        "a minute; please try again shortly."
+    "wrong": _l(
+        "That serial number and setup code don't match. Check both on the device's label and try again."
     ),
-    "already_yours": "This device is already in your account.",
+    "too_many": _l(
+        "Too many attempts to add a device. For your security, please wait {minutes} minutes and try again."
+    ),
+    "not_ready": (
+        _l(
+            "Your account is still being set up with the device cloud. This usually takes less than "
+            "a minute; please try again shortly."
+        )
+    ),
+    "already_yours": _l("This device is already in your account."),
     "owned_by_other": (
-        "This device is registered to another account. If you have the device, the previous owner "
-        "must release it from their account first (they can do that on the device's page). If you "
-        "can't reach them, contact support with the serial number."
+        _l(
+            "This device is registered to another account. If you have the device, the previous owner "
+            "must release it from their account first (they can do that on the device's page). If you "
+            "can't reach them, contact support with the serial number."
+        )
     ),
     # Shown instead when the claim page offers to ask the owner (the code was right): the
     # message points to that card rather than contradicting it.
     "owned_by_other_can_ask": (
-        "This device is registered to another account. If it's yours now, ask the current owner for it below."
+        _l(
+            "This device is registered to another account. If it's yours now, ask the current owner for it below."
+        )
     ),
-    "busy": "This device is being added or released right now. Please try again in a minute.",
-    "cloud_down": "The device cloud isn't answering, so the device was not added. Nothing was changed; please try again in a minute.",
-    "cloud_busy": "The device cloud is busy, so the device was not added. Nothing was changed; please try again in a minute.",
+    "busy": _l("This device is being added or released right now. Please try again in a minute."),
+    "cloud_down": _l(
+        "The device cloud isn't answering, so the device was not added. Nothing was changed; please try again in a minute."
+    ),
+    "cloud_busy": _l(
+        "The device cloud is busy, so the device was not added. Nothing was changed; please try again in a minute."
+    ),
     "drift": (
-        "The device cloud lists this device under another account, so we did not add it. Our "
-        "support team has been told; please contact support with the serial number."
+        _l(
+            "The device cloud lists this device under another account, so we did not add it. Our "
+            "support team has been told; please contact support with the serial number."
+        )
     ),
-    "refused": "The device cloud refused to add this device. Nothing was changed; please contact support with the serial number.",
+    "refused": _l(
+        "The device cloud refused to add this device. Nothing was changed; please contact support with the serial number."
+    ),
     # A write whose answer was lost may have happened: the sweep reads it back and finishes.
     "checking_claim": (
-        "The device cloud was too slow to answer, so we are checking that the device was added. "
-        "Meanwhile it shows as being added on your devices page; this finishes by itself within a "
-        "few minutes."
+        _l(
+            "The device cloud was too slow to answer, so we are checking that the device was added. "
+            "Meanwhile it shows as being added on your devices page; this finishes by itself within a "
+            "few minutes."
+        )
     ),
     "checking_release": (
-        "The device cloud was too slow to answer, so we are checking that the device was released. "
-        "Meanwhile it shows as being released on your devices page; this finishes by itself within "
-        "a few minutes."
+        _l(
+            "The device cloud was too slow to answer, so we are checking that the device was released. "
+            "Meanwhile it shows as being released on your devices page; this finishes by itself within "
+            "a few minutes."
+        )
     ),
 }
 
@@ -250,7 +274,7 @@ def display_name(device):
 def claim_problem(user):
     """Why `user` can't claim devices yet (a message), or None."""
     if not user.is_verified:
-        return "Please verify your email address first."
+        return _l("Please verify your email address first.")
     if user.provisioning_state != "ready" or not user.particle_customer_id:
         return MESSAGES["not_ready"]
     return None
@@ -278,11 +302,14 @@ def claim(user, serial, setup_code, ask_dealer=True):
         raise DeviceError(problem, kind="not_ready", status=409)
     if not serial:
         raise DeviceError(
-            "Enter the serial number from the device's label.", kind="invalid", field="serial", status=422
+            _l("Enter the serial number from the device's label."), kind="invalid", field="serial", status=422
         )
     if not setup_code:
         raise DeviceError(
-            "Enter the setup code from the device's label.", kind="invalid", field="setup_code", status=422
+            _l("Enter the setup code from the device's label."),
+            kind="invalid",
+            field="setup_code",
+            status=422,
         )
     _check_attempts(user, serial)
 
@@ -527,9 +554,13 @@ def release(user, device):
                 raise DeviceError(MESSAGES["checking_release"], kind="checking", device=device, status=202)
         else:
             _undo_release(device, user)
-            message = "The device cloud isn't answering, so the device was not released. It is still yours; please try again in a minute."
+            message = _l(
+                "The device cloud isn't answering, so the device was not released. It is still yours; please try again in a minute."
+            )
             if isinstance(exc, RateLimited):
-                message = "The device cloud is busy, so the device was not released. It is still yours; please try again in a minute."
+                message = _l(
+                    "The device cloud is busy, so the device was not released. It is still yours; please try again in a minute."
+                )
             raise DeviceError(message, kind="cloud", status=503)
     except ParticleError as exc:
         _undo_release(device, user)
@@ -538,7 +569,7 @@ def release(user, device):
     _finish_release(device, user, name)
 
 
-RELEASE_REFUSED = (
+RELEASE_REFUSED = _l(
     "The device cloud refused to release this device. It is still yours; please contact support."
 )
 
@@ -678,12 +709,17 @@ def rename(user, device, new_name):
     kept and sent again by the name job (`push_name_later`) until Particle has it."""
     name = re.sub(r"\s+", " ", (new_name or "")).strip()
     if not name:
-        raise DeviceError("Enter a name for the device.", kind="invalid", field="name", status=422)
+        raise DeviceError(_l("Enter a name for the device."), kind="invalid", field="name", status=422)
     if len(name) > NAME_MAX:
-        raise DeviceError(f"Use at most {NAME_MAX} characters.", kind="invalid", field="name", status=422)
+        raise DeviceError(
+            _l("Use at most %(count)s characters.", count=NAME_MAX),
+            kind="invalid",
+            field="name",
+            status=422,
+        )
     if any(ord(char) < 32 or ord(char) == 127 for char in name):
         raise DeviceError(
-            "Use letters, digits, spaces and punctuation only.", kind="invalid", field="name", status=422
+            _l("Use letters, digits, spaces and punctuation only."), kind="invalid", field="name", status=422
         )
     old = display_name(device)
     if name == device.name:
@@ -695,7 +731,9 @@ def rename(user, device, new_name):
     except TRANSIENT as exc:
         if not uncertain(exc):
             raise DeviceError(
-                "The device cloud isn't answering, so the name was not changed. Please try again in a minute.",
+                _l(
+                    "The device cloud isn't answering, so the name was not changed. Please try again in a minute."
+                ),
                 kind="cloud",
                 status=503,
             ) from exc
@@ -708,7 +746,7 @@ def rename(user, device, new_name):
     except ParticleError as exc:
         log.warning("Rename of %s refused: %s", device.device_id, exc)
         raise DeviceError(
-            "The device cloud refused the new name. Please try again or contact support.",
+            _l("The device cloud refused the new name. Please try again or contact support."),
             kind="refused",
             status=502,
         )
@@ -783,7 +821,9 @@ def call_function(user, device, function_name, raw_arg="", confirmed=False):
     model = device_models.get(device.model)
     function = model.function(function_name) if model else None
     if function is None:
-        raise DeviceError("That action isn't available for this device.", kind="unknown_function", status=404)
+        raise DeviceError(
+            _l("That action isn't available for this device."), kind="unknown_function", status=404
+        )
     arg, problem = function.parse_arg(raw_arg)
     if problem:
         raise DeviceError(problem, kind="invalid", field="arg", status=422)
@@ -805,18 +845,26 @@ def call_function(user, device, function_name, raw_arg="", confirmed=False):
         live_values.mark_offline(device.device_id)
         return FunctionResult(
             False,
-            f"The device is offline or not answering, so “{function.label}” was not done. Try again when it is back online.",
+            _l(
+                "The device is offline or not answering, so “%(label)s” was not done. Try again when it is back online.",
+                label=function.label,
+            ),
         )
     except NotFound:
         return FunctionResult(
             False,
-            f"The device doesn't know “{function.label}”. Its firmware may need an update; please contact support.",
+            _l(
+                "The device doesn't know “%(label)s”. Its firmware may need an update; please contact support.",
+                label=function.label,
+            ),
         )
     except FunctionFailed:
-        return FunctionResult(False, f"The device did not carry out “{function.label}”. Please try again.")
+        return FunctionResult(
+            False, _l("The device did not carry out “%(label)s”. Please try again.", label=function.label)
+        )
     except RateLimited:
         return FunctionResult(
-            False, "The device cloud is busy, so the command was not sent. Please try again in a minute."
+            False, _l("The device cloud is busy, so the command was not sent. Please try again in a minute.")
         )
     except CloudUnavailable as exc:
         if exc.status is None:
@@ -824,11 +872,15 @@ def call_function(user, device, function_name, raw_arg="", confirmed=False):
             live_values.invalidate(device.device_id)
             return FunctionResult(
                 False,
-                "We didn't hear back from the device cloud in time. The command may or may not have reached the device; check its values before trying again.",
+                _l(
+                    "We didn't hear back from the device cloud in time. The command may or may not have reached the device; check its values before trying again."
+                ),
             )
         return FunctionResult(
             False,
-            "The device cloud isn't answering, so the command was not sent. Please try again in a minute.",
+            _l(
+                "The device cloud isn't answering, so the command was not sent. Please try again in a minute."
+            ),
         )
     except PermissionDenied:
         log.error(
@@ -838,11 +890,13 @@ def call_function(user, device, function_name, raw_arg="", confirmed=False):
         )
         return FunctionResult(
             False,
-            "The device cloud says this device is not available to your account. Please contact support.",
+            _l("The device cloud says this device is not available to your account. Please contact support."),
         )
     except ParticleError as exc:
         log.warning("Function %s on %s failed: %s", function.name, device.device_id, exc)
-        return FunctionResult(False, f"“{function.label}” failed: {exc.user_message}")
+        return FunctionResult(
+            False, _l("“%(label)s” failed: %(reason)s", label=function.label, reason=exc.user_message)
+        )
     live_values.invalidate(device.device_id)
     refused = return_value is not None and return_value < 0
     answer = function.answer_for(return_value) if refused else function.pending_text(arg)
@@ -851,13 +905,13 @@ def call_function(user, device, function_name, raw_arg="", confirmed=False):
         user=owner,
         actor=user,
         device_id=device.device_id,
-        function=function.label,
+        function=i18n.english(function.label),  # stored in English, translated when shown
         name=name,
         arg=arg or None,
         result="refused" if refused else "done",
         **_by(user, owner),
         # What the device answered, in the catalogue's words (the activity page shows it).
-        answer=answer,
+        answer=i18n.english(answer),
     )
     if refused:
         return FunctionResult(False, answer, return_value)

@@ -28,8 +28,9 @@ step again and ends in the same state):
     scrub           personal data goes, in one transaction: email, password hash, names,
                     settings, sessions, history and alerts of their own periods, proofs; the
                     audit rows stay, with the person as "deleted account #<id>" (their address
-                    replaced wherever a row names it, their IP addresses dropped)
-    mail_deleted    the "account deleted" email, then the address held for it is forgotten
+                    replaced wherever a row names it, their IP addresses dropped); the
+                    "account deleted" email is queued in that transaction (the outbox sends it)
+    finish          the deletion is recorded as done
 """
 
 import datetime
@@ -67,6 +68,7 @@ from selfserve.particle import get_client
 from selfserve.refusals import Refusal
 from selfserve.security import end_all_login_sessions
 from selfserve.services import audit
+from selfserve.services import outbox
 from selfserve.services import steps
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,6 @@ log = logging.getLogger(__name__)
 SCHEDULED, RUNNING, DONE, CANCELLED = "scheduled", "running", "done", "cancelled"
 UNUSABLE_PASSWORD = "!"  # not an Argon2 hash: passwords.check_password is always False for it
 DELETED_ROLE = "deleted"
-MAIL_MAX_ATTEMPTS = 8
 
 
 class ErasureError(Refusal):
@@ -109,12 +110,9 @@ def pending_of(user):
 
 
 def _notify(to, subject, template, **context):
-    """A courtesy email through the site's one mail path; a failure is logged, never raised
-    (the deletion is recorded whatever the mail server does)."""
-    try:
-        mail.send(to, subject, template, **context)
-    except mail.MailError:
-        log.warning("Account deletion email %r could not be sent", template)
+    """A courtesy email through the site's one mail path, the outbox (queued now, sent later:
+    the deletion is recorded whatever the mail server does)."""
+    mail.send(to, subject, template, **context)
 
 
 # --- asking and undoing -----------------------------------------------------------------------------
@@ -123,6 +121,8 @@ def _notify(to, subject, template, **context):
 def schedule(user, password, now=None):
     """Schedule `user`'s deletion after the grace period: checks the password, ends every
     session of the account, emails them. Returns the AccountDeletion. Raises ErasureError."""
+    from selfserve.services.accounts import absolute_url
+
     now = now or utcnow()
     user = User.get_by_id(user.id)
     if user.is_staff or user.role != "customer":
@@ -159,16 +159,15 @@ def schedule(user, password, now=None):
             AccountDeletion.update(fields).where(AccountDeletion.id == existing.id).execute()
             deletion = AccountDeletion.get_by_id(existing.id)
         audit.record("account.deletion_scheduled", user=user, due=due.strftime("%d %b %Y"))
-    end_all_login_sessions(user)
-    from selfserve.services.accounts import absolute_url
-
-    _notify(
-        user.email,
-        _l("Your account will be deleted"),
-        "account_deletion_scheduled",
-        due_at=deletion.due_at,
-        login_url=absolute_url("accounts.login"),
-    )
+        end_all_login_sessions(user)
+        # Queued in the same transaction as the change it reports (the outbox sends it).
+        _notify(
+            user.email,
+            _l("Your account will be deleted"),
+            "account_deletion_scheduled",
+            due_at=deletion.due_at,
+            login_url=absolute_url("accounts.login"),
+        )
     return deletion
 
 
@@ -392,7 +391,7 @@ def _step_delete_customer(deletion):
 def _step_scrub(deletion):
     user = _user(deletion)
     if user.role == DELETED_ROLE:
-        return "mail_deleted"  # done before a crash: the address was kept for the mail
+        return "finish"  # done before a crash (its transaction committed, the mail with it)
     label = anonymous_label(user.id)
     replacement = anonymous_email(user.id)
     with db.atomic():
@@ -408,6 +407,16 @@ def _step_scrub(deletion):
         for model in (AlertNotice, AlertSetting, AlertOptIn, PossessionProof, LoginSession):
             model.delete().where(model.user == user.id).execute()
         ClaimAttempt.delete().where(ClaimAttempt.key == f"user:{user.id}").execute()
+        outbox.forget(addresses)  # their mail, sent or not (the "deleted" mail is queued after)
+        # The last email, queued with the deletion it reports and rendered now, while the
+        # account still says which language they read.
+        steps.send_mail(
+            user.email,
+            _l("Your account is deleted"),
+            "account_deleted",
+            {},
+            key=f"account-deletion:{deletion.id}",
+        )
         cleared = {
             User.email: replacement,
             User.pending_email: None,
@@ -426,11 +435,10 @@ def _step_scrub(deletion):
             if name in User._meta.fields:
                 cleared[User._meta.fields[name]] = None
         User.update(cleared).where(User.id == user.id).execute()
-        AccountDeletion.update(notify_email=user.email).where(AccountDeletion.id == deletion.id).execute()
         audit.record("account.deleted", user=user.id, actor=None)
     if user.particle_customer_id:
         get_client().forget_customer_token(user.particle_customer_id)
-    return "mail_deleted"
+    return "finish"
 
 
 def _anonymise_audit(user, addresses, label):
@@ -465,18 +473,7 @@ def _replaced(value, pattern, label):
     return value
 
 
-def _step_mail_deleted(deletion):
-    deletion = AccountDeletion.get_by_id(deletion.id)
-    if deletion.notify_email:
-        steps.send_mail(
-            deletion.notify_email,
-            _l("Your account is deleted"),
-            "account_deleted",
-            {},
-            deletion.attempts,
-            MAIL_MAX_ATTEMPTS,
-            f"AccountDeletion {deletion.id}",
-        )
+def _step_finish(deletion):
     AccountDeletion.update(notify_email=None, state=DONE, finished_at=utcnow()).where(
         AccountDeletion.id == deletion.id
     ).execute()
@@ -490,7 +487,7 @@ STEPS = {
     "end_access": _step_end_access,
     "delete_customer": _step_delete_customer,
     "scrub": _step_scrub,
-    "mail_deleted": _step_mail_deleted,
+    "finish": _step_finish,
 }
 
 RUNNER = steps.Runner("Deleting account", AccountDeletion, STEPS)

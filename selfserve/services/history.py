@@ -235,7 +235,9 @@ def _store_changes(device_id, owner_id, wanted):
     for row in rows:
         hours.add(floor_hour(row["at"]))
         hours.add(floor_hour(row["at"]) + HOUR)
-    with db.atomic():
+    # transaction(), not atomic(): inside the event ingest's transaction no savepoint is needed
+    # (an error rolls the whole event back), and on its own it is one transaction.
+    with db.transaction():
         ValueSample.insert_many(rows).on_conflict_ignore().execute()
         RollupPending.insert_many(
             [{"device_id": device_id, "hour": hour} for hour in sorted(hours)]

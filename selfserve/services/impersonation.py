@@ -20,6 +20,7 @@ from flask import current_app
 from flask import flash
 from flask import has_request_context
 
+from selfserve.i18n import lazy_text as _l
 from selfserve.models import LoginSession
 from selfserve.models import StaffView
 from selfserve.models import User
@@ -60,7 +61,13 @@ def live_view(login_session, now=None):
         return None
     if view.expires_at <= (now or utcnow()):
         if end_view(view, "expired") and has_request_context():
-            flash(f"Your view of the account ended by itself after {view_minutes()} minutes.", "info")
+            flash(
+                _l(
+                    "Your view of the account ended by itself after %(minutes)s minutes.",
+                    minutes=view_minutes(),
+                ),
+                "info",
+            )
         return None
     return view
 
@@ -83,9 +90,9 @@ def effective_user(staff, login_session):
 def check_reason(reason):
     reason = " ".join((reason or "").split())
     if len(reason) < REASON_MIN:
-        raise ViewRefused("Give a reason: a ticket reference or a few words on why.", 422)
+        raise ViewRefused(_l("Give a reason: a ticket reference or a few words on why."), 422)
     if len(reason) > REASON_MAX:
-        raise ViewRefused(f"Keep the reason under {REASON_MAX} characters.", 422)
+        raise ViewRefused(_l("Keep the reason under %(count)s characters.", count=REASON_MAX), 422)
     return reason
 
 
@@ -104,16 +111,16 @@ def start_view(staff, customer_id, reason, now=None):
         or staff.login_session is None
         or staff.login_session.mfa_verified_at is None
     ):
-        raise ViewRefused("Only staff who passed the second factor can view as a customer.", 403)
+        raise ViewRefused(_l("Only staff who passed the second factor can view as a customer."), 403)
     if getattr(staff, "staff_view", None) is not None or live_view(staff.login_session, now) is not None:
-        raise ViewRefused("You are already viewing an account. End that view first.", 409)
+        raise ViewRefused(_l("You are already viewing an account. End that view first."), 409)
     customer = User.get_or_none(User.id == customer_id) if isinstance(customer_id, int) else None
     if customer is None:
-        raise ViewRefused("There is no such customer.", 404)
+        raise ViewRefused(_l("There is no such customer."), 404)
     if customer.id == staff.id:
-        raise ViewRefused("You can't view as yourself.", 403)
+        raise ViewRefused(_l("You can't view as yourself."), 403)
     if customer.is_staff:
-        raise ViewRefused("Staff accounts can't be viewed as a customer.", 403)
+        raise ViewRefused(_l("Staff accounts can't be viewed as a customer."), 403)
     reason = check_reason(reason)
     now = now or utcnow()
     new_session = rotate_login_session()

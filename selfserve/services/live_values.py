@@ -25,6 +25,7 @@ import time
 from flask import current_app
 
 from selfserve import device_models
+from selfserve.i18n import lazy_text as _l
 from selfserve.models import Device
 from selfserve.models import DeviceSnapshot
 from selfserve.models import User
@@ -48,19 +49,19 @@ _pool_guard = threading.Lock()
 _device_locks = {}
 _device_locks_guard = threading.Lock()
 
-NOT_ANSWERING = "The device is not answering right now."
-OFFLINE = "The device is offline."
-UNREACHABLE = "The device cloud is not reachable right now."
-PARTLY_READ = "Some values could not be read."
+NOT_ANSWERING = _l("The device is not answering right now.")
+OFFLINE = _l("The device is offline.")
+UNREACHABLE = _l("The device cloud is not reachable right now.")
+PARTLY_READ = _l("Some values could not be read.")
 # On 429 the site retries by itself: the page says so, never "try again".
-BUSY = "The device cloud is busy right now, so the values are not being refreshed."
+BUSY = _l("The device cloud is busy right now, so the values are not being refreshed.")
 # Reasons after which the values shown are simply old: the page says so (or, before the first
 # successful read, that there are none yet). Stored in DeviceSnapshot.last_error as plain reasons.
 STALE_REASONS = (NOT_ANSWERING, OFFLINE, UNREACHABLE, PARTLY_READ, BUSY)
 # After a command, a publishing device's state event is expected within this many seconds;
 # without one, the values are read from Particle as for older firmware.
 EVENT_AFTER_COMMAND_SECONDS = 5.0
-NEVER_HEARD = "No values yet: the device hasn't been heard from since you added it. It is offline."
+NEVER_HEARD = _l("No values yet: the device hasn't been heard from since you added it. It is offline.")
 # Values read this recently count as "Live" (a couple of polls); older ones show their age.
 LIVE_SECONDS = 30
 
@@ -131,13 +132,13 @@ class Snapshot:
         now = now or utcnow()
         if self.online is False:
             if self.offline_since and self.fetched_at:
-                return "offline", "Offline since", self.offline_since
-            return "offline", "Offline", None
+                return "offline", _l("Offline since"), self.offline_since
+            return "offline", _l("Offline"), None
         if self.fetched_at is None:
-            return "unknown", ("Status unknown" if self.checked_at else "Checking…"), None
+            return "unknown", (_l("Status unknown") if self.checked_at else "Checking…"), None
         if self.online and (now - self.fetched_at).total_seconds() <= LIVE_SECONDS:
-            return "live", "Live", None
-        return "old", "Updated", self.fetched_at
+            return "live", _l("Live"), None
+        return "old", _l("Updated"), self.fetched_at
 
 
 def current(device):
@@ -473,7 +474,9 @@ def _variable_names(device, info):
 
 def _message_for(exc):
     if isinstance(exc, PermissionDenied):
-        return "The device cloud says this device is not available to your account. Please contact support."
+        return _l(
+            "The device cloud says this device is not available to your account. Please contact support."
+        )
     if isinstance(exc, CloudUnavailable):
         return UNREACHABLE
     if isinstance(exc, RateLimited):
@@ -529,8 +532,8 @@ def _note(reason, has_values, offline):
     if reason not in STALE_REASONS:
         return reason
     if not has_values:
-        return NEVER_HEARD if offline else "No values yet: " + reason
-    return reason.rstrip(".") + "; showing the last known values."
+        return NEVER_HEARD if offline else _l("No values yet: ") + reason
+    return reason.rstrip(".") + _l("; showing the last known values.")
 
 
 def _iso(moment):

@@ -34,6 +34,7 @@ from flask import current_app
 from flask.cli import with_appcontext
 
 from selfserve import device_models
+from selfserve.i18n import lazy_text as _l
 from selfserve.models import Device
 from selfserve.models import MigrationRow
 from selfserve.models import User
@@ -59,7 +60,6 @@ MIGRATING = "migrating"  # Device.claim_state while a migration claim runs (owne
 REQUESTS_PER_SECOND = 20.0  # well under Particle's ~33/s per IP, leaving room for the site
 MAX_INLINE_RATE_WAITS = 5
 MAX_RATE_WAIT_SECONDS = 60.0
-MAIL_MAX_ATTEMPTS = 8
 
 
 # --- the pacer ----------------------------------------------------------------------------------
@@ -138,16 +138,16 @@ class Result:
 
 OUTCOMES = {
     "invalid": "skipped: {detail}",
-    "unknown_device": "skipped: not in the device registry (import it with import-registry first)",
+    "unknown_device": _l("skipped: not in the device registry (import it with import-registry first)"),
     "owned_by_other": "skipped: owned here by another account",
     "conflict": "skipped: already being migrated to another address",
-    "claimed": "done: the device is in the owner's account",
+    "claimed": _l("done: the device is in the owner's account"),
     "already_claimed": "already done",
     "invited": "invited: claimed when the owner verifies the address",
-    "already_invited": "already invited, waiting for the owner",
+    "already_invited": _l("already invited, waiting for the owner"),
     "would_invite": "would invite the owner",
-    "would_claim": "would claim to the owner's existing account",
-    "postponed": "started; the cloud was busy, the sweep finishes it ({detail})",
+    "would_claim": _l("would claim to the owner's existing account"),
+    "postponed": _l("started; the cloud was busy, the sweep finishes it ({detail})"),
     "failed": "failed: {detail}",
 }
 
@@ -461,20 +461,14 @@ def _step_mail(migration, template):
         "site_url": absolute_url("main.index"),
     }
     subject = (
-        "Your device is ready for selfserve"
+        _l("Your device is ready for Tidewell")
         if template == "migration_invite"
-        else "Your device is in your account"
+        else _l("Your device is in your account")
     )
-    sent = steps.send_mail(
-        migration.email,
-        subject,
-        template,
-        context,
-        migration.attempts,
-        MAIL_MAX_ATTEMPTS,
-        f"Migration of {migration.device_id}",
+    steps.send_mail(
+        migration.email, subject, template, context, key=f"migration:{migration.device_id}:{template}"
     )
-    if sent and template == "migration_invite":
+    if template == "migration_invite":
         MigrationRow.update(invited_at=utcnow()).where(
             MigrationRow.device_id == migration.device_id
         ).execute()

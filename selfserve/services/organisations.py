@@ -25,6 +25,7 @@ import peewee
 from flask import abort
 
 from selfserve import passwords  # noqa: F401 - the "!" hash below is one it never accepts
+from selfserve.i18n import lazy_text as _l
 from selfserve.models import AuditEvent
 from selfserve.models import Device
 from selfserve.models import DeviceGroup
@@ -58,9 +59,13 @@ class OrgError(Exception):
 def _clean_name(raw, what="name"):
     name = re.sub(r"\s+", " ", raw or "").strip()
     if len(name) < 2:
-        raise OrgError(f"Enter a {what} of at least 2 characters.", 422, field="name")
+        raise OrgError(_l("Enter a %(what)s of at least 2 characters.", what=what), 422, field="name")
     if len(name) > NAME_MAX or any(ord(ch) < 32 for ch in name):
-        raise OrgError(f"Use at most {NAME_MAX} letters, digits, spaces and punctuation.", 422, field="name")
+        raise OrgError(
+            _l("Use at most %(count)s letters, digits, spaces and punctuation.", count=NAME_MAX),
+            422,
+            field="name",
+        )
     return name
 
 
@@ -72,9 +77,9 @@ def create(creator, name, kind="company", now=None):
     (at once when the cloud answers, else by the sweep). Raises OrgError."""
     now = now or utcnow()
     if not creator.is_verified:
-        raise OrgError("Verify your email address first.", 409)
+        raise OrgError(_l("Verify your email address first."), 409)
     if kind not in ("company", "dealer"):
-        raise OrgError("Unknown kind of organisation.", 422)
+        raise OrgError(_l("Unknown kind of organisation."), 422)
     name = _clean_name(name)
     try:
         with db.atomic():
@@ -91,7 +96,7 @@ def create(creator, name, kind="company", now=None):
             audit.record("org.created", user=creator, organisation=name)
             audit.record("org.created", user=account, actor=creator, organisation=name)
     except peewee.IntegrityError:
-        raise OrgError("An organisation with that name exists already.", 409, field="name")
+        raise OrgError(_l("An organisation with that name exists already."), 409, field="name")
     if provisioning.take(account.id, now):
         provisioning.attempt(account.id, now)
     return organisation
@@ -145,17 +150,19 @@ def account_of(organisation):
 def add_member(admin, organisation, email, role="member"):
     """Add the person with this (verified) address. Raises OrgError."""
     if role not in ROLES:
-        raise OrgError("Choose admin or member.", 422, field="role")
+        raise OrgError(_l("Choose admin or member."), 422, field="role")
     person = User.get_or_none(User.email == normalize_email(email))
     if person is None or person.role != "customer" or not person.is_verified:
         raise OrgError(
-            "There is no verified account with that address. Ask them to sign up first.", 422, field="email"
+            _l("There is no verified account with that address. Ask them to sign up first."),
+            422,
+            field="email",
         )
     try:
         with db.atomic():
             Membership.create(organisation=organisation.id, user=person.id, role=role)
     except peewee.IntegrityError:
-        raise OrgError("They are a member already.", 409, field="email")
+        raise OrgError(_l("They are a member already."), 409, field="email")
     _audit_both(admin, person, organisation, "org.member_added", role=role)
     return person
 
@@ -168,13 +175,13 @@ def remove_member(admin, organisation, user_id):
             (Membership.organisation == organisation.id) & (Membership.user == user_id)
         )
         if row is None:
-            raise OrgError("They are not a member.", 404)
+            raise OrgError(_l("They are not a member."), 404)
         if row.role == "admin":
             admins = Membership.select().where(
                 (Membership.organisation == organisation.id) & (Membership.role == "admin")
             )
             if admins.count() <= 1:
-                raise OrgError("They are the last admin. Make someone else admin first.", 409)
+                raise OrgError(_l("They are the last admin. Make someone else admin first."), 409)
         Membership.delete().where(Membership.id == row.id).execute()
         person = User.get_by_id(user_id)
         _audit_both(admin, person, organisation, "org.member_removed", role=row.role)
@@ -214,7 +221,7 @@ def create_group(admin, organisation, name):
         with db.atomic():
             group = DeviceGroup.create(organisation=organisation.id, name=name)
     except peewee.IntegrityError:
-        raise OrgError("There is a group with that name already.", 409, field="name")
+        raise OrgError(_l("There is a group with that name already."), 409, field="name")
     audit.record("org.group_created", user=organisation.account_id, actor=admin, group=name)
     return group
 
@@ -236,7 +243,7 @@ def _owned_devices(organisation, device_ids):
         )
     )
     if len(found) != len(set(ids)):
-        raise OrgError("Only devices of the organisation can be put in its groups.", 422, field="devices")
+        raise OrgError(_l("Only devices of the organisation can be put in its groups."), 422, field="devices")
     return [d.device_id for d in found]
 
 
@@ -328,20 +335,20 @@ def grant_group(admin, organisation, group, role, email="", organisation_name=""
     device of `group`, optionally until `expires_at`. Replaces a live grant of the same pair."""
     now = now or utcnow()
     if role not in access.GRANTABLE:
-        raise OrgError("Choose viewer, operator or manager.", 422, field="role")
+        raise OrgError(_l("Choose viewer, operator or manager."), 422, field="role")
     person = holder_org = None
     if email:
         person = User.get_or_none(User.email == normalize_email(email))
         if person is None or person.role != "customer" or not person.is_verified:
-            raise OrgError("There is no verified account with that address.", 422, field="email")
+            raise OrgError(_l("There is no verified account with that address."), 422, field="email")
         key = access.active_key(group_id=group.id, user_id=person.id)
     elif organisation_name:
         holder_org = Organisation.get_or_none(Organisation.name == organisation_name.strip())
         if holder_org is None or holder_org.id == organisation.id:
-            raise OrgError("There is no other organisation with that name.", 422, field="organisation")
+            raise OrgError(_l("There is no other organisation with that name."), 422, field="organisation")
         key = access.active_key(group_id=group.id, org_id=holder_org.id)
     else:
-        raise OrgError("Enter an address or an organisation.", 422, field="email")
+        raise OrgError(_l("Enter an address or an organisation."), 422, field="email")
     with db.atomic():
         Grant.update(ended_at=now, ended_by=admin.id, end_cause="replaced", active_key=None).where(
             Grant.active_key == key
@@ -376,7 +383,7 @@ def revoke_group_grant(admin, organisation, grant_id):
         .first()
     )
     if grant is None:
-        raise OrgError("There is no such access.", 404)
+        raise OrgError(_l("There is no such access."), 404)
     access.revoke(grant, admin)
     return grant
 

@@ -20,6 +20,7 @@ status poll, so a pending account finishes even when no sweep runs.
 import logging
 import secrets
 
+from selfserve.i18n import lazy_text as _l
 from selfserve.models import User
 from selfserve.models import utcnow
 from selfserve.particle import get_client
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 PENDING = "pending"
 READY = "ready"
 
-UNEXPECTED_ERROR = "Something went wrong on our side. We'll keep trying automatically."
+UNEXPECTED_ERROR = _l("Something went wrong on our side. We'll keep trying automatically.")
 
 
 # Called with the account once its Particle customer exists (e.g. services/migration.py claims

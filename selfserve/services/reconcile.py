@@ -22,6 +22,7 @@ import click
 import peewee
 from flask.cli import with_appcontext
 
+from selfserve.i18n import lazy_text as _l
 from selfserve.models import Device
 from selfserve.models import ReconcileFinding
 from selfserve.models import ReconcileRun
@@ -38,11 +39,11 @@ PAGE_SIZE = 100
 MAX_PAGES = 10_000  # a guard against a cloud that never says it is done
 
 KINDS = {
-    "unclaimed_on_particle": "Owned here, unclaimed on Particle",
-    "claimed_not_in_db": "Claimed on Particle, free here",
-    "owner_mismatch": "Different owner on Particle",
-    "not_in_product": "Not in the Particle product",
-    "not_in_registry": "In the Particle product, not in our registry",
+    "unclaimed_on_particle": _l("Owned here, unclaimed on Particle"),
+    "claimed_not_in_db": _l("Claimed on Particle, free here"),
+    "owner_mismatch": _l("Different owner on Particle"),
+    "not_in_product": _l("Not in the Particle product"),
+    "not_in_registry": _l("In the Particle product, not in our registry"),
 }
 
 

@@ -18,6 +18,7 @@ import peewee
 
 from selfserve import mail
 from selfserve import tokens
+from selfserve.i18n import lazy_text as _l
 from selfserve.models import Device
 from selfserve.models import Grant
 from selfserve.models import Invitation
@@ -34,7 +35,6 @@ log = logging.getLogger(__name__)
 
 INVITE_DAYS = 7
 MAX_ACCESS_DAYS = 5 * 366  # an end date further away is a typo
-MAIL_RETRY_SECONDS = 60
 
 
 class SharingError(Exception):
@@ -71,20 +71,20 @@ def parse_until(raw, now=None):
         day = datetime.date.fromisoformat(raw[:10])
     except ValueError:
         raise SharingError(
-            "Enter the end date as a date, like 2030-05-31.", kind="invalid", field="until", status=422
+            _l("Enter the end date as a date, like 2030-05-31."), kind="invalid", field="until", status=422
         )
     now = now or utcnow()
     ends = datetime.datetime.combine(day + datetime.timedelta(days=1), datetime.time())
     if ends <= now:
         raise SharingError(
-            "The end date is in the past. Pick today or a later day.",
+            _l("The end date is in the past. Pick today or a later day."),
             kind="invalid",
             field="until",
             status=422,
         )
     if ends - now > datetime.timedelta(days=MAX_ACCESS_DAYS):
         raise SharingError(
-            "Pick an end date within five years, or none.", kind="invalid", field="until", status=422
+            _l("Pick an end date within five years, or none."), kind="invalid", field="until", status=422
         )
     return ends
 
@@ -103,10 +103,10 @@ def invite(actor, device, email, role, until="", now=None, to_organisation=False
 
     Raises SharingError for a role above the actor's, a bad address or date, the owner's own
     address, or an invitation to that address already waiting. The email is sent at once; if
-    the mail server fails the invitation stays and the sweep sends it later."""
+    invitation is queued with it (outbox), so a mail server that is down only delays it."""
     now = now or utcnow()
     if role not in grantable_by(getattr(device, "role", None)):
-        raise SharingError("You can't give that role.", kind="role", field="role", status=422)
+        raise SharingError(_l("You can't give that role."), kind="role", field="role", status=422)
     email = normalize_email(email)
     problem = email_problem(email)
     if problem:
@@ -114,9 +114,9 @@ def invite(actor, device, email, role, until="", now=None, to_organisation=False
     access_until = parse_until(until, now)
     owner = User.get_by_id(device.owner_id)
     if email == owner.email:
-        raise SharingError("That is the owner's own address.", kind="invalid", field="email", status=422)
+        raise SharingError(_l("That is the owner's own address."), kind="invalid", field="email", status=422)
     if email == actor.email:
-        raise SharingError("That is your own address.", kind="invalid", field="email", status=422)
+        raise SharingError(_l("That is your own address."), kind="invalid", field="email", status=422)
     waiting = Invitation.get_or_none(
         (Invitation.device == device.device_id)
         & (Invitation.email == email)
@@ -125,7 +125,7 @@ def invite(actor, device, email, role, until="", now=None, to_organisation=False
     )
     if waiting is not None:
         raise SharingError(
-            "An invitation to that address is already waiting. Withdraw it first to send a new one.",
+            _l("An invitation to that address is already waiting. Withdraw it first to send a new one."),
             kind="duplicate",
             field="email",
             status=409,
@@ -154,7 +154,7 @@ def invite(actor, device, email, role, until="", now=None, to_organisation=False
             by=actor.email,
             for_organisation=bool(to_organisation) or None,
         )
-    send_invitation(invitation)
+        send_invitation(invitation)
     return invitation
 
 
@@ -177,27 +177,29 @@ def from_link(token):
 
 
 def send_invitation(invitation):
-    """Email the link once: taken with an atomic UPDATE of `mailed_at`, so two workers never
-    both send it; a failure gives it back for the sweep. True when sent."""
-    now = utcnow()
-    taken = (
-        Invitation.update(mailed_at=now)
-        .where(
-            (Invitation.id == invitation.id)
-            & Invitation.mailed_at.is_null()
-            & (Invitation.state == "pending")
+    """Queue the invitation's email once (outbox), in the caller's transaction: `mailed_at`
+    (when it was queued) is taken with an atomic UPDATE, so it is queued once however often
+    this runs. True when queued now."""
+    with db.atomic():
+        taken = (
+            Invitation.update(mailed_at=utcnow())
+            .where(
+                (Invitation.id == invitation.id)
+                & Invitation.mailed_at.is_null()
+                & (Invitation.state == "pending")
+            )
+            .execute()
         )
-        .execute()
-    )
-    if not taken:
-        return False
-    device = Device.get_by_id(invitation.device_id)
-    inviter = User.get_or_none(User.id == invitation.invited_by_id)
-    try:
+        if not taken:
+            return False
+        device = Device.get_by_id(invitation.device_id)
+        inviter = User.get_or_none(User.id == invitation.invited_by_id)
         mail.send(
             invitation.email,
-            "A device was shared with you",
+            _l("A device was shared with you"),
             "share_invitation",
+            sensitive=True,  # the link accepts the invitation
+            dedupe_key=f"invitation:{invitation.id}",
             link=invitation_link(invitation),
             inviter=inviter.email if inviter else "Someone",
             device_label=_label(device),
@@ -207,9 +209,6 @@ def send_invitation(invitation):
             expires=invitation.expires_at.strftime("%d %b %Y"),
             to_organisation=invitation.to_organisation,
         )
-    except mail.MailError:
-        Invitation.update(mailed_at=None).where(Invitation.id == invitation.id).execute()
-        return False
     return True
 
 
@@ -219,30 +218,16 @@ def _label(device):
     return f"{device_models.label(device.model)} {device.serial_number}"
 
 
-def resend_unsent(now=None, limit=50):
-    """Sweep: send invitation emails that failed earlier (pending, still valid)."""
-    now = now or utcnow()
-    query = (
-        Invitation.select()
-        .where(
-            Invitation.mailed_at.is_null() & (Invitation.state == "pending") & (Invitation.expires_at > now)
-        )
-        .where(Invitation.created_at <= now - datetime.timedelta(seconds=MAIL_RETRY_SECONDS))
-        .limit(limit)
-    )
-    return sum(1 for invitation in list(query) if send_invitation(invitation))
-
-
 def too_late_message(invitation, now=None):
     now = now or utcnow()
     if invitation.state == "accepted":
-        return "This invitation was already accepted."
+        return _l("This invitation was already accepted.")
     if invitation.state == "withdrawn":
-        return "This invitation was withdrawn. Ask the person who sent it for a new one."
+        return _l("This invitation was withdrawn. Ask the person who sent it for a new one.")
     if invitation.state == "ended":
-        return "This invitation ended: the device changed owner."
+        return _l("This invitation ended: the device changed owner.")
     if invitation.expires_at <= now or invitation.state == "expired":
-        return "This invitation has expired. Ask the person who sent it for a new one."
+        return _l("This invitation has expired. Ask the person who sent it for a new one.")
     return None
 
 
@@ -286,8 +271,10 @@ def _accepting_organisation(user, invitation, organisation_id):
     mine = organisations_to_accept_for(user)
     if not mine:
         raise SharingError(
-            "This invitation is for an organisation. You need to be an admin of one to accept it: "
-            "create an organisation, or ask an admin of yours to forward it.",
+            _l(
+                "This invitation is for an organisation. You need to be an admin of one to accept it: "
+                "create an organisation, or ask an admin of yours to forward it."
+            ),
             kind="not_admin",
             status=403,
         )
@@ -296,7 +283,7 @@ def _accepting_organisation(user, invitation, organisation_id):
     chosen = next((org for org in mine if org.id == organisation_id), None)
     if chosen is None:
         raise SharingError(
-            "Choose the organisation you accept it for.", kind="invalid", field="organisation", status=422
+            _l("Choose the organisation you accept it for."), kind="invalid", field="organisation", status=422
         )
     return chosen
 
@@ -310,11 +297,14 @@ def accept(user, invitation, now=None, organisation_id=None):
     now = now or utcnow()
     if not user.is_verified:
         raise SharingError(
-            "Verify your email address first, then accept the invitation.", kind="unverified", status=409
+            _l("Verify your email address first, then accept the invitation."), kind="unverified", status=409
         )
     if user.email != invitation.email:
         raise SharingError(
-            f"This invitation is for {invitation.email}. Sign in with that address to accept it.",
+            _l(
+                "This invitation is for %(email)s. Sign in with that address to accept it.",
+                email=invitation.email,
+            ),
             kind="wrong_account",
             status=403,
         )
@@ -334,7 +324,7 @@ def accept(user, invitation, now=None, organisation_id=None):
         fresh = Invitation.get_by_id(invitation.id)
         if not taken:
             raise SharingError(
-                too_late_message(fresh, now) or "This invitation can't be accepted.",
+                too_late_message(fresh, now) or _l("This invitation can't be accepted."),
                 kind="too_late",
                 status=410,
             )
@@ -344,12 +334,14 @@ def accept(user, invitation, now=None, organisation_id=None):
         if device.claim_state is not None or invitation.role not in grantable_by(inviter_role):
             # Rolled back with the transaction: the invitation stays as it was.
             raise SharingError(
-                "This invitation is no longer valid: the person who sent it can't give that access any more.",
+                _l(
+                    "This invitation is no longer valid: the person who sent it can't give that access any more."
+                ),
                 kind="too_late",
                 status=410,
             )
         if device.owner_id == user.id or (holder is not None and device.owner_id == holder.account_id):
-            raise SharingError("This device is already yours.", kind="too_late", status=409)
+            raise SharingError(_l("This device is already yours."), kind="too_late", status=409)
         grant = access.give(
             device,
             user if holder is None else None,
@@ -385,7 +377,7 @@ def withdraw(actor, device, invitation_id, now=None):
         (Invitation.id == invitation_id) & (Invitation.device == device.device_id)
     )
     if invitation is None or invitation.role not in grantable_by(device.role):
-        raise SharingError("There is no such invitation.", kind="missing", status=404)
+        raise SharingError(_l("There is no such invitation."), kind="missing", status=404)
     with db.atomic():
         done = (
             Invitation.update(state="withdrawn", decided_at=now, decided_by=actor.id)
@@ -394,7 +386,7 @@ def withdraw(actor, device, invitation_id, now=None):
         )
         if not done:
             raise SharingError(
-                too_late_message(Invitation.get_by_id(invitation.id), now) or "Already closed.",
+                too_late_message(Invitation.get_by_id(invitation.id), now) or _l("Already closed."),
                 kind="too_late",
                 status=409,
             )
@@ -416,9 +408,9 @@ def revoke(actor, device, grant_id, now=None):
     grants up to their own role. Raises SharingError (404 when there is no such live grant)."""
     grant = Grant.get_or_none((Grant.id == grant_id) & (Grant.device == device.device_id) & access.live(now))
     if grant is None or grant.role not in grantable_by(device.role):
-        raise SharingError("There is no such access to revoke.", kind="missing", status=404)
+        raise SharingError(_l("There is no such access to revoke."), kind="missing", status=404)
     if not access.revoke(grant, actor, now):
-        raise SharingError("That access had already ended.", kind="too_late", status=409)
+        raise SharingError(_l("That access had already ended."), kind="too_late", status=409)
     return grant
 
 
@@ -433,16 +425,18 @@ def grant_dealer(actor, device, organisation_name, role, until, now=None):
 
     now = now or utcnow()
     if role not in grantable_by(getattr(device, "role", None)):
-        raise SharingError("You can't give that role.", kind="role", field="dealer_role", status=422)
+        raise SharingError(_l("You can't give that role."), kind="role", field="dealer_role", status=422)
     dealer = Organisation.get_or_none(
         (Organisation.name == (organisation_name or "").strip()) & (Organisation.kind == "dealer")
     )
     if dealer is None:
-        raise SharingError("There is no dealer with that name.", kind="invalid", field="dealer", status=422)
+        raise SharingError(
+            _l("There is no dealer with that name."), kind="invalid", field="dealer", status=422
+        )
     expires_at = parse_until(until, now)
     if expires_at is None:
         raise SharingError(
-            "Give the last day of the visit: a dealer's access always ends.",
+            _l("Give the last day of the visit: a dealer's access always ends."),
             kind="invalid",
             field="dealer_until",
             status=422,
@@ -509,7 +503,7 @@ def claim_with_dealer_choice(user, token, choice):
     ask = dealer_at_claim(device)
     if choice not in ("none", ask.role if ask else "none"):
         raise SharingError(
-            "Choose what access the dealer gets.", kind="invalid", field="dealer_access", status=422
+            _l("Choose what access the dealer gets."), kind="invalid", field="dealer_access", status=422
         )
     problem = devices.claim_problem(user)
     if problem:

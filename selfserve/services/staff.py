@@ -26,6 +26,7 @@ from flask.cli import with_appcontext
 
 from selfserve import crypto
 from selfserve import passwords
+from selfserve.i18n import lazy_text as _l
 from selfserve.models import LoginSession
 from selfserve.models import User
 from selfserve.models import db
@@ -55,12 +56,14 @@ def create_staff(email, password, role="staff"):
     already has an account: a customer never becomes staff, and an existing staff member is
     changed with other commands. Raises StaffError / FormErrors."""
     if role not in ROLES:
-        raise StaffError(f"The role must be one of: {', '.join(ROLES)}.")
+        raise StaffError(_l("The role must be one of: %(join)s.", join=", ".join(ROLES)))
     email = checked_credentials(email, password)
     if User.select().where(User.email == email).exists():
         raise StaffError(
-            "That address already has an account. Staff accounts must be new accounts: "
-            "a customer account is never turned into a staff account."
+            _l(
+                "That address already has an account. Staff accounts must be new accounts: "
+                "a customer account is never turned into a staff account."
+            )
         )
     try:
         with db.atomic():
@@ -71,7 +74,7 @@ def create_staff(email, password, role="staff"):
                 email_verified_at=utcnow(),
             )
     except peewee.IntegrityError:
-        raise StaffError("That address already has an account.") from None
+        raise StaffError(_l("That address already has an account.")) from None
     audit.record("staff.created", user=user, actor=None, role=role)
     return user
 
@@ -89,7 +92,7 @@ def reset_second_factor(email):
     every session of theirs ends. Raises StaffError for an unknown or non-staff address."""
     user = User.get_or_none(User.email == normalize_email(email))
     if user is None or not user.is_staff:
-        raise StaffError("No staff account has that address.")
+        raise StaffError(_l("No staff account has that address."))
     User.update(totp_secret_encrypted=None, totp_enrolled_at=None, totp_last_step=None).where(
         User.id == user.id
     ).execute()
@@ -122,9 +125,9 @@ def enrolment_secret(user, sealed=None):
     earlier call keeps it stable across reloads (the QR code already scanned stays valid).
     Nothing is stored until a code confirms it (GET pages change nothing)."""
     if not user.is_staff:
-        raise StaffError("Only staff have a second factor.")
+        raise StaffError(_l("Only staff have a second factor."))
     if is_enrolled(user):
-        raise StaffError("The authenticator is already set up.")
+        raise StaffError(_l("The authenticator is already set up."))
     secret = crypto.decrypt(_fernet(), sealed) if sealed else None
     if not secret:
         secret = pyotp.random_base32()
@@ -185,7 +188,7 @@ def confirm_enrolment(user, sealed, code, login_session, now=None):
     step = _matching_step(secret, code, now)
     if step is None:
         audit.record("staff.second_factor_failed", user=user)
-        raise FormErrors({"code": "That code is not right. Enter the 6 digits your app shows now."})
+        raise FormErrors({"code": _l("That code is not right. Enter the 6 digits your app shows now.")})
     enrolled = (
         User.update(
             totp_secret_encrypted=crypto.encrypt(_fernet(), secret), totp_enrolled_at=now, totp_last_step=step
@@ -194,7 +197,9 @@ def confirm_enrolment(user, sealed, code, login_session, now=None):
         .execute()
     )
     if not enrolled:
-        raise StaffError("The authenticator was just set up in another window. Sign in again with its code.")
+        raise StaffError(
+            _l("The authenticator was just set up in another window. Sign in again with its code.")
+        )
     _mark_verified(login_session, now)
     audit.record("staff.second_factor_enrolled", user=user)
 
@@ -202,11 +207,15 @@ def confirm_enrolment(user, sealed, code, login_session, now=None):
 def verify_code(user, code, login_session, now=None):
     """Check a sign-in code and mark the session verified. Raises FormErrors."""
     if not is_enrolled(user):
-        raise StaffError("The authenticator is not set up yet.")
+        raise StaffError(_l("The authenticator is not set up yet."))
     if _accept_code(user, _secret(user), code, now) is None:
         audit.record("staff.second_factor_failed", user=user)
         raise FormErrors(
-            {"code": "That code is not right (or was already used). Enter the 6 digits your app shows now."}
+            {
+                "code": _l(
+                    "That code is not right (or was already used). Enter the 6 digits your app shows now."
+                )
+            }
         )
     _mark_verified(login_session, now or utcnow())
     audit.record("staff.second_factor_passed", user=user)

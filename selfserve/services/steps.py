@@ -67,17 +67,12 @@ def lease_until(now):
     return now + datetime.timedelta(seconds=max(120.0, 3 * call_seconds))
 
 
-def send_mail(to, subject, template, context, attempts, max_attempts, job):
-    """Send a step's email. True when sent; on failure raise Retry while attempts remain, and
-    False once given up: an email never holds up the job it reports on."""
-    try:
-        mail.send(to, subject, template, **context)
-    except mail.MailError as exc:
-        if attempts + 1 >= max_attempts:
-            log.error("%s: giving up on email %s after %d attempts", job, template, attempts + 1)
-            return False
-        raise Retry(f"email not sent: {exc}")
-    return True
+def send_mail(to, subject, template, context, key, sensitive=False):
+    """Queue a step's email in the outbox (services/outbox.py), which sends it with its own
+    retries: an email never holds up the job it reports on. A step may run twice (a worker
+    died before the runner recorded it): `key` (e.g. "transfer:12:mail_offer") makes that one
+    mail."""
+    mail.send(to, subject, template, sensitive=sensitive, dedupe_key=key, **context)
 
 
 @dataclasses.dataclass(frozen=True)

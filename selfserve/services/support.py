@@ -10,12 +10,14 @@ import dataclasses
 import datetime
 import logging
 
+from selfserve.i18n import lazy_text as _l
 from selfserve.models import AuditEvent
 from selfserve.models import Device
 from selfserve.models import DeviceSnapshot
 from selfserve.models import MigrationRow
 from selfserve.models import Transfer
 from selfserve.models import User
+from selfserve.models import db
 from selfserve.models import utcnow
 from selfserve.particle import get_client
 from selfserve.particle.errors import NotFound
@@ -71,7 +73,11 @@ def search(query):
     text = " ".join((query or "").split())[:254]
     if len(text) < SEARCH_MIN:
         raise SupportError(
-            f"Type at least {SEARCH_MIN} characters of an email address, device id or serial number.", 422
+            _l(
+                "Type at least %(count)s characters of an email address, device id or serial number.",
+                count=SEARCH_MIN,
+            ),
+            422,
         )
     customers = list(
         User.select()
@@ -219,11 +225,11 @@ def device_overview(device, staff=None):
 
 
 FLEET_FILTERS = {
-    "all": "All devices",
-    "claimed": "Claimed",
-    "free": "Not claimed",
-    "in_flight": "Claim or release in progress",
-    "drift": "Drift in the last reconciliation",
+    "all": _l("All devices"),
+    "claimed": _l("Claimed"),
+    "free": _l("Not claimed"),
+    "in_flight": _l("Claim or release in progress"),
+    "drift": _l("Drift in the last reconciliation"),
 }
 
 
@@ -372,13 +378,14 @@ def failed_migrations():
 
 
 def resend_verification(staff, customer, reason):
-    """Send the customer a new verification link. Raises SupportError (already verified),
-    mail.MailError (not sent; nothing else changed)."""
+    """Queue a new verification link for the customer (outbox). Raises SupportError (already
+    verified)."""
     reason = check_reason(reason)
     if customer.is_verified:
-        raise SupportError("This address is already verified.", 409)
-    accounts.send_verification(customer)
-    audit.record("support.resent_verification", user=customer, actor=staff, reason=reason)
+        raise SupportError(_l("This address is already verified."), 409)
+    with db.atomic():
+        accounts.send_verification(customer)
+        audit.record("support.resent_verification", user=customer, actor=staff, reason=reason)
 
 
 def release_device(staff, device, reason):
@@ -388,10 +395,10 @@ def release_device(staff, device, reason):
     reason = check_reason(reason)
     owner = User.get_or_none(User.id == device.owner_id) if device.owner_id else None
     if owner is None:
-        raise SupportError("This device has no owner, so there is nothing to release.", 409)
+        raise SupportError(_l("This device has no owner, so there is nothing to release."), 409)
     if device.claim_state is not None:
         raise SupportError(
-            "A claim or release of this device is in progress; retry or cancel that instead.", 409
+            _l("A claim or release of this device is in progress; retry or cancel that instead."), 409
         )
     name = devices.display_name(device)
     devices.release(owner, device)
@@ -411,7 +418,7 @@ def retry_provisioning(staff, customer, reason):
     account; SupportError if nothing is pending."""
     reason = check_reason(reason)
     if customer.provisioning_state != provisioning.PENDING:
-        raise SupportError("This account's setup is not waiting for anything.", 409)
+        raise SupportError(_l("This account's setup is not waiting for anything."), 409)
     User.update(provisioning_next_at=None).where(
         (User.id == customer.id) & (User.provisioning_state == provisioning.PENDING)
     ).execute()
@@ -440,10 +447,11 @@ def retry_device_step(staff, device, reason):
     reason = check_reason(reason)
     state = device.claim_state
     if state is None:
-        raise SupportError("Nothing is in progress for this device.", 409)
+        raise SupportError(_l("Nothing is in progress for this device."), 409)
     if state not in DEVICE_STEPS:
         raise SupportError(
-            f"This device is busy with another operation ({state}); it finishes by itself.", 409
+            _l("This device is busy with another operation (%(state)s); it finishes by itself.", state=state),
+            409,
         )
     owner = User.get_or_none(User.id == device.owner_id) if device.owner_id else None
     audit.record(
@@ -465,15 +473,15 @@ def cancel_device_step(staff, device, reason):
     state = device.claim_state
     owner = User.get_or_none(User.id == device.owner_id) if device.owner_id else None
     if state is None:
-        raise SupportError("Nothing is in progress for this device.", 409)
+        raise SupportError(_l("Nothing is in progress for this device."), 409)
     if owner is None:
-        raise SupportError("This device has no owner here; retry the step instead.", 409)
+        raise SupportError(_l("This device has no owner here; retry the step instead."), 409)
     reverse = {"claiming": "releasing", "releasing": "claiming"}.get(state)
     if reverse is None:
-        raise SupportError(f"Support can't cancel a step “{state}”.", 409)
+        raise SupportError(_l("Support can't cancel a step “%(state)s”.", state=state), 409)
     if reverse == "claiming" and not owner.particle_customer_id:
         raise SupportError(
-            "The owner's account isn't set up with the device cloud, so the release can't be undone.", 409
+            _l("The owner's account isn't set up with the device cloud, so the release can't be undone."), 409
         )
     changed = (
         Device.update(claim_state=reverse)
@@ -481,7 +489,7 @@ def cancel_device_step(staff, device, reason):
         .execute()
     )
     if not changed:
-        raise SupportError("The step finished or changed meanwhile. Reload the page.", 409)
+        raise SupportError(_l("The step finished or changed meanwhile. Reload the page."), 409)
     audit.record(
         "support.cancelled",
         user=owner,
@@ -502,9 +510,9 @@ def decide_transfer(staff, transfer_id, outcome, reason, confirmed=False):
     check_reason(reason)
     transfer = transfers.get(transfer_id) if isinstance(transfer_id, int) else None
     if transfer is None:
-        raise SupportError("There is no such transfer.", 404)
+        raise SupportError(_l("There is no such transfer."), 404)
     if outcome == "requester" and not confirmed:
-        raise SupportError("Tick the box to confirm that the device leaves its owner's account.", 422)
+        raise SupportError(_l("Tick the box to confirm that the device leaves its owner's account."), 422)
     try:
         return transfers.decide_dispute(staff, transfer, outcome, reason)
     except transfers.TransferError as exc:

@@ -2,27 +2,29 @@
 
 import logging
 
+from flask_babel import gettext as _
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException
 
 from selfserve import htmx
+from selfserve.i18n import lazy_text as _l
 from selfserve.particle.errors import ParticleError
 from selfserve.refusals import Refusal
 
 log = logging.getLogger(__name__)
 
 ERROR_MESSAGES = {
-    400: "That request could not be understood.",
-    403: "You don't have access to that.",
-    404: "We couldn't find that page.",
-    405: "That action isn't available here.",
-    429: "Too many attempts. Please wait a little and try again.",
+    400: _l("That request could not be understood."),
+    403: _l("You don't have access to that."),
+    404: _l("We couldn't find that page."),
+    405: _l("That action isn't available here."),
+    429: _l("Too many attempts. Please wait a little and try again."),
 }
 
 # Headings of the error page where werkzeug's names ("Not Found") read like a machine talking.
 ERROR_TITLES = {
-    404: "Page not found",
-    429: "Too many attempts",
+    404: _l("Page not found"),
+    429: _l("Too many attempts"),
 }
 
 
@@ -76,7 +78,7 @@ def register(app):
     @app.errorhandler(CSRFError)
     def _csrf_error(exc):
         return htmx.error_response(
-            "This form has expired. Please reload the page and try again.", 400, "Form expired"
+            _("This form has expired. Please reload the page and try again."), 400, _("Form expired")
         )
 
     @app.errorhandler(Refusal)
@@ -88,7 +90,7 @@ def register(app):
     def _particle_error(exc):
         # A safety net: services normally turn these into specific messages themselves.
         log.warning("Particle error reached a view: %s", exc)
-        return htmx.error_response(exc.user_message, 503, "Device cloud unavailable")
+        return htmx.error_response(exc.user_message, 503, _("Device cloud unavailable"))
 
     @app.errorhandler(HTTPException)
     def _http_error(exc):
@@ -102,5 +104,5 @@ def register(app):
     def _unexpected(exc):
         log.exception("Unhandled error")
         return htmx.error_response(
-            "Something went wrong on our side. Nothing was lost; please try again.", 500, "Error"
+            _("Something went wrong on our side. Nothing was lost; please try again."), 500, "Error"
         )

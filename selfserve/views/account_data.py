@@ -66,14 +66,14 @@ def export_json():
     # A GET, so the read-only wall lets it through: a copy of someone's data is theirs alone,
     # so support viewing the account gets the site's read-only refusal here.
     if _viewing_as_support():
-        return htmx.error_response(READ_ONLY_MESSAGE, 403, "Read-only view")
+        return htmx.error_response(READ_ONLY_MESSAGE, 403, _("Read-only view"))
     return _download(data_export.json_chunks, "application/json", "json")
 
 
 @bp.get("/account/data.zip")
 def export_csv():
     if _viewing_as_support():
-        return htmx.error_response(READ_ONLY_MESSAGE, 403, "Read-only view")
+        return htmx.error_response(READ_ONLY_MESSAGE, 403, _("Read-only view"))
     return _download(data_export.csv_zip_chunks, "application/zip", "zip")
 
 

@@ -23,7 +23,6 @@ from selfserve import htmx
 from selfserve import i18n
 from selfserve import passwords
 from selfserve import tokens
-from selfserve.mail import MailError
 from selfserve.security import end_login_session
 from selfserve.security import limiter
 from selfserve.security import public
@@ -45,8 +44,6 @@ SIGNUP_EMAIL = "signup_email"
 AFTER_VERIFY_NEXT = "after_verify_next"
 # Session key: a verification link opened in this browser, finished by the next sign-in.
 VERIFY_PENDING = "verify_pending"
-
-MAIL_FAILED = "We couldn't send the email right now. Nothing was lost; please try again in a few minutes."
 
 
 def _limit(name):
@@ -148,13 +145,6 @@ def signup():
         )
     except FormErrors as exc:
         return render_template("accounts/signup.html", errors=exc.errors, email=email, next_url=next_url), 400
-    except MailError:
-        return render_template(
-            "accounts/check_email.html",
-            kind="signup",
-            email=accounts.normalize_email(email),
-            mail_failed=True,
-        ), 503
     session.pop(SIGNUP_EMAIL, None)
     if next_url:
         session[AFTER_VERIFY_NEXT] = next_url
@@ -172,16 +162,17 @@ def unverified():
 @limiter.limit(_limit("resend"), key_func=_account_key)
 @limiter.limit(_limit("resend_ip"))
 def resend():
-    try:
-        sent = accounts.resend_verification(_me())
-    except MailError:
-        flash(MAIL_FAILED, "error")
-        return htmx.redirect(url_for("accounts.unverified"))
+    sent = accounts.resend_verification(_me())
     if not sent:
-        flash("Your email address is already verified.", "info")
+        flash(_("Your email address is already verified."), "info")
         return htmx.redirect(_home(current_user))
     flash(
-        f"We sent a new link to {current_user.email}. It works for {accounts.VERIFY_HOURS} hours.", "success"
+        _(
+            "We sent a new link to %(email)s. It works for %(hours)s hours.",
+            email=current_user.email,
+            hours=accounts.VERIFY_HOURS,
+        ),
+        "success",
     )
     return htmx.redirect(url_for("accounts.unverified"))
 
@@ -198,26 +189,26 @@ def verify(token):
         result = accounts.verify_email(token, login_session=current_user.login_session if signed_in else None)
     except accounts.SignInToVerify as exc:
         if signed_in:
-            flash("This link is for another account. Sign out, then open the link again.", "error")
+            flash(_("This link is for another account. Sign out, then open the link again."), "error")
             return htmx.redirect(_home(current_user))
         # The link proves the mailbox; the password is proven by signing in, in this browser,
         # which finishes the verification (the link waits in the session, read once).
         session[VERIFY_PENDING] = token
         session[SIGN_IN_EMAIL] = exc.user.email
-        flash("Nearly done: sign in with your password and your email address is verified.", "info")
+        flash(_("Nearly done: sign in with your password and your email address is verified."), "info")
         back_to = safe_next(session.pop(AFTER_VERIFY_NEXT, None))  # signed up from an offer
         return htmx.redirect(
             url_for("accounts.login", next=back_to) if back_to else url_for("accounts.login")
         )
     if result.newly_verified:
-        flash("Thank you: your email address is verified.", "success")
+        flash(_("Thank you: your email address is verified."), "success")
     else:
-        flash("Your email address was already verified.", "info")
+        flash(_("Your email address was already verified."), "info")
     # Signed up from somewhere (an offer): go back there after verifying.
     back_to = safe_next(session.pop(AFTER_VERIFY_NEXT, None))
     if current_user.is_authenticated and current_user.id == result.user.id:
         return htmx.redirect(back_to or _home(result.user))
-    flash("Please sign in to continue.", "info")
+    flash(_("Please sign in to continue."), "info")
     # The sign-in form fills in the address just confirmed (kept in the session, not the URL;
     # read once). Signing in rotates the session, so it goes no further.
     session[SIGN_IN_EMAIL] = result.user.email
@@ -232,7 +223,7 @@ def _finish_verification(token, user):
     except (tokens.TokenError, accounts.SignInToVerify):
         return user  # a link of another account, or outdated: the sign-in is all that happened
     if result.newly_verified:
-        flash("Thank you: your email address is verified.", "success")
+        flash(_("Thank you: your email address is verified."), "success")
     return result.user
 
 
@@ -290,7 +281,7 @@ def login():
     email = request.form.get("email", "")
     user = accounts.authenticate(email, request.form.get("password", ""))
     if user is None:
-        error = "That email address and password don't match an account. Check both and try again."
+        error = _("That email address and password don't match an account. Check both and try again.")
         return _login_page(next_url, email, error), 401
     accounts.remember_browser(user, i18n.browser_language(), i18n.browser_time_zone(request.form))
     pending_verification = session.get(VERIFY_PENDING)
@@ -322,9 +313,6 @@ def send_sign_in_link():
     except FormErrors as exc:
         flash(exc.errors["email"], "error")
         return htmx.redirect(url_for("accounts.login"))
-    except MailError:
-        flash(MAIL_FAILED, "error")
-        return htmx.redirect(url_for("accounts.login"))
     return render_template(
         "accounts/check_email.html", kind="sign_in_link", email=accounts.normalize_email(email)
     )
@@ -340,7 +328,7 @@ def sign_in_link(token):
         return render_template("accounts/sign_in_link.html", token=token, email=user.email)
     user = accounts.use_sign_in_link(token)  # signs in once
     start_login_session(user)
-    flash("You are signed in.", "success")
+    flash(_("You are signed in."), "success")
     return htmx.redirect(_home(user))
 
 
@@ -353,7 +341,7 @@ def logout():
         impersonation.end_view(view, "signed_out")
     accounts.record_sign_out(real_user())
     end_login_session()
-    flash("You are signed out.", "success")
+    flash(_("You are signed out."), "success")
     return htmx.redirect(url_for("accounts.login"))
 
 
@@ -366,14 +354,12 @@ def logout():
 @limiter.limit(_limit("forgot_email"), methods=["POST"], key_func=_form_email_key)
 def forgot():
     if request.method == "GET":
-        return render_template("accounts/forgot.html", errors={}, email="", mail_failed=False)
+        return render_template("accounts/forgot.html", errors={}, email="")
     email = request.form.get("email", "")
     try:
         accounts.request_password_reset(email)
     except FormErrors as exc:
-        return render_template("accounts/forgot.html", errors=exc.errors, email=email, mail_failed=False), 400
-    except MailError:
-        return render_template("accounts/forgot.html", errors={}, email=email, mail_failed=True), 503
+        return render_template("accounts/forgot.html", errors=exc.errors, email=email), 400
     return render_template("accounts/check_email.html", kind="reset", email=accounts.normalize_email(email))
 
 
@@ -392,7 +378,7 @@ def reset(token):
     if current_user.is_authenticated:
         end_login_session()  # every session of the account was ended; this browser's too
     flash(
-        "Your password is changed and every device was signed out. Please sign in with the new password.",
+        _("Your password is changed and every device was signed out. Please sign in with the new password."),
         "success",
     )
     return htmx.redirect(url_for("accounts.login"))
@@ -442,7 +428,7 @@ def change_password():
         )
     except FormErrors as exc:
         return _settings_page(400, password_errors=exc.errors)
-    flash("Your password is changed. You were signed out everywhere else.", "success")
+    flash(_("Your password is changed. You were signed out everywhere else."), "success")
     return htmx.redirect(url_for("accounts.settings"))
 
 
@@ -454,12 +440,11 @@ def change_email():
         accounts.request_email_change(_me(), new_email, request.form.get("email_password", ""))
     except FormErrors as exc:
         return _settings_page(400, email_errors=exc.errors, new_email=new_email)
-    except MailError:
-        flash(MAIL_FAILED, "error")
-        return htmx.redirect(url_for("accounts.settings"))
     flash(
-        f"We sent a link to {accounts.normalize_email(new_email)}. "
-        "Your address changes when you open it; until then, keep using the current one.",
+        _(
+            "We sent a link to %(email)s. Your address changes when you open it; until then, keep using the current one.",
+            email=accounts.normalize_email(new_email),
+        ),
         "success",
     )
     return htmx.redirect(url_for("accounts.settings"))
@@ -468,7 +453,7 @@ def change_email():
 @bp.post("/account/email/cancel")
 def cancel_email_change():
     accounts.cancel_email_change(_me())
-    flash("The email change is cancelled; the link we sent no longer works.", "info")
+    flash(_("The email change is cancelled; the link we sent no longer works."), "info")
     return htmx.redirect(url_for("accounts.settings"))
 
 
@@ -480,10 +465,10 @@ def confirm_email(token):
         user = accounts.check_email_change_link(token)
         return render_template("accounts/confirm_email.html", token=token, new_email=user.pending_email)
     user = accounts.confirm_email_change(token)
-    flash(f"Your email address is now {user.email}.", "success")
+    flash(_("Your email address is now %(email)s.", email=user.email), "success")
     if current_user.is_authenticated and current_user.id == user.id:
         return htmx.redirect(url_for("accounts.settings"))
-    flash("Please sign in with your new address.", "info")
+    flash(_("Please sign in with your new address."), "info")
     return htmx.redirect(url_for("accounts.login"))
 
 

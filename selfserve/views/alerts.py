@@ -11,6 +11,8 @@ from flask import redirect
 from flask import render_template
 from flask import request
 from flask import url_for
+from flask_babel import gettext as _
+from flask_babel import ngettext
 from flask_login import current_user
 
 from selfserve import htmx
@@ -69,7 +71,7 @@ def settings():
         )
     except alerts.AlertError as exc:
         return _page(errors={exc.field: exc.message}, form=form, status=400)
-    flash("Your alert choices are saved.", "success")
+    flash(_("Your alert choices are saved."), "success")
     return htmx.redirect(url_for("alerts.settings"))
 
 
@@ -81,9 +83,13 @@ def shared_devices():
         current_user, form.getlist("shown")[:500], form.getlist("device")[:500]
     )
     flash(
-        f"You get the alerts of {len(chosen)} of these shared devices."
+        ngettext(
+            "You get the alerts of %(num)d of these shared devices.",
+            "You get the alerts of %(num)d of these shared devices.",
+            len(chosen),
+        )
         if chosen
-        else "You get no alerts of these shared devices.",
+        else _("You get no alerts of these shared devices."),
         "success",
     )
     page = form.get("page", "1")
@@ -94,7 +100,7 @@ def shared_devices():
 @bp.post("/account/alerts/test")
 def send_test():
     alerts.send_test(current_user)
-    flash(f"A test alert is on its way to {current_user.email}.", "success")
+    flash(_("A test alert is on its way to %(email)s.", email=current_user.email), "success")
     return htmx.redirect(url_for("alerts.settings"))
 
 

@@ -222,7 +222,7 @@ def claim():
             exc.message = devices.MESSAGES["owned_by_other_can_ask"]
         # The serial is echoed back for correction; the setup code never is.
         return _claim_page(error=exc, serial=serial, status=exc.status, transfer_proof=proof)
-    flash(f"{devices.display_name(device)} was added to your account.", "success")
+    flash(_("%(name)s was added to your account.", name=devices.display_name(device)), "success")
     return htmx.redirect(url_for("devices.detail", device_id=device.device_id))
 
 
@@ -249,7 +249,7 @@ def _claim_with_dealer_choice():
             current_user, token, request.form.get("dealer_access", "none")
         )
     except tokens.TokenError:
-        error = devices.DeviceError("This step took too long. Enter the label again.", kind="expired")
+        error = devices.DeviceError(_("This step took too long. Enter the label again."), kind="expired")
         return _claim_page(error=error, status=400)
     except sharing.SharingError as exc:
         return _dealer_choice_page(
@@ -259,7 +259,9 @@ def _claim_with_dealer_choice():
         if exc.kind == "checking":
             flash(
                 exc.message
-                + " The dealer's access was not given: give it on the device's Sharing section once it is ready.",
+                + _(
+                    " The dealer's access was not given: give it on the device's Sharing section once it is ready."
+                ),
                 "info",
             )
             return htmx.redirect(url_for("devices.dashboard"))
@@ -267,10 +269,12 @@ def _claim_with_dealer_choice():
             flash(exc.message, "info")
             return htmx.redirect(url_for("devices.detail", device_id=exc.device.device_id))
         return _claim_page(error=exc, status=exc.status)
-    message = f"{devices.display_name(device)} was added to your account."
+    message = _("%(name)s was added to your account.", name=devices.display_name(device))
     if grant is not None:
-        message += (
-            f" {grant.grantee_org.name} has {grant.role} access; you can revoke it in Sharing at any time."
+        message += _(
+            " %(name)s has %(role)s access; you can revoke it in Sharing at any time.",
+            name=grant.grantee_org.name,
+            role=grant.role,
         )
     flash(message, "success")
     return htmx.redirect(url_for("devices.detail", device_id=device.device_id))
@@ -399,9 +403,9 @@ def history_csv(device_id):
     device = devices.device_for(current_user, device_id, need="viewer")
     window = _history_window()
     response = make_response(history.csv_text(device, window))
-    response.headers["Content-Type"] = "text/csv; charset=utf-8"
+    response.headers["Content-Type"] = _("text/csv; charset=utf-8")
     filename = f"{device.serial_number}-{window}.csv".replace('"', "")
-    response.headers["Content-Disposition"] = f'attachment; filename="{filename}"'
+    response.headers["Content-Disposition"] = _('attachment; filename="%(filename)s"', filename=filename)
     return response
 
 
@@ -454,7 +458,7 @@ def rename(device_id):
     if error:
         flash(error.message, "error")
     else:
-        flash(f"Renamed to {device.name}.", "success")
+        flash(_("Renamed to %(name)s.", name=device.name), "success")
     return flask_redirect(url_for("devices.detail", device_id=device.device_id))
 
 
@@ -473,5 +477,5 @@ def release(device_id):
         if htmx.is_htmx():
             return render_template("devices/_release_form.html", **_page_context(device, error=exc))
         return render_template("devices/release.html", **_page_context(device, error=exc)), exc.status
-    flash(f"{name} was released. It is no longer in your account.", "success")
+    flash(_("%(name)s was released. It is no longer in your account.", name=name), "success")
     return htmx.redirect(url_for("devices.dashboard"))

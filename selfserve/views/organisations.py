@@ -12,6 +12,7 @@ from flask import redirect
 from flask import render_template
 from flask import request
 from flask import url_for
+from flask_babel import gettext as _
 from flask_login import current_user
 
 from selfserve.security import verified_required
@@ -60,7 +61,7 @@ def index():
         except organisations.OrgError as exc:
             flash(exc.message, "error")
             return redirect(url_for("organisations.index"))
-        flash(f"{organisation.name} was created. You are its admin.", "success")
+        flash(_("%(name)s was created. You are its admin.", name=organisation.name), "success")
         return _back(organisation)
     return render_template("organisations/index.html", mine=organisations.organisations_of(current_user))
 
@@ -108,7 +109,7 @@ def add_member(organisation_id):
         lambda: organisations.add_member(
             current_user, organisation, email, request.form.get("role", "member")
         ),
-        f"{email} is a member now.",
+        _("%(email)s is a member now.", email=email),
         "#members",
     )
 
@@ -119,9 +120,9 @@ def remove_member(organisation_id, user_id):
     return _done(
         organisation,
         lambda: organisations.remove_member(current_user, organisation, user_id),
-        "The member was removed.",
+        _("The member was removed."),
         "#members",
-        confirm="Remove this member? Their access through the organisation ends at once.",
+        confirm=_("Remove this member? Their access through the organisation ends at once."),
     )
 
 
@@ -132,7 +133,7 @@ def create_group(organisation_id):
     return _done(
         organisation,
         lambda: organisations.create_group(current_user, organisation, name),
-        "The group was created.",
+        _("The group was created."),
         "#groups",
     )
 
@@ -162,10 +163,10 @@ def group_devices(organisation_id, group_id):
     ids = _device_ids(organisation)
     if request.form.get("remove") == "yes":
         action = lambda: organisations.remove_from_group(current_user, organisation, group, ids)  # noqa: E731
-        message = f"Taken out of {group.name}."
+        message = _("Taken out of %(name)s.", name=group.name)
     else:
         action = lambda: organisations.add_to_group(current_user, organisation, group, ids)  # noqa: E731
-        message = f"Added to {group.name}."
+        message = _("Added to %(name)s.", name=group.name)
     return _done(organisation, action, message, f"#group-{group.id}")
 
 
@@ -186,7 +187,7 @@ def grant_group(organisation_id, group_id):
             expires_at=until,
         )
 
-    return _done(organisation, act, f"Access to {group.name} given.", f"#group-{group.id}")
+    return _done(organisation, act, _("Access to %(name)s given.", name=group.name), f"#group-{group.id}")
 
 
 @bp.post("/organisations/<int:organisation_id>/groups/<int:group_id>/alerts")
@@ -198,9 +199,9 @@ def group_alerts(organisation_id, group_id):
     return _done(
         organisation,
         lambda: alert_recipients.set_group_routing(current_user, organisation, group, to_members),
-        f"The alerts of {group.name} go to its people now."
+        _("The alerts of %(name)s go to its people now.", name=group.name)
         if to_members
-        else f"The alerts of {group.name} go to the admins now.",
+        else _("The alerts of %(name)s go to the admins now.", name=group.name),
         f"#group-{group.id}",
     )
 
@@ -211,7 +212,7 @@ def revoke_grant(organisation_id, grant_id):
     return _done(
         organisation,
         lambda: organisations.revoke_group_grant(current_user, organisation, grant_id),
-        "The access was revoked.",
+        _("The access was revoked."),
         "#groups",
-        confirm="Revoke this access? It ends at once.",
+        confirm=_("Revoke this access? It ends at once."),
     )

@@ -13,6 +13,7 @@ from flask import redirect
 from flask import render_template
 from flask import request
 from flask import url_for
+from flask_babel import gettext as _
 from flask_login import current_user
 
 from selfserve import htmx
@@ -90,9 +91,12 @@ def invite(device_id):
         )
     except sharing.SharingError as exc:
         return _section(device, error=exc, form=form)
-    message = f"Invitation sent to {invitation.email}."
+    message = _("Invitation sent to %(email)s.", email=invitation.email)
     if invitation.mailed_at is None:
-        message = f"Invitation saved for {invitation.email}; the email could not be sent yet, we keep trying."
+        message = _(
+            "Invitation saved for %(email)s; the email could not be sent yet, we keep trying.",
+            email=invitation.email,
+        )
     flash(message, "success")
     return _section(device)
 
@@ -105,7 +109,10 @@ def grant_dealer(device_id):
         sharing.grant_dealer(current_user, device, form["dealer"], form["dealer_role"], form["dealer_until"])
     except sharing.SharingError as exc:
         return _section(device, error=exc, form=form)
-    flash(f"{form['dealer']} has access until the end of {form['dealer_until']}.", "success")
+    flash(
+        _("%(dealer)s has access until the end of %(day)s.", dealer=form["dealer"], day=form["dealer_until"]),
+        "success",
+    )
     return _section(device)
 
 
@@ -133,7 +140,7 @@ def withdraw(device_id, invitation_id):
         "withdraw",
         invitation,
         lambda: sharing.withdraw(current_user, device, invitation_id),
-        f"The invitation of {invitation.email} was withdrawn.",
+        _("The invitation of %(email)s was withdrawn.", email=invitation.email),
     )
 
 
@@ -148,7 +155,7 @@ def revoke(device_id, grant_id):
         "revoke",
         grant,
         lambda: sharing.revoke(current_user, device, grant_id),
-        f"The access of {access.holder_label(grant)} was revoked.",
+        _("The access of %(holder_label)s was revoked.", holder_label=access.holder_label(grant)),
     )
 
 
@@ -224,5 +231,5 @@ def accept(invitation_id):
     except sharing.SharingError as exc:
         context = _invitation_context(sharing.for_invitee(current_user, invitation_id))
         return render_template("sharing/invitation.html", error=exc, **context), exc.status
-    flash("The device is shared with you now.", "success")
+    flash(_("The device is shared with you now."), "success")
     return htmx.redirect(url_for("devices.detail", device_id=found.device_id))

@@ -14,12 +14,12 @@ from flask import render_template
 from flask import request
 from flask import session
 from flask import url_for
+from flask_babel import gettext as _
 from flask_login import current_user
 
 from selfserve import htmx
 from selfserve import i18n
 from selfserve import input_rules
-from selfserve.mail import MailError
 from selfserve.refusals import Refusal
 from selfserve.security import limiter
 from selfserve.security import rotate_login_session
@@ -111,7 +111,7 @@ def second_factor():
             return htmx.redirect(url_for("support.second_factor", next=next_url))
         else:
             rotate_login_session()  # more rights from here on: a new session id
-            flash("Signed in to the support console.", "success")
+            flash(_("Signed in to the support console."), "success")
             return htmx.redirect(next_url)
     context = {"enrolled": enrolled, "error": error, "next_url": next_url}
     if not enrolled:
@@ -175,11 +175,15 @@ def reconcile_now():
     result = reconcile.run(trigger="console", started_by=real_user())
     if result.status == "done":
         flash(
-            f"Reconciliation finished: {result.findings_count} finding(s) in {result.devices_checked} devices. Nothing was changed.",
+            _(
+                "Reconciliation finished: %(findings_count)s finding(s) in %(devices_checked)s devices. Nothing was changed.",
+                findings_count=result.findings_count,
+                devices_checked=result.devices_checked,
+            ),
             "success",
         )
     else:
-        flash(f"Reconciliation failed: {result.error}", "error")
+        flash(_("Reconciliation failed: %(error)s", error=result.error), "error")
     return htmx.redirect(url_for("support.fleet"))
 
 
@@ -198,7 +202,12 @@ def start_view(customer_id):
         flash(exc.message, "error")
         return htmx.redirect(url_for("support.customer", customer_id=target.id))
     flash(
-        f"You are viewing as {target.email}, read-only, for {impersonation.view_minutes()} minutes.", "info"
+        _(
+            "You are viewing as %(email)s, read-only, for %(minutes)s minutes.",
+            email=target.email,
+            minutes=impersonation.view_minutes(),
+        ),
+        "info",
     )
     return htmx.redirect(url_for("devices.dashboard"))
 
@@ -208,9 +217,9 @@ def start_view(customer_id):
 def end_view():
     ended = impersonation.end_current_view(current_user._get_current_object())
     if ended is None:
-        flash("That view had already ended.", "info")
+        flash(_("That view had already ended."), "info")
         return htmx.redirect(url_for("support.home"))
-    flash("The view has ended. Everything you looked at was recorded.", "success")
+    flash(_("The view has ended. Everything you looked at was recorded."), "success")
     return htmx.redirect(url_for("support.customer", customer_id=ended.customer_id))
 
 
@@ -236,11 +245,7 @@ def resend_verification(customer_id):
         support.resend_verification(real_user(), target, request.form.get("reason", ""))
     except support.SupportError as exc:
         return _action_refused(exc.message, back)
-    except MailError:
-        return _action_refused(
-            "The email could not be sent right now. Nothing changed; try again in a few minutes.", back
-        )
-    return _action_done(f"A new verification link was sent to {target.email}.", back)
+    return _action_done(_("A new verification link was sent to %(email)s.", email=target.email), back)
 
 
 @bp.post("/customers/<customer_id>/retry-setup")
@@ -253,9 +258,13 @@ def retry_provisioning(customer_id):
     except support.SupportError as exc:
         return _action_refused(exc.message, back)
     if result.provisioning_state == "ready":
-        return _action_done("The account is now set up with the device cloud.", back)
+        return _action_done(_("The account is now set up with the device cloud."), back)
     return _action_refused(
-        f"The setup failed again: {result.provisioning_error or 'no answer'}. It will keep retrying.", back
+        _(
+            "The setup failed again: %(error)s. It will keep retrying.",
+            error=result.provisioning_error or "no answer",
+        ),
+        back,
     )
 
 
@@ -265,12 +274,12 @@ def release_device(device_id):
     found = support.device_or_404(device_id)
     back = url_for("support.device", device_id=found.device_id)
     if request.form.get("confirm") != "yes":
-        return _action_refused("Tick the box to confirm the release.", back)
+        return _action_refused(_("Tick the box to confirm the release."), back)
     try:
         support.release_device(real_user(), found, request.form.get("reason", ""))
     except Refusal as exc:  # the support rules' or the devices service's
         return _action_refused(exc.message, back)
-    return _action_done("The device was released. It no longer belongs to anyone.", back)
+    return _action_done(_("The device was released. It no longer belongs to anyone."), back)
 
 
 def _step_action(device_id, action):
@@ -281,9 +290,12 @@ def _step_action(device_id, action):
     except support.SupportError as exc:
         return _action_refused(exc.message, back)
     if after.claim_state is None:
-        return _action_done("Done: nothing is in progress for this device any more.", back)
+        return _action_done(_("Done: nothing is in progress for this device any more."), back)
     return _action_refused(
-        f"Still in progress ({after.claim_state}): the device cloud did not answer. The sweep keeps trying.",
+        _(
+            "Still in progress (%(claim_state)s): the device cloud did not answer. The sweep keeps trying.",
+            claim_state=after.claim_state,
+        ),
         back,
     )
 
@@ -319,21 +331,25 @@ def decide_transfer(transfer_id):
         return _action_refused(exc.message, back)
     if transfer.state == "kept":
         return _action_done(
-            "Decided: the device stays with its owner. Both sides are emailed the outcome.", back
+            _("Decided: the device stays with its owner. Both sides are emailed the outcome."), back
         )
     if transfer.state == "done":
         return _action_done(
-            "Decided: the device is now in the requester's account. Both sides are emailed.", back
+            _("Decided: the device is now in the requester's account. Both sides are emailed."), back
         )
     if transfer.state == "failed_returned":
         return _action_refused(
-            "Decided, but the device cloud refused the move: the device stays with its owner. "
-            "See the alert on the fleet page.",
+            _(
+                "Decided, but the device cloud refused the move: the device stays with its owner. "
+                "See the alert on the fleet page."
+            ),
             back,
         )
     flash(
-        "Decided: the device is moving to the requester. The device cloud did not answer yet; the sweep "
-        "finishes the move by itself and both sides are emailed then.",
+        _(
+            "Decided: the device is moving to the requester. The device cloud did not answer yet; the sweep "
+            "finishes the move by itself and both sides are emailed then."
+        ),
         "info",
     )
     return htmx.redirect(back)

@@ -13,10 +13,12 @@ from flask import render_template
 from flask import request
 from flask import session
 from flask import url_for
+from flask_babel import gettext as _
 from flask_login import current_user
 
 from selfserve import device_models
 from selfserve import htmx
+from selfserve import i18n
 from selfserve import tokens
 from selfserve.models import Device
 from selfserve.models import User
@@ -122,13 +124,19 @@ def start(device_id):
         return render_template("transfers/start.html", email=email, error=exc, **context), exc.status
     if transfer.offer_mailed_at:
         flash(
-            f"We emailed the offer to {transfer.buyer_email}. It is open until "
-            f"{transfer.expires_at.strftime('%d %b %Y')}.",
+            _(
+                "We emailed the offer to %(buyer_email)s. It is open until %(date)s.",
+                buyer_email=transfer.buyer_email,
+                date=i18n.local_date(transfer.expires_at),
+            ),
             "success",
         )
     else:
         flash(
-            f"The offer to {transfer.buyer_email} is saved; we couldn't send the email yet and will keep trying.",
+            _(
+                "The offer to %(buyer_email)s is saved; we couldn't send the email yet and will keep trying.",
+                buyer_email=transfer.buyer_email,
+            ),
             "warning",
         )
     return htmx.redirect(url_for("devices.detail", device_id=device.device_id))
@@ -142,7 +150,7 @@ def cancel(transfer_id):
     except transfers.TransferError as exc:
         flash(exc.message, "error")
         return htmx.redirect(url_for("transfers.detail", transfer_id=transfer.id))
-    flash("The transfer was cancelled.", "success")
+    flash(_("The transfer was cancelled."), "success")
     if transfer.kind == "offer":
         return htmx.redirect(url_for("devices.detail", device_id=transfer.device_id))
     return htmx.redirect(url_for("devices.dashboard"))
@@ -173,12 +181,12 @@ def _act(transfer_id, action, done_message):
 
 def _moved_message(transfer):
     if transfer.state == "done":
-        return "The device is now in your account."
+        return _("The device is now in your account.")
     if transfer.state == "failed_returned":
-        return (
+        return _(
             "The device could not be moved; it stays with its previous owner. Our support team has been told."
         )
-    return "The device is being moved to your account. This finishes by itself, usually within minutes."
+    return _("The device is being moved to your account. This finishes by itself, usually within minutes.")
 
 
 @bp.post("/transfers/<int:transfer_id>/accept")
@@ -189,7 +197,9 @@ def accept(transfer_id):
 
 @bp.post("/transfers/<int:transfer_id>/decline")
 def decline(transfer_id):
-    return _act(transfer_id, transfers.decline, lambda t: "You declined the offer. The owner has been told.")
+    return _act(
+        transfer_id, transfers.decline, lambda t: _("You declined the offer. The owner has been told.")
+    )
 
 
 @bp.post("/transfers/<int:transfer_id>/approve")
@@ -198,9 +208,9 @@ def approve(transfer_id):
         transfer_id,
         transfers.approve,
         lambda t: (
-            "Thank you. The device is leaving your account."
+            _("Thank you. The device is leaving your account.")
             if t.state != "done"
-            else "The device was transferred."
+            else _("The device was transferred.")
         ),
     )
 
@@ -210,7 +220,7 @@ def object_to(transfer_id):
     return _act(
         transfer_id,
         transfers.object_to,
-        lambda t: "You objected. The request is closed and the device stays in your account.",
+        lambda t: _("You objected. The request is closed and the device stays in your account."),
     )
 
 
@@ -229,15 +239,18 @@ def request_device():
         return htmx.redirect(url_for("devices.claim"))
     if transfers.needs_owner_answer(transfer):
         flash(
-            "We asked the owner. This device changed hands recently or was yours before, so it "
-            "moves only if the owner agrees; without an answer within "
-            f"{transfers.OBJECTION_DAYS} days, support decides.",
+            _(
+                "We asked the owner. This device changed hands recently or was yours before, so it moves only if the owner agrees; without an answer within %(days)s days, support decides.",
+                days=transfers.OBJECTION_DAYS,
+            ),
             "success",
         )
     else:
         flash(
-            "We asked the owner. If they don't object within "
-            f"{transfers.OBJECTION_DAYS} days, the device moves to your account by itself.",
+            _(
+                "We asked the owner. If they don't object within %(days)s days, the device moves to your account by itself.",
+                days=transfers.OBJECTION_DAYS,
+            ),
             "success",
         )
     return htmx.redirect(url_for("transfers.detail", transfer_id=transfer.id))

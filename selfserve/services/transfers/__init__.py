@@ -45,7 +45,6 @@ jobs" and "Transfers and migration".
 
 from selfserve.models import utcnow
 from selfserve.services.transfers.common import CLOSED_STATES
-from selfserve.services.transfers.common import MAIL_MAX_ATTEMPTS
 from selfserve.services.transfers.common import OBJECTION_DAYS
 from selfserve.services.transfers.common import OFFER_DAYS
 from selfserve.services.transfers.common import OPEN_STATES
@@ -95,7 +94,6 @@ __all__ = [
     "CLOSED_STATES",
     "DISPUTE_OUTCOMES",
     "MAILS",
-    "MAIL_MAX_ATTEMPTS",
     "OBJECTION_DAYS",
     "OFFER_DAYS",
     "OPEN_STATES",

@@ -6,6 +6,7 @@ import logging
 from flask import current_app
 
 from selfserve import device_models
+from selfserve.i18n import lazy_text as _l
 from selfserve.models import Device
 from selfserve.models import Transfer
 from selfserve.refusals import Refusal
@@ -20,7 +21,6 @@ OBJECTION_DAYS = 7
 RECENT_OWNER_CHANGE_DAYS = 30
 PROOF_MINUTES = 15
 REQUESTS_PER_DAY = 3  # per account: asking for other people's devices is rare
-MAIL_MAX_ATTEMPTS = 8
 
 TRANSFERRING = "transferring"  # Device.claim_state while a move runs (owned by this module)
 OPEN_STATES = ("offered", "requested", "moving", "returning")
@@ -39,18 +39,18 @@ CLOSED_STATES = (
 DISPUTED_STATES = ("objected", "unanswered")
 
 STATE_LABELS = {
-    "offered": "Offered, waiting for the new owner",
-    "requested": "Requested, waiting for the owner's answer",
-    "moving": "Moving to the new owner",
-    "returning": "Going back to the previous owner",
-    "done": "Transferred",
-    "failed_returned": "Could not be moved; back with the previous owner",
-    "declined": "Declined",
-    "cancelled": "Cancelled",
-    "objected": "Objected to by the owner",
-    "unanswered": "No answer from the owner: support decides",
-    "expired": "Expired",
-    "kept": "Kept by the owner (decided by support)",
+    "offered": _l("Offered, waiting for the new owner"),
+    "requested": _l("Requested, waiting for the owner's answer"),
+    "moving": _l("Moving to the new owner"),
+    "returning": _l("Going back to the previous owner"),
+    "done": _l("Transferred"),
+    "failed_returned": _l("Could not be moved; back with the previous owner"),
+    "declined": _l("Declined"),
+    "cancelled": _l("Cancelled"),
+    "objected": _l("Objected to by the owner"),
+    "unanswered": _l("No answer from the owner: support decides"),
+    "expired": _l("Expired"),
+    "kept": _l("Kept by the owner (decided by support)"),
 }
 
 
@@ -210,11 +210,13 @@ def dashboard_of(user):
 
 def _check_buyer_ready(user):
     if not user.is_verified:
-        raise TransferError("Please verify your email address first.", kind="not_ready", status=409)
+        raise TransferError(_l("Please verify your email address first."), kind="not_ready", status=409)
     if user.provisioning_state != provisioning.READY or not user.particle_customer_id:
         raise TransferError(
-            "Your account is still being set up with the device cloud. This usually takes less than a "
-            "minute; please try again shortly.",
+            _l(
+                "Your account is still being set up with the device cloud. This usually takes less than a "
+                "minute; please try again shortly."
+            ),
             kind="not_ready",
             status=409,
         )
@@ -243,10 +245,10 @@ def _close(transfer, waiting, state, notify_step, now, **extra):
 def too_late_message(transfer):
     current = _fresh(transfer)
     if current.state == "expired":
-        return "This transfer has expired."
+        return _l("This transfer has expired.")
     if current.state in ("moving", "returning", "done", "failed_returned"):
-        return "This transfer was already accepted."
-    return f"This transfer was already {label(current).lower()}."
+        return _l("This transfer was already accepted.")
+    return _l("This transfer was already %(label)s.", label=label(current).lower())
 
 
 def _device(transfer):

@@ -4,6 +4,7 @@ import logging
 
 import peewee
 
+from selfserve.i18n import lazy_text as _l
 from selfserve.models import Device
 from selfserve.models import Transfer
 from selfserve.models import User
@@ -51,14 +52,14 @@ def decide_dispute(staff, transfer, outcome, reason, now=None):
     """
     now = now or utcnow()
     if staff is None or not getattr(staff, "is_staff", False):
-        raise TransferError("Only support staff decide disputed transfers.", kind="forbidden", status=403)
+        raise TransferError(_l("Only support staff decide disputed transfers."), kind="forbidden", status=403)
     try:
         reason = impersonation.check_reason(reason)
     except impersonation.ViewRefused as exc:
         raise TransferError(exc.message, kind="invalid", field="reason", status=422) from None
     if outcome not in DISPUTE_OUTCOMES:
         raise TransferError(
-            "Choose who gets the device: the person who asked, or its current owner.",
+            _l("Choose who gets the device: the person who asked, or its current owner."),
             kind="invalid",
             field="outcome",
             status=422,
@@ -89,14 +90,16 @@ def decide_dispute(staff, transfer, outcome, reason, now=None):
     buyer = User.get_or_none(User.id == transfer.buyer_id)
     if buyer is None:
         raise TransferError(
-            "The account that asked for this device no longer exists. Keep the device with its owner.",
+            _l("The account that asked for this device no longer exists. Keep the device with its owner."),
             kind="gone",
             status=409,
         )
     if buyer.provisioning_state != provisioning.READY or not buyer.particle_customer_id:
         raise TransferError(
-            "The requester's account is not set up with the device cloud yet, so the device can't "
-            "be moved to it. Retry their setup first.",
+            _l(
+                "The requester's account is not set up with the device cloud yet, so the device can't "
+                "be moved to it. Retry their setup first."
+            ),
             kind="not_ready",
             status=409,
         )
@@ -135,8 +138,10 @@ def decide_dispute(staff, transfer, outcome, reason, now=None):
     except peewee.IntegrityError:
         # The unique open_device: the device has another open transfer since the objection.
         raise TransferError(
-            "This device has another transfer open now. Nothing was changed; that one must finish "
-            "or be cancelled first.",
+            _l(
+                "This device has another transfer open now. Nothing was changed; that one must finish "
+                "or be cancelled first."
+            ),
             kind="open",
             status=409,
         ) from None
@@ -156,23 +161,31 @@ def _undecided(transfer, now):
 def _not_disputed_message(transfer):
     current = _fresh(transfer)
     if current.dispute_outcome:
-        return f"Support already decided this request: {_decision_text(current.dispute_outcome, 0, current)}."
+        return _l(
+            "Support already decided this request: %(decision)s.",
+            decision=_decision_text(current.dispute_outcome, 0, current),
+        )
     if current.state in DISPUTED_STATES:
-        return "Someone is working on this transfer right now. Try again in a minute."
-    return f"Only a request its owner objected to can be decided. This transfer is: {label(current).lower()}."
+        return _l("Someone is working on this transfer right now. Try again in a minute.")
+    return _l(
+        "Only a request its owner objected to can be decided. This transfer is: %(label)s.",
+        label=label(current).lower(),
+    )
 
 
 def _device_not_movable(transfer):
     device = Device.get_by_id(transfer.device_id)
     if device.owner_id != transfer.seller_id:
         return TransferError(
-            "The device is no longer in the owner's account, so there is nothing to move. Nothing "
-            "was changed; keep it with the owner to close the dispute.",
+            _l(
+                "The device is no longer in the owner's account, so there is nothing to move. Nothing "
+                "was changed; keep it with the owner to close the dispute."
+            ),
             kind="gone",
             status=409,
         )
     return TransferError(
-        "This device is busy with another operation right now. Try again in a minute.",
+        _l("This device is busy with another operation right now. Try again in a minute."),
         kind="busy",
         status=409,
     )

@@ -3,6 +3,7 @@
 import logging
 
 from selfserve import tokens
+from selfserve.i18n import lazy_text as _l
 from selfserve.models import utcnow
 from selfserve.services.accounts import absolute_url
 from selfserve.services.transfers.common import get
@@ -23,7 +24,7 @@ def from_offer_link(token):
     if transfer is None or not tokens.same(payload.get("e"), tokens.fingerprint(transfer.buyer_email)):
         raise tokens.TokenInvalid()
     if transfer.state == "offered" and transfer.expires_at <= utcnow():
-        raise tokens.TokenExpired("This offer has expired. Ask the seller to send a new one.")
+        raise tokens.TokenExpired(_l("This offer has expired. Ask the seller to send a new one."))
     return transfer
 
 

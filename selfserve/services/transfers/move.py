@@ -5,6 +5,7 @@ import functools
 import logging
 
 from selfserve import device_models
+from selfserve.i18n import lazy_text as _l
 from selfserve.models import Device
 from selfserve.models import Transfer
 from selfserve.models import User
@@ -20,7 +21,6 @@ from selfserve.services import audit
 from selfserve.services import live_values
 from selfserve.services import steps
 from selfserve.services.accounts import absolute_url
-from selfserve.services.transfers.common import MAIL_MAX_ATTEMPTS
 from selfserve.services.transfers.common import TRANSFERRING
 from selfserve.services.transfers.common import TransferError
 from selfserve.services.transfers.common import _close
@@ -28,7 +28,6 @@ from selfserve.services.transfers.common import _device
 from selfserve.services.transfers.common import _display
 from selfserve.services.transfers.common import _fresh
 from selfserve.services.transfers.common import _name
-from selfserve.services.transfers.common import _setting
 from selfserve.services.transfers.common import device_label
 from selfserve.services.transfers.common import needs_owner_answer
 from selfserve.services.transfers.common import too_late_message
@@ -76,13 +75,15 @@ def _start_move(transfer, waiting, buyer, now, take_lease=True):
             # The seller released the device (or support moved it): nothing to transfer.
             _close(transfer, waiting, "cancelled", None, now)
             raise TransferError(
-                "The previous owner no longer has this device in their account, so it can't be "
-                "transferred. If you have it and its label, add it with its setup code.",
+                _l(
+                    "The previous owner no longer has this device in their account, so it can't be "
+                    "transferred. If you have it and its label, add it with its setup code."
+                ),
                 kind="gone",
                 status=409,
             )
         raise TransferError(
-            "This device is busy right now. Please try again in a minute.", kind="busy", status=409
+            _l("This device is busy right now. Please try again in a minute."), kind="busy", status=409
         )
     audit.record(
         "transfer.accepted" if transfer.kind == "offer" else "transfer.approved",
@@ -357,65 +358,65 @@ def _buyer_email(transfer):
 
 
 MAILS = {
-    "mail_offer": (_buyer_email, "A device is being transferred to you", "transfer_offer", None),
-    "mail_request": (_seller_email, "Someone asked for your device", "transfer_request", None),
+    "mail_offer": (_buyer_email, _l("A device is being transferred to you"), "transfer_offer", None),
+    "mail_request": (_seller_email, _l("Someone asked for your device"), "transfer_request", None),
     "mail_done_buyer": (
         _buyer_email,
-        "The device is now in your account",
+        _l("The device is now in your account"),
         "transfer_done_buyer",
         "mail_done_seller",
     ),
-    "mail_done_seller": (_seller_email, "Your device was transferred", "transfer_done_seller", None),
-    "mail_declined": (_seller_email, "Your transfer offer was declined", "transfer_declined", None),
-    "mail_cancelled": (None, "A device transfer was cancelled", "transfer_cancelled", None),
+    "mail_done_seller": (_seller_email, _l("Your device was transferred"), "transfer_done_seller", None),
+    "mail_declined": (_seller_email, _l("Your transfer offer was declined"), "transfer_declined", None),
+    "mail_cancelled": (None, _l("A device transfer was cancelled"), "transfer_cancelled", None),
     "mail_unanswered_buyer": (
         _buyer_email,
-        "Your request for a device goes to support",
+        _l("Your request for a device goes to support"),
         "transfer_unanswered_buyer",
         "mail_unanswered_seller",
     ),
     "mail_unanswered_seller": (
         _seller_email,
-        "A request for your device goes to support",
+        _l("A request for your device goes to support"),
         "transfer_unanswered_seller",
         None,
     ),
-    "mail_released": (_buyer_email, "A device transfer was closed", "transfer_released", None),
-    "mail_objected": (_buyer_email, "Your request for a device was refused", "transfer_objected", None),
-    "mail_expired": (_seller_email, "Your transfer offer expired", "transfer_expired", None),
+    "mail_released": (_buyer_email, _l("A device transfer was closed"), "transfer_released", None),
+    "mail_objected": (_buyer_email, _l("Your request for a device was refused"), "transfer_objected", None),
+    "mail_expired": (_seller_email, _l("Your transfer offer expired"), "transfer_expired", None),
     "mail_returned_seller": (
         _seller_email,
-        "Your device could not be transferred",
+        _l("Your device could not be transferred"),
         "transfer_returned_seller",
         "mail_returned_buyer",
     ),
     "mail_returned_buyer": (
         _buyer_email,
-        "The device could not be transferred to you",
+        _l("The device could not be transferred to you"),
         "transfer_returned_buyer",
         None,
     ),
     "mail_given_buyer": (
         _buyer_email,
-        "Support decided: the device is now in your account",
+        _l("Support decided: the device is now in your account"),
         "transfer_dispute_given_buyer",
         "mail_given_seller",
     ),
     "mail_given_seller": (
         _seller_email,
-        "Support decided: your device was transferred",
+        _l("Support decided: your device was transferred"),
         "transfer_dispute_given_seller",
         None,
     ),
     "mail_kept_buyer": (
         _buyer_email,
-        "Support decided: the device stays with its owner",
+        _l("Support decided: the device stays with its owner"),
         "transfer_dispute_kept_buyer",
         "mail_kept_seller",
     ),
     "mail_kept_seller": (
         _seller_email,
-        "Support decided: your device stays in your account",
+        _l("Support decided: your device stays in your account"),
         "transfer_dispute_kept_seller",
         None,
     ),
@@ -436,16 +437,15 @@ def _step_mail(transfer, step):
     elif step == "mail_request":
         context["approve_link"] = answer_link(transfer, "approve")
         context["object_link"] = answer_link(transfer, "object")
-    sent = steps.send_mail(
+    steps.send_mail(
         to,
         subject,
         template,
         context,
-        transfer.attempts,
-        _setting("TRANSFER_MAIL_MAX_ATTEMPTS", MAIL_MAX_ATTEMPTS),
-        f"Transfer {transfer.id}",
+        key=f"transfer:{transfer.id}:{step}",
+        sensitive=step in ("mail_offer", "mail_request"),  # links that answer the transfer
     )
-    if sent and step == "mail_offer":
+    if step == "mail_offer":
         Transfer.update(offer_mailed_at=utcnow()).where(Transfer.id == transfer.id).execute()
     return next_step
 

@@ -6,6 +6,7 @@ import logging
 
 import peewee
 
+from selfserve.i18n import lazy_text as _l
 from selfserve.models import Transfer
 from selfserve.models import User
 from selfserve.models import db
@@ -46,7 +47,7 @@ def offer(seller, device, buyer_email, confirmed=True, now=None):
     buyer_email = normalize_email(buyer_email)
     if not confirmed:
         raise TransferError(
-            "Tick the box to confirm you want to give this device away.",
+            _l("Tick the box to confirm you want to give this device away."),
             kind="invalid",
             field="confirmed",
             status=422,
@@ -58,7 +59,7 @@ def offer(seller, device, buyer_email, confirmed=True, now=None):
         )
     if buyer_email == seller.email:
         raise TransferError(
-            "That is your own email address. Enter the new owner's address.",
+            _l("That is your own email address. Enter the new owner's address."),
             kind="invalid",
             field="email",
             status=422,
@@ -68,7 +69,7 @@ def offer(seller, device, buyer_email, confirmed=True, now=None):
         return _existing_or_refuse(existing, seller, buyer_email)
     if device.owner_id != seller.id or device.claim_state is not None:
         raise TransferError(
-            "This device is busy right now. Please try again in a minute.", kind="busy", status=409
+            _l("This device is busy right now. Please try again in a minute."), kind="busy", status=409
         )
     try:
         with db.atomic():
@@ -87,7 +88,9 @@ def offer(seller, device, buyer_email, confirmed=True, now=None):
     except peewee.IntegrityError:
         existing = open_transfer_of(device)
         if existing is None:
-            raise TransferError("This device is busy right now. Please try again.", kind="busy", status=409)
+            raise TransferError(
+                _l("This device is busy right now. Please try again."), kind="busy", status=409
+            )
         return _existing_or_refuse(existing, seller, buyer_email)
     audit.record(
         "transfer.offered", user=seller, device_id=device.device_id, to=buyer_email, name=_name(transfer)
@@ -100,13 +103,15 @@ def _existing_or_refuse(existing, seller, buyer_email):
         return existing  # a double submit: the same offer
     if existing.kind == "request":
         raise TransferError(
-            "Someone has asked for this device. Answer that request on this page first.",
+            _l("Someone has asked for this device. Answer that request on this page first."),
             kind="open",
             status=409,
             transfer=existing,
         )
     raise TransferError(
-        "This device already has a pending transfer. Cancel it first to offer the device to someone else.",
+        _l(
+            "This device already has a pending transfer. Cancel it first to offer the device to someone else."
+        ),
         kind="open",
         status=409,
         transfer=existing,
@@ -122,7 +127,7 @@ def cancel(user, transfer, now=None):
     )
     if not allowed:
         raise TransferError(
-            "Only the person who started this transfer can cancel it.", kind="forbidden", status=403
+            _l("Only the person who started this transfer can cancel it."), kind="forbidden", status=403
         )
     waiting = "offered" if transfer.kind == "offer" else "requested"
     notify = "mail_cancelled" if (transfer.kind == "request" or transfer.offer_mailed_at) else None
@@ -137,7 +142,7 @@ def decline(user, transfer, now=None):
     """The buyer turns an offer down; the seller is told."""
     now = now or utcnow()
     if transfer.kind != "offer" or role_of(user, transfer) != "buyer":
-        raise TransferError("This offer isn't addressed to your account.", kind="forbidden", status=403)
+        raise TransferError(_l("This offer isn't addressed to your account."), kind="forbidden", status=403)
     if not _close(transfer, "offered", "declined", "mail_declined", now, buyer=user.id):
         raise TransferError(too_late_message(transfer), kind="decided", status=409)
     audit.record("transfer.declined", user=user, device_id=transfer.device_id, name=_name(transfer))
@@ -149,12 +154,12 @@ def accept(user, transfer, now=None):
     cloud outage leaves them to the sweep). Raises TransferError."""
     now = now or utcnow()
     if transfer.kind != "offer" or role_of(user, transfer) != "buyer":
-        raise TransferError("This offer isn't addressed to your account.", kind="forbidden", status=403)
+        raise TransferError(_l("This offer isn't addressed to your account."), kind="forbidden", status=403)
     _check_buyer_ready(user)
     if transfer.state == "offered" and transfer.expires_at <= now:
         expire_lapsed(now)
         raise TransferError(
-            "This offer has expired. Ask the seller to send a new one.", kind="expired", status=410
+            _l("This offer has expired. Ask the seller to send a new one."), kind="expired", status=410
         )
     return _start_move(transfer, "offered", user, now)
 

@@ -8,6 +8,7 @@ import secrets
 
 import peewee
 
+from selfserve.i18n import lazy_text as _l
 from selfserve.models import Device
 from selfserve.models import PossessionProof
 from selfserve.models import Transfer
@@ -70,17 +71,19 @@ def request_device(user, opaque_proof, now=None):
         )
     if proof is None or proof.used_at is not None or proof.expires_at <= now:
         raise TransferError(
-            "Please enter the serial number and setup code again, then ask the owner.",
+            _l("Please enter the serial number and setup code again, then ask the owner."),
             kind="proof",
             status=422,
         )
     device = Device.get_by_id(proof.device_id)
     if device.owner_id is None:
         raise TransferError(
-            "This device is free now: add it with its serial number and setup code.", kind="free", status=409
+            _l("This device is free now: add it with its serial number and setup code."),
+            kind="free",
+            status=409,
         )
     if device.owner_id == user.id:
-        raise TransferError("This device is already in your account.", kind="already_yours", status=409)
+        raise TransferError(_l("This device is already in your account."), kind="already_yours", status=409)
     since = now - datetime.timedelta(days=1)
     recent = (
         Transfer.select()
@@ -89,7 +92,7 @@ def request_device(user, opaque_proof, now=None):
     )
     if recent >= _setting("TRANSFER_REQUESTS_PER_DAY", REQUESTS_PER_DAY):
         raise TransferError(
-            "You have asked for several devices today. Please contact support if you need more.",
+            _l("You have asked for several devices today. Please contact support if you need more."),
             kind="too_many",
             status=429,
         )
@@ -98,7 +101,9 @@ def request_device(user, opaque_proof, now=None):
         if existing.kind == "request" and existing.buyer_id == user.id:
             return existing  # a double submit
         raise TransferError(
-            "This device already has a transfer in progress. Please contact support with the serial number.",
+            _l(
+                "This device already has a transfer in progress. Please contact support with the serial number."
+            ),
             kind="open",
             status=409,
         )
@@ -129,7 +134,9 @@ def request_device(user, opaque_proof, now=None):
         if existing is not None and existing.kind == "request" and existing.buyer_id == user.id:
             return existing
         raise TransferError(
-            "This device already has a transfer in progress. Please contact support with the serial number.",
+            _l(
+                "This device already has a transfer in progress. Please contact support with the serial number."
+            ),
             kind="open",
             status=409,
         )
@@ -148,11 +155,13 @@ def approve(owner, transfer, now=None, actor=None):
     """The recorded owner lets a request go through now (instead of waiting out the deadline)."""
     now = now or utcnow()
     if transfer.kind != "request" or owner is None or transfer.seller_id != owner.id:
-        raise TransferError("Only the device's owner can answer this request.", kind="forbidden", status=403)
+        raise TransferError(
+            _l("Only the device's owner can answer this request."), kind="forbidden", status=403
+        )
     buyer = User.get_or_none(User.id == transfer.buyer_id)
     if buyer is None:
         raise TransferError(
-            "The account that asked for this device no longer exists.", kind="gone", status=409
+            _l("The account that asked for this device no longer exists."), kind="gone", status=409
         )
     audit.record("transfer.owner_approved", user=owner, device_id=transfer.device_id, name=_name(transfer))
     return _start_move(transfer, "requested", buyer, now)
@@ -163,7 +172,9 @@ def object_to(owner, transfer, now=None):
     (staff decide disputes)."""
     now = now or utcnow()
     if transfer.kind != "request" or owner is None or transfer.seller_id != owner.id:
-        raise TransferError("Only the device's owner can answer this request.", kind="forbidden", status=403)
+        raise TransferError(
+            _l("Only the device's owner can answer this request."), kind="forbidden", status=403
+        )
     if not _close(transfer, "requested", "objected", "mail_objected", now):
         raise TransferError(too_late_message(transfer), kind="decided", status=409)
     audit.record("transfer.objected", user=owner, device_id=transfer.device_id, name=_name(transfer))
