@@ -481,6 +481,9 @@ def test_read_only_matrix_every_state_changing_route_is_refused(app, console, cu
         "support.start_view",
         "account_data.delete",
         "account_data.undo_delete",
+        "alerts.shared_devices",
+        "organisations.group_alerts",
+        "sharing.accept",
     ):
         if expected in app.view_functions:
             assert expected in endpoints
