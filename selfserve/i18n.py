@@ -94,6 +94,7 @@ def init_app(app):
     )
     app.jinja_env.globals.update(
         current_language=current_language,
+        script_texts=script_texts,
         languages=LANGUAGES,
     )
 
@@ -351,11 +352,35 @@ def lazy_text(message, **values):
     return LazyText(gettext, message, **values)
 
 
+_l = lazy_text
+
+
 def json_text(value):
     """json.dumps(default=...): a lazy message as its text in the current language."""
     if isinstance(value, LazyString):
         return str(value)
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def script_texts():
+    """The sentences static/js writes into pages, in the reader's language (base.html puts them
+    on <body data-texts>; siteText() in site.js reads them). %(name)s marks a value."""
+    return {
+        "fault": _l("%(fault)s: see the alert at the top of the page."),
+        "offline_before_report": _l("The device went offline before it reported back."),
+        "done_now": _l("Done. Now: %(state)s."),
+        "sending": _l("Sending ‘%(label)s’ to the device…"),
+        "not_sent": _l(
+            "‘%(label)s’ could not be sent (no answer from our server). Check your connection, "
+            "then reload the page to see whether it was done."
+        ),
+        "confirm_title": _l("Are you sure?"),
+        "confirm": _l("Confirm"),
+        "view_clock": _l("%(minutes)s min %(seconds)s s"),
+        "view_ends_1": _l("The support view ends in less than 1 minute."),
+        "view_ends_5": _l("The support view ends in less than 5 minutes."),
+        "view_ended": _l("ended"),
+    }
 
 
 def english(value):

@@ -181,7 +181,7 @@
     if (!state) return;
     // A fault after the outcome was reported ("Done. Now: Running…") takes its place.
     if (state.fault && document.querySelector("#function-result [data-followed]")) {
-      showStatus(state.fault + ": see the alert at the top of the page.", "flash flash-error");
+      showStatus(window.siteText("fault", { fault: state.fault }), "flash flash-error");
       return;
     }
     var pending = document.querySelector("#function-result [data-pending]");
@@ -189,9 +189,9 @@
     if (state.fault) {
       showStatus(state.fault + ": see the alert at the top of the page.", "flash flash-error");
     } else if (!state.online) {
-      showStatus("The device went offline before it reported back.", "flash flash-warning");
+      showStatus(window.siteText("offline_before_report"), "flash flash-warning");
     } else if (state.settled && state.text) {
-      showStatus("Done. Now: " + state.text + ".", "flash flash-success", false, true);
+      showStatus(window.siteText("done_now", { state: state.text }), "flash flash-success", false, true);
     }
   }
 
@@ -202,7 +202,7 @@
     if (!form || event.defaultPrevented) return;
     inFlight = true;
     document.querySelectorAll("#controls button").forEach(function (button) { button.disabled = true; });
-    showStatus("Sending \u2018" + form.dataset.functionLabel + "\u2019 to the device\u2026", "flash flash-info sending");
+    showStatus(window.siteText("sending", { label: form.dataset.functionLabel }), "flash flash-info sending");
   });
 
   document.addEventListener("htmx:afterRequest", function (event) {
@@ -211,8 +211,7 @@
     inFlight = false;
     applyControls();
     if (event.detail.successful) return;
-    showStatus("\u2018" + form.dataset.functionLabel + "\u2019 could not be sent (no answer from our server). " +
-      "Check your connection, then reload the page to see whether it was done.", "flash flash-error");
+    showStatus(window.siteText("not_sent", { label: form.dataset.functionLabel }), "flash flash-error");
   });
 
   // A pushed values update (server-sent event) is rendered when it is sent: as new as a request.

@@ -1,4 +1,15 @@
 // Small progressive enhancements; every page works without this file.
+
+// A sentence for the page in the reader's language: base.html puts them, translated, on
+// <body data-texts> (selfserve/i18n.py script_texts); "%(name)s" takes values[name].
+window.siteText = function (key, values) {
+  var texts = {};
+  try { texts = JSON.parse(document.body.getAttribute("data-texts") || "{}"); } catch (e) { texts = {}; }
+  var text = texts[key] || key;
+  return text.replace(/%\((\w+)\)s/g, function (whole, name) {
+    return values && values[name] !== undefined ? String(values[name]) : whole;
+  });
+};
 document.addEventListener("DOMContentLoaded", function () {
   // Disable a form's submit button while its request is in flight (no double submits).
   document.body.addEventListener("submit", function (event) {
@@ -79,8 +90,8 @@ document.addEventListener("htmx:confirm", function (event) {
   event.preventDefault();
   var source = event.detail.elt;
   var form = source.closest ? (source.closest("form") || source) : source;
-  var title = form.getAttribute("data-confirm-title") || "Are you sure?";
-  var yes = form.getAttribute("data-confirm-yes") || "Confirm";
+  var title = form.getAttribute("data-confirm-title") || window.siteText("confirm_title");
+  var yes = form.getAttribute("data-confirm-yes") || window.siteText("confirm");
   dialog.querySelector("#confirm-dialog-title").textContent = title;
   dialog.querySelector("#confirm-dialog-text").textContent = question;
   var confirmButton = dialog.querySelector("[data-dialog-confirm]");

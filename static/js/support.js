@@ -13,15 +13,15 @@
       var left = Math.max(0, Math.round((endsAt - Date.now()) / 1000));
       var minutes = Math.floor(left / 60);
       var seconds = left % 60;
-      clock.textContent = minutes + " min " + (seconds < 10 ? "0" : "") + seconds + " s";
+      clock.textContent = window.siteText("view_clock", { minutes: minutes, seconds: (seconds < 10 ? "0" : "") + seconds });
       [5, 1].forEach(function (mark) {
         if (minutes < mark && !announced[mark] && left > 0 && announce) {
           announced[mark] = true;
-          announce.textContent = "The support view ends in less than " + mark + (mark === 1 ? " minute." : " minutes.");
+          announce.textContent = window.siteText(mark === 1 ? "view_ends_1" : "view_ends_5");
         }
       });
       if (left <= 0) {
-        clock.textContent = "ended";
+        clock.textContent = window.siteText("view_ended");
         window.clearInterval(timer);
         // A short pause so the server's clock has surely passed the end too.
         window.setTimeout(function () { window.location.reload(); }, 1500);
