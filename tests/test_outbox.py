@@ -292,3 +292,13 @@ def test_the_mail_page_is_for_staff_only(app, client):
     login(client, "customer@example.com")
     assert client.get("/support/mail").status_code == 403
     assert app.test_client().get("/support/mail").status_code in (302, 401)
+
+
+def test_one_address_with_a_long_queue_behind_a_retry_holds_back_only_its_own_mail(app, mailbox):
+    mailbox.refusals["flooded@example.com"] = "452 4.2.2 Mailbox full"
+    for number in range(150):  # more than one round of the sender takes
+        outbox.enqueue("flooded@example.com", f"Alert {number}", "text", kind="alert")
+    outbox.enqueue("calm@example.com", "Hello", "text", kind="alert")
+    assert outbox.send_due(limit=100) == {"pending": 1, "sent": 1}  # the head retried, calm sent
+    assert len(mailbox.received("calm@example.com")) == 1
+    assert OutboxMail.select().where(OutboxMail.attempts > 0).count() == 1  # only the head was tried

@@ -46,6 +46,21 @@ log = logging.getLogger(__name__)
 PENDING, SENT, FAILED, SKIPPED = "pending", "sent", "failed", "skipped"
 STATES = (PENDING, SENT, FAILED, SKIPPED)
 RESET_REQUEST = "reset_request"
+# Mails whose link lets whoever holds it act (verify, sign in, reset, confirm an address, accept
+# an invitation or answer a transfer): never shown to staff, wiped once finished, whether or not
+# the caller said `sensitive`.
+SENSITIVE_KINDS = frozenset(
+    {
+        RESET_REQUEST,
+        "verify_email",
+        "sign_in_link",
+        "reset_password",
+        "confirm_email_change",
+        "share_invitation",
+        "transfer_offer",
+        "transfer_request",
+    }
+)
 STAFF_PAGE_SIZE = 100
 
 
@@ -67,7 +82,7 @@ def enqueue(to, subject, body, *, kind, headers=None, sensitive=False, dedupe_ke
         "subject": subject[:255],
         "body": body,
         "headers": headers or None,
-        "sensitive": sensitive,
+        "sensitive": bool(sensitive or kind in SENSITIVE_KINDS),
         "dedupe_key": dedupe_key,
         "created_at": utcnow(),
     }
@@ -103,6 +118,19 @@ def _due(now):
     )
 
 
+def _first_of_its_recipient():
+    """No earlier mail to the same address is pending: the row is the head of its recipient's
+    queue (so one address with a long queue behind a retry never crowds out the others)."""
+    earlier = OutboxMail.alias()
+    return ~peewee.fn.EXISTS(
+        earlier.select(earlier.id).where(
+            (earlier.to_address == OutboxMail.to_address)
+            & (earlier.id < OutboxMail.id)
+            & (earlier.state == PENDING)
+        )
+    )
+
+
 def take(row, now=None):
     """Lease `row` for this worker: True for exactly one taker, and only while no earlier
     mail to the same address is pending (order per recipient)."""
@@ -129,7 +157,9 @@ def send_due(now=None, limit=None):
     while progress and len(tried) < limit:
         # Another pass only when this one sent something: a recipient's next mail may be free now.
         progress = False
-        query = OutboxMail.select(OutboxMail.id, OutboxMail.to_address).where(_due(now))
+        query = OutboxMail.select(OutboxMail.id, OutboxMail.to_address).where(
+            _due(now) & _first_of_its_recipient()
+        )
         if tried:
             query = query.where(OutboxMail.id.not_in(list(tried)))
         for row in list(query.order_by(OutboxMail.id).limit(limit - len(tried))):
@@ -151,6 +181,8 @@ def send_one(row_id, now=None):
             _finish(row, SKIPPED)
             return SKIPPED
         mail.deliver(*message)
+        if row.kind == RESET_REQUEST:
+            _audit_reset_sent(message[0])
     except mail.MailError as exc:
         return _failed(row, str(exc), exc.permanent, now)
     except Exception as exc:  # noqa: BLE001 - a bug in one mail must not stop the others
@@ -172,7 +204,6 @@ def _reset_message(row):
     so it dies when that changes); None when the address has no account."""
     from selfserve import tokens
     from selfserve.services import accounts
-    from selfserve.services import audit
 
     user = User.get_or_none(User.email == row.to_address)
     if user is None:
@@ -181,8 +212,6 @@ def _reset_message(row):
         "reset_password",
         {"u": user.id, "e": tokens.fingerprint(user.email), "p": tokens.fingerprint(user.password_hash)},
     )
-    if row.attempts == 0:
-        audit.record("account.password_reset_requested", user=user)
     subject, body = mail.render(
         user.email,
         row.subject,
@@ -191,6 +220,14 @@ def _reset_message(row):
         minutes=accounts.RESET_MINUTES,
     )
     return user.email, subject, body, None
+
+
+def _audit_reset_sent(address):
+    from selfserve.services import audit
+
+    user = User.get_or_none(User.email == address)
+    if user is not None:
+        audit.record("account.password_reset_requested", user=user)
 
 
 def _finish(row, state, error=None):
