@@ -91,13 +91,8 @@ def invite(device_id):
         )
     except sharing.SharingError as exc:
         return _section(device, error=exc, form=form)
-    message = _("Invitation sent to %(email)s.", email=invitation.email)
-    if invitation.mailed_at is None:
-        message = _(
-            "Invitation saved for %(email)s; the email could not be sent yet, we keep trying.",
-            email=invitation.email,
-        )
-    flash(message, "success")
+    # The email is queued with the invitation (outbox): a mail server that is down only delays it.
+    flash(_("Invitation sent to %(email)s.", email=invitation.email), "success")
     return _section(device)
 
 
