@@ -77,3 +77,25 @@ def test_a_homeowner_gives_the_dealer_access_at_claim_then_revokes_it_and_the_de
     expect(second_page.locator("[data-access-ended]")).to_be_visible()
     expect(second_page.locator("#values .value")).to_have_count(0)
     check_page(second_page)
+
+
+def test_a_grantee_opts_in_to_a_shared_devices_alerts(live_server, page, labels, sim):
+    from selfserve.services import access
+    from selfserve.services import devices
+
+    owner = make_user("home@example.com", PASSWORD)
+    devices.claim(owner, labels[DEALT]["serial_number"], labels[DEALT]["setup_code"])
+    make_user("family@example.com", PASSWORD, provisioned=False)
+    from selfserve.models import User
+
+    family = User.get(User.email == "family@example.com")
+    access.give(devices.device_for(owner, DEALT), family, "viewer", owner)
+    sign_in(page, live_server, "family@example.com")
+    page.goto(f"{live_server}/account/alerts")
+    box = page.locator(f"#shared-alerts ~ form input[name=device][value='{DEALT}']")
+    expect(box).not_to_be_checked()
+    check_page(page)
+    box.check()
+    page.click("#shared-alerts ~ form button:has-text('Save')")
+    expect(page.locator(f"input[name=device][value='{DEALT}']")).to_be_checked()
+    expect(page.locator("#flashes")).to_contain_text("1 of these shared devices")
