@@ -257,13 +257,8 @@ def _claim_with_dealer_choice():
         )
     except devices.DeviceError as exc:
         if exc.kind == "checking":
-            flash(
-                exc.message
-                + _(
-                    " The dealer's access was not given: give it on the device's Sharing section once it is ready."
-                ),
-                "info",
-            )
+            # The choice is kept (a grant waiting for the claim to finish, or none chosen).
+            flash(exc.message, "info")
             return htmx.redirect(url_for("devices.dashboard"))
         if exc.kind == "already_yours":
             flash(exc.message, "info")
