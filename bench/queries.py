@@ -7,6 +7,9 @@ bundled simulator and a fresh SQLite database.
 Counts don't depend on the machine; the milliseconds (median of --requests) do. The homeowner
 owns 3 devices and has --rows activity events recorded by a support person (the activity page
 shows "Support" for each).
+
+Then "forgot password" for an address with an account and one without (issue 9, finding 6:
+the time told them apart), --requests of each interleaved: statements and median / p95 ms.
 """
 
 import argparse
@@ -79,6 +82,7 @@ def _run(args, url, simulator):
             "SWEEP_SECONDS": 0,
             "SESSION_COOKIE_SECURE": False,
             "VALUES_CACHE_SECONDS": 0.0,  # every values fragment refreshes from Particle
+            "RATELIMIT_ENABLED": False,  # "forgot password" is limited per address
         }
     )
     device_ids = _setup(app, args.rows)
@@ -107,6 +111,35 @@ def _run(args, url, simulator):
             timings.append((time.perf_counter() - started) * 1000)
             assert response.status_code == 200, (path, response.status_code)
         print(f"{name:36} {queries:>8} {connections:>16} {statistics.median(timings):>10.2f}")
+    _forgot_password(app, args.requests)
+
+
+def _forgot_password(app, requests):
+    """POST /forgot for a known and an unknown address, interleaved (same client, same
+    conditions): the statements of one of each, and the median and p95 of the times."""
+    client = app.test_client()
+    page = client.get("/forgot").get_data(as_text=True)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+    addresses = {"known address": "home@example.com", "unknown address": "nobody.here@example.com"}
+
+    def ask(address):
+        return client.post("/forgot", data={"email": address, "csrf_token": token})
+
+    for address in addresses.values():
+        ask(address)  # warm up
+    counts = {name: _count(lambda a=address: ask(a))[0] for name, address in addresses.items()}
+    timings = {name: [] for name in addresses}
+    for _ in range(requests):
+        for name, address in addresses.items():
+            started = time.perf_counter()
+            response = ask(address)
+            timings[name].append((time.perf_counter() - started) * 1000)
+            assert response.status_code == 200, response.status_code
+    print(f"\n{'forgot password':36} {'queries':>8} {'ms median':>10} {'ms p95':>8}")
+    for name in addresses:
+        ordered = sorted(timings[name])
+        p95 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
+        print(f"{name:36} {counts[name]:>8} {statistics.median(ordered):>10.2f} {p95:>8.2f}")
 
 
 def _count(request):

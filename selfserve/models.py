@@ -684,9 +684,10 @@ class OutboxMail(BaseModel):
 class AccountDeletion(JobColumns):
     """An account its owner asked to delete (services/erasure.py), and the recorded job that
     deletes it. state: scheduled (until `due_at`; the person may undo it) -> running (the steps
-    run; no way back) -> done; or cancelled (undone in the grace). `notify_email` holds the
-    address the "deleted" email goes to, only between the removal of the personal data and
-    that email. One row per account: asking again after an undo reuses it."""
+    run; no way back) -> done; or cancelled (undone in the grace). `notify_email` is not
+    written any more (the outbox holds the "deleted" email, queued with the removal of the
+    personal data) and is cleared when the job finishes. One row per account: asking again
+    after an undo reuses it."""
 
     user = peewee.ForeignKeyField(User, unique=True, backref="+", on_delete="CASCADE")
     state = peewee.CharField(max_length=16, index=True)

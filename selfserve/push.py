@@ -102,6 +102,11 @@ class Hub:
 class LocalBroker:
     """No fan-out: announcements reach this process's pages only."""
 
+    # Whether `announce` may run inside the change's transaction (it then takes effect when
+    # the transaction commits). Brokers that deliver at once are called after the commit, or
+    # a page would re-read the value before it is there.
+    transactional = False
+
     def __init__(self, hub):
         self.hub = hub
 
@@ -115,6 +120,8 @@ class LocalBroker:
 class PostgresBroker:
     """NOTIFY on the announcing connection (sent when its transaction commits); one LISTEN
     connection per process delivers to the local hub (our own announcements included)."""
+
+    transactional = True  # NOTIFY is delivered when the announcing transaction commits
 
     def __init__(self, hub, url):
         self.hub = hub
@@ -156,6 +163,8 @@ class PostgresBroker:
 
 class RedisBroker:
     """PUBLISH to a channel; one subscriber connection per process delivers to the hub."""
+
+    transactional = False  # PUBLISH delivers at once
 
     def __init__(self, hub, url):
         import redis

@@ -101,6 +101,8 @@ class Mailbox:
         self._messages = []
         self._lock = threading.Lock()
         self.flush = None
+        # {address: SMTP answer} the sink gives at RCPT TO, e.g. "550 5.1.1 No such user".
+        self.refusals = {}
 
     @property
     def messages(self):
@@ -113,6 +115,11 @@ class Mailbox:
         message = email.message_from_bytes(content)
         with self._lock:
             self._messages.append(message)
+
+    def received(self, address):
+        """Messages to `address` received so far, without running the outbox first."""
+        with self._lock:
+            return [m for m in self._messages if address.lower() in m["To"].lower()]
 
     def clear(self):
         """Forget every message so far (what the outbox holds is sent first, and forgotten)."""
@@ -158,6 +165,14 @@ class _SinkHandler:
     def __init__(self, mailbox):
         self.mailbox = mailbox
 
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        # A test may make the sink refuse an address, for good (5xx) or for now (4xx).
+        answer = self.mailbox.refusals.get(address.lower())
+        if answer:
+            return answer
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
     async def handle_DATA(self, server, session, envelope):
         self.mailbox.receive(envelope.content)
         return "250 Message accepted for delivery"
@@ -177,6 +192,7 @@ def smtp_server():
 @pytest.fixture
 def mailbox(smtp_server):
     smtp_server.clear()
+    smtp_server.refusals.clear()
     return smtp_server
 
 

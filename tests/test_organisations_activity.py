@@ -99,7 +99,7 @@ def test_the_activity_is_paged_newest_first(app, world):
     assert client.get(f"/organisations/{org.id}/activity?before=x1").status_code == 400
 
 
-def test_organisation_routes_refuse_outsiders_and_members_on_admin_routes(app, world):
+def test_organisation_routes_refuse_outsiders_and_members_on_admin_routes(app, world, sim):
     """Every route of the organisation area: an outsider gets 404 (as for an unknown id), a
     member 404 on the admin's routes; nothing changes."""
     from test_security_routes import database_state
@@ -117,6 +117,7 @@ def test_organisation_routes_refuse_outsiders_and_members_on_admin_routes(app, w
         login(client, who.email, PASSWORD)
         token = csrf_token(client, "/devices")
         before = database_state()
+        sim.reset_counters()
         for rule in rules:
             path = rule.build(values, append_unknown=False)[1]
             method = "GET" if "GET" in rule.methods else "POST"
@@ -124,6 +125,7 @@ def test_organisation_routes_refuse_outsiders_and_members_on_admin_routes(app, w
             expected = 200 if rule.endpoint in allowed else 404
             assert response.status_code == expected, (who.email, rule.endpoint, response.status_code)
         assert diff(before, database_state()) == {}
+        assert sim.counters()["total"] == 0  # refused before anything reaches Particle
 
 
 def test_removing_and_revoking_ask_first_without_javascript(app, world):

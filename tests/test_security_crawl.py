@@ -567,7 +567,8 @@ def test_support_console_crawl_leaks_no_secret(app, sim, homeowner, all_logs):
         if rule.endpoint.startswith("support.")
     ]
     fetched = crawler.crawl(
-        ["/support", "/support?q=leak.hunter", f"/support?q={WINDOW}", "/support/fleet"] + start
+        ["/support", "/support?q=leak.hunter", f"/support?q={WINDOW}", "/support/fleet", "/support/mail"]
+        + start
     )
 
     statuses = {(item.url, item.htmx): item.status for item in fetched}

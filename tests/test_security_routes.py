@@ -352,7 +352,16 @@ def test_no_get_changes_state_for_staff_in_the_console_and_viewing_as_a_customer
     paths = sorted({path for method, path, rule in concrete_rules(app, values)})
     before = database_state(page_views_allowed=True)
     sim.reset_counters()
-    Crawler(console).crawl(["/support", "/support?q=owner", "/support/fleet"] + paths)
+    Crawler(console).crawl(
+        [
+            "/support",
+            "/support?q=owner",
+            "/support/fleet",
+            "/support/mail",
+            "/support/mail?address=owner@example.com",
+        ]
+        + paths
+    )
     assert particle_writes(sim) == {}
     assert diff(before, database_state(page_views_allowed=True)) == {}
 

@@ -61,11 +61,11 @@ def _claim_token(page):
     return re.search(r'name="claim_token" value="([^"]+)"', page).group(1)
 
 
-def _choose(client, claim_token, choice):
+def _choose(client, claim_token, choice, serial=""):
+    """The dealer step's form as the browser sends it (its hidden serial too)."""
     token = csrf_token(client, "/devices/claim")
-    return client.post(
-        "/devices/claim", data={"claim_token": claim_token, "dealer_access": choice, "csrf_token": token}
-    )
+    data = {"claim_token": claim_token, "dealer_access": choice, "csrf_token": token, "serial": serial}
+    return client.post("/devices/claim", data=data)
 
 
 def test_the_registry_names_the_dealer_and_a_reimport_updates_it(app, sim):
@@ -169,3 +169,20 @@ def test_nothing_is_asked_without_a_dealer_or_when_the_company_asks_for_none(app
 def test_a_dealer_the_site_does_not_know_asks_nothing(app, home, labels):
     assert _label_form(home, DEALT, labels).status_code == 302
     assert Device.get_by_id(DEALT).owner_id == home.user.id
+
+
+def test_the_dealer_step_counts_against_its_own_serials_rate_limit(app, dealer, labels):
+    """Each claim's two posts count for its serial; other people's dealer steps don't share
+    one bucket (10 an hour for the whole site otherwise)."""
+    app.config["RATE_LIMIT_CLAIM_SERIAL"] = "2 per hour"
+    dealt = ["e00fce68a1b2c3d4e5f60702", "e00fce68a1b2c3d4e5f60703", DEALT]
+    Device.update(sold_through="Demo Window Dealer").where(Device.device_id.in_(dealt)).execute()
+    for number, device_id in enumerate(dealt):
+        person = make_user(f"home{number}@example.com", PASSWORD)
+        client = app.test_client()
+        login(client, person.email, PASSWORD)
+        page = _label_form(client, device_id, labels).get_data(as_text=True)
+        assert 'name="serial" value="' + labels[device_id]["serial_number"] in page
+        chosen = _choose(client, _claim_token(page), "none", serial=labels[device_id]["serial_number"])
+        assert chosen.status_code == 302, device_id
+        assert Device.get_by_id(device_id).owner_id == person.id

@@ -206,3 +206,18 @@ def test_someone_who_keeps_access_keeps_their_page(app, world):
     reader.join()
     thread.join()
     assert [name for name, _ in owner_events] == ["values"]
+
+
+def test_a_transfer_ends_the_sellers_and_the_grantees_pages(app, world, mailbox):
+    from selfserve.services import transfers
+
+    owner = world["owner"]
+    buyer = make_user("buyer@example.com", PASSWORD)
+    transfer = transfers.offer(owner, devices.device_for(owner, WINDOW), buyer.email)
+    response = signed_in(app, world["viewer"]).get(f"/devices/{WINDOW}/live", buffered=False)
+    app.config["PUSH_STREAM_MAX_SECONDS"] = 20.0
+    reader, seller_events = read_in_thread(app, signed_in(app, owner), f"/devices/{WINDOW}/live")
+    assert_ended(frames_until_gone(response, in_thread(app, lambda: transfers.accept(buyer, transfer))))
+    reader.join()
+    assert_ended(seller_events)
+    assert Device.get_by_id(WINDOW).owner_id == buyer.id

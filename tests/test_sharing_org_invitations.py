@@ -131,6 +131,13 @@ def test_withdrawn_expired_or_wrong_address_invitations_to_organisations_are_ref
     organisations.create(boss, "Blinds & Co", kind="dealer")
     invitation = sharing.invite(owner, window, boss.email, "viewer", to_organisation=True)
     sharing.withdraw(owner, window, invitation.id)
+    # Someone who runs no organisation hears first that it was withdrawn.
+    solo = make_user("solo@example.com", PASSWORD, provisioned=False)
+    solo_invitation = sharing.invite(owner, window, solo.email, "viewer", to_organisation=True)
+    sharing.withdraw(owner, window, solo_invitation.id)
+    with pytest.raises(sharing.SharingError) as refused:
+        sharing.accept(solo, Invitation.get_by_id(solo_invitation.id))
+    assert refused.value.kind == "too_late"
     with pytest.raises(sharing.SharingError) as refused:
         sharing.accept(boss, Invitation.get_by_id(invitation.id))
     assert refused.value.kind == "too_late"

@@ -90,6 +90,8 @@ def ingest(name, data, device_id, published_at):
         values, online = state[0], True
     # The cache, the device's history and what alerts decide from it (services/history.py's
     # listeners) in one transaction: one commit per event, the cost that bounds intake.
+    broker = current_app.extensions.get("push_broker")
+    announce_in_transaction = getattr(broker, "transactional", False)
     with _event_transaction():
         if name == STATUS_EVENT:
             result = _apply_status(device_id, online, published)
@@ -97,9 +99,12 @@ def ingest(name, data, device_id, published_at):
             result = _apply_state(device_id, *state, published)
         if result == STORED:
             history.record(device_id, values, at=published, online=online, device=device)
+            if announce_in_transaction:
+                _announce(device_id)  # NOTIFY: delivered at the commit, no statement of its own
     if result != STORED:
         return _ignored(result)
-    _announce(device_id)  # after the commit, so a page that re-reads sees the change
+    if not announce_in_transaction:
+        _announce(device_id)  # after the commit, so a page that re-reads sees the change
     return STORED
 
 
@@ -169,6 +174,11 @@ def _apply_state(device_id, values, heartbeat, published):
             checked_at=published,
             fresh_until=fresh_until,
             last_error=None,
+            # A device that publishes is online then, unless a later spark/status said
+            # otherwise: the same statement sets it, when the status we hold is older.
+            online=_if_status_older(published, True, DeviceSnapshot.online),
+            offline_since=_if_status_older(published, None, DeviceSnapshot.offline_since),
+            status_at=_if_status_older(published, published, DeviceSnapshot.status_at),
         ).where(
             (DeviceSnapshot.device_id == device_id)
             & (DeviceSnapshot.state_at.is_null() | (DeviceSnapshot.state_at < published))
@@ -176,10 +186,15 @@ def _apply_state(device_id, values, heartbeat, published):
             & (DeviceSnapshot.fetched_at.is_null() | (DeviceSnapshot.fetched_at < published))
         ),
     )
-    if changed:
-        # A device that publishes is online then, unless a later spark/status said otherwise.
-        _set_online(device_id, True, published)
     return STORED if changed else STALE
+
+
+def _status_older(published):
+    return DeviceSnapshot.status_at.is_null() | (DeviceSnapshot.status_at < published)
+
+
+def _if_status_older(published, value, otherwise):
+    return peewee.Case(None, [(_status_older(published), value)], otherwise)
 
 
 def _apply_status(device_id, online, published):
@@ -213,14 +228,7 @@ def _online_update(device_id, online, published):
         online=online,
         offline_since=None if online else published,
         status_at=published,
-    ).where(
-        (DeviceSnapshot.device_id == device_id)
-        & (DeviceSnapshot.status_at.is_null() | (DeviceSnapshot.status_at < published))
-    )
-
-
-def _set_online(device_id, online, published):
-    return _online_update(device_id, online, published).execute()
+    ).where((DeviceSnapshot.device_id == device_id) & _status_older(published))
 
 
 def _ignored(reason):

@@ -28,8 +28,9 @@ step again and ends in the same state):
     scrub           personal data goes, in one transaction: email, password hash, names,
                     settings, sessions, history and alerts of their own periods, proofs; the
                     audit rows stay, with the person as "deleted account #<id>" (their address
-                    replaced wherever a row names it, their IP addresses dropped)
-    mail_deleted    the "account deleted" email, then the address held for it is forgotten
+                    replaced wherever a row names it, their IP addresses dropped); the
+                    "account deleted" email is queued in that transaction (the outbox sends it)
+    finish          the deletion is recorded as done
 """
 
 import datetime
@@ -390,7 +391,7 @@ def _step_delete_customer(deletion):
 def _step_scrub(deletion):
     user = _user(deletion)
     if user.role == DELETED_ROLE:
-        return "mail_deleted"  # done before a crash: the address was kept for the mail
+        return "finish"  # done before a crash (its transaction committed, the mail with it)
     label = anonymous_label(user.id)
     replacement = anonymous_email(user.id)
     with db.atomic():
@@ -407,6 +408,15 @@ def _step_scrub(deletion):
             model.delete().where(model.user == user.id).execute()
         ClaimAttempt.delete().where(ClaimAttempt.key == f"user:{user.id}").execute()
         outbox.forget(addresses)  # their mail, sent or not (the "deleted" mail is queued after)
+        # The last email, queued with the deletion it reports and rendered now, while the
+        # account still says which language they read.
+        steps.send_mail(
+            user.email,
+            _l("Your account is deleted"),
+            "account_deleted",
+            {},
+            key=f"account-deletion:{deletion.id}",
+        )
         cleared = {
             User.email: replacement,
             User.pending_email: None,
@@ -425,11 +435,10 @@ def _step_scrub(deletion):
             if name in User._meta.fields:
                 cleared[User._meta.fields[name]] = None
         User.update(cleared).where(User.id == user.id).execute()
-        AccountDeletion.update(notify_email=user.email).where(AccountDeletion.id == deletion.id).execute()
         audit.record("account.deleted", user=user.id, actor=None)
     if user.particle_customer_id:
         get_client().forget_customer_token(user.particle_customer_id)
-    return "mail_deleted"
+    return "finish"
 
 
 def _anonymise_audit(user, addresses, label):
@@ -464,20 +473,10 @@ def _replaced(value, pattern, label):
     return value
 
 
-def _step_mail_deleted(deletion):
-    deletion = AccountDeletion.get_by_id(deletion.id)
-    with db.atomic():  # queued and the address forgotten together (run twice: one mail, its key)
-        if deletion.notify_email:
-            steps.send_mail(
-                deletion.notify_email,
-                _l("Your account is deleted"),
-                "account_deleted",
-                {},
-                key=f"account-deletion:{deletion.id}",
-            )
-        AccountDeletion.update(notify_email=None, state=DONE, finished_at=utcnow()).where(
-            AccountDeletion.id == deletion.id
-        ).execute()
+def _step_finish(deletion):
+    AccountDeletion.update(notify_email=None, state=DONE, finished_at=utcnow()).where(
+        AccountDeletion.id == deletion.id
+    ).execute()
     return None
 
 
@@ -488,7 +487,7 @@ STEPS = {
     "end_access": _step_end_access,
     "delete_customer": _step_delete_customer,
     "scrub": _step_scrub,
-    "mail_deleted": _step_mail_deleted,
+    "finish": _step_finish,
 }
 
 RUNNER = steps.Runner("Deleting account", AccountDeletion, STEPS)

@@ -308,9 +308,6 @@ def accept(user, invitation, now=None, organisation_id=None):
             kind="wrong_account",
             status=403,
         )
-    holder = (
-        _accepting_organisation(user, invitation, organisation_id) if invitation.to_organisation else None
-    )
     with db.atomic():
         taken = (
             Invitation.update(state="accepted", decided_at=now, decided_by=user.id)
@@ -328,6 +325,11 @@ def accept(user, invitation, now=None, organisation_id=None):
                 kind="too_late",
                 status=410,
             )
+        # After the too-late check (a withdrawn invitation says so first); a refusal here rolls
+        # the acceptance back, so the invitation stays open for the right organisation.
+        holder = (
+            _accepting_organisation(user, invitation, organisation_id) if invitation.to_organisation else None
+        )
         device = Device.get_by_id(invitation.device_id)
         inviter = User.get_or_none(User.id == invitation.invited_by_id)
         inviter_role = access.role_of(inviter, device, now) if inviter else None

@@ -27,6 +27,7 @@ from selfserve.services import accounts
 from selfserve.services import audit
 from selfserve.services import devices
 from selfserve.services import impersonation
+from selfserve.services import outbox
 from selfserve.services import provisioning
 from selfserve.services import reconcile
 from selfserve.services import registry
@@ -372,6 +373,22 @@ def transfers_needing_staff(now=None):
 def failed_migrations():
     """Migration rows that failed for good."""
     return list(MigrationRow.select().where(MigrationRow.state == "failed").limit(100))
+
+
+# --- outgoing mail --------------------------------------------------------------------------------
+
+OUTBOX_STATES = outbox.STATES
+
+
+def outbox_rows(address="", state=""):
+    """The newest outbox rows (at most outbox.STAFF_PAGE_SIZE), for one address when given."""
+    return outbox.recent(address=address or None, state=state or None)
+
+
+def outbox_body(row):
+    """What staff may read of a mail: its body, except a security mail's (sign-in and reset
+    links, invitations, offers: whoever holds the link can act on it)."""
+    return outbox.shown_body(row)
 
 
 # --- staff actions (each with a reason, audited) ----------------------------------------------

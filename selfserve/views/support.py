@@ -169,6 +169,22 @@ def fleet():
     )
 
 
+@bp.get("/mail")
+@staff_required
+def mail():
+    """Recent outgoing mail (the outbox): state, attempts, last error; filter by address."""
+    address = (request.args.get("address") or "").strip()[:254]
+    state = request.args.get("state") or ""
+    return render_template(
+        "support/mail.html",
+        rows=support.outbox_rows(address, state),
+        address=address,
+        state=state,
+        states=support.OUTBOX_STATES,
+        shown_body=support.outbox_body,
+    )
+
+
 @bp.post("/fleet/reconcile")
 @staff_required
 def reconcile_now():
