@@ -398,9 +398,9 @@ def history_csv(device_id):
     device = devices.device_for(current_user, device_id, need="viewer")
     window = _history_window()
     response = make_response(history.csv_text(device, window))
-    response.headers["Content-Type"] = _("text/csv; charset=utf-8")
+    response.headers["Content-Type"] = "text/csv; charset=utf-8"
     filename = f"{device.serial_number}-{window}.csv".replace('"', "")
-    response.headers["Content-Disposition"] = _('attachment; filename="%(filename)s"', filename=filename)
+    response.headers["Content-Disposition"] = f'attachment; filename="{filename}"'
     return response
 
 
