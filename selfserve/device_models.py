@@ -9,6 +9,7 @@ import dataclasses
 import re
 
 from selfserve import i18n
+from selfserve.i18n import lazy_in_context as _lp
 from selfserve.i18n import lazy_text as _l
 
 
@@ -309,7 +310,7 @@ def _window_describe(state):
             return _l("Closing… (%(position)s)", position=here), False
         return _l("Moving to %(target)s%% (%(here)s now)", target=format(target, ".0f"), here=here), False
     if position >= 100:
-        return _l("Open"), True
+        return _lp("window state", "Open"), True
     if position <= 0:
         return _l("Closed"), True
     return _l("Open %(position)s", position=here), True

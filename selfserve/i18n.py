@@ -33,6 +33,7 @@ from flask_babel import format_decimal
 from flask_babel import format_time
 from flask_babel import get_timezone
 from flask_babel import gettext
+from flask_babel import pgettext
 from flask_babel import refresh
 from flask_babel.speaklater import LazyString
 from markupsafe import escape
@@ -353,6 +354,12 @@ def lazy_text(message, **values):
 
 
 _l = lazy_text
+
+
+def lazy_in_context(context, message, **values):
+    """`_lp`: a lazy message with a context, for a word that translates two ways ("Open": the
+    button, "Öffnen", and the state, "Offen")."""
+    return LazyText(pgettext, context, message, **values)
 
 
 def json_text(value):

@@ -186,3 +186,48 @@ def test_the_dealer_step_counts_against_its_own_serials_rate_limit(app, dealer, 
         chosen = _choose(client, _claim_token(page), "none", serial=labels[device_id]["serial_number"])
         assert chosen.status_code == 302, device_id
         assert Device.get_by_id(device_id).owner_id == person.id
+
+
+def test_a_claim_whose_answer_is_lost_keeps_the_dealer_choice_for_the_sweep_to_finish(
+    app, home, dealer, labels, sim
+):
+    import time
+
+    client = app.extensions["particle"]
+    client.timeout = (client.timeout[0], 0.3)  # the claim's answer comes after we stop waiting
+    page = _label_form(home, DEALT, labels).get_data(as_text=True)
+    sim.add_fault("POST", "/v1/devices", count=1, status=504, latency=1.0)
+    chosen = _choose(home, _claim_token(page), "viewer", serial=labels[DEALT]["serial_number"])
+    assert chosen.status_code == 302 and chosen.headers["Location"].endswith("/devices")
+    device = Device.get_by_id(DEALT)
+    assert device.owner_id == home.user.id and device.claim_state == "claiming"
+    grant = Grant.get(Grant.grantee_org == dealer.id)
+    assert access.role_of(dealer.boss, device) == "viewer"  # on paper; the page waits for the claim
+    time.sleep(1.2)  # the fault's late answer is over (no timing is asserted)
+    from selfserve.services import devices
+
+    assert devices.resume_pending(grace_seconds=0)["claimed"] == 1
+    assert devices.device_for(dealer.boss, DEALT, need="viewer").role == "viewer"
+    assert Grant.get_by_id(grant.id).ended_at is None
+
+
+def test_a_grant_left_by_an_undone_claim_ends_when_the_device_is_claimed_again(
+    app, home, dealer, labels, sim
+):
+    from selfserve.services import devices
+
+    page = _label_form(home, DEALT, labels).get_data(as_text=True)
+    assert (
+        _choose(home, _claim_token(page), "viewer", serial=labels[DEALT]["serial_number"]).status_code == 302
+    )
+    # As an undone claim leaves it: no owner, the dealer's grant still on the row.
+    Device.update(owner=None, claim_state=None, claimed_at=None).where(Device.device_id == DEALT).execute()
+    sim.set_device(DEALT, owner=None)
+    app.config["DEALER_ACCESS_AT_CLAIM"] = "none"
+    buyer = make_user("next@example.com", PASSWORD)
+    devices.claim(buyer, labels[DEALT]["serial_number"], labels[DEALT]["setup_code"])
+    assert Device.get_by_id(DEALT).owner_id == buyer.id
+    assert access.role_of(dealer.boss, Device.get_by_id(DEALT)) is None
+    assert Grant.get(Grant.grantee_org == dealer.id).end_cause == "unclaimed"
+    ended = AuditEvent.get(AuditEvent.action == "sharing.ended_by_unclaim")
+    assert ended.user_id == home.user.id  # told to the one who gave it, not the next owner

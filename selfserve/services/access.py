@@ -353,6 +353,26 @@ def end_all(device_id, cause, actor=None, owner_id=None, name=None, now=None):
     )
 
 
+def end_stale(device_id, now=None):
+    """End grants still live on `device_id` as a fresh claim of it starts: only a claim that
+    was undone can leave any (a dealer's access chosen for a claim the cloud never confirmed);
+    release and transfer end theirs. Each is audited for whoever gave it. Returns how many."""
+    now = now or utcnow()
+    stale = list(Grant.select().where((Grant.device == device_id) & Grant.ended_at.is_null()))
+    ended = 0
+    for grant in stale:
+        with db.atomic():
+            ended += _end_where(
+                (Grant.id == grant.id) & Grant.ended_at.is_null(),
+                "unclaimed",
+                None,
+                now,
+                owner_id=grant.granted_by_id,
+            )
+    send_pending()
+    return ended
+
+
 def record_expired(now=None, limit=500):
     """Write the ending (and audit rows) of grants whose time ran out. Access already ended at
     `expires_at` (every lookup checks it); this only records it. Safe in several workers:
@@ -377,6 +397,7 @@ _END_ACTIONS = {
     "released": "sharing.ended_by_release",
     "transferred": "sharing.ended_by_transfer",
     "expired": "sharing.expired",
+    "unclaimed": "sharing.ended_by_unclaim",
 }
 
 

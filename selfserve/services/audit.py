@@ -112,6 +112,12 @@ DESCRIPTIONS = {
         "The organisation's access to device {name} ended: it has a new owner"
     ),
     "sharing.dealer_declined": _l("Gave {to} no access to device {name} when adding it"),
+    # A grant given while adding a device whose adding was then undone (ended at the next claim).
+    "sharing.ended_by_unclaim": _l("The access of {to} to device {name} ended: adding the device was undone"),
+    "sharing.ended_by_unclaim_for_me": _l("Your access to device {name} ended: adding it was undone"),
+    "sharing.ended_by_unclaim_for_org": _l(
+        "The organisation's access to device {name} ended: adding it was undone"
+    ),
     "org.created": _l("Created the organisation {organisation}"),
     "org.member_added": _l("Added {to} to the organisation as {role}"),
     "org.member_added_me": _l("You were added to the organisation {organisation} as {role}"),

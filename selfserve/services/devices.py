@@ -361,6 +361,8 @@ def claim_checked(user, device):
         if current.owner_id == user.id:
             raise DeviceError(MESSAGES["busy"], kind="busy", status=409)
         raise DeviceError(MESSAGES["owned_by_other"], kind="owned_by_other", device=device, status=409)
+    # A fresh owner starts clean (grants of an earlier claim that was undone end now).
+    access.end_stale(device.device_id)
     return _claim_on_particle(user, device)
 
 

@@ -35,7 +35,9 @@ from flask import current_app
 from flask import g
 from flask import has_app_context
 
+from selfserve import i18n
 from selfserve import mail
+from selfserve.i18n import lazy_text as _l
 from selfserve.models import OutboxMail
 from selfserve.models import User
 from selfserve.models import utcnow
@@ -99,7 +101,8 @@ def enqueue(to, subject, body, *, kind, headers=None, sensitive=False, dedupe_ke
 def enqueue_reset_request(email):
     """A "forgot password" request: one row whatever the address; the sender looks the account
     up and sends the reset link, or nothing (state "skipped")."""
-    return enqueue(email, "Reset your password", "", kind=RESET_REQUEST, sensitive=True)
+    # Stored in English (the row outlives the request); mail.render translates it for the account.
+    return enqueue(email, i18n.english(_l("Reset your password")), "", kind=RESET_REQUEST, sensitive=True)
 
 
 # --- sending ---------------------------------------------------------------------------------

@@ -510,7 +510,19 @@ def claim_with_dealer_choice(user, token, choice):
     problem = devices.claim_problem(user)
     if problem:
         raise devices.DeviceError(problem, kind="not_ready", status=409)
-    device = devices.claim_checked(user, device)
+    try:
+        device = devices.claim_checked(user, device)
+    except devices.DeviceError as exc:
+        # The cloud's answer was lost and the sweep finishes the claim: the choice holds for it
+        # (the dealer reaches the device once it is added; an undone claim's grant ends at the
+        # next claim: access.end_stale).
+        exc.dealer_grant = None
+        claimed = Device.get_by_id(device.device_id)
+        if exc.kind == "checking" and ask is not None and choice != "none" and claimed.owner_id == user.id:
+            exc.dealer_grant = access.give(
+                claimed, None, ask.role, user, via="dealer at claim", grantee_org=ask.dealer
+            )
+        raise
     if ask is None:
         return device, None
     if choice == "none":

@@ -257,13 +257,8 @@ def _claim_with_dealer_choice():
         )
     except devices.DeviceError as exc:
         if exc.kind == "checking":
-            flash(
-                exc.message
-                + _(
-                    " The dealer's access was not given: give it on the device's Sharing section once it is ready."
-                ),
-                "info",
-            )
+            # The choice is kept (a grant waiting for the claim to finish, or none chosen).
+            flash(exc.message, "info")
             return htmx.redirect(url_for("devices.dashboard"))
         if exc.kind == "already_yours":
             flash(exc.message, "info")
@@ -403,9 +398,9 @@ def history_csv(device_id):
     device = devices.device_for(current_user, device_id, need="viewer")
     window = _history_window()
     response = make_response(history.csv_text(device, window))
-    response.headers["Content-Type"] = _("text/csv; charset=utf-8")
+    response.headers["Content-Type"] = "text/csv; charset=utf-8"
     filename = f"{device.serial_number}-{window}.csv".replace('"', "")
-    response.headers["Content-Disposition"] = _('attachment; filename="%(filename)s"', filename=filename)
+    response.headers["Content-Disposition"] = f'attachment; filename="{filename}"'
     return response
 
 
