@@ -138,13 +138,18 @@ def test_signing_up_with_a_refused_address_creates_the_account_and_fails_the_mai
     assert row.state == "failed" and row.attempts == 1 and "550" in row.last_error
     assert outbox.send_due(later()) == {}
 
-    # Support sees it (and not the link), and resending works once the address is accepted.
+    # The person is told on their "confirm your address" page; support sees it (not the link);
+    # resending works once the address is accepted.
+    login(client, "refused@example.com")
+    told = client.get("/verify-email").get_data(as_text=True)
+    assert "did not accept our email" in told
     console = _staff_console(app)
     page = console.get("/support/mail?address=refused@example.com").get_data(as_text=True)
     assert 'data-mail-state="failed"' in page and "550" in page and "/verify/" not in page
     del mailbox.refusals["refused@example.com"]
     assert accounts.resend_verification(user) is True
     assert "/verify/" in mailbox.body(mailbox.wait_for("refused@example.com"))
+    assert "did not accept our email" not in client.get("/verify-email").get_data(as_text=True)
 
 
 # --- a crash between queueing and sending; two senders -------------------------------------------
