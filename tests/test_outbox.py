@@ -138,13 +138,18 @@ def test_signing_up_with_a_refused_address_creates_the_account_and_fails_the_mai
     assert row.state == "failed" and row.attempts == 1 and "550" in row.last_error
     assert outbox.send_due(later()) == {}
 
-    # Support sees it (and not the link), and resending works once the address is accepted.
+    # The person is told on their "confirm your address" page; support sees it (not the link);
+    # resending works once the address is accepted.
+    login(client, "refused@example.com")
+    told = client.get("/verify-email").get_data(as_text=True)
+    assert "did not accept our email" in told
     console = _staff_console(app)
     page = console.get("/support/mail?address=refused@example.com").get_data(as_text=True)
     assert 'data-mail-state="failed"' in page and "550" in page and "/verify/" not in page
     del mailbox.refusals["refused@example.com"]
     assert accounts.resend_verification(user) is True
     assert "/verify/" in mailbox.body(mailbox.wait_for("refused@example.com"))
+    assert "did not accept our email" not in client.get("/verify-email").get_data(as_text=True)
 
 
 # --- a crash between queueing and sending; two senders -------------------------------------------
@@ -302,3 +307,73 @@ def test_one_address_with_a_long_queue_behind_a_retry_holds_back_only_its_own_ma
     assert outbox.send_due(limit=100) == {"pending": 1, "sent": 1}  # the head retried, calm sent
     assert len(mailbox.received("calm@example.com")) == 1
     assert OutboxMail.select().where(OutboxMail.attempts > 0).count() == 1  # only the head was tried
+
+
+# --- alerts (issue 13): deciding and queueing are one transaction ----------------------------------
+
+
+class _Killed(BaseException):
+    """The worker dies (not an error anything catches)."""
+
+
+def test_an_alert_worker_killed_after_queueing_but_before_commit_neither_loses_nor_doubles(
+    app, mailbox, monkeypatch
+):
+    from test_alerts import add_device
+    from test_alerts import fault
+
+    from selfserve.models import AlertNotice
+    from selfserve.services import alerts
+
+    owner = make_user("alerted@example.com", provisioned=False)
+    add_device("e00fce68a1b2c3d4e5f6a001", owner)
+    fault("overpressure")
+    real_enqueue = outbox.enqueue
+
+    def enqueue_then_die(*args, **kwargs):
+        real_enqueue(*args, **kwargs)
+        raise _Killed()
+
+    monkeypatch.setattr(outbox, "enqueue", enqueue_then_die)
+    with pytest.raises(_Killed):
+        alerts.send_due()
+    monkeypatch.setattr(outbox, "enqueue", real_enqueue)
+    # Rolled back together: no mail queued, the notice not marked sent (its lease runs out).
+    assert rows("alerted@example.com") == []
+    assert AlertNotice.get().sent_at is None
+    assert alerts.send_due(later(600)) == 1
+    assert alerts.send_due(later(600)) == 0
+    assert len(mailbox.to("alerted@example.com")) == 1
+    assert AlertNotice.get().sent_at is not None
+
+
+# --- timeouts; the sender thread of a web worker ------------------------------------------------------
+
+
+def test_a_server_that_never_answers_is_a_temporary_failure(app, mailbox):
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # accepts connections, never says a word
+        app.config["MAIL_PORT"] = silent.getsockname()[1]
+        app.config["MAIL_TIMEOUT"] = 0.3
+        outbox.enqueue("slow@example.com", "Hello", "text", kind="test")
+        assert outbox.send_due() == {"pending": 1}
+    (row,) = rows("slow@example.com")
+    assert row.attempts == 1 and "timed out" in row.last_error and row.next_attempt_at is not None
+
+
+def test_a_web_workers_sender_thread_sends_as_soon_as_the_request_that_queued_mail_ends(app, client, mailbox):
+    import time
+
+    thread = outbox.start_sender(app, interval=3600)  # woken by the request, not by its timer
+    try:
+        response = post(client, "/signup", {"email": "threaded@example.com", "password": PASSWORD})
+        assert response.status_code == 200
+        deadline = time.monotonic() + 10
+        while not mailbox.received("threaded@example.com") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(mailbox.received("threaded@example.com")) == 1
+    finally:
+        thread.stop.set()
+        outbox.wake(app)
+        thread.join(timeout=10)

@@ -219,6 +219,12 @@ def send_verification(user):
     )
 
 
+def verification_mail_state(user):
+    """How the newest verification email to the account's address fared: "pending" (queued or
+    being retried), "sent", "failed" (the mail server refused the address, or gave up), or None."""
+    return outbox.latest_state(user.email, "verify_email")
+
+
 def resend_verification(user):
     """Send another verification link; False (and nothing sent) if already verified."""
     user = User.get_by_id(user.id)

@@ -294,6 +294,17 @@ def recent(address=None, state=None, limit=STAFF_PAGE_SIZE):
     return list(query)
 
 
+def latest_state(address, kind):
+    """The state of the newest `kind` mail to `address`, or None when there is none."""
+    row = (
+        OutboxMail.select(OutboxMail.state)
+        .where((OutboxMail.to_address == address) & (OutboxMail.kind == kind))
+        .order_by(OutboxMail.id.desc())
+        .first()
+    )
+    return row.state if row else None
+
+
 def shown_body(row):
     """The body support may read: none for security mails (links that sign in or reset)."""
     return None if row.sensitive else row.body

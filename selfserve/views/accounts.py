@@ -155,7 +155,11 @@ def signup():
 def unverified():
     if current_user.is_verified:
         return htmx.redirect(_home(current_user))
-    return render_template("accounts/unverified.html", user=current_user)
+    return render_template(
+        "accounts/unverified.html",
+        user=current_user,
+        verification_mail=accounts.verification_mail_state(current_user),
+    )
 
 
 @bp.post("/verify-email/resend")
