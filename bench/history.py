@@ -171,6 +171,7 @@ def run_on(url, label, args, sink, port):
     from selfserve import models
     from selfserve import schema
     from selfserve.services import alerts
+    from selfserve.services import outbox
 
     schema.upgrade_url(url)
     app = create_app(
@@ -190,11 +191,16 @@ def run_on(url, label, args, sink, port):
     out = {}
     with app.app_context(), models.db.connection_context():
         out.update(storage(url, 2 if args.quick else 5))
+        # Alerts are decided, queued in the outbox and mailed by its sender, as on the site.
         sender = alerts.start_sender(app, interval=30.0)
+        mailer = outbox.start_sender(app, interval=30.0)
         out.update(fault_latency(args, sink))
         sender.stop.set()
         alerts.wake()
         sender.join(5)
+        mailer.stop.set()
+        outbox.wake(app)
+        mailer.join(5)
         out.update(flapping(args, sink))
         out.update(chart_query(args, url))
     return out
@@ -346,6 +352,14 @@ def fault_latency(args, sink):
 # --- 3. flapping and an outage ------------------------------------------------------------------------
 
 
+def _mail_queued():
+    """Send everything the outbox holds now (its sender thread is not running here)."""
+    from selfserve.services import outbox
+
+    while outbox.send_due(limit=1000):
+        pass
+
+
 def flapping(args, sink):
     from selfserve.models import AlertEpisode
     from selfserve.models import AlertNotice
@@ -394,6 +408,7 @@ def flapping(args, sink):
     ingest_seconds = time.monotonic() - began
     after = start + datetime.timedelta(minutes=args.flap_minutes)
     alerts.send_due(after + datetime.timedelta(minutes=11))  # past the reopen window: "resolved"
+    _mail_queued()
     fault_episodes = AlertEpisode.select().where(AlertEpisode.kind == "fault").count()
     started = (
         AlertNotice.select().where((AlertNotice.kind == "fault") & (AlertNotice.event == "started")).count()
@@ -408,8 +423,10 @@ def flapping(args, sink):
         for device_id, _ in devices:
             device_events.ingest("spark/status", "offline", device_id, outage)
     alerts.run_timers(now=outage + datetime.timedelta(minutes=61))
+    _mail_queued()
     at_once = sink.per_recipient()
     alerts.send_due(outage + datetime.timedelta(days=1, hours=1))  # past everyone's digest hour
+    _mail_queued()
     every = sink.per_recipient()
     digests = {email: bodies for email, bodies in every.items() if email not in at_once}
     offline_episodes = AlertEpisode.select().where(AlertEpisode.kind == "offline").count()

@@ -243,6 +243,7 @@ class DeviceModel:
     offline_grace_minutes: int = 60  # offline this long before the "offline" alert
     battery_low_v: float = None  # "battery low" below this voltage
     icon: str = "device"  # the sprite symbol (templates/_icons.svg)
+    noun: str = ""  # the label inside a sentence ("a window covering"), translated on its own
     faults: tuple = ()  # known Fault codes; an unknown code still shows, in general words
     describe: object = None  # DeviceState -> (sentence, settled: bool)
 
@@ -337,6 +338,7 @@ def _not_moving(state):
 WINDOW = DeviceModel(
     key="window",
     label=_l("Window covering"),
+    noun=_l("window covering"),
     variables=(
         Variable("position", _l("Position"), "%", decimals=0),
         Variable("target", _l("Target position"), "%", decimals=0),
@@ -399,6 +401,7 @@ def _pump_stop_unavailable(state):
 PUMP = DeviceModel(
     key="pump",
     label=_l("Pump controller"),
+    noun=_l("pump controller"),
     variables=(
         Variable("pressure_kpa", _l("Pressure"), "kPa", decimals=0),
         Variable("flow_lpm", _l("Flow"), "L/min", decimals=1),
@@ -490,3 +493,9 @@ def get(key):
 def label(key):
     model = MODELS.get(key)
     return model.label if model else _l("Device")
+
+
+def noun(key):
+    """The model's name inside a sentence ("a window covering", "einen Fensterbehang")."""
+    model = MODELS.get(key)
+    return model.noun if model else _l("device")

@@ -88,6 +88,7 @@ def init_app(app):
     # {% trans %} blocks are extracted and looked up with their whitespace folded (babel.cfg).
     app.jinja_env.policies["ext.i18n.trimmed"] = True
     app.jinja_env.filters.update(
+        in_sentence=in_sentence,
         local_datetime=local_datetime,
         local_date=local_date,
         local_time=local_time,
@@ -96,6 +97,7 @@ def init_app(app):
     app.jinja_env.globals.update(
         current_language=current_language,
         script_texts=script_texts,
+        says_contact_support=says_contact_support,
         languages=LANGUAGES,
     )
 
@@ -388,6 +390,21 @@ def script_texts():
         "view_ends_5": _l("The support view ends in less than 5 minutes."),
         "view_ended": _l("ended"),
     }
+
+
+def in_sentence(text):
+    """A label inside a sentence: lower case in English and Spanish ("start pump"), as it is
+    in German, whose nouns keep their capital ("Pumpe starten")."""
+    text = str(text)
+    return text if current_language() == "de" else text.lower()
+
+
+def says_contact_support(message):
+    """Whether a message tells the person to contact support (pages then link the Help page),
+    in the words of the language it is shown in."""
+    lowered = str(message or "").lower()
+    phrases = (_l("contact support"), _l("contact our support"))
+    return any(str(phrase).lower() in lowered for phrase in phrases)
 
 
 def english(value):

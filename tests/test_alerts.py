@@ -302,3 +302,26 @@ def test_settings_page_test_alert_and_the_log(app, owner, mailbox):
         setting.time_zone == "Europe/Paris" and setting.quiet_from == 22 and setting.faults_in_quiet is False
     )
     assert alerts.mode_of(setting, "fault") == "digest"
+
+
+def test_a_fault_event_wakes_the_sender_threads_once_it_is_committed(app, owner, mailbox):
+    """The ingest stores the value, the history and the alert's decision in one transaction;
+    the sender threads (whose timers are an hour here) are woken after it commits, so the
+    mail leaves at once. Woken before the commit, the alert sender found nothing yet and
+    slept its whole interval."""
+    import json
+
+    from selfserve.services import device_events
+
+    alert_sender = alerts.start_sender(app, interval=3600)
+    mail_sender = outbox.start_sender(app, interval=3600)
+    try:
+        state = json.dumps({"v": 1, "pressure_kpa": 385, "running": False, "fault": "overpressure"})
+        assert device_events.ingest("selfserve/state", state, PUMP, utcnow()) == device_events.STORED
+        message = mailbox.wait_for("owner@example.com", timeout=10)
+        assert "overpressure" in message["Subject"]
+    finally:
+        for thread, wake in ((alert_sender, alerts.wake), (mail_sender, lambda: outbox.wake(app))):
+            thread.stop.set()
+            wake()
+            thread.join(timeout=10)

@@ -762,8 +762,10 @@ _sender_guard = threading.Lock()
 
 
 def wake():
-    """Tell this process's sender thread that a notice may be due now."""
-    _wakeup.set()
+    """Tell this process's sender thread that a notice may be due now: once the caller's
+    transaction commits (at once outside one). Woken before, the sender would look for the
+    notice, not see it yet, and sleep a whole interval."""
+    db.after_commit(_wakeup.set)
 
 
 def init_app(app):

@@ -16,6 +16,7 @@ from flask import url_for
 from flask_babel import gettext as _
 from flask_login import current_user
 
+from selfserve import device_models
 from selfserve import htmx
 from selfserve import tokens
 from selfserve.models import Device
@@ -46,6 +47,7 @@ def device_sharing(device):
 def _sharing_helpers():
     # Support's console pages show grants too (database only, read-only).
     return {
+        "models": device_models,  # models.noun(key): "a window covering" in an invitation
         "role_labels_all": access.ROLE_LABELS,
         "who_can_see": access.who_can_see,
         "grants_given_on_devices_of": access.grants_given_on_devices_of,

@@ -6,6 +6,7 @@ import logging
 from flask import current_app
 
 from selfserve import device_models
+from selfserve import i18n
 from selfserve.i18n import lazy_text as _l
 from selfserve.models import Device
 from selfserve.models import Transfer
@@ -248,7 +249,7 @@ def too_late_message(transfer):
         return _l("This transfer has expired.")
     if current.state in ("moving", "returning", "done", "failed_returned"):
         return _l("This transfer was already accepted.")
-    return _l("This transfer was already %(label)s.", label=label(current).lower())
+    return _l("This transfer was already %(label)s.", label=i18n.in_sentence(label(current)))
 
 
 def _device(transfer):

@@ -4,6 +4,7 @@ import logging
 
 import peewee
 
+from selfserve import i18n
 from selfserve.i18n import lazy_text as _l
 from selfserve.models import Device
 from selfserve.models import Transfer
@@ -169,7 +170,7 @@ def _not_disputed_message(transfer):
         return _l("Someone is working on this transfer right now. Try again in a minute.")
     return _l(
         "Only a request its owner objected to can be decided. This transfer is: %(label)s.",
-        label=label(current).lower(),
+        label=i18n.in_sentence(label(current)),
     )
 
 
