@@ -216,8 +216,6 @@ def init_app(app):
     from selfserve.services import access
 
     access.access_ended.connect(_announce_access_ended)  # one receiver, whatever the apps
-    # Endings made in a request's transaction are announced once it is over, at the latest.
-    app.teardown_request(lambda error: access.send_pending())
     return hub
 
 

@@ -377,3 +377,11 @@ def test_a_web_workers_sender_thread_sends_as_soon_as_the_request_that_queued_ma
         thread.stop.set()
         outbox.wake(app)
         thread.join(timeout=10)
+
+
+def test_the_mail_page_refuses_control_characters_and_ignores_unknown_filters(app):
+    console = _staff_console(app)
+    assert console.get("/support/mail?address=a%00b").status_code == 400
+    assert console.get("/support/mail?state=%00").status_code == 400
+    assert console.get("/support/mail?address=" + "x" * 5000).status_code == 200  # cut to 254
+    assert console.get("/support/mail?state=bogus").status_code == 200  # any state

@@ -16,15 +16,14 @@ rows. Ownership changes (release, transfer) end every grant of the device (`end_
 same transaction as the ownership write.
 
 When a person's access ends, `access_ended` (a blinker signal) is sent with the device id
-and the user id, once the change is committed (`send_pending`: a listener that looked before
-the commit would still see the access): selfserve/push.py announces it to every site process,
+and the user id, once the change is committed (peewee's `after_commit`: a listener that
+looked before the commit would still see the access): selfserve/push.py announces it to every site process,
 whose open pages (server-sent events) check their viewer's access again at once and say that
 it ended. Polls need nothing: their next request is a 404.
 """
 
 import dataclasses
 import logging
-import threading
 
 import peewee
 from blinker import Namespace
@@ -299,7 +298,6 @@ def give(device, grantee, role, granted_by, expires_at=None, via=None, now=None,
                 device_id=device.device_id,
                 **detail,
             )
-    send_pending()
     if previous is not None and not at_least(role, previous.role):
         access_ended.send(
             device.device_id,
@@ -321,15 +319,14 @@ def revoke(grant, actor, now=None):
     now = now or utcnow()
     with db.atomic():
         ended = _end_where((Grant.id == grant.id) & Grant.ended_at.is_null(), "revoked", actor, now)
-    send_pending()
     return bool(ended)
 
 
 def end_all(device_id, cause, actor=None, owner_id=None, name=None, now=None):
     """End every grant on `device_id` because its ownership changed (`cause`: released,
     transferred). Call inside the transaction that changes the owner, with the owner it had
-    (`owner_id`) and its name then (`name`), for their activity pages, and `send_pending`
-    after it. Returns how many."""
+    (`owner_id`) and its name then (`name`), for their activity pages; `access_ended` goes
+    out when that transaction commits. Returns how many."""
     from selfserve.models import Invitation
 
     now = now or utcnow()
@@ -369,7 +366,6 @@ def end_stale(device_id, now=None):
                 now,
                 owner_id=grant.granted_by_id,
             )
-    send_pending()
     return ended
 
 
@@ -388,7 +384,6 @@ def record_expired(now=None, limit=500):
         return 0
     with db.atomic():
         ended = _end_where(Grant.id.in_(ids) & Grant.ended_at.is_null(), "expired", None, now)
-    send_pending()
     return ended
 
 
@@ -489,31 +484,10 @@ def _target_owner(grant):
     return Organisation.get_by_id(grant.group.organisation_id).account_id
 
 
-_pending = threading.local()
-
-
 def _after_commit(callback):
-    """Run `callback` (an access_ended send) now outside a transaction, else when the caller
-    calls `send_pending` after its transaction (peewee has no on-commit hook; a request's end
-    sends what is left). A rolled-back ending then sends a needless wake-up: harmless, as
-    listeners re-check with device_for."""
-    if db.in_transaction():
-        if not hasattr(_pending, "callbacks"):
-            _pending.callbacks = []
-        _pending.callbacks.append(callback)
-        return
-    _run(callback)
-
-
-def send_pending():
-    """Send the access_ended signals of endings this thread made in a transaction that has
-    now ended. Call after the transaction (does nothing inside one)."""
-    if db.in_transaction():
-        return
-    callbacks = getattr(_pending, "callbacks", None) or []
-    _pending.callbacks = []
-    for callback in callbacks:
-        _run(callback)
+    """Run `callback` (an access_ended send) once the caller's transaction commits (at once
+    outside one; never if it rolls back)."""
+    db.after_commit(lambda: _run(callback))
 
 
 def _run(callback):

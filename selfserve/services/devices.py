@@ -598,7 +598,6 @@ def _finish_release(device, user, name):
             audit.record("device.released", user=user, device_id=device.device_id, name=name)
             # Whoever holds the label next starts clean: nobody keeps access through the old owner.
             access.end_all(device.device_id, "released", actor=user, owner_id=user.id, name=name)
-    access.send_pending()  # open pages of the device's former viewers end now
     if done:
         live_values.forget(device.device_id)
         # An offer or a request waiting on this device ends with the ownership (the next owner

@@ -251,7 +251,6 @@ def _step_record(transfer):
         access.end_all(
             device.device_id, "transferred", actor=seller, owner_id=transfer.seller_id, name=old_name, now=now
         )
-    access.send_pending()  # the seller's and grantees' open pages end now
     # The buyer starts clean: no name, no values read for the seller.
     live_values.forget(device.device_id)
     # A move support decided tells both sides that support's decision is now carried out.
