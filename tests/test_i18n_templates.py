@@ -6,7 +6,8 @@ its AST (string constants inside expressions). Text outside `{{ _() }}` / `{% tr
   attributes (USER_FACING_ATTRIBUTES);
 - email templates (*.txt): all their text;
 - both: string constants that read like words for people ("Email address", "per hour"), passed
-  to macros or printed, unless inside a translation call.
+  to macros, printed, or filled into a translated message ({% trans kind='pump controller' %}),
+  unless they are the message of a translation call.
 The exceptions are few and listed here (the brand, symbols, units and machine values).
 """
 
@@ -45,9 +46,9 @@ MARK = "\x00"  # where an expression or a translated block was
 TRANSLATION_CALLS = {"_", "gettext", "ngettext", "pgettext", "npgettext", "lazy_gettext"}
 # A constant that reads like words for a person: starts with a capital and a small letter
 # ("Email address", "Password"), or has two lower-case words and ends a phrase or sentence.
-WORDS = re.compile(r"^[A-Z][a-z]+\b|[a-z]{2,} [a-z]{2,}.*[.:?!…]$|^[a-z]+ [a-z]+ [a-z]+")
+WORDS = re.compile(r"^[A-Z][a-z]+\b|[a-z]{2,} [a-z]{2,}.*[.:?!…)]$|^[a-z']+ [a-z']+")
 # ...but not CSS classes, ids, formats or machine values.
-MACHINE = re.compile(r"^[a-z0-9_\-.:/#%{} ]*$|^[A-Z0-9_]+$|^%")
+MACHINE = re.compile(r"^[a-z0-9_\-.:/#%{}]*$|^[A-Z0-9_]+$|^%")
 
 
 def _environment():
@@ -147,8 +148,14 @@ def _untranslated_constants(env, path):
     def walk(node, translated=False):
         if isinstance(node, nodes.Call) and isinstance(node.node, nodes.Name):
             if node.node.name in TRANSLATION_CALLS:
-                translated = True
-            elif node.node.name == "url_for":
+                # The message is translated; the values filled into it ({% trans x='...' %},
+                # _('...', x='...')) are not.
+                for arg in node.args[:1]:
+                    walk(arg, translated=True)
+                for child in [*node.args[1:], *node.kwargs]:
+                    walk(child, translated)
+                return
+            if node.node.name == "url_for":
                 return
         if isinstance(node, (nodes.Compare, nodes.Getitem, nodes.Test)):
             return  # compared with or looked up: a machine value
@@ -183,11 +190,15 @@ def test_the_check_finds_untranslated_text(tmp_path):
         '<button aria-label="Close">×</button>\n'
         "<p>Plain words</p>\n"
         '{{ forms.field("email", "Email address") }}\n'
-        "{% if kind == 'Hour' %}{{ _('per hour') }}{% endif %}\n",
+        "{% if kind == 'Hour' %}{{ _('per hour') }}{% endif %}\n"
+        "{% trans kind='pump controller' %}A {{ kind }}{% endtrans %}\n",
         encoding="utf-8",
     )
     mail = tmp_path / "mail.txt"
     mail.write_text("{{ _('Hello,') }}\n\n{{ link }}\n\nThanks\n", encoding="utf-8")
     assert _untranslated_text(env, page) == [("button[aria-label]", "Close"), ("text", "Plain words")]
-    assert _untranslated_constants(env, page) == [("constant", "Email address")]
+    assert _untranslated_constants(env, page) == [
+        ("constant", "Email address"),
+        ("constant", "pump controller"),
+    ]
     assert _untranslated_text(env, mail) == [("text", "Thanks")]
