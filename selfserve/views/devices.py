@@ -205,13 +205,8 @@ def claim():
     except devices.DeviceError as exc:
         if exc.kind == "dealer_choice":
             return _dealer_choice_page(exc.device)
-        if exc.kind == "checking":
-            # The cloud's answer was lost: the claim stays recorded and the sweep finishes it.
-            flash(exc.message, "info")
-            return htmx.redirect(url_for("devices.dashboard"))
-        if exc.kind == "already_yours":
-            flash(exc.message, "info")
-            return htmx.redirect(url_for("devices.detail", device_id=exc.device.device_id))
+        if (finished := _claim_goes_on_elsewhere(exc)) is not None:
+            return finished
         proof = None
         if exc.kind == "owned_by_other" and exc.device is not None:
             # The code was right: offer to ask the owner, by an opaque server-side record.
@@ -224,6 +219,19 @@ def claim():
         return _claim_page(error=exc, serial=serial, status=exc.status, transfer_proof=proof)
     flash(_("%(name)s was added to your account.", name=devices.display_name(device)), "success")
     return htmx.redirect(url_for("devices.detail", device_id=device.device_id))
+
+
+def _claim_goes_on_elsewhere(exc):
+    """The page for a claim this form has no more to do with, or None: the cloud's answer was
+    lost (the claim stays recorded and the sweep finishes it), or the device is already
+    theirs."""
+    if exc.kind == "checking":
+        flash(exc.message, "info")
+        return htmx.redirect(url_for("devices.dashboard"))
+    if exc.kind == "already_yours":
+        flash(exc.message, "info")
+        return htmx.redirect(url_for("devices.detail", device_id=exc.device.device_id))
+    return None
 
 
 def _dealer_choice_page(device, error=None, status=200):
@@ -256,14 +264,8 @@ def _claim_with_dealer_choice():
             sharing.device_of_claim_token(current_user, token), error=exc, status=exc.status
         )
     except devices.DeviceError as exc:
-        if exc.kind == "checking":
-            # The choice is kept (a grant waiting for the claim to finish, or none chosen).
-            flash(exc.message, "info")
-            return htmx.redirect(url_for("devices.dashboard"))
-        if exc.kind == "already_yours":
-            flash(exc.message, "info")
-            return htmx.redirect(url_for("devices.detail", device_id=exc.device.device_id))
-        return _claim_page(error=exc, status=exc.status)
+        # Checking: the dealer choice is kept (a grant waiting for the claim, or none chosen).
+        return _claim_goes_on_elsewhere(exc) or _claim_page(error=exc, status=exc.status)
     message = _("%(name)s was added to your account.", name=devices.display_name(device))
     if grant is not None:
         message += _(
