@@ -89,6 +89,7 @@ def init_app(app):
     app.jinja_env.policies["ext.i18n.trimmed"] = True
     app.jinja_env.filters.update(
         in_sentence=in_sentence,
+        role_name=role_name,
         local_datetime=local_datetime,
         local_date=local_date,
         local_time=local_time,
@@ -405,6 +406,23 @@ def says_contact_support(message):
     lowered = str(message or "").lower()
     phrases = (_l("contact support"), _l("contact our support"))
     return any(str(phrase).lower() in lowered for phrase in phrases)
+
+
+# Roles as a word in a sentence or list ("viewer", "Betrachter"); the database keeps the keys.
+ROLE_NAMES = {
+    "viewer": _l("viewer"),
+    "operator": _l("operator"),
+    "manager": _l("manager"),
+    "owner": _l("owner"),
+    "admin": _l("admin"),
+    "member": _l("member"),
+}
+
+
+def role_name(role):
+    """A role key ("viewer", "admin") in the reader's language; anything else as it is."""
+    name = ROLE_NAMES.get(role)
+    return str(name) if name is not None else role
 
 
 def english(value):

@@ -7,6 +7,7 @@ from flask_babel import gettext as _
 from peewee import JOIN
 
 from selfserve import device_models
+from selfserve import i18n
 from selfserve.i18n import lazy_text as _l
 from selfserve.models import AuditEvent
 from selfserve.models import User
@@ -181,6 +182,8 @@ def describe(event, for_staff=False):
     template = DESCRIPTIONS.get(event.action, event.action)
     detail = dict(event.detail or {})
     detail.setdefault("name", event.device_id or _("a device"))
+    if "role" in detail:
+        detail["role"] = i18n.role_name(detail["role"])
     try:
         text = template.format(**detail)
     except (KeyError, IndexError, ValueError):

@@ -1,6 +1,7 @@
 """One full journey in German, as a homeowner whose browser speaks German (Playwright locale
 de-DE, Berlin time): sign up, read the German verification mail, verify, sign in, add a window
-covering, open it. German text on every step; the account keeps the browser's time zone."""
+covering, open it. German text on every step; the account keeps the browser's time zone; the
+pages fit a 320 px screen with German's long words."""
 
 import email.header
 
@@ -82,6 +83,19 @@ def test_a_german_homeowner_signs_up_adds_and_opens_a_blind(app, live_server, br
         expect(page.locator("#pref-time_zone")).to_have_value("Europe/Berlin")
         expect(page.locator("#pref-language option:checked")).to_contain_text("Wie mein Browser es wünscht")
         check_page(page)
+
+        # German words are long: the pages still fit the narrowest phone, without sideways scroll.
+        page.set_viewport_size({"width": 320, "height": 640})
+        for path in ("/devices", f"/devices/{WINDOW}", "/account", "/account/alerts", "/account/activity"):
+            page.goto(live_server + path)
+            expect(page.locator("html")).to_have_attribute("lang", "de")
+            overflow = page.evaluate(
+                "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+            )
+            assert overflow <= 1, f"{path} is {overflow}px wider than a 320px screen in German"
+        # The activity in German, the function it ran by its German name (recorded in English).
+        expect(page.locator("main")).to_contain_text("Angemeldet")
+        expect(page.locator("main")).to_contain_text(": Öffnen")
     finally:
         errors = [e for e in problems.errors if "favicon" not in e]
         context.close()
