@@ -429,8 +429,8 @@ def english(value):
     """The English text of a lazy message (its msgid, formatted), for what is stored or logged:
     the database keeps the words in one language; pages translate them when shown."""
     if isinstance(value, LazyString):
-        message, kwargs = value._args[0], value._kwargs
-        return message % kwargs if kwargs else message
+        message, kwargs = value._args[-1], value._kwargs
+        return message % {key: english(item) for key, item in kwargs.items()} if kwargs else message
     return value
 
 

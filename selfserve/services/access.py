@@ -28,6 +28,7 @@ import logging
 import peewee
 from blinker import Namespace
 
+from selfserve import i18n
 from selfserve.i18n import lazy_text as _l
 from selfserve.models import DeviceGroup
 from selfserve.models import Grant
@@ -151,9 +152,21 @@ class Reach:
     why: str
 
 
-def _when(grant):
-    until = grant.expires_at.strftime("%d %b %Y %H:%M UTC") if grant.expires_at else "revoked"
-    return f"on {grant.created_at.strftime('%d %b %Y')}, until {until}"
+def _why(grant, giver):
+    """Why `grant` reaches the device, as one sentence in the reader's language and zone."""
+    values = {"giver": giver, "date": i18n.local_date(grant.created_at)}
+    if grant.expires_at:
+        values["until"] = i18n.local_datetime(grant.expires_at)
+    if grant.group_id:
+        values["group"] = grant.group.name
+        if grant.expires_at:
+            return _l(
+                "Through the group %(group)s, shared by %(giver)s on %(date)s, until %(until)s", **values
+            )
+        return _l("Through the group %(group)s, shared by %(giver)s on %(date)s, until revoked", **values)
+    if grant.expires_at:
+        return _l("Shared by %(giver)s on %(date)s, until %(until)s", **values)
+    return _l("Shared by %(giver)s on %(date)s, until revoked", **values)
 
 
 def who_can_see(device, now=None):
@@ -193,13 +206,10 @@ def who_can_see(device, now=None):
         .order_by(Grant.id)
     )
     for grant in grants:
-        giver = grant.granted_by.email if grant.granted_by_id else "a former member"
-        through = (
-            _l("Through the group %(name)s, shared", name=grant.group.name) if grant.group_id else "Shared"
-        )
-        why = f"{through} by {giver} {_when(grant)}"
+        giver = grant.granted_by.email if grant.granted_by_id else _l("a former member")
+        why = _why(grant, giver)
         if grant.grantee_org_id:
-            why += _l(" (every member of %(name)s)", name=grant.grantee_org.name)
+            why = _l("%(why)s (every member of %(name)s)", why=why, name=grant.grantee_org.name)
         found.append(Reach(holder_label(grant), grant.role, why))
     return found
 

@@ -201,12 +201,12 @@ def send_invitation(invitation):
             sensitive=True,  # the link accepts the invitation
             dedupe_key=f"invitation:{invitation.id}",
             link=invitation_link(invitation),
-            inviter=inviter.email if inviter else "Someone",
+            inviter=inviter.email if inviter else _l("Someone"),
             device_label=_label(device),
             role=invitation.role,
             role_label=access.ROLE_LABELS[invitation.role],
-            until=_until_text(invitation.access_until),
-            expires=invitation.expires_at.strftime("%d %b %Y"),
+            until=invitation.access_until,  # the email shows both in its recipient's zone
+            expires=invitation.expires_at,
             to_organisation=invitation.to_organisation,
         )
     return True
@@ -215,7 +215,7 @@ def send_invitation(invitation):
 def _label(device):
     from selfserve import device_models
 
-    return f"{device_models.label(device.model)} {device.serial_number}"
+    return _l("%(model)s %(serial)s", model=device_models.label(device.model), serial=device.serial_number)
 
 
 def too_late_message(invitation, now=None):

@@ -75,7 +75,9 @@ def label(transfer):
 
 
 def device_label(device):
-    return f"{device_models.label(device.model)} {device.serial_number}"
+    """ "Window covering SSW-24A-000101", in the language of whoever reads it (an email is
+    rendered in its recipient's)."""
+    return _l("%(model)s %(serial)s", model=device_models.label(device.model), serial=device.serial_number)
 
 
 def mask_email(email):

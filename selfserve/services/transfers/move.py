@@ -339,7 +339,7 @@ def _mail_context(transfer):
         "device": device,
         "device_label": device_label(device),
         "model_label": model.label if model else device.model,
-        "expires_at": transfer.expires_at.strftime("%d %B %Y, %H:%M UTC"),
+        "expires_at": transfer.expires_at,  # the email shows it in its recipient's zone
         "site_url": absolute_url("main.index"),
         # A request that never completes on silence: both sides are told so.
         "needs_answer": needs_owner_answer(transfer),
