@@ -62,6 +62,14 @@ def login(client, email="home@example.com", password=PASSWORD):
     )
 
 
+def signed_in(app, who, password=PASSWORD):
+    """A new test client of `app`, signed in through the real login form as `who` (a user or
+    an email address)."""
+    client = app.test_client()
+    assert login(client, getattr(who, "email", who), password).status_code == 200
+    return client
+
+
 def demo_fixtures_path():
     """The simulator's demo fixtures (selfserve/simulator/fixtures/demo.json)."""
     import os

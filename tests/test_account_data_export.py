@@ -14,8 +14,8 @@ from helpers import PASSWORD
 from helpers import PUMP
 from helpers import WINDOW
 from helpers import count_queries
-from helpers import login
 from helpers import make_user
+from helpers import signed_in
 
 from selfserve.models import AlertOptIn
 from selfserve.models import AlertSetting
@@ -65,12 +65,6 @@ def world(app, sim, labels, mailbox):
     AlertOptIn.create(user=home.id, device=friends_pump.device_id)
     transfers.offer(home, devices.device_for(home, PUMP), "buyer@example.com")
     return {"home": home, "later": later, "friend": friend}
-
-
-def signed_in(app, email):
-    client = app.test_client()
-    assert login(client, email, PASSWORD).status_code == 200
-    return client
 
 
 def test_json_download_has_every_section_and_nothing_of_other_people(app, world):

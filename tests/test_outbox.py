@@ -385,3 +385,9 @@ def test_the_mail_page_refuses_control_characters_and_ignores_unknown_filters(ap
     assert console.get("/support/mail?state=%00").status_code == 400
     assert console.get("/support/mail?address=" + "x" * 5000).status_code == 200  # cut to 254
     assert console.get("/support/mail?state=bogus").status_code == 200  # any state
+
+
+def test_the_customer_page_links_to_the_mail_sent_to_the_customer(app):
+    customer = make_user("linked@example.com")
+    page = _staff_console(app).get(f"/support/customers/{customer.id}").get_data(as_text=True)
+    assert "/support/mail?address=linked@example.com" in page

@@ -8,9 +8,9 @@ import threading
 import time
 
 import pytest
-from helpers import login
 from helpers import make_user
 from helpers import seed_registry
+from helpers import signed_in
 from test_support_views import sign_in_staff
 from test_support_views import start_view
 
@@ -59,12 +59,6 @@ def accounts(app, sim):
     }
     assert device_events.ingest("selfserve/state", json.dumps(pump), PUMP, earlier) == "stored"
     return alice, bob
-
-
-def signed_in(app, email):
-    client = app.test_client()
-    assert login(client, email, PASSWORD).status_code == 200
-    return client
 
 
 def iso(moment):

@@ -8,9 +8,9 @@ import threading
 import pytest
 from helpers import csrf_token
 from helpers import demo_devices
-from helpers import login
 from helpers import make_user
 from helpers import seed_registry
+from helpers import signed_in
 from test_security_crawl import HTMX
 
 from selfserve import tokens
@@ -38,12 +38,6 @@ def owner(app, sim, mailbox):
 @pytest.fixture
 def window(owner):
     return devices.device_for(owner, WINDOW)
-
-
-def signed_in(app, user):
-    client = app.test_client()
-    assert login(client, user.email, PASSWORD).status_code == 200
-    return client
 
 
 def actions_of(user):

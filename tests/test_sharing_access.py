@@ -11,9 +11,9 @@ import datetime
 
 import pytest
 from helpers import csrf_token
-from helpers import login
 from helpers import make_user
 from helpers import seed_registry
+from helpers import signed_in
 from test_security_crawl import HTMX
 from test_security_crawl import concrete_rules
 from test_security_routes import database_state
@@ -101,12 +101,6 @@ def device_rules(app, world, device_id=WINDOW):
     for method, path, rule in concrete_rules(app, url_values(world, device_id)):
         if "device_id" in rule.arguments and not rule.endpoint.startswith("support."):
             yield method, path, rule
-
-
-def signed_in(app, user):
-    client = app.test_client()
-    assert login(client, user.email, PASSWORD).status_code == 200
-    return client
 
 
 def test_every_device_route_declares_what_it_needs(app, world):

@@ -10,9 +10,9 @@ import time
 
 import pytest
 from helpers import csrf_token
-from helpers import login
 from helpers import make_user
 from helpers import seed_registry
+from helpers import signed_in
 
 from selfserve import models
 from selfserve.models import Device
@@ -55,12 +55,6 @@ def world(app, sim, mailbox):
     now = utcnow().strftime("%Y-%m-%dT%H:%M:%S.000Z")
     assert device_events.ingest("selfserve/state", json.dumps(state), WINDOW, now) == "stored"
     return {"owner": owner, "viewer": viewer, "grant": grant, "admin": admin, "org": org, "site": site}
-
-
-def signed_in(app, user):
-    client = app.test_client()
-    assert login(client, user.email, PASSWORD).status_code == 200
-    return client
 
 
 def frames_until_gone(response, act):

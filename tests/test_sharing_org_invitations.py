@@ -7,9 +7,9 @@ import datetime
 
 import pytest
 from helpers import csrf_token
-from helpers import login
 from helpers import make_user
 from helpers import seed_registry
+from helpers import signed_in
 from test_security_crawl import HTMX
 
 from selfserve.models import AuditEvent
@@ -35,12 +35,6 @@ def owner(app, sim, mailbox):
 @pytest.fixture
 def window(owner):
     return devices.device_for(owner, WINDOW)
-
-
-def signed_in(app, user):
-    client = app.test_client()
-    assert login(client, user.email, PASSWORD).status_code == 200
-    return client
 
 
 def test_the_owner_invites_an_organisation_and_its_admin_accepts_for_the_one_they_choose(

@@ -9,8 +9,8 @@ import pytest
 from helpers import PASSWORD
 from helpers import WINDOW
 from helpers import csrf_token
-from helpers import login
 from helpers import make_user
+from helpers import signed_in
 
 from selfserve.models import Device
 from selfserve.models import Transfer
@@ -39,12 +39,6 @@ def buyer(app, sim):
 def owned(labels, seller):
     label = labels[WINDOW]
     return devices.claim(seller, label["serial_number"], label["setup_code"])
-
-
-def signed_in(app, email):
-    client = app.test_client()
-    login(client, email, PASSWORD)
-    return client
 
 
 def post(client, path, data=None, page=None):
