@@ -18,12 +18,21 @@ ERROR_MESSAGES = {
     403: _l("You don't have access to that."),
     404: _l("We couldn't find that page."),
     405: _l("That action isn't available here."),
+    410: _l("That is no longer available."),
+    413: _l("That is too large to send."),
+    415: _l("That kind of content isn't accepted here."),
     429: _l("Too many attempts. Please wait a little and try again."),
 }
 
 # Headings of the error page where werkzeug's names ("Not Found") read like a machine talking.
 ERROR_TITLES = {
+    400: _l("Not understood"),
+    403: _l("No access"),
     404: _l("Page not found"),
+    405: _l("Not available here"),
+    410: _l("No longer available"),
+    413: _l("Too large"),
+    415: _l("Not accepted"),
     429: _l("Too many attempts"),
 }
 
@@ -84,7 +93,9 @@ def register(app):
     @app.errorhandler(Refusal)
     def _refused(exc):
         # What a view didn't catch to show next to a form: the message, with its status.
-        return htmx.error_response(exc.message, exc.status, ERROR_TITLES.get(exc.status, "That didn't work"))
+        return htmx.error_response(
+            exc.message, exc.status, ERROR_TITLES.get(exc.status, _("That didn't work"))
+        )
 
     @app.errorhandler(ParticleError)
     def _particle_error(exc):
@@ -98,11 +109,11 @@ def register(app):
             # A rate limit with its own page (on_breach), e.g. sign-in keeps its form.
             return exc.response
         message = ERROR_MESSAGES.get(exc.code, exc.description)
-        return htmx.error_response(message, exc.code, ERROR_TITLES.get(exc.code, exc.name))
+        return htmx.error_response(message, exc.code, ERROR_TITLES.get(exc.code, _("Error")))
 
     @app.errorhandler(Exception)
     def _unexpected(exc):
         log.exception("Unhandled error")
         return htmx.error_response(
-            _("Something went wrong on our side. Nothing was lost; please try again."), 500, "Error"
+            _("Something went wrong on our side. Nothing was lost; please try again."), 500, _("Error")
         )
