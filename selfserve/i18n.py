@@ -85,6 +85,16 @@ def init_app(app):
         return str(value) if isinstance(value, LazyString) else json_default(value)
 
     app.json.default = _json_default
+
+    @app.after_request
+    def _language_headers(response):
+        # A page's words depend on Accept-Language (for visitors) and say which language they
+        # are in: caches keep one copy per language.
+        if response.mimetype == "text/html":
+            response.vary.add("Accept-Language")
+            response.headers.setdefault("Content-Language", current_language())
+        return response
+
     # {% trans %} blocks are extracted and looked up with their whitespace folded (babel.cfg).
     app.jinja_env.policies["ext.i18n.trimmed"] = True
     app.jinja_env.filters.update(
