@@ -99,6 +99,7 @@ def init_app(app):
     app.jinja_env.policies["ext.i18n.trimmed"] = True
     app.jinja_env.filters.update(
         in_sentence=in_sentence,
+        number=number,
         role_name=role_name,
         local_datetime=local_datetime,
         local_date=local_date,

@@ -31,6 +31,7 @@ from flask import has_app_context
 from flask_babel import format_decimal
 
 from selfserve import device_models
+from selfserve.i18n import lazy_text as _l
 from selfserve.models import Device
 from selfserve.models import RollupPending
 from selfserve.models import ValueRollup
@@ -50,7 +51,7 @@ WINDOWS = {
     "7d": (datetime.timedelta(days=7), "hourly"),
     "30d": (datetime.timedelta(days=30), "hourly"),
 }
-WINDOW_LABELS = {"24h": "24 hours", "7d": "7 days", "30d": "30 days"}
+WINDOW_LABELS = {"24h": _l("24 hours"), "7d": _l("7 days"), "30d": _l("30 days")}
 MAINTAIN_LEASE = "history.maintain"
 # Purging past retention is a range delete on an index; once an hour per process is plenty.
 PURGE_EVERY = datetime.timedelta(hours=1)
