@@ -31,6 +31,7 @@ import threading
 import time
 import uuid
 
+from selfserve import background
 from selfserve.particle.errors import ParticleError
 from selfserve.particle.errors import RateLimited
 from selfserve.particle.errors import TokenInvalid
@@ -316,6 +317,7 @@ def keep_listening():
         listener = app.extensions.get("event_stream")
         if listener is None or listener.thread is None or not listener.thread.is_alive():
             listener = app.extensions["event_stream"] = Listener(app).start()
+            background.on_stop(app, listener.stop)
     return "holding the stream" if listener.holding else "standing by"
 
 
@@ -327,6 +329,7 @@ def start(app):
         listener = app.extensions.get("event_stream")
         if listener is None:
             listener = app.extensions["event_stream"] = Listener(app).start()
+            background.on_stop(app, listener.stop)
         return listener
 
 

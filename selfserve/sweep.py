@@ -17,12 +17,13 @@ Tests call `run_once(app)` themselves (SWEEP_SECONDS is 0 there).
 
 import dataclasses
 import logging
-import threading
 import time
 
 import click
 from flask import current_app
 from flask.cli import with_appcontext
+
+from selfserve import background
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,6 @@ def init_app(app, jobs):
     if len(set(names)) != len(names):
         raise ValueError(f"background job names must be unique: {names}")
     app.extensions["background_jobs"] = jobs
-    app.extensions["sweep_lock"] = threading.Lock()
 
     @app.before_request
     def _start_sweep_in_web_worker():
@@ -94,29 +94,7 @@ def _interval(app):
 def start(app):
     """Start the sweep thread (once now, then every SWEEP_SECONDS) unless SWEEP_SECONDS is 0;
     return it (or None). One thread per app, however often it is called."""
-    interval = _interval(app)
-    if interval <= 0:
-        return None
-    lock = app.extensions.setdefault("sweep_lock", threading.Lock())
-    with lock:
-        if app.extensions.get("sweep") is not None:
-            return app.extensions["sweep"]
-        stop = threading.Event()
-
-        def loop():
-            while True:
-                try:
-                    run_once(app)
-                except Exception:  # noqa: BLE001 - the thread must outlive any one failure
-                    log.exception("Sweep failed")
-                if stop.wait(interval):
-                    return
-
-        thread = threading.Thread(target=loop, name="selfserve-sweep", daemon=True)
-        thread.stop = stop
-        app.extensions["sweep"] = thread
-        thread.start()
-    return thread
+    return background.start(app, "sweep", lambda: run_once(app), _interval(app), at_once=True)
 
 
 def _summary(results):

@@ -14,6 +14,7 @@ import pytest
 from helpers import PASSWORD
 from helpers import make_user
 
+from selfserve import background
 from selfserve import passwords
 from selfserve import tokens
 from selfserve.models import AuditEvent
@@ -381,8 +382,7 @@ def test_sweep_thread_finishes_pending_work_and_zero_disables_it(app, sim):
         assert User.get_by_id(user.id).provisioning_state == "ready"
         assert sweep.start(app) is thread  # one thread per app
     finally:
-        thread.stop.set()
-        thread.join(timeout=10)
+        background.stop_all(app)
 
 
 # --- signing in -------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from helpers import csrf_token
 from helpers import login
 from helpers import make_user
 
+from selfserve import background
 from selfserve.models import AlertEpisode
 from selfserve.models import AlertNotice
 from selfserve.models import Device
@@ -313,15 +314,12 @@ def test_a_fault_event_wakes_the_sender_threads_once_it_is_committed(app, owner,
 
     from selfserve.services import device_events
 
-    alert_sender = alerts.start_sender(app, interval=3600)
-    mail_sender = outbox.start_sender(app, interval=3600)
+    assert alerts.start_sender(app, interval=3600) is not None
+    assert outbox.start_sender(app, interval=3600) is not None
     try:
         state = json.dumps({"v": 1, "pressure_kpa": 385, "running": False, "fault": "overpressure"})
         assert device_events.ingest("selfserve/state", state, PUMP, utcnow()) == device_events.STORED
         message = mailbox.wait_for("owner@example.com", timeout=10)
         assert "overpressure" in message["Subject"]
     finally:
-        for thread, wake in ((alert_sender, alerts.wake), (mail_sender, lambda: outbox.wake(app))):
-            thread.stop.set()
-            wake()
-            thread.join(timeout=10)
+        background.stop_all(app)

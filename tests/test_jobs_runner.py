@@ -10,6 +10,7 @@ import peewee
 import pytest
 from helpers import make_user
 
+from selfserve import background
 from selfserve import sweep
 from selfserve.models import JobColumns
 from selfserve.models import User
@@ -17,8 +18,6 @@ from selfserve.models import db
 from selfserve.models import utcnow
 from selfserve.particle.errors import CloudUnavailable
 from selfserve.particle.errors import RateLimited
-from selfserve.services import alerts
-from selfserve.services import outbox
 from selfserve.services import steps
 
 
@@ -332,19 +331,9 @@ def test_other_cli_commands_never_start_the_sweep_and_a_request_does(app, sim):
         assert thread is not None and thread.is_alive()
         assert sender is not None and sender.is_alive()  # the outbox's sender starts with it
     finally:
-        thread.stop.set()
-        thread.join(timeout=30)
-        if sender is not None:
-            sender.stop.set()
-            outbox.wake(app)
-            sender.join(timeout=30)
         # The alert sender too: left running, any later test's alert would wake it, and it
         # would send that test's notices from under it (the models' binding is process-wide).
-        alert_sender = app.extensions.get("alert_sender")
-        if alert_sender is not None:
-            alert_sender.stop.set()
-            alerts.wake()
-            alert_sender.join(timeout=30)
+        background.stop_all(app)
 
 
 def test_flask_sweep_once_runs_the_background_jobs(app, sim):

@@ -39,6 +39,7 @@ from flask import has_app_context
 from flask_babel import gettext as _
 from flask_babel import ngettext
 
+from selfserve import background
 from selfserve import device_models
 from selfserve import i18n
 from selfserve import mail
@@ -758,7 +759,6 @@ def log_of(user, limit=20):
 # --- the sender thread ----------------------------------------------------------------------------
 
 _wakeup = threading.Event()
-_sender_guard = threading.Lock()
 
 
 def wake():
@@ -779,38 +779,8 @@ def init_app(app):
 
 
 def start_sender(app, interval=None):
-    """A daemon thread that sends due alerts as soon as they are decided (`wake`), and every
-    `interval` (SWEEP_SECONDS) as a fallback; none when that is 0 (tests send themselves).
-    The thread's `stop` event ends it."""
-    interval = float(interval if interval is not None else (app.config.get("SWEEP_SECONDS") or 0))
-    if interval <= 0:
-        return None
-    with _sender_guard:
-        if app.extensions.get("alert_sender") is not None:
-            return app.extensions["alert_sender"]
-        stop = threading.Event()
-
-        def loop():
-            from selfserve import models
-
-            while not stop.is_set():
-                _wakeup.wait(interval)
-                _wakeup.clear()
-                if stop.is_set():
-                    return
-                try:
-                    with app.app_context():
-                        models.db.connect(reuse_if_open=True)
-                        try:
-                            send_due()
-                        finally:
-                            if not models.db.is_closed():
-                                models.db.close()
-                except Exception:  # noqa: BLE001 - the thread must outlive any one failure
-                    log.exception("Sending alerts failed")
-
-        thread = threading.Thread(target=loop, name="selfserve-alerts", daemon=True)
-        thread.stop = stop
-        app.extensions["alert_sender"] = thread
-        thread.start()
-        return thread
+    """This worker's sender thread (selfserve/background.py): sends due alerts as soon as
+    they are decided (`wake`), and every `interval` (SWEEP_SECONDS) as a fallback; none when
+    that is 0 (tests send themselves)."""
+    interval = interval if interval is not None else app.config.get("SWEEP_SECONDS")
+    return background.start(app, "alert_sender", send_due, interval, wakeup=_wakeup)

@@ -35,6 +35,7 @@ from flask import current_app
 from flask import g
 from flask import has_app_context
 
+from selfserve import background
 from selfserve import i18n
 from selfserve import mail
 from selfserve.i18n import lazy_text as _l
@@ -312,8 +313,6 @@ def shown_body(row):
 
 # --- the sender thread -----------------------------------------------------------------------
 
-_sender_guard = threading.Lock()
-
 
 def _wakeup(app):
     # One event per app (not per process): a request of one app never wakes another app's
@@ -352,39 +351,8 @@ def init_app(app):
 
 
 def start_sender(app, interval=None):
-    """A daemon thread that sends mail as soon as it is queued (`wake`) and every `interval`
-    (SWEEP_SECONDS) as a fallback; none when that is 0 (tests send themselves, and the sweep's
-    job sends too). The thread's `stop` event ends it."""
-    interval = float(interval if interval is not None else (app.config.get("SWEEP_SECONDS") or 0))
-    if interval <= 0:
-        return None
-    with _sender_guard:
-        if app.extensions.get("outbox_sender") is not None:
-            return app.extensions["outbox_sender"]
-        stop = threading.Event()
-        wakeup = _wakeup(app)
-
-        def loop():
-            from selfserve import models
-
-            while not stop.is_set():
-                wakeup.wait(interval)
-                wakeup.clear()
-                if stop.is_set():
-                    return
-                try:
-                    with app.app_context():
-                        models.db.connect(reuse_if_open=True)
-                        try:
-                            send_due()
-                        finally:
-                            if not models.db.is_closed():
-                                models.db.close()
-                except Exception:  # noqa: BLE001 - the thread must outlive any one failure
-                    log.exception("Sending the outbox failed")
-
-        thread = threading.Thread(target=loop, name="selfserve-outbox", daemon=True)
-        thread.stop = stop
-        app.extensions["outbox_sender"] = thread
-        thread.start()
-        return thread
+    """This worker's sender thread (selfserve/background.py): sends mail as soon as it is
+    queued (`wake`) and every `interval` (SWEEP_SECONDS) as a fallback; none when that is 0
+    (tests send themselves, and the sweep's job sends too)."""
+    interval = interval if interval is not None else app.config.get("SWEEP_SECONDS")
+    return background.start(app, "outbox_sender", send_due, interval, wakeup=_wakeup(app))
