@@ -32,7 +32,6 @@ import threading
 
 import peewee
 from flask import current_app
-from flask import g
 from flask import has_app_context
 
 from selfserve import background
@@ -41,6 +40,7 @@ from selfserve import mail
 from selfserve.i18n import lazy_text as _l
 from selfserve.models import OutboxMail
 from selfserve.models import User
+from selfserve.models import db
 from selfserve.models import utcnow
 from selfserve.services import steps
 
@@ -95,7 +95,7 @@ def enqueue(to, subject, body, *, kind, headers=None, sensitive=False, dedupe_ke
         if not OutboxMail.insert(**fields).on_conflict_ignore().execute():
             return None
         row = OutboxMail.get_or_none(OutboxMail.dedupe_key == dedupe_key)
-    _wake_after_this_context()
+    _wake_after_commit()
     return row
 
 
@@ -328,21 +328,17 @@ def wake(app=None):
         _wakeup(app).set()
 
 
-def _wake_after_this_context():
-    # The row is only visible once the caller's transaction commits: wake the sender when the
-    # request (or job) is over, not now.
+def _wake_after_commit():
+    # The row is only visible once the caller's transaction commits: wake the sender then
+    # (at once outside a transaction), not now.
     if has_app_context():
-        g._outbox_queued = True
+        app = current_app._get_current_object()
+        db.after_commit(lambda: wake(app))
 
 
 def init_app(app):
-    """Wake the sender when a request or job that queued mail ends; start this worker's sender
-    thread at its first request (web workers only, like the sweep)."""
-
-    @app.teardown_appcontext
-    def _wake_sender(exc):
-        if g.pop("_outbox_queued", False):
-            wake()
+    """Start this worker's sender thread at its first request (web workers only, like the
+    sweep)."""
 
     @app.before_request
     def _start_outbox_sender():
