@@ -684,10 +684,9 @@ class OutboxMail(BaseModel):
 class AccountDeletion(JobColumns):
     """An account its owner asked to delete (services/erasure.py), and the recorded job that
     deletes it. state: scheduled (until `due_at`; the person may undo it) -> running (the steps
-    run; no way back) -> done; or cancelled (undone in the grace). `notify_email` is not
-    written any more (the outbox holds the "deleted" email, queued with the removal of the
-    personal data) and is cleared when the job finishes. One row per account: asking again
-    after an undo reuses it."""
+    run; no way back) -> done; or cancelled (undone in the grace). The "deleted" email is in
+    the outbox, queued with the removal of the personal data, so no address is kept here. One
+    row per account: asking again after an undo reuses it."""
 
     user = peewee.ForeignKeyField(User, unique=True, backref="+", on_delete="CASCADE")
     state = peewee.CharField(max_length=16, index=True)
@@ -696,7 +695,6 @@ class AccountDeletion(JobColumns):
     cancelled_at = peewee.DateTimeField(null=True)
     started_at = peewee.DateTimeField(null=True)
     finished_at = peewee.DateTimeField(null=True)
-    notify_email = peewee.CharField(null=True, max_length=254)
 
 
 ALL_MODELS = [

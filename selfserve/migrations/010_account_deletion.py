@@ -18,7 +18,6 @@ def migrate(migrator: Migrator, database: pw.Database, *, fake=False):
         cancelled_at = pw.DateTimeField(null=True)
         started_at = pw.DateTimeField(null=True)
         finished_at = pw.DateTimeField(null=True)
-        notify_email = pw.CharField(max_length=254, null=True)
         step = pw.CharField(index=True, max_length=24, null=True)
         attempts = pw.IntegerField(default=0)
         next_attempt_at = pw.DateTimeField(null=True)

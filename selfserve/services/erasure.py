@@ -474,7 +474,7 @@ def _replaced(value, pattern, label):
 
 
 def _step_finish(deletion):
-    AccountDeletion.update(notify_email=None, state=DONE, finished_at=utcnow()).where(
+    AccountDeletion.update(state=DONE, finished_at=utcnow()).where(
         AccountDeletion.id == deletion.id
     ).execute()
     return None
