@@ -11,7 +11,7 @@ language of whoever's request happens to send them.
 
 Catalogues: selfserve/translations/messages.pot (extracted with babel.cfg, committed) and
 <lang>/LC_MESSAGES/messages.po (committed). The .mo files are built from the .po files by
-`compile_catalogues` (bin/setup, the test harness and the demo call it; `flask i18n compile`
+`compile_catalogues` (bin/setup, the test harness and the demo call it; `bin/i18n compile`
 in production); they are not committed.
 """
 
@@ -26,6 +26,7 @@ from flask import current_app
 from flask import g
 from flask import has_request_context
 from flask import request
+from flask.json.tag import JSONTag
 from flask_babel import Babel
 from flask_babel import format_date
 from flask_babel import format_datetime
@@ -63,20 +64,7 @@ def init_app(app):
         # Running from a checkout nobody set up: build the catalogues now rather than serve
         # English to everyone (bin/setup normally did it).
         compile_catalogues(TRANSLATIONS)
-    # flash() keeps its messages in the session cookie: a lazy message is stored as its text in
-    # the language of the request that flashed it.
-    from flask.json.tag import JSONTag
-
-    class _LazyText(JSONTag):
-        key = None  # never read back: it is stored as a plain string
-
-        def check(self, value):
-            return isinstance(value, LazyString)
-
-        def tag(self, value):
-            return str(value)
-
-    app.session_interface.serializer.register(_LazyText, index=0)
+    _store_lazy_text_as_text(app.session_interface.serializer)
     # ...and |tojson (data attributes for static/js) writes a lazy message as its text, not as
     # the escaped markup Flask's JSON would take from its __html__.
     json_default = app.json.default
@@ -115,6 +103,26 @@ def init_app(app):
 
 
 # --- Choosing ----------------------------------------------------------------------------------
+
+
+class _LazyText(JSONTag):
+    key = None  # never read back: it is stored as a plain string
+
+    def check(self, value):
+        return isinstance(value, LazyString)
+
+    def tag(self, value):
+        return str(value)
+
+
+def _store_lazy_text_as_text(serializer):
+    """flash() keeps its messages in the session cookie: a lazy message is stored as its text in
+    the language of the request that flashed it.
+
+    Flask's session serializer is one object for the whole process (every app shares it), so the
+    tag is registered once, not again by each create_app."""
+    if not any(isinstance(tag, _LazyText) for tag in serializer.order):
+        serializer.register(_LazyText, index=0)
 
 
 def _person():

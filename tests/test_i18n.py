@@ -141,3 +141,15 @@ def test_recipient_preferences_fall_back_to_the_browser_language_seen_at_sign_in
     with app.test_request_context(headers=GERMAN):
         # No account: the language of the request that sends it (an invitation from a German page).
         assert i18n.recipient_preferences("nobody@example.com") == ("de", None)
+
+
+def test_another_app_does_not_register_the_lazy_text_session_tag_again(app, app_config):
+    # Flask's session serializer is one object for the process: each create_app used to add
+    # its own tag to it, so the list of tags grew with every app built.
+    from selfserve import create_app
+
+    serializer = app.session_interface.serializer
+    tags_before = len(serializer.order)
+    second = create_app(app_config)
+    assert second.session_interface.serializer is serializer
+    assert len(serializer.order) == tags_before

@@ -1,11 +1,11 @@
-from selfserve.i18n import lazy_text as _l
-
 """Typed errors for everything the Particle Cloud can answer, so callers branch on types.
 
 Every error carries Particle's own message (`message`), the HTTP status (`status`, None when
 no answer came) and the parsed body (`body`), never a token: the client scrubs tokens before
 raising (and a token is never part of Particle's error bodies anyway).
 """
+
+from selfserve.i18n import lazy_text as _l
 
 
 class ParticleError(Exception):
