@@ -102,8 +102,9 @@ def invite(actor, device, email, role, until="", now=None, to_organisation=False
     organisation they administer: the grant goes to that organisation (all its members).
 
     Raises SharingError for a role above the actor's, a bad address or date, the owner's own
-    address, or an invitation to that address already waiting. The email is sent at once; if
-    invitation is queued with it (outbox), so a mail server that is down only delays it."""
+    address, or an invitation to that address already waiting. The email with the link is
+    queued (outbox) in the transaction that creates the invitation, so a mail server that is
+    down only delays it."""
     now = now or utcnow()
     if role not in grantable_by(getattr(device, "role", None)):
         raise SharingError(_l("You can't give that role."), kind="role", field="role", status=422)
@@ -141,6 +142,7 @@ def invite(actor, device, email, role, until="", now=None, to_organisation=False
             expires_at=now + datetime.timedelta(days=INVITE_DAYS),
             nonce=secrets.token_hex(16),
             to_organisation=bool(to_organisation),
+            mailed_at=now,  # queued below, in this transaction
         )
         audit.record(
             "sharing.invited",
@@ -154,7 +156,7 @@ def invite(actor, device, email, role, until="", now=None, to_organisation=False
             by=actor.email,
             for_organisation=bool(to_organisation) or None,
         )
-        send_invitation(invitation)
+        _queue_invitation_mail(invitation)
     return invitation
 
 
@@ -176,40 +178,27 @@ def from_link(token):
     return invitation
 
 
-def send_invitation(invitation):
-    """Queue the invitation's email once (outbox), in the caller's transaction: `mailed_at`
-    (when it was queued) is taken with an atomic UPDATE, so it is queued once however often
-    this runs. True when queued now."""
-    with db.atomic():
-        taken = (
-            Invitation.update(mailed_at=utcnow())
-            .where(
-                (Invitation.id == invitation.id)
-                & Invitation.mailed_at.is_null()
-                & (Invitation.state == "pending")
-            )
-            .execute()
-        )
-        if not taken:
-            return False
-        device = Device.get_by_id(invitation.device_id)
-        inviter = User.get_or_none(User.id == invitation.invited_by_id)
-        mail.send(
-            invitation.email,
-            _l("A device was shared with you"),
-            "share_invitation",
-            sensitive=True,  # the link accepts the invitation
-            dedupe_key=f"invitation:{invitation.id}",
-            link=invitation_link(invitation),
-            inviter=inviter.email if inviter else _l("Someone"),
-            device_label=_label(device),
-            role=invitation.role,
-            role_label=access.ROLE_LABELS[invitation.role],
-            until=invitation.access_until,  # the email shows both in its recipient's zone
-            expires=invitation.expires_at,
-            to_organisation=invitation.to_organisation,
-        )
-    return True
+def _queue_invitation_mail(invitation):
+    """Queue the invitation's email (outbox). `invite` calls it inside the transaction that
+    creates the invitation, so the email exists exactly when the invitation does; the outbox
+    retries a mail server that is down."""
+    device = Device.get_by_id(invitation.device_id)
+    inviter = User.get_or_none(User.id == invitation.invited_by_id)
+    mail.send(
+        invitation.email,
+        _l("A device was shared with you"),
+        "share_invitation",
+        sensitive=True,  # the link accepts the invitation
+        dedupe_key=f"invitation:{invitation.id}",
+        link=invitation_link(invitation),
+        inviter=inviter.email if inviter else _l("Someone"),
+        device_label=_label(device),
+        role=invitation.role,
+        role_label=access.ROLE_LABELS[invitation.role],
+        until=invitation.access_until,  # the email shows both in its recipient's zone
+        expires=invitation.expires_at,
+        to_organisation=invitation.to_organisation,
+    )
 
 
 def _label(device):

@@ -122,23 +122,16 @@ def start(device_id):
         )
     except transfers.TransferError as exc:
         return render_template("transfers/start.html", email=email, error=exc, **context), exc.status
-    if transfer.offer_mailed_at:
-        flash(
-            _(
-                "We emailed the offer to %(buyer_email)s. It is open until %(date)s.",
-                buyer_email=transfer.buyer_email,
-                date=i18n.local_date(transfer.expires_at),
-            ),
-            "success",
-        )
-    else:
-        flash(
-            _(
-                "The offer to %(buyer_email)s is saved; we couldn't send the email yet and will keep trying.",
-                buyer_email=transfer.buyer_email,
-            ),
-            "warning",
-        )
+    # The offer's email is a step of the transfer job, queued in the outbox (which retries the
+    # mail server) by this request or, after a double submit or a crash, by the job's resume.
+    flash(
+        _(
+            "We emailed the offer to %(buyer_email)s. It is open until %(date)s.",
+            buyer_email=transfer.buyer_email,
+            date=i18n.local_date(transfer.expires_at),
+        ),
+        "success",
+    )
     return htmx.redirect(url_for("devices.detail", device_id=device.device_id))
 
 
