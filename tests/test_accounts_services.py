@@ -479,6 +479,29 @@ def test_change_password_needs_the_current_one_and_ends_other_sessions(app, mail
     assert "/forgot" in mailbox.body(mailbox.wait_for("change@example.com"))
 
 
+def _failing_session_end(monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("the database went away")
+
+    monkeypatch.setattr(accounts, "end_all_login_sessions", fail)
+
+
+def test_a_failure_after_the_password_update_keeps_the_old_password(app, mailbox, monkeypatch):
+    # The new password must not stand without the other sessions ended, the audit and the mail.
+    user = make_user("atomic@example.com", provisioned=False)
+    accounts.request_password_reset("atomic@example.com")
+    token = token_in(mailbox, "atomic@example.com", "/reset/")
+    _failing_session_end(monkeypatch)
+    with pytest.raises(RuntimeError):
+        accounts.reset_password(token, "a brand new passphrase")
+    with pytest.raises(RuntimeError):
+        accounts.change_password(user, PASSWORD, "an even better passphrase")
+    assert passwords.check_password(User.get_by_id(user.id).password_hash, PASSWORD)
+    monkeypatch.undo()
+    accounts.reset_password(token, "a brand new passphrase")  # the link still works
+    assert passwords.check_password(User.get_by_id(user.id).password_hash, "a brand new passphrase")
+
+
 def test_email_change_happens_only_when_the_new_address_confirms(app, mailbox):
     user = make_user("old@example.com")
     customer_id = user.particle_customer_id

@@ -236,3 +236,19 @@ def test_an_unexpected_error_during_a_read_releases_the_lease(window, app, monke
     assert DeviceSnapshot.get_by_id(WINDOW).lease_until is None
     monkeypatch.undo()
     assert live_values.current(window).online is True
+
+
+def test_the_stored_reason_is_shown_in_each_viewers_language(window, sim, app):
+    # The snapshot row is shared: a German viewer's refresh must not store German for everyone.
+    from selfserve import i18n
+
+    live_values.current(window)
+    sim.add_fault("GET", f"/v1/devices/{WINDOW}", count=1, status=503)
+    age_snapshot(WINDOW, app.config["VALUES_CACHE_SECONDS"] + 1)
+    with i18n.as_recipient("de"):
+        german = live_values.current(window)
+        assert "nicht erreichbar" in str(german.message)
+    english = live_values.last_known(window)
+    assert str(english.message) == (
+        "The device cloud is not reachable right now; showing the last known values."
+    )

@@ -480,14 +480,17 @@ def reset_password(token, new_password):
     problem = passwords.problem(new_password or "")
     if problem:
         raise FormErrors({"password": problem})
-    changed = (
-        User.update(password_hash=passwords.hash_password(new_password), password_changed_at=utcnow())
-        .where((User.id == user.id) & (User.password_hash == user.password_hash))
-        .execute()
-    )
-    if not changed:
-        raise tokens.TokenInvalid(LINK_USED)
+    new_hash = passwords.hash_password(new_password)  # slow: not inside the transaction
+    # One transaction: the new password never stands without the other sessions ended, the
+    # audit entry and the "password changed" mail.
     with db.atomic():
+        changed = (
+            User.update(password_hash=new_hash, password_changed_at=utcnow())
+            .where((User.id == user.id) & (User.password_hash == user.password_hash))
+            .execute()
+        )
+        if not changed:
+            raise tokens.TokenInvalid(LINK_USED)
         end_all_login_sessions(user)
         audit.record("account.password_reset", user=user)
         mail.send(
@@ -524,16 +527,18 @@ def change_password(user, current_password, new_password, keep_session=None):
         errors["new_password"] = problem
     if errors:
         raise FormErrors(errors)
-    changed = (
-        User.update(password_hash=passwords.hash_password(new_password), password_changed_at=utcnow())
-        .where((User.id == user.id) & (User.password_hash == user.password_hash))
-        .execute()
-    )
-    if not changed:
-        raise FormErrors(
-            {"current_password": _l("Your password was just changed elsewhere. Please reload the page.")}
-        )
+    new_hash = passwords.hash_password(new_password)  # slow: not inside the transaction
+    # One transaction, as in reset_password.
     with db.atomic():
+        changed = (
+            User.update(password_hash=new_hash, password_changed_at=utcnow())
+            .where((User.id == user.id) & (User.password_hash == user.password_hash))
+            .execute()
+        )
+        if not changed:
+            raise FormErrors(
+                {"current_password": _l("Your password was just changed elsewhere. Please reload the page.")}
+            )
         end_all_login_sessions(user, keep=keep_session)
         audit.record("account.password_changed", user=user)
         mail.send(

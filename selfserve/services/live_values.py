@@ -49,14 +49,27 @@ _pool_guard = threading.Lock()
 _device_locks = {}
 _device_locks_guard = threading.Lock()
 
-NOT_ANSWERING = _l("The device is not answering right now.")
-OFFLINE = _l("The device is offline.")
-UNREACHABLE = _l("The device cloud is not reachable right now.")
-PARTLY_READ = _l("Some values could not be read.")
+# Why the values may be old. DeviceSnapshot.last_error is one row shared by every viewer, so it
+# keeps the reason's key (language-neutral) and `_to_snapshot` translates it for whoever looks.
+NOT_ANSWERING = "not_answering"
+OFFLINE = "offline"
+UNREACHABLE = "unreachable"
+PARTLY_READ = "partly_read"
 # On 429 the site retries by itself: the page says so, never "try again".
-BUSY = _l("The device cloud is busy right now, so the values are not being refreshed.")
+BUSY = "busy"
+NOT_AVAILABLE = "not_available"
+REASON_TEXTS = {
+    NOT_ANSWERING: _l("The device is not answering right now."),
+    OFFLINE: _l("The device is offline."),
+    UNREACHABLE: _l("The device cloud is not reachable right now."),
+    PARTLY_READ: _l("Some values could not be read."),
+    BUSY: _l("The device cloud is busy right now, so the values are not being refreshed."),
+    NOT_AVAILABLE: _l(
+        "The device cloud says this device is not available to your account. Please contact support."
+    ),
+}
 # Reasons after which the values shown are simply old: the page says so (or, before the first
-# successful read, that there are none yet). Stored in DeviceSnapshot.last_error as plain reasons.
+# successful read, that there are none yet).
 STALE_REASONS = (NOT_ANSWERING, OFFLINE, UNREACHABLE, PARTLY_READ, BUSY)
 # After a command, a publishing device's state event is expected within this many seconds;
 # without one, the values are read from Particle as for older firmware.
@@ -474,9 +487,7 @@ def _variable_names(device, info):
 
 def _message_for(exc):
     if isinstance(exc, PermissionDenied):
-        return _l(
-            "The device cloud says this device is not available to your account. Please contact support."
-        )
+        return NOT_AVAILABLE
     if isinstance(exc, CloudUnavailable):
         return UNREACHABLE
     if isinstance(exc, RateLimited):
@@ -529,11 +540,12 @@ def _to_snapshot(device, row):
 def _note(reason, has_values, offline):
     """The sentence above the values: the reason they may be old, saying whether old values
     are shown or there are none yet (never "last known values" when there is nothing)."""
+    text = REASON_TEXTS.get(reason, reason)  # a key, else text stored before keys were
     if reason not in STALE_REASONS:
-        return reason
+        return text
     if not has_values:
-        return NEVER_HEARD if offline else _l("No values yet: ") + reason
-    return reason.rstrip(".") + _l("; showing the last known values.")
+        return NEVER_HEARD if offline else _l("No values yet: ") + text
+    return str(text).rstrip(".") + _l("; showing the last known values.")
 
 
 def _iso(moment):
