@@ -39,10 +39,10 @@ import re
 
 import peewee
 from flask import current_app
-from flask_babel import lazy_gettext as _l
 
 from selfserve import mail
 from selfserve import passwords
+from selfserve.i18n import lazy_text as _l
 from selfserve.models import AccountDeletion
 from selfserve.models import AlertEpisode
 from selfserve.models import AlertNotice
@@ -109,12 +109,6 @@ def pending_of(user):
     )
 
 
-def _notify(to, subject, template, **context):
-    """A courtesy email through the site's one mail path, the outbox (queued now, sent later:
-    the deletion is recorded whatever the mail server does)."""
-    mail.send(to, subject, template, **context)
-
-
 # --- asking and undoing -----------------------------------------------------------------------------
 
 
@@ -161,7 +155,7 @@ def schedule(user, password, now=None):
         audit.record("account.deletion_scheduled", user=user, due=due.strftime("%d %b %Y"))
         end_all_login_sessions(user)
         # Queued in the same transaction as the change it reports (the outbox sends it).
-        _notify(
+        mail.send(
             user.email,
             _l("Your account will be deleted"),
             "account_deletion_scheduled",
@@ -199,8 +193,8 @@ def cancel(user, now=None):
 
 
 def pending_for_staff(limit=200):
-    """Scheduled and running deletions (soonest first), and the last finished ones, for the
-    support area: [(AccountDeletion, User)]."""
+    """Scheduled and running deletions, soonest first, for the support area: AccountDeletion
+    rows with their `user` joined (the finished ones: `recently_done`)."""
     rows = (
         AccountDeletion.select(AccountDeletion, User)
         .join(User)
@@ -430,14 +424,12 @@ def _step_scrub(deletion):
             User.totp_secret_encrypted: None,
             User.totp_enrolled_at: None,
             User.totp_last_step: None,
+            User.locale: None,
+            User.seen_locale: None,
+            User.time_zone: None,
         }
-        for name in ("locale", "seen_locale", "time_zone"):  # the i18n columns, where present
-            if name in User._meta.fields:
-                cleared[User._meta.fields[name]] = None
         User.update(cleared).where(User.id == user.id).execute()
         audit.record("account.deleted", user=user.id, actor=None)
-    if user.particle_customer_id:
-        get_client().forget_customer_token(user.particle_customer_id)
     return "finish"
 
 

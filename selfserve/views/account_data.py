@@ -163,7 +163,7 @@ def _remember_pending_deletion(sender, user, **extra):
     state = erasure.state_of(user)
     if state == erasure.SCHEDULED:
         session[DELETION_PENDING] = True
-    elif state in (erasure.RUNNING, erasure.DONE):
+    elif state == erasure.RUNNING:  # once done, the account is no longer a customer's
         end_login_session()
         flash(_("This account is being deleted, as its owner asked."), "error")
 
