@@ -204,3 +204,15 @@ def test_support_viewing_the_account_cannot_download_it(app, world, sim):
     anonymous = app.test_client()
     response = anonymous.get("/account/data.json")
     assert response.status_code == 302 and response.headers["Location"].startswith("/login")
+
+
+def test_a_german_accounts_download_has_german_activity_sentences(app, world):
+    # The body is written while the response is sent: still in the account's language.
+    from selfserve.models import User
+
+    User.update(locale="de").where(User.id == world["home"].id).execute()
+    client = signed_in(app, "home@example.com")
+    data = json.loads(client.get("/account/data.json").get_data(as_text=True))
+    whats = [row["what"] for row in data["activity"]]
+    assert "Gerät Old bedroom freigegeben" in whats
+    assert "Released device Old bedroom" not in whats

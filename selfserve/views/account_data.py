@@ -10,6 +10,7 @@ from flask import flash
 from flask import render_template
 from flask import request
 from flask import session
+from flask import stream_with_context
 from flask import url_for
 from flask_babel import format_date
 from flask_babel import gettext as _
@@ -17,7 +18,6 @@ from flask_login import current_user
 from flask_login import user_logged_in
 
 from selfserve import htmx
-from selfserve import models
 from selfserve.security import READ_ONLY_MESSAGE
 from selfserve.security import end_login_session
 from selfserve.security import limiter
@@ -36,22 +36,11 @@ def _viewing_as_support():
     return getattr(current_user, "staff_view", None) is not None
 
 
-def _streamed(chunks, user):
-    """The body, produced while the response is sent (after the request ended): it holds a
-    pooled connection of its own while it reads, and hands it back when done or abandoned."""
-    opened = models.db.is_closed()
-    if opened:
-        models.db.connect()
-    try:
-        yield from chunks(user)
-    finally:
-        if opened and not models.db.is_closed():
-            models.db.close()
-
-
 def _download(chunks, mimetype, extension):
     user = _me()
-    response = Response(_streamed(chunks, user), mimetype=mimetype)
+    # The body is produced while the response is sent: stream_with_context keeps the request
+    # (its language, and the database connection the request holds until it ends) meanwhile.
+    response = Response(stream_with_context(chunks(user)), mimetype=mimetype)
     response.headers["Content-Disposition"] = (
         f'attachment; filename="{data_export.filename(user, extension)}"'
     )
