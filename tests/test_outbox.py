@@ -293,6 +293,22 @@ def test_support_lists_mail_with_state_attempts_and_error_and_never_a_security_m
     assert failed.count("data-mail-state=") == 1
 
 
+def test_looking_at_a_customers_mail_is_on_their_activity(app, mailbox):
+    from selfserve.services import audit
+
+    user = make_user("watched@example.com")
+    console = _staff_console(app)
+    console.get("/support/mail")
+    console.get("/support/mail?address=nobody@example.com")
+    assert not AuditEvent.select().where(AuditEvent.action == "support.mail_viewed").exists()
+
+    assert console.get("/support/mail?address=Watched@example.com").status_code == 200
+    (event,) = AuditEvent.select().where(AuditEvent.action == "support.mail_viewed")
+    assert event.user_id == user.id and event.actor.email == "mail.desk@support.example"
+    assert audit.describe(event) == "Support looked at the emails sent to your email address"
+    assert audit.describe(event, for_staff=True).endswith("sent to the customer's email address")
+
+
 def test_the_mail_page_is_for_staff_only(app, client):
     make_user("customer@example.com")
     login(client, "customer@example.com")

@@ -137,6 +137,7 @@ DESCRIPTIONS = {
     "support.page_viewed": _l("Support looked at {page}"),
     "support.console_viewed": _l("Support looked at your account in the support console"),
     "support.console_viewed_device": _l("Support looked at device {name} in the support console"),
+    "support.mail_viewed": _l("Support looked at the emails sent to your email address"),
     "support.resent_verification": _l("Support sent you a new verification email"),
     "support.released_device": _l("Support released device {name} from your account"),
     "support.retried": _l("Support retried {operation}"),

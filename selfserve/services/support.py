@@ -380,8 +380,14 @@ def failed_migrations():
 OUTBOX_STATES = outbox.STATES
 
 
-def outbox_rows(address="", state=""):
-    """The newest outbox rows (at most outbox.STAFF_PAGE_SIZE), for one address when given."""
+def outbox_rows(address="", state="", staff=None):
+    """The newest outbox rows (at most outbox.STAFF_PAGE_SIZE), for one address when given.
+    Looking at an account holder's mail is recorded on their activity (as `staff`), as
+    opening their customer page is."""
+    if staff is not None and address:
+        customer = User.get_or_none(User.email == address.strip().lower())
+        if customer is not None:
+            audit.record("support.mail_viewed", user=customer, actor=staff)
     return outbox.recent(address=address or None, state=state or None)
 
 

@@ -177,7 +177,7 @@ def mail():
     state = request.args.get("state") or ""
     return render_template(
         "support/mail.html",
-        rows=support.outbox_rows(address, state),
+        rows=support.outbox_rows(address, state, real_user()),
         address=address,
         state=state,
         states=support.OUTBOX_STATES,
