@@ -495,6 +495,12 @@ def label(key):
     return model.label if model else _l("Device")
 
 
+def device_label(device):
+    """ "Window covering SSW-24A-000101", in the language of whoever reads it (lazy: an email
+    is rendered in its recipient's)."""
+    return _l("%(model)s %(serial)s", model=label(device.model), serial=device.serial_number)
+
+
 def noun(key):
     """The model's name inside a sentence ("a window covering", "einen Fensterbehang")."""
     model = MODELS.get(key)

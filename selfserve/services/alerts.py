@@ -98,7 +98,7 @@ def settings_of(user_id):
     row = AlertSetting.get_or_none(AlertSetting.user == user_id)
     row = row or AlertSetting(user=user_id, modes={})
     zone = User.select(User.time_zone).where(User.id == user_id).scalar()
-    row.time_zone = zone if _valid_zone(zone) else "UTC"
+    row.time_zone = zone if i18n.valid_time_zone(zone) else "UTC"
     return row
 
 
@@ -122,7 +122,7 @@ def save_settings(
             )
         clean[kind] = mode
     time_zone = time_zone.strip() if time_zone is not None else None
-    if time_zone is not None and not _valid_zone(time_zone):
+    if time_zone is not None and not i18n.valid_time_zone(time_zone):
         raise AlertError(
             _l("Enter a time zone such as Europe/London or America/New_York."), field="time_zone"
         )
@@ -178,16 +178,6 @@ def turn_off(user_id, kinds):
         setting.faults_in_quiet,
         setting.digest_hour,
     )
-
-
-def _valid_zone(name):
-    if not name or len(name) > 64:
-        return False
-    try:
-        zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        return False
-    return True
 
 
 def _zone(setting):

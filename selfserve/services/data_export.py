@@ -73,34 +73,23 @@ def _iso(moment):
     return moment.replace(microsecond=0).isoformat() + "Z" if moment else None
 
 
-def _batched(query, key, size=BATCH):
+def _batched(query, key, size=BATCH, tuples=False):
     """Rows of `query` in batches of `size`, keyset-paged on `key` (ascending): one query per
-    batch, none held open between batches."""
+    batch, none held open between batches. `tuples`, for the long history sections: plain
+    tuples (no model objects, a third of the time per row), the key first."""
     last = None
     while True:
-        page = query if last is None else query.where(key > last)
-        rows = list(page.order_by(key).limit(size))
+        page = (query if last is None else query.where(key > last)).order_by(key).limit(size)
+        rows = list(page.tuples() if tuples else page)
         yield from rows
         if len(rows) < size:
             return
-        last = getattr(rows[-1], key.name)
+        last = rows[-1][0] if tuples else getattr(rows[-1], key.name)
 
 
-def _batched_tuples(query, key, size=BATCH):
-    """As `_batched`, for the long history sections: plain tuples (no model objects, a third
-    of the time per row), the key first."""
-    last = None
-    while True:
-        page = query if last is None else query.where(key > last)
-        rows = list(page.order_by(key).limit(size).tuples())
-        yield from rows
-        if len(rows) < size:
-            return
-        last = rows[-1][0]
-
-
-def _label(model, serial):
-    return f"{device_models.label(model)} {serial}" if serial else None
+def _device_text(device):
+    """The device's label as plain text for the file, or None for one we no longer know."""
+    return str(device_models.device_label(device)) if device and device.serial_number else None
 
 
 # --- the sections ---------------------------------------------------------------------------------
@@ -171,7 +160,7 @@ def _devices(user):
                 "serial_number": row.serial_number if row else None,
                 "model": row.model if row else None,
                 # Their own name for it now; for a device they had before, the name it had then.
-                "name": (device.name or _label(device.model, device.serial_number)) if current else name_then,
+                "name": (device.name or _device_text(device)) if current else name_then,
                 "owned_from": _iso(start),
                 "how_it_came": how,
                 "owned_until": _iso(end),
@@ -213,7 +202,7 @@ def _transfers(user):
             "kind": transfer.kind,
             "you_were": you_are,
             "device_id": transfer.device_id,
-            "device": _label(device.model, device.serial_number) if device else None,
+            "device": _device_text(device),
             "other_party": other,
             "state": STATE_LABELS.get(transfer.state, transfer.state),
             "created_at": _iso(transfer.created_at),
@@ -252,7 +241,7 @@ def _grant_row(grant, direction, devices):
     return {
         "direction": direction,
         "device_id": grant.device_id,
-        "device": _label(device.model, device.serial_number) if device else None,
+        "device": _device_text(device),
         "group_id": grant.group_id,
         "to": (grant.grantee.email if grant.grantee_id else None) if direction == "given" else "you",
         "to_organisation": grant.grantee_org.name if direction == "given" and grant.grantee_org_id else None,
@@ -333,7 +322,7 @@ def _alert_opt_ins(user):
         .order_by(AlertOptIn.id)
     )
     for row in rows:
-        yield {"device_id": row.device_id, "device": _label(row.device.model, row.device.serial_number)}
+        yield {"device_id": row.device_id, "device": _device_text(row.device)}
 
 
 def _alert_log(user):
@@ -358,7 +347,7 @@ def _samples(user):
         ValueSample.value,
         ValueSample.text,
     ).where(ValueSample.owner == user.id)
-    for _id, device_id, name, at, value, text in _batched_tuples(query, ValueSample.id):
+    for _id, device_id, name, at, value, text in _batched(query, ValueSample.id, tuples=True):
         yield {"device_id": device_id, "name": name, "at": _iso(at), "value": value, "text": text}
 
 
@@ -373,7 +362,9 @@ def _rollups(user):
         ValueRollup.mean,
         ValueRollup.last,
     ).where(ValueRollup.owner == user.id)
-    for _id, device_id, name, hour, minimum, maximum, mean, last in _batched_tuples(query, ValueRollup.id):
+    for _id, device_id, name, hour, minimum, maximum, mean, last in _batched(
+        query, ValueRollup.id, tuples=True
+    ):
         yield {
             "device_id": device_id,
             "name": name,

@@ -28,9 +28,9 @@ import logging
 import peewee
 from flask import current_app
 from flask import has_app_context
-from flask_babel import format_decimal
 
 from selfserve import device_models
+from selfserve import i18n
 from selfserve.i18n import lazy_text as _l
 from selfserve.models import Device
 from selfserve.models import RollupPending
@@ -426,10 +426,7 @@ class Series:
 
     def fmt(self, value):
         """The value in the reader's locale ("1.5" / "1,5"), with the series' decimals."""
-        if value is None:
-            return ""
-        pattern = "#,##0." + "0" * self.decimals if self.decimals else "#,##0"
-        return format_decimal(round(value, self.decimals), format=pattern)
+        return "" if value is None else i18n.number(value, self.decimals)
 
 
 @dataclasses.dataclass

@@ -16,6 +16,7 @@ import secrets
 
 import peewee
 
+from selfserve import device_models
 from selfserve import mail
 from selfserve import tokens
 from selfserve.i18n import lazy_text as _l
@@ -192,19 +193,13 @@ def _queue_invitation_mail(invitation):
         dedupe_key=f"invitation:{invitation.id}",
         link=invitation_link(invitation),
         inviter=inviter.email if inviter else _l("Someone"),
-        device_label=_label(device),
+        device_label=device_models.device_label(device),
         role=invitation.role,
         role_label=access.ROLE_LABELS[invitation.role],
         until=invitation.access_until,  # the email shows both in its recipient's zone
         expires=invitation.expires_at,
         to_organisation=invitation.to_organisation,
     )
-
-
-def _label(device):
-    from selfserve import device_models
-
-    return _l("%(model)s %(serial)s", model=device_models.label(device.model), serial=device.serial_number)
 
 
 def too_late_message(invitation, now=None):

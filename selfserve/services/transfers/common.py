@@ -5,8 +5,8 @@ import logging
 
 from flask import current_app
 
-from selfserve import device_models
 from selfserve import i18n
+from selfserve.device_models import device_label
 from selfserve.i18n import lazy_text as _l
 from selfserve.models import Device
 from selfserve.models import Transfer
@@ -72,12 +72,6 @@ def _setting(key, default):
 
 def label(transfer):
     return STATE_LABELS.get(transfer.state, transfer.state)
-
-
-def device_label(device):
-    """ "Window covering SSW-24A-000101", in the language of whoever reads it (an email is
-    rendered in its recipient's)."""
-    return _l("%(model)s %(serial)s", model=device_models.label(device.model), serial=device.serial_number)
 
 
 def mask_email(email):
