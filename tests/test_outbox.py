@@ -262,6 +262,25 @@ def test_a_reset_link_is_made_when_sent_and_dies_with_the_password(app, client, 
         accounts.check_reset_link(token)
 
 
+def test_a_dedupe_key_queues_its_mail_once(app):
+    # On SQLite an ignored INSERT reports the previous insert's id: it must not pass for new.
+    first = outbox.enqueue("once@example.com", "Hello", "body", kind="test", dedupe_key="step:1")
+    assert first is not None
+    assert outbox.enqueue("once@example.com", "Hello", "body", kind="test", dedupe_key="step:1") is None
+    assert OutboxMail.select().where(OutboxMail.to_address == "once@example.com").count() == 1
+
+
+def test_a_send_lease_outlasts_a_whole_smtp_conversation(app):
+    # MAIL_TIMEOUT bounds each SMTP operation; a conversation is about a dozen of them. A lease
+    # that ran out mid-conversation would let a second worker send the same mail.
+    app.config["MAIL_TIMEOUT"] = 30
+    row = outbox.enqueue("lease@example.com", "Hello", "body", kind="test")
+    now = utcnow()
+    assert outbox.take(row, now)
+    lease = OutboxMail.get_by_id(row.id).lease_until - now
+    assert lease >= datetime.timedelta(seconds=10 * 30)
+
+
 # --- support's view ---------------------------------------------------------------------------------
 
 

@@ -92,7 +92,9 @@ def enqueue(to, subject, body, *, kind, headers=None, sensitive=False, dedupe_ke
     if dedupe_key is None:
         row = OutboxMail.create(**fields)
     else:
-        if not OutboxMail.insert(**fields).on_conflict_ignore().execute():
+        # The row count, not the insert id: SQLite reports the previous insert's id when the
+        # row was ignored, which would pass for a new row.
+        if not OutboxMail.insert(**fields).on_conflict_ignore().as_rowcount().execute():
             return None
         row = OutboxMail.get_or_none(OutboxMail.dedupe_key == dedupe_key)
     _wake_after_commit()
@@ -109,9 +111,16 @@ def enqueue_reset_request(email):
 # --- sending ---------------------------------------------------------------------------------
 
 
+# The blocking operations of one SMTP conversation (mail.deliver), each allowed MAIL_TIMEOUT:
+# connect and greeting, EHLO, STARTTLS, EHLO again, AUTH (up to two exchanges), MAIL FROM,
+# RCPT TO, DATA, the message and its reply, QUIT.
+SMTP_OPERATIONS = 11
+
+
 def _lease_seconds():
-    # Longer than any one SMTP conversation can take, so a lease only runs out when its worker died.
-    return max(60.0, 3 * float(_setting("MAIL_TIMEOUT", 10.0)))
+    # Longer than the slowest SMTP conversation MAIL_TIMEOUT allows (every operation taking
+    # almost all of it), so a lease only runs out when its worker died.
+    return max(60.0, SMTP_OPERATIONS * float(_setting("MAIL_TIMEOUT", 10.0)))
 
 
 def _due(now):
