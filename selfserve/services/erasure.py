@@ -355,7 +355,7 @@ def _leave_organisation(user, membership):
             )
     from selfserve.services import access
 
-    access.access_ended.send(None, user_id=user.id, org_id=organisation.id, group_id=None, cause="removed")
+    access.announce_ended(None, user_id=user.id, org_id=organisation.id, cause="removed")
 
 
 def _step_delete_customer(deletion):

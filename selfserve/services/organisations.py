@@ -185,7 +185,7 @@ def remove_member(admin, organisation, user_id):
         Membership.delete().where(Membership.id == row.id).execute()
         person = User.get_by_id(user_id)
         _audit_both(admin, person, organisation, "org.member_removed", role=row.role)
-    access.access_ended.send(None, user_id=user_id, org_id=organisation.id, group_id=None, cause="removed")
+        access.announce_ended(None, user_id=user_id, org_id=organisation.id, cause="removed")
     return person
 
 
@@ -282,7 +282,7 @@ def remove_from_group(admin, organisation, group, device_ids):
         count=removed,
     )
     if removed:
-        access.access_ended.send(None, user_id=None, org_id=None, group_id=group.id, cause="ungrouped")
+        access.announce_ended(None, group_id=group.id, cause="ungrouped")
     return removed
 
 
