@@ -1,6 +1,9 @@
 """The append-only audit trail. Every service that changes ownership or acts for a person
 records it here; the homeowner's activity page reads it back."""
 
+import functools
+import operator
+
 from flask import has_request_context
 from flask import request
 from flask_babel import gettext as _
@@ -199,9 +202,11 @@ def describe(event, for_staff=False):
     return text
 
 
-def history(user, limit=100, before_id=None):
+def history(user, limit=100, before_id=None, action_prefixes=None):
     """The newest events of `user`'s account, newest first, each with its actor loaded in the
-    same query (the activity pages show who did it: one query per row otherwise)."""
+    same query (the activity pages show who did it: one query per row otherwise). Only
+    actions starting with one of `action_prefixes`, when given (what an organisation's
+    members may see of its trail)."""
     actor = User.alias()
     query = (
         AuditEvent.select(AuditEvent, actor)
@@ -209,6 +214,10 @@ def history(user, limit=100, before_id=None):
         .switch(AuditEvent)
         .where(AuditEvent.user == user)
     )
+    if action_prefixes:
+        query = query.where(
+            functools.reduce(operator.or_, (AuditEvent.action.startswith(p) for p in action_prefixes))
+        )
     if before_id is not None:
         query = query.where(AuditEvent.id < before_id)
     return list(query.order_by(AuditEvent.id.desc()).limit(limit))

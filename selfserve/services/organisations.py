@@ -26,7 +26,6 @@ from flask import abort
 
 from selfserve import passwords  # noqa: F401 - the "!" hash below is one it never accepts
 from selfserve.i18n import lazy_text as _l
-from selfserve.models import AuditEvent
 from selfserve.models import Device
 from selfserve.models import DeviceGroup
 from selfserve.models import Grant
@@ -401,22 +400,12 @@ def activity(organisation, role, before=None, page_size=ACTIVITY_PAGE_SIZE):
     invitation, acceptance and expiry concerning it (given on its devices and groups, or to
     it), membership and group changes. Admins see all of it; members see it without the
     membership changes. Returns (events, cursor of the next older page or None)."""
-    actor = User.alias()
-    query = (
-        AuditEvent.select(AuditEvent, actor)
-        .join(actor, peewee.JOIN.LEFT_OUTER, on=AuditEvent.actor)
-        .switch(AuditEvent)
-        .where(AuditEvent.user == organisation.account_id)
+    events = audit.history(
+        organisation.account_id,
+        limit=page_size + 1,
+        before_id=before,
+        action_prefixes=None if role == "admin" else MEMBER_ACTIVITY_PREFIXES,
     )
-    if role != "admin":
-        visible = None
-        for prefix in MEMBER_ACTIVITY_PREFIXES:
-            condition = AuditEvent.action.startswith(prefix)
-            visible = condition if visible is None else visible | condition
-        query = query.where(visible)
-    if before is not None:
-        query = query.where(AuditEvent.id < before)
-    events = list(query.order_by(AuditEvent.id.desc()).limit(page_size + 1))
     older = events[page_size - 1].id if len(events) > page_size else None
     return events[:page_size], older
 
