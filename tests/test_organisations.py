@@ -90,6 +90,33 @@ def test_roles_through_membership_groups_and_other_organisations(company):
     ]
 
 
+def test_removals_announce_the_end_of_access_only_once_committed(company):
+    from selfserve.models import db
+
+    org, admin = company["org"], company["admin"]
+    member = make_user("member@company.example", PASSWORD, provisioned=False)
+    organisations.add_member(admin, org, member.email)
+    heard = []
+
+    def listener(device_id, cause, **extra):
+        heard.append(cause)
+
+    access.access_ended.connect(listener)
+    try:
+        with pytest.raises(RuntimeError), db.atomic():
+            organisations.remove_from_group(admin, org, company["site"], [PUMP])
+            organisations.remove_member(admin, org, member.id)
+            raise RuntimeError("the rest of the change failed")
+        assert heard == []
+        with db.atomic():
+            organisations.remove_from_group(admin, org, company["site"], [PUMP])
+            organisations.remove_member(admin, org, member.id)
+            assert heard == []
+        assert heard == ["ungrouped", "removed"]
+    finally:
+        access.access_ended.disconnect(listener)
+
+
 def test_the_last_admin_stays_and_outsiders_get_404(company, app):
     org, admin = company["org"], company["admin"]
     with pytest.raises(organisations.OrgError):

@@ -334,6 +334,32 @@ def test_revocation_is_published_for_live_pages(app, owner, window):
     assert heard == [(WINDOW, guest.id, "revoked")]
 
 
+def test_a_downgrade_is_announced_only_once_it_is_committed(app, owner, window):
+    # A live page told before the commit would still find the old role; a rolled-back
+    # downgrade changed nothing and must announce nothing.
+    from selfserve.models import db
+
+    guest = make_user("guest@example.com", PASSWORD, provisioned=False)
+    access.give(window, guest, "operator", owner)
+    heard = []
+
+    def listener(device_id, user_id, cause, **extra):
+        heard.append((device_id, user_id, cause))
+
+    access.access_ended.connect(listener)
+    try:
+        with pytest.raises(RuntimeError), db.atomic():
+            access.give(window, guest, "viewer", owner)
+            raise RuntimeError("the rest of the change failed")
+        assert heard == []
+        with db.atomic():
+            access.give(window, guest, "viewer", owner)
+            assert heard == []
+        assert heard == [(WINDOW, guest.id, "replaced")]
+    finally:
+        access.access_ended.disconnect(listener)
+
+
 def test_invitation_mail_not_sent_is_retried_by_the_outbox(app, owner, window, mailbox):
     app.config["MAIL_PORT"] = 1  # nothing listens there
     invitation = sharing.invite(owner, window, "guest@example.com", "viewer")

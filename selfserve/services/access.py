@@ -15,9 +15,9 @@ with no job running. The sweep (`record_expired`) later writes the ending and it
 rows. Ownership changes (release, transfer) end every grant of the device (`end_all`), in the
 same transaction as the ownership write.
 
-When a person's access ends, `access_ended` (a blinker signal) is sent with the device id
-and the user id, once the change is committed (peewee's `after_commit`: a listener that
-looked before the commit would still see the access): selfserve/push.py announces it to every site process,
+When a person's access ends, `announce_ended` sends `access_ended` (a blinker signal) with the
+device id and the user id, once the change is committed (peewee's `after_commit`: a listener
+that looked before the commit would still see the access): selfserve/push.py announces it to every site process,
 whose open pages (server-sent events) check their viewer's access again at once and say that
 it ended. Polls need nothing: their next request is a 404.
 """
@@ -309,11 +309,10 @@ def give(device, grantee, role, granted_by, expires_at=None, via=None, now=None,
                 **detail,
             )
     if previous is not None and not at_least(role, previous.role):
-        access_ended.send(
+        announce_ended(
             device.device_id,
             user_id=grantee.id if grantee is not None else None,
             org_id=grantee_org.id if grantee_org is not None else None,
-            group_id=None,
             cause="replaced",
         )
     return grant
@@ -347,9 +346,7 @@ def end_all(device_id, cause, actor=None, owner_id=None, name=None, now=None):
     # Out of the former owner's groups: grants on those groups no longer reach it.
     GroupDevice.delete().where(GroupDevice.device == device_id).execute()
     # The former owner's own pages (and their organisation's members') end too.
-    _after_commit(
-        lambda: access_ended.send(device_id, user_id=owner_id, org_id=None, group_id=None, cause=cause)
-    )
+    announce_ended(device_id, user_id=owner_id, cause=cause)
     return _end_where(
         (Grant.device == device_id) & Grant.ended_at.is_null(),
         cause,
@@ -462,14 +459,12 @@ def _end_where(condition, cause, actor, now, owner_id=None, name=None):
             )
     # Tell live pages once this transaction commits (they re-check with device_for).
     for grant in ended:
-        _after_commit(
-            lambda grant=grant: access_ended.send(
-                grant.device_id,
-                user_id=grant.grantee_id,
-                org_id=grant.grantee_org_id,
-                group_id=grant.group_id,
-                cause=cause,
-            )
+        announce_ended(
+            grant.device_id,
+            user_id=grant.grantee_id,
+            org_id=grant.grantee_org_id,
+            group_id=grant.group_id,
+            cause=cause,
         )
     return len(ended)
 
@@ -492,6 +487,15 @@ def _target_owner(grant):
     if grant.device_id is not None:
         return grant.device.owner_id
     return Organisation.get_by_id(grant.group.organisation_id).account_id
+
+
+def announce_ended(device_id, *, cause, user_id=None, org_id=None, group_id=None):
+    """Send `access_ended` for an access that ended in the caller's transaction, once it
+    commits: a listener that looked before the commit would still see the access (and a
+    rolled-back ending announces nothing). The only way the signal is sent."""
+    _after_commit(
+        lambda: access_ended.send(device_id, user_id=user_id, org_id=org_id, group_id=group_id, cause=cause)
+    )
 
 
 def _after_commit(callback):

@@ -346,9 +346,6 @@ def _leave_organisation(user, membership):
                         f"deleted their account ({label})",
                     )
         organisations.end_membership(membership, organisation, None, label)
-    from selfserve.services import access
-
-    access.access_ended.send(None, user_id=user.id, org_id=organisation.id, group_id=None, cause="removed")
 
 
 def _step_delete_customer(deletion):

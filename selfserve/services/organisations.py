@@ -191,14 +191,13 @@ def remove_member(admin, organisation, user_id):
             organisation=organisation.name,
             role=row.role,
         )
-    access.access_ended.send(None, user_id=user_id, org_id=organisation.id, group_id=None, cause="removed")
     return person
 
 
 def end_membership(membership, organisation, actor, named, **detail):
-    """Delete `membership` and record it on the organisation's trail, naming who left `named`
-    (their address; an erased account's anonymous label). Runs in the caller's transaction,
-    whose caller sends access_ended once it commits. False when the row was gone already."""
+    """Delete `membership`, record it on the organisation's trail, naming who left `named`
+    (their address; an erased account's anonymous label), and announce the access it gave as
+    ended once the caller's transaction commits. False when the row was gone already."""
     if not Membership.delete().where(Membership.id == membership.id).execute():
         return False
     audit.record(
@@ -209,6 +208,7 @@ def end_membership(membership, organisation, actor, named, **detail):
         organisation=organisation.name,
         **detail,
     )
+    access.announce_ended(None, user_id=membership.user_id, org_id=organisation.id, cause="removed")
     return True
 
 
@@ -305,7 +305,7 @@ def remove_from_group(admin, organisation, group, device_ids):
         count=removed,
     )
     if removed:
-        access.access_ended.send(None, user_id=None, org_id=None, group_id=group.id, cause="ungrouped")
+        access.announce_ended(None, group_id=group.id, cause="ungrouped")
     return removed
 
 
