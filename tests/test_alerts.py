@@ -323,3 +323,14 @@ def test_a_fault_event_wakes_the_sender_threads_once_it_is_committed(app, owner,
         assert "overpressure" in message["Subject"]
     finally:
         background.stop_all(app)
+
+
+def test_waking_one_apps_alert_sender_leaves_another_apps_asleep(app, app_config):
+    # As the outbox's: the wake-up is per app, so one app's change never wakes another's sender.
+    from selfserve import create_app
+
+    other = create_app(app_config)
+    with other.app_context():
+        alerts.wake()
+    assert alerts._wakeup(other).is_set()
+    assert not alerts._wakeup(app).is_set()

@@ -748,14 +748,19 @@ def log_of(user, limit=20):
 
 # --- the sender thread ----------------------------------------------------------------------------
 
-_wakeup = threading.Event()
+
+def _wakeup(app):
+    # One event per app (not per process), as the outbox's: a change made in one app never
+    # wakes another app's sender (the tests build many apps in one process).
+    return app.extensions.setdefault("alert_wakeup", threading.Event())
 
 
 def wake():
-    """Tell this process's sender thread that a notice may be due now: once the caller's
+    """Tell the current app's sender thread that a notice may be due now: once the caller's
     transaction commits (at once outside one). Woken before, the sender would look for the
     notice, not see it yet, and sleep a whole interval."""
-    db.after_commit(_wakeup.set)
+    if has_app_context():
+        db.after_commit(_wakeup(current_app._get_current_object()).set)
 
 
 def init_app(app):
@@ -773,4 +778,4 @@ def start_sender(app, interval=None):
     they are decided (`wake`), and every `interval` (SWEEP_SECONDS) as a fallback; none when
     that is 0 (tests send themselves)."""
     interval = interval if interval is not None else app.config.get("SWEEP_SECONDS")
-    return background.start(app, "alert_sender", send_due, interval, wakeup=_wakeup)
+    return background.start(app, "alert_sender", send_due, interval, wakeup=_wakeup(app))
