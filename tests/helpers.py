@@ -52,6 +52,18 @@ def make_user(email="home@example.com", password=PASSWORD, verified=True, provis
     return user
 
 
+def owner_of(labels, device_id, email, name=None, password=PASSWORD):
+    """A new account (make_user) that claimed `device_id` from its label (`labels`: the
+    conftest fixture), renamed `name` when given."""
+    from selfserve.services import devices
+
+    user = make_user(email, password)
+    devices.claim(user, labels[device_id]["serial_number"], labels[device_id]["setup_code"])
+    if name:
+        devices.rename(user, devices.device_for(user, device_id), name)
+    return user
+
+
 def login(client, email="home@example.com", password=PASSWORD):
     """Sign in through the real login form; returns the response (follows redirects)."""
     token = csrf_token(client, "/login")

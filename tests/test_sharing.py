@@ -9,7 +9,7 @@ import pytest
 from helpers import csrf_token
 from helpers import demo_devices
 from helpers import make_user
-from helpers import seed_registry
+from helpers import owner_of
 from helpers import signed_in
 from test_security_crawl import HTMX
 
@@ -28,11 +28,8 @@ WINDOW = "e00fce68a1b2c3d4e5f60701"
 
 
 @pytest.fixture
-def owner(app, sim, mailbox):
-    labels = {device["id"]: device for device in seed_registry()}
-    user = make_user("owner@example.com", PASSWORD)
-    devices.claim(user, labels[WINDOW]["serial_number"], labels[WINDOW]["setup_code"])
-    return user
+def owner(app, labels, mailbox):
+    return owner_of(labels, WINDOW, "owner@example.com")
 
 
 @pytest.fixture

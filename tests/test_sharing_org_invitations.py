@@ -8,6 +8,7 @@ import datetime
 import pytest
 from helpers import csrf_token
 from helpers import make_user
+from helpers import owner_of
 from helpers import seed_registry
 from helpers import signed_in
 from test_security_crawl import HTMX
@@ -25,11 +26,8 @@ WINDOW = "e00fce68a1b2c3d4e5f60701"
 
 
 @pytest.fixture
-def owner(app, sim, mailbox):
-    labels = {device["id"]: device for device in seed_registry()}
-    user = make_user("owner@example.com", PASSWORD)
-    devices.claim(user, labels[WINDOW]["serial_number"], labels[WINDOW]["setup_code"])
-    return user
+def owner(app, labels, mailbox):
+    return owner_of(labels, WINDOW, "owner@example.com")
 
 
 @pytest.fixture

@@ -99,6 +99,16 @@ def page(browser):
 
 
 @pytest.fixture
+def second_page(browser):
+    """Another person's phone (its own cookies), checked as `page` is."""
+    context, page = _new_page(browser, PHONE, mobile=True)
+    yield page
+    problems = [e for e in page.problems.errors if "favicon" not in e]
+    context.close()
+    assert not problems, "browser reported problems:\n" + "\n".join(problems)
+
+
+@pytest.fixture
 def desktop_page(browser):
     context, page = _new_page(browser, {"width": 1280, "height": 800}, mobile=False)
     yield page

@@ -1,4 +1,6 @@
-"""Checks every browser test runs on the pages it visits."""
+"""Checks every browser test runs on the pages it visits, and steps many journeys share."""
+
+from helpers import PASSWORD
 
 
 def check_page(page):
@@ -21,3 +23,11 @@ def open_menu(page):
     toggle = page.locator("[data-menu-toggle]")
     if toggle.is_visible() and toggle.get_attribute("aria-expanded") != "true":
         toggle.click()
+
+
+def sign_in(page, base, email, password=PASSWORD):
+    """Sign in from the login page (the caller expects where it lands)."""
+    page.goto(base + "/login")
+    page.fill("#email", email)
+    page.fill("#password", password)
+    page.click("main button[type=submit]")

@@ -5,37 +5,13 @@ page says at once that access ended (pushed: no reload). CSP holds and every pag
 
 import re
 
-import pytest
 from helpers import PASSWORD
 from helpers import make_user
 from pages import check_page
+from pages import sign_in
 from playwright.sync_api import expect
 
 DEALT = "e00fce68a1b2c3d4e5f60704"  # the demo registry names "Demo Window Dealer" for it
-PHONE = {"width": 375, "height": 740}
-
-
-@pytest.fixture
-def second_page(browser):
-    context = browser.new_context(viewport=PHONE, is_mobile=True, has_touch=True)
-    context.set_default_timeout(10_000)
-    other = context.new_page()
-    errors = []
-    other.on("pageerror", lambda exc: errors.append(str(exc)))
-    other.on(
-        "console", lambda m: errors.append(m.text) if m.type == "error" and "favicon" not in m.text else None
-    )
-    other.errors = errors
-    yield other
-    context.close()
-    assert not errors, errors
-
-
-def sign_in(page, base, email):
-    page.goto(base + "/login")
-    page.fill("#email", email)
-    page.fill("#password", PASSWORD)
-    page.click("main button[type=submit]")
 
 
 def test_a_homeowner_gives_the_dealer_access_at_claim_then_revokes_it_and_the_dealers_page_ends(

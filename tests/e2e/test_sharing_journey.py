@@ -8,51 +8,23 @@ import datetime
 import pytest
 from helpers import demo_devices
 from helpers import make_user
+from helpers import owner_of
 from helpers import seed_registry
 from pages import check_page
+from pages import sign_in
 from playwright.sync_api import expect
 
 from selfserve.models import AuditEvent
 from selfserve.models import utcnow
 from selfserve.services import access
-from selfserve.services import devices
 
 PASSWORD = "correct horse battery"
 WINDOW = "e00fce68a1b2c3d4e5f60701"
-PHONE = {"width": 375, "height": 740}
 
 
 @pytest.fixture
-def owned(app, sim):
-    labels = {device["id"]: device for device in seed_registry()}
-    owner = make_user("owner@example.com", PASSWORD)
-    devices.claim(owner, labels[WINDOW]["serial_number"], labels[WINDOW]["setup_code"])
-    devices.rename(owner, devices.device_for(owner, WINDOW), "Living room blind")
-    return owner
-
-
-@pytest.fixture
-def second_page(browser):
-    """Another person's phone (its own cookies)."""
-    context = browser.new_context(viewport=PHONE, is_mobile=True, has_touch=True)
-    context.set_default_timeout(10_000)
-    other = context.new_page()
-    errors = []
-    other.on("pageerror", lambda exc: errors.append(str(exc)))
-    other.on(
-        "console", lambda m: errors.append(m.text) if m.type == "error" and "favicon" not in m.text else None
-    )
-    other.errors = errors  # a test that expects a 404 clears what Chromium logged for it
-    yield other
-    context.close()
-    assert not errors, errors
-
-
-def sign_in(page, base, email):
-    page.goto(base + "/login")
-    page.fill("#email", email)
-    page.fill("#password", PASSWORD)
-    page.click("main button[type=submit]")
+def owned(labels):
+    return owner_of(labels, WINDOW, "owner@example.com", name="Living room blind")
 
 
 def invite(page, base, email, role, until=None):
@@ -101,7 +73,7 @@ def test_household_member_invited_as_operator_opens_the_blinds_and_cannot_releas
     assert teen.locator("summary:has-text('Rename')").count() == 0
     response = teen.goto(f"{live_server}/devices/{WINDOW}/release")
     assert response.status == 404
-    teen.errors.clear()
+    teen.problems.errors.clear()
     teen.goto(f"{live_server}/devices")
     expect(teen.locator("#shared-heading")).to_be_visible()
     expect(teen.locator("main")).to_contain_text("owner@example.com")
@@ -145,7 +117,7 @@ def test_homeowner_gives_a_dealer_a_week_and_revokes_it(live_server, page, secon
     check_page(page)
     response = second_page.goto(f"{live_server}/devices/{WINDOW}")
     assert response.status == 404
-    second_page.errors.clear()
+    second_page.problems.errors.clear()
     page.goto(f"{live_server}/account/activity")
     expect(page.locator("main")).to_contain_text("Revoked the operator access of organisation Blinds and Co")
 
@@ -196,4 +168,4 @@ def test_org_admin_builds_two_overlapping_groups_and_grants_a_clients_employee_o
     expect(second_page.locator("#controls")).to_be_visible()
     response = second_page.goto(f"{live_server}/devices/{pumps[0]}")
     assert response.status == 404
-    second_page.errors.clear()
+    second_page.problems.errors.clear()

@@ -10,49 +10,21 @@ import pytest
 from helpers import PASSWORD
 from helpers import WINDOW
 from helpers import make_user
+from helpers import owner_of
 from pages import check_page
+from pages import sign_in
 from playwright.sync_api import expect
 
 from selfserve.models import Device
 from selfserve.models import Transfer
 from selfserve.models import User
 from selfserve.models import utcnow
-from selfserve.services import devices
 from selfserve.services import transfers
-
-PHONE = {"width": 375, "height": 740}
 
 
 @pytest.fixture
 def owned(labels, app):
-    seller = make_user("seller@example.com", PASSWORD)
-    label = labels[WINDOW]
-    devices.claim(seller, label["serial_number"], label["setup_code"])
-    devices.rename(seller, devices.device_for(seller, WINDOW), "Kitchen blind")
-    return seller
-
-
-@pytest.fixture
-def second_page(browser):
-    """Another person's phone (its own cookies)."""
-    context = browser.new_context(viewport=PHONE, is_mobile=True, has_touch=True)
-    context.set_default_timeout(10_000)
-    other = context.new_page()
-    errors = []
-    other.on("pageerror", lambda exc: errors.append(str(exc)))
-    other.on(
-        "console", lambda m: errors.append(m.text) if m.type == "error" and "favicon" not in m.text else None
-    )
-    yield other
-    context.close()
-    assert not errors, errors
-
-
-def sign_in(page, base, email):
-    page.goto(base + "/login")
-    page.fill("#email", email)
-    page.fill("#password", PASSWORD)
-    page.click("main button[type=submit]")
+    return owner_of(labels, WINDOW, "seller@example.com", name="Kitchen blind")
 
 
 def test_seller_offers_and_new_buyer_signs_up_and_accepts(
