@@ -143,6 +143,7 @@ def _background_jobs(app):
             sweep.Job(alerts.run_timers),  # offline past grace, stuck steps, reminders; sends due alerts
             sweep.Job(erasure.resume_pending),  # account deletions whose grace ended, and their steps
             sweep.Job(event_stream.keep_listening),  # this process's product event-stream listener
+            sweep.Job(outbox.purge_finished),  # finished mail past OUTBOX_KEEP_DAYS
             # Last, so mail the jobs above queued leaves in the same round.
             sweep.Job(outbox.send_due),  # every email: queued with its change, sent with retries
         ],
