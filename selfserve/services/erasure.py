@@ -68,6 +68,7 @@ from selfserve.particle import get_client
 from selfserve.refusals import Refusal
 from selfserve.security import end_all_login_sessions
 from selfserve.services import audit
+from selfserve.services import organisations
 from selfserve.services import outbox
 from selfserve.services import steps
 
@@ -344,18 +345,7 @@ def _leave_organisation(user, membership):
                         reason=f"the organisation {organisation.name} has no members left: its only admin "
                         f"deleted their account ({label})",
                     )
-        deleted = Membership.delete().where(Membership.id == membership.id).execute()
-        if deleted:
-            audit.record(
-                "org.member_removed",
-                user=organisation.account_id,
-                actor=None,
-                to=label,
-                organisation=organisation.name,
-            )
-    from selfserve.services import access
-
-    access.announce_ended(None, user_id=user.id, org_id=organisation.id, cause="removed")
+        organisations.end_membership(membership, organisation, None, label)
 
 
 def _step_delete_customer(deletion):

@@ -181,11 +181,35 @@ def remove_member(admin, organisation, user_id):
             )
             if admins.count() <= 1:
                 raise OrgError(_l("They are the last admin. Make someone else admin first."), 409)
-        Membership.delete().where(Membership.id == row.id).execute()
         person = User.get_by_id(user_id)
-        _audit_both(admin, person, organisation, "org.member_removed", role=row.role)
-        access.announce_ended(None, user_id=user_id, org_id=organisation.id, cause="removed")
+        end_membership(row, organisation, admin, person.email, role=row.role)
+        audit.record(
+            "org.member_removed_me",
+            user=person,
+            actor=admin,
+            to=person.email,
+            organisation=organisation.name,
+            role=row.role,
+        )
     return person
+
+
+def end_membership(membership, organisation, actor, named, **detail):
+    """Delete `membership`, record it on the organisation's trail, naming who left `named`
+    (their address; an erased account's anonymous label), and announce the access it gave as
+    ended once the caller's transaction commits. False when the row was gone already."""
+    if not Membership.delete().where(Membership.id == membership.id).execute():
+        return False
+    audit.record(
+        "org.member_removed",
+        user=organisation.account_id,
+        actor=actor,
+        to=named,
+        organisation=organisation.name,
+        **detail,
+    )
+    access.announce_ended(None, user_id=membership.user_id, org_id=organisation.id, cause="removed")
+    return True
 
 
 def members(organisation):
