@@ -148,7 +148,7 @@ def _background_jobs(app):
             sweep.Job(outbox.send_due),  # every email: queued with its change, sent with retries
         ],
     )
-    # Mail leaves as soon as the request or job that queued it ends: a sender thread per web
+    # Mail leaves as soon as the transaction that queued it commits: a sender thread per web
     # worker, started with the sweep (the sweep's send_due is the fallback).
     outbox.init_app(app)
     # Alerts leave as soon as they are decided: a sender thread per web worker, started with

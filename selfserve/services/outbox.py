@@ -9,7 +9,7 @@ the address has an account; the sender decides (finding 6: the request does the 
 for known and unknown addresses).
 
 Sending. `send_due` (a background job in `create_app`'s list, and a sender thread per web
-worker woken when a request or job queued mail) takes one due row at a time with an atomic
+worker woken when a transaction that queued mail commits) takes one due row at a time with an atomic
 UPDATE of its `lease_until` (so two workers or machines never send the same row), and only
 when no earlier row to the same address is still pending (a recipient's mail leaves in the
 order it was queued; one waiting for a retry holds back the later ones). Then:
