@@ -143,11 +143,12 @@ def _background_jobs(app):
             sweep.Job(alerts.run_timers),  # offline past grace, stuck steps, reminders; sends due alerts
             sweep.Job(erasure.resume_pending),  # account deletions whose grace ended, and their steps
             sweep.Job(event_stream.keep_listening),  # this process's product event-stream listener
+            sweep.Job(outbox.purge_finished),  # finished mail past OUTBOX_KEEP_DAYS
             # Last, so mail the jobs above queued leaves in the same round.
             sweep.Job(outbox.send_due),  # every email: queued with its change, sent with retries
         ],
     )
-    # Mail leaves as soon as the request or job that queued it ends: a sender thread per web
+    # Mail leaves as soon as the transaction that queued it commits: a sender thread per web
     # worker, started with the sweep (the sweep's send_due is the fallback).
     outbox.init_app(app)
     # Alerts leave as soon as they are decided: a sender thread per web worker, started with

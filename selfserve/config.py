@@ -167,6 +167,8 @@ DEFAULTS = {
     # this many attempts (20: about 2.5 hours); each round of the sender sends at most OUTBOX_BATCH.
     "OUTBOX_MAX_ATTEMPTS": 20,
     "OUTBOX_BATCH": 100,
+    # Finished mail (sent, failed, skipped) is deleted this many days after it finished.
+    "OUTBOX_KEEP_DAYS": 30.0,
     # Demo mode: local http, bundled simulator, emails shown locally.
     "DEMO": False,
     "DEMO_MAILBOX_DIR": "",

@@ -24,6 +24,7 @@ from selfserve.models import Device
 from selfserve.models import Grant
 from selfserve.models import LoginSession
 from selfserve.models import Membership
+from selfserve.models import OutboxMail
 from selfserve.models import Transfer
 from selfserve.models import User
 from selfserve.models import ValueSample
@@ -134,6 +135,8 @@ def assert_deleted_and_agreeing(sim, mailbox, world):
     deletion = AccountDeletion.get()
     assert (deletion.state, deletion.step) == (erasure.DONE, None)
     assert [m["Subject"] for m in mailbox.to(HOME)].count("Your account is deleted") == 1
+    # Once sent, nothing in the outbox holds their address any more.
+    assert not OutboxMail.select().where(OutboxMail.to_address == HOME).exists()
 
 
 # --- asking, undoing ------------------------------------------------------------------------------

@@ -391,7 +391,9 @@ def _step_scrub(deletion):
         for model in (AlertNotice, AlertSetting, AlertOptIn, PossessionProof, LoginSession):
             model.delete().where(model.user == user.id).execute()
         ClaimAttempt.delete().where(ClaimAttempt.key == f"user:{user.id}").execute()
-        outbox.forget(addresses)  # their mail, sent or not (the "deleted" mail is queued after)
+        # Their mail, sent or not. The "deleted" mail below is queued after, to the same
+        # address: the outbox deletes that row once it is sent (outbox.ACCOUNT_DELETED).
+        outbox.forget(addresses)
         # The last email, queued with the deletion it reports and rendered now, while the
         # account still says which language they read.
         steps.send_mail(

@@ -9,7 +9,7 @@ the address has an account; the sender decides (finding 6: the request does the 
 for known and unknown addresses).
 
 Sending. `send_due` (a background job in `create_app`'s list, and a sender thread per web
-worker woken when a request or job queued mail) takes one due row at a time with an atomic
+worker woken when a transaction that queued mail commits) takes one due row at a time with an atomic
 UPDATE of its `lease_until` (so two workers or machines never send the same row), and only
 when no earlier row to the same address is still pending (a recipient's mail leaves in the
 order it was queued; one waiting for a retry holds back the later ones). Then:
@@ -65,6 +65,11 @@ SENSITIVE_KINDS = frozenset(
     }
 )
 STAFF_PAGE_SIZE = 100
+FINISHED = (SENT, FAILED, SKIPPED)
+# The last mail to a person whose account is erased (services/erasure.py): its row is deleted
+# once finished, since the address would be all that stays of them.
+ACCOUNT_DELETED = "account_deleted"
+PURGE_BATCH = 1000
 
 
 def _setting(key, default):
@@ -103,7 +108,7 @@ def enqueue(to, subject, body, *, kind, headers=None, sensitive=False, dedupe_ke
 
 def enqueue_reset_request(email):
     """A "forgot password" request: one row whatever the address; the sender looks the account
-    up and sends the reset link, or nothing (state "skipped")."""
+    up and sends the reset link, or nothing (the row is deleted, "skipped")."""
     # Stored in English (the row outlives the request); mail.render translates it for the account.
     return enqueue(email, i18n.english(_l("Reset your password")), "", kind=RESET_REQUEST, sensitive=True)
 
@@ -244,6 +249,9 @@ def _audit_reset_sent(address):
 
 
 def _finish(row, state, error=None):
+    if _forgotten_when_finished(row, state):
+        OutboxMail.delete().where((OutboxMail.id == row.id) & (OutboxMail.state == PENDING)).execute()
+        return
     changes = {
         OutboxMail.state: state,
         OutboxMail.lease_until: None,
@@ -255,6 +263,13 @@ def _finish(row, state, error=None):
     if row.sensitive:
         changes[OutboxMail.body] = ""  # a sign-in or reset link has no business staying around
     OutboxMail.update(changes).where((OutboxMail.id == row.id) & (OutboxMail.state == PENDING)).execute()
+
+
+def _forgotten_when_finished(row, state):
+    """Rows that go once finished instead of waiting for OUTBOX_KEEP_DAYS: a "forgot password"
+    request for an address without an account (skipped: it only holds the address of someone
+    who is not a customer) and the "account deleted" mail (the person is erased)."""
+    return (row.kind == RESET_REQUEST and state == SKIPPED) or row.kind == ACCOUNT_DELETED
 
 
 def _failed(row, error, permanent, now=None):
@@ -289,6 +304,26 @@ def forget(addresses):
     waiting, names the person)."""
     if addresses:
         OutboxMail.delete().where(OutboxMail.to_address.in_(list(addresses))).execute()
+
+
+def purge_finished(now=None):
+    """The retention job: delete rows finished (sent, failed, skipped) more than
+    OUTBOX_KEEP_DAYS ago, in batches (short transactions). Returns how many."""
+    days = float(_setting("OUTBOX_KEEP_DAYS", 30))
+    cutoff = (now or utcnow()) - datetime.timedelta(days=days)
+    purged = 0
+    while True:
+        ids = [
+            row.id
+            for row in OutboxMail.select(OutboxMail.id)
+            .where(OutboxMail.state.in_(FINISHED) & (OutboxMail.finished_at < cutoff))
+            .limit(PURGE_BATCH)
+        ]
+        if not ids:
+            return purged
+        purged += OutboxMail.delete().where(OutboxMail.id.in_(ids)).execute()
+        if len(ids) < PURGE_BATCH:
+            return purged
 
 
 # --- support's view --------------------------------------------------------------------------
