@@ -10,19 +10,13 @@ from helpers import PASSWORD
 from helpers import make_user
 from helpers import seed_registry
 from pages import check_page
+from pages import sign_in
 from playwright.sync_api import expect
 
 from selfserve.models import AccountDeletion
 from selfserve.services import devices
 
 WINDOW = "e00fce68a1b2c3d4e5f60701"
-
-
-def sign_in(page, live_server, email):
-    page.goto(live_server + "/login")
-    page.fill("#email", email)
-    page.fill("#password", PASSWORD)
-    page.click("main button[type=submit]")
 
 
 def test_download_my_data_then_delete_and_undo(live_server, page, sim, mailbox):

@@ -14,6 +14,7 @@ from helpers import make_user
 from helpers import seed_registry
 from pages import check_page
 from pages import open_menu
+from pages import sign_in
 from playwright.sync_api import expect
 
 from selfserve.models import Device
@@ -34,13 +35,6 @@ def homeowner(app, sim):
     user = make_user("stuck.homeowner@example.com", PASSWORD)
     devices.claim(user, labels[WINDOW]["serial_number"], labels[WINDOW]["setup_code"])
     return user
-
-
-def sign_in(page, live_server, email):
-    page.goto(live_server + "/login")
-    page.fill("#email", email)
-    page.fill("#password", PASSWORD)
-    page.click("main button[type=submit]")
 
 
 def test_staff_views_as_customer_read_only_and_ends_the_view(live_server, page, homeowner, sim):
