@@ -6,6 +6,8 @@ import re
 import threading
 
 import pytest
+from helpers import PASSWORD
+from helpers import WINDOW
 from helpers import csrf_token
 from helpers import demo_devices
 from helpers import make_user
@@ -22,9 +24,6 @@ from selfserve.services import access
 from selfserve.services import devices
 from selfserve.services import outbox
 from selfserve.services import sharing
-
-PASSWORD = "correct horse battery"
-WINDOW = "e00fce68a1b2c3d4e5f60701"
 
 
 @pytest.fixture

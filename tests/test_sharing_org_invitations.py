@@ -6,6 +6,8 @@ admin of one. Single purpose, expiring, works once, withdrawable: the invitation
 import datetime
 
 import pytest
+from helpers import PASSWORD
+from helpers import WINDOW
 from helpers import csrf_token
 from helpers import make_user
 from helpers import owner_of
@@ -20,9 +22,6 @@ from selfserve.services import access
 from selfserve.services import devices
 from selfserve.services import organisations
 from selfserve.services import sharing
-
-PASSWORD = "correct horse battery"
-WINDOW = "e00fce68a1b2c3d4e5f60701"
 
 
 @pytest.fixture
