@@ -14,6 +14,8 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError
 from argon2.exceptions import VerificationError
 
+from selfserve.i18n import lazy_text as _l
+
 MIN_LENGTH = 10
 MAX_LENGTH = 256
 
@@ -45,9 +47,9 @@ def _current():
 def problem(password):
     """What is wrong with a new password, or None. Length only, no composition rules."""
     if len(password) < MIN_LENGTH:
-        return f"Use at least {MIN_LENGTH} characters."
+        return _l("Use at least %(count)s characters.", count=MIN_LENGTH)
     if len(password) > MAX_LENGTH:
-        return f"Use at most {MAX_LENGTH} characters."
+        return _l("Use at most %(count)s characters.", count=MAX_LENGTH)
     return None
 
 

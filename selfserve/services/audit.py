@@ -92,7 +92,7 @@ DESCRIPTIONS = {
     # action, the person given or losing access for "_for_me" / "access_received".
     "sharing.invited": _Until(_l("Invited {to} as {role} of device {name}{until}")),
     "sharing.invitation_withdrawn": _l("Withdrew the invitation of {to} to device {name}"),
-    "sharing.invitation_accepted": "{to} accepted the invitation to device {name} as {role}",
+    "sharing.invitation_accepted": _l("{to} accepted the invitation to device {name} as {role}"),
     "sharing.granted": _Until(_l("Gave {to} {role} access to device {name}{until}")),
     "sharing.access_received": _Until(_l("You were given {role} access to device {name}{until}")),
     "sharing.revoked": _l("Revoked the {role} access of {to} to device {name}"),
@@ -127,7 +127,7 @@ DESCRIPTIONS = {
     "org.member_added_me": _l("You were added to the organisation {organisation} as {role}"),
     "org.member_removed": _l("Removed {to} from the organisation"),
     "org.member_removed_me": _l("You were removed from the organisation {organisation}"),
-    "org.admin_handed_on": "{to} became admin of the organisation {organisation}: its last admin left",
+    "org.admin_handed_on": _l("{to} became admin of the organisation {organisation}: its last admin left"),
     "org.group_created": _l("Created the group {group}"),
     "org.group_devices_added": _l("Put {count} device(s) in the group {group}"),
     "org.group_devices_removed": _l("Took {count} device(s) out of the group {group}"),

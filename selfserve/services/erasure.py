@@ -474,6 +474,17 @@ STEPS = {
     "finish": _step_finish,
 }
 
+# How staff's pending-deletions page names the step a deletion is at (the row keeps the key).
+STEP_LABELS = {
+    "begin": _l("starting"),
+    "end_transfers": _l("ending transfers"),
+    "release_devices": _l("releasing devices"),
+    "end_access": _l("ending shared access"),
+    "delete_customer": _l("deleting the device cloud account"),
+    "scrub": _l("removing personal data"),
+    "finish": _l("finishing"),
+}
+
 RUNNER = steps.Runner("Deleting account", AccountDeletion, STEPS)
 
 

@@ -30,6 +30,9 @@ from selfserve.services import audit
 
 log = logging.getLogger(__name__)
 
+# How the support customer page says why a view ended (the row keeps the key).
+END_CAUSE_LABELS = {"ended": _l("ended"), "expired": _l("expired"), "signed_out": _l("signed out")}
+
 REASON_MIN = 3
 REASON_MAX = 500
 

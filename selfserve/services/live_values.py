@@ -148,7 +148,7 @@ class Snapshot:
                 return "offline", _l("Offline since"), self.offline_since
             return "offline", _l("Offline"), None
         if self.fetched_at is None:
-            return "unknown", (_l("Status unknown") if self.checked_at else "Checking…"), None
+            return "unknown", (_l("Status unknown") if self.checked_at else _l("Checking…")), None
         if self.online and (now - self.fetched_at).total_seconds() <= LIVE_SECONDS:
             return "live", _l("Live"), None
         return "old", _l("Updated"), self.fetched_at

@@ -55,10 +55,12 @@ class OrgError(Exception):
         self.field = field
 
 
-def _clean_name(raw, what="name"):
+def _clean_name(raw, too_short=None):
+    """`too_short`: the refusal for a name under 2 characters (a whole sentence per kind of
+    name, so translators see each)."""
     name = re.sub(r"\s+", " ", raw or "").strip()
     if len(name) < 2:
-        raise OrgError(_l("Enter a %(what)s of at least 2 characters.", what=what), 422, field="name")
+        raise OrgError(too_short or _l("Enter a name of at least 2 characters."), 422, field="name")
     if len(name) > NAME_MAX or any(ord(ch) < 32 for ch in name):
         raise OrgError(
             _l("Use at most %(count)s letters, digits, spaces and punctuation.", count=NAME_MAX),
@@ -239,7 +241,7 @@ def _audit_both(admin, person, organisation, action, **detail):
 
 
 def create_group(admin, organisation, name):
-    name = _clean_name(name, "group name")
+    name = _clean_name(name, _l("Enter a group name of at least 2 characters."))
     try:
         with db.atomic():
             group = DeviceGroup.create(organisation=organisation.id, name=name)

@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 PENDING, SENT, FAILED, SKIPPED = "pending", "sent", "failed", "skipped"
 STATES = (PENDING, SENT, FAILED, SKIPPED)
+# How the support mail page names each state (the database keeps the keys).
+STATE_LABELS = {PENDING: _l("pending"), SENT: _l("sent"), FAILED: _l("failed"), SKIPPED: _l("skipped")}
 RESET_REQUEST = "reset_request"
 # Mails whose link lets whoever holds it act (verify, sign in, reset, confirm an address, accept
 # an invitation or answer a transfer): never shown to staff, wiped once finished, whether or not

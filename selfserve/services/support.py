@@ -378,6 +378,7 @@ def failed_migrations():
 # --- outgoing mail --------------------------------------------------------------------------------
 
 OUTBOX_STATES = outbox.STATES
+OUTBOX_STATE_LABELS = outbox.STATE_LABELS
 
 
 def outbox_rows(address="", state="", staff=None):

@@ -191,4 +191,5 @@ def pending_deletions():
         pending=erasure.pending_for_staff(),
         done=erasure.recently_done(),
         label=erasure.anonymous_label,
+        step_labels=erasure.STEP_LABELS,
     )

@@ -271,7 +271,7 @@ def _claim_with_dealer_choice():
         message += _(
             " %(name)s has %(role)s access; you can revoke it in Sharing at any time.",
             name=grant.grantee_org.name,
-            role=grant.role,
+            role=i18n.role_name(grant.role),
         )
     flash(message, "success")
     return htmx.redirect(url_for("devices.detail", device_id=device.device_id))

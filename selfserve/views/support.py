@@ -147,6 +147,7 @@ def customer(customer_id):
         "support/customer.html",
         overview=support.customer_overview(user, real_user()),
         viewing=getattr(current_user, "staff_view", None),
+        end_causes=impersonation.END_CAUSE_LABELS,
     )
 
 
@@ -181,6 +182,7 @@ def mail():
         address=address,
         state=state,
         states=support.OUTBOX_STATES,
+        state_labels=support.OUTBOX_STATE_LABELS,
         shown_body=support.outbox_body,
     )
 
@@ -278,7 +280,7 @@ def retry_provisioning(customer_id):
     return _action_refused(
         _(
             "The setup failed again: %(error)s. It will keep retrying.",
-            error=result.provisioning_error or "no answer",
+            error=result.provisioning_error or _("no answer"),
         ),
         back,
     )
