@@ -61,6 +61,9 @@ def parse_args(argv):
         "--postgres", help="also measure webhook intake on this PostgreSQL database (emptied!)"
     )
     parser.add_argument(
+        "--webhook-only", action="store_true", help="only webhook intake, SQLite and --postgres (~1 minute)"
+    )
+    parser.add_argument(
         "--fleet", type=int, help="publishing devices in the fleet phase (default 5000; 500 quick)"
     )
     parser.add_argument("--fleet-watched", type=int, help="of them on open pages (default a tenth)")
@@ -671,20 +674,23 @@ class _NoReset:
 
 
 def postgres_webhook_rate(args, env, workdir, cleanup, device_ids):
-    import peewee
+    return database_webhook_rate(args.postgres, args, env, workdir, cleanup, device_ids)
+
+
+def database_webhook_rate(url, args, env, workdir, cleanup, device_ids):
+    """Webhook intake on the database at `url` (emptied first), one owner holding
+    `device_ids`: the site under gevent workers, no listener, state events POSTed."""
     from playhouse.db_url import connect
 
     from selfserve import models
     from selfserve import schema
 
-    url = args.postgres
-    database = connect(url)
-    models.db.initialize(database)
-    with models.db.connection_context():
-        models.db.drop_tables(models.ALL_MODELS, safe=True, cascade=True)
-        models.db.execute_sql("DROP TABLE IF EXISTS migratehistory")
+    if url.startswith("postgres"):
+        models.db.initialize(connect(url))
+        with models.db.connection_context():
+            models.db.drop_tables(models.ALL_MODELS, safe=True, cascade=True)
+            models.db.execute_sql("DROP TABLE IF EXISTS migratehistory")
     schema.upgrade_url(url)
-    models.db.initialize(connect(url))
     with models.db.connection_context():
         user = models.User.create(
             email="webhook@bench.example", password_hash="x", provisioning_state="ready"
@@ -692,16 +698,16 @@ def postgres_webhook_rate(args, env, workdir, cleanup, device_ids):
         for index, device_id in enumerate(device_ids):
             models.Device.create(
                 device_id=device_id,
-                serial_number=f"PG-{index:05d}",
+                serial_number=f"HOOK-{index:05d}",
                 setup_code_hash="x",
                 model="window",
                 in_product=True,
                 owner=user,
                 claimed_at=datetime.datetime(2020, 1, 1),
             )
-    pg_env = dict(env)
-    pg_env.update({"SELFSERVE_DATABASE_URL": url, "SELFSERVE_EVENT_STREAM": "false"})
-    site = Site("events-pg", pg_env, workdir, gevent=True)
+    site_env = dict(env)
+    site_env.update({"SELFSERVE_DATABASE_URL": url, "SELFSERVE_EVENT_STREAM": "false"})
+    site = Site("webhook-" + url.split(":")[0], site_env, workdir, gevent=True)
     cleanup.append(site.stop)
     site.launch()
     site.wait_ready("/login")
@@ -709,7 +715,31 @@ def postgres_webhook_rate(args, env, workdir, cleanup, device_ids):
         return webhook_rate(site.url, device_ids, args.webhook_seconds)
     finally:
         site.stop()
-        del peewee
+
+
+def webhook_only(args, workdir, cleanup):
+    """--webhook-only: the intake measure alone, on SQLite and (with --postgres) PostgreSQL."""
+    from selfserve.simulator.server import SimulatorServer
+
+    sim = SimulatorServer(host="127.0.0.1", port=0).start()
+    cleanup.append(sim.stop)
+    sqlite_url = f"sqlite:///{os.path.join(workdir, 'webhook.db')}"
+    env = loopback_site_env(
+        sqlite_url, sim.url, secrets.token_hex(32), SWEEP_SECONDS=30, PARTICLE_WEBHOOK_SECRET=WEBHOOK_SECRET
+    )
+    os.environ.update(env)
+    device_ids = [f"{0xB00C000000000000 + n:024x}" for n in range(50)]
+    say("webhook intake (SQLite)...")
+    rates = [database_webhook_rate(sqlite_url, args, env, workdir, cleanup, device_ids)]
+    if args.postgres:
+        say("webhook intake (PostgreSQL)...")
+        rates.append(database_webhook_rate(args.postgres, args, env, workdir, cleanup, device_ids))
+    postgres = f", PostgreSQL {rates[1]:.0f}" if len(rates) > 1 else ""
+    print(
+        f"webhook events taken in per second ({args.webhook_seconds:g} s, 8 clients, 2 gevent workers): "
+        f"SQLite {rates[0]:.0f}{postgres} (goal >= 500)",
+        flush=True,
+    )
 
 
 def report(args, results):
@@ -814,7 +844,7 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, _interrupt)
     status = 0
     try:
-        run(args, workdir, cleanup)
+        (webhook_only if args.webhook_only else run)(args, workdir, cleanup)
     except KeyboardInterrupt:
         status = 130
     except BenchError as exc:
