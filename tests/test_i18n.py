@@ -7,14 +7,21 @@ import email.header
 import re
 
 from helpers import PASSWORD
+from helpers import WINDOW
 from helpers import csrf_token
 from helpers import login
 from helpers import make_user
+from helpers import owner_of
+from helpers import signed_in
 
 from selfserve import i18n
 from selfserve.models import AuditEvent
+from selfserve.models import Grant
 from selfserve.models import User
+from selfserve.services import devices
+from selfserve.services import organisations
 from selfserve.services import outbox
+from selfserve.services import sharing
 
 GERMAN = {"Accept-Language": "de-DE,de;q=0.9,en;q=0.5"}
 
@@ -153,3 +160,37 @@ def test_another_app_does_not_register_the_lazy_text_session_tag_again(app, app_
     second = create_app(app_config)
     assert second.session_interface.serializer is serializer
     assert len(serializer.order) == tags_before
+
+
+def test_who_can_see_and_the_sharing_trail_read_in_german(app, labels, mailbox):
+    """An organisation holding access, its grant's end date and an erased person's label are
+    put into words when shown: in the reader's language, never stored English."""
+    owner = owner_of(labels, WINDOW, "owner@example.com")
+    week = (datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=7)).date().isoformat()
+    dealer = organisations.create(make_user("boss@dealer.example"), "Blinds & Co", kind="dealer")
+    sharing.grant_dealer(owner, devices.device_for(owner, WINDOW), dealer.name, "operator", week)
+    ends = Grant.get(Grant.grantee_org == dealer.id).expires_at
+    stored = AuditEvent.get(AuditEvent.action == "sharing.granted").detail
+    assert stored["to_organisation"] == "Blinds & Co" and "to" not in stored
+    assert datetime.datetime.fromisoformat(stored["until"]) == ends  # ISO text, not English words
+    # A row written before (English words) still reads, and an erased person gets a German label.
+    AuditEvent.create(
+        action="sharing.granted",
+        user=owner,
+        detail={
+            "name": "Old",
+            "role": "viewer",
+            "to": "deleted account #7",
+            "until": "02 Jan 2099 00:00 UTC",
+        },
+    )
+
+    client = signed_in(app, owner)
+    who = client.get(f"/devices/{WINDOW}/access", headers=GERMAN).get_data(as_text=True)
+    assert "Organisation Blinds &amp; Co" in who and "organisation Blinds" not in who
+    activity = client.get("/account/activity", headers=GERMAN).get_data(as_text=True)
+    assert "Organisation Blinds &amp; Co" in activity and "organisation Blinds" not in activity
+    assert f" bis {ends:%d.%m.%Y}, {ends:%H:%M}" in activity  # the German medium date, in UTC
+    assert "gelöschtes Konto Nr. 7" in activity and " bis 02 Jan 2099 00:00 UTC" in activity
+    english = client.get("/account/activity").get_data(as_text=True)
+    assert "Gave organisation Blinds &amp; Co operator access" in english

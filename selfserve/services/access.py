@@ -178,7 +178,7 @@ def who_can_see(device, now=None):
         Organisation.get_or_none(Organisation.account == device.owner_id) if device.owner_id else None
     )
     if organisation is not None:
-        found.append(Reach(f"organisation {organisation.name}", "owner", _l("Owns the device")))
+        found.append(Reach(organisation_label(organisation.name), "owner", _l("Owns the device")))
         admins = (
             Membership.select(Membership, User)
             .join(User)
@@ -283,9 +283,9 @@ def give(device, grantee, role, granted_by, expires_at=None, via=None, now=None,
         detail = {
             "name": _device_name(device),
             "role": role,
-            "to": grantee.email if grantee is not None else f"organisation {grantee_org.name}",
+            **holder_detail(grantee, grantee_org),
             "by": granted_by.email,
-            "until": expires_at.strftime("%d %b %Y %H:%M UTC") if expires_at else None,
+            "until": iso_moment(expires_at),
             "via": via,
         }
         audit.record(
@@ -436,9 +436,9 @@ def _end_where(condition, cause, actor, now, owner_id=None, name=None):
             continue
         ended.append(grant)
         detail = {
-            "name": name or target_label(grant),
+            **({"name": name} if name else target_detail(grant)),
             "role": grant.role,
-            "to": holder_label(grant),
+            **holder_detail(grant.grantee, grant.grantee_org),
             "by": actor.email if actor is not None else None,
         }
         action = _END_ACTIONS[cause]
@@ -469,18 +469,39 @@ def _end_where(condition, cause, actor, now, owner_id=None, name=None):
     return len(ended)
 
 
+def organisation_label(name):
+    """An organisation where people are listed ("organisation Acme"), in the reader's language."""
+    return _l("organisation %(name)s", name=name)
+
+
 def holder_label(grant):
-    """Who a grant is to: the person's address or the organisation's name."""
+    """Who a grant is to: the person's address or the organisation's name (in the reader's
+    language)."""
     if grant.grantee_id is not None:
         return grant.grantee.email
-    return f"organisation {grant.grantee_org.name}"
+    return organisation_label(grant.grantee_org.name)
 
 
-def target_label(grant):
-    """What a grant is on: the device's name or the group's."""
+def holder_detail(grantee, grantee_org):
+    """Who a grant is to, for an audit row: "to" (an address) or "to_organisation" (a name),
+    put into words when the row is shown (audit.describe), in the reader's language."""
+    if grantee is not None:
+        return {"to": grantee.email}
+    return {"to_organisation": grantee_org.name}
+
+
+def target_detail(grant):
+    """What a grant is on, for an audit row: "name" (the device's) or "on_group" (the group's
+    name, put into words by audit.describe)."""
     if grant.device_id is not None:
-        return _device_name(grant.device)
-    return f"group {grant.group.name}"
+        return {"name": _device_name(grant.device)}
+    return {"on_group": grant.group.name}
+
+
+def iso_moment(moment):
+    """A moment for an audit row: ISO text (naive UTC), formatted in the reader's locale and
+    zone when shown (audit.describe)."""
+    return moment.isoformat(timespec="seconds") if moment else None
 
 
 def _target_owner(grant):

@@ -3,6 +3,7 @@ records it here; the homeowner's activity page reads it back."""
 
 import functools
 import operator
+import re
 
 from flask import has_request_context
 from flask import request
@@ -47,7 +48,9 @@ class _Until(_WithArgument):
 
     def format(self, **detail):
         until = detail.get("until")
-        detail["until"] = _(" until %(date)s", date=until) if until else ""
+        # ISO text (formatted in the reader's locale and zone); older rows hold English text,
+        # shown as it is.
+        detail["until"] = _(" until %(date)s", date=i18n.local_datetime(until)) if until else ""
         return str(self.template).format(**detail)
 
 
@@ -181,10 +184,48 @@ _FOR_STAFF = (
 )
 
 
+# How an erased person is named on audit rows (services/erasure.anonymous_label writes it, in
+# English, into the rows' details); put into the reader's language when shown.
+_ANONYMOUS = re.compile(r"deleted account #(\d+)")
+
+
+def anonymous_name(user_id):
+    """An erased person, as pages show them: the anonymous label in the reader's language."""
+    return _l("deleted account #%(number)s", number=user_id)
+
+
+def _in_words(stored):
+    """An audit row's detail with its parts put into words in the reader's language: the
+    organisation a grant is to ("to_organisation", and "accepted_by" who accepted for it), the
+    group it is on ("on_group"), a due date (ISO text; older rows hold English text, shown as it
+    is), and an erased person's anonymous label (erasure.anonymous_label)."""
+    detail = {
+        key: _ANONYMOUS.sub(lambda found: str(anonymous_name(found.group(1))), value)
+        if isinstance(value, str)
+        else value
+        for key, value in stored.items()
+    }
+    organisation = detail.get("to_organisation")
+    if organisation and "to" not in detail:
+        if detail.get("accepted_by"):
+            detail["to"] = _(
+                "organisation %(name)s (accepted by %(email)s)",
+                name=organisation,
+                email=detail["accepted_by"],
+            )
+        else:
+            detail["to"] = _("organisation %(name)s", name=organisation)
+    if detail.get("on_group") and "name" not in detail:
+        detail["name"] = _("group %(name)s", name=detail["on_group"])
+    if detail.get("due"):
+        detail["due"] = i18n.local_date(detail["due"])
+    return detail
+
+
 def describe(event, for_staff=False):
     """A human sentence for an event, addressed to the homeowner, or about them `for_staff`."""
     template = DESCRIPTIONS.get(event.action, event.action)
-    detail = dict(event.detail or {})
+    detail = _in_words(event.detail or {})
     detail.setdefault("name", event.device_id or _("a device"))
     if "role" in detail:
         detail["role"] = i18n.role_name(detail["role"])

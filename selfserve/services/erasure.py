@@ -88,7 +88,8 @@ def grace():
 
 
 def anonymous_label(user_id):
-    """How the person appears once deleted: on audit rows, to staff, to the other side."""
+    """How the person appears once deleted, as stored on audit rows and staff alerts (in English:
+    audit.describe shows it in the reader's language, audit.anonymous_name)."""
     return f"deleted account #{user_id}"
 
 
@@ -153,7 +154,7 @@ def schedule(user, password, now=None):
                 return existing  # asked again (a double submit): the first date stands
             AccountDeletion.update(fields).where(AccountDeletion.id == existing.id).execute()
             deletion = AccountDeletion.get_by_id(existing.id)
-        audit.record("account.deletion_scheduled", user=user, due=due.strftime("%d %b %Y"))
+        audit.record("account.deletion_scheduled", user=user, due=due.isoformat(timespec="seconds"))
         end_all_login_sessions(user)
         # Queued in the same transaction as the change it reports (the outbox sends it).
         mail.send(

@@ -388,10 +388,10 @@ def grant_group(admin, organisation, group, role, email="", organisation_name=""
             active_key=key,
             created_at=now,
         )
-        to = person.email if person else f"organisation {holder_org.name}"
-        detail = {"name": f"group {group.name}", "role": role, "to": to, "by": admin.email}
+        detail = {"on_group": group.name, "role": role, **access.holder_detail(person, holder_org)}
+        detail["by"] = admin.email
         if expires_at:
-            detail["until"] = expires_at.strftime("%d %b %Y %H:%M UTC")
+            detail["until"] = access.iso_moment(expires_at)
         audit.record("sharing.granted", user=organisation.account_id, actor=admin, **detail)
         if person is not None:
             audit.record("sharing.access_received", user=person, actor=admin, **detail)

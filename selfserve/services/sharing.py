@@ -90,10 +90,6 @@ def parse_until(raw, now=None):
     return ends
 
 
-def _until_text(moment):
-    return moment.strftime("%d %b %Y %H:%M UTC") if moment else None
-
-
 # --- invitations ------------------------------------------------------------------------------
 
 
@@ -153,7 +149,7 @@ def invite(actor, device, email, role, until="", now=None, to_organisation=False
             name=_name(device),
             to=email,
             role=role,
-            until=_until_text(access_until),
+            until=access.iso_moment(access_until),
             by=actor.email,
             for_organisation=bool(to_organisation) or None,
         )
@@ -339,7 +335,13 @@ def accept(user, invitation, now=None, organisation_id=None):
             grantee_org=holder,
         )
         Invitation.update(grant=grant.id).where(Invitation.id == invitation.id).execute()
-        to = user.email if holder is None else f"organisation {holder.name} (accepted by {user.email})"
+        # Who accepted: the person, or an organisation and the admin who accepted for it (put
+        # into words when shown, audit.describe).
+        to = (
+            {"to": user.email}
+            if holder is None
+            else {"to_organisation": holder.name, "accepted_by": user.email}
+        )
         for concerned in (device.owner_id, holder.account_id if holder is not None else None):
             if concerned is not None:
                 audit.record(
@@ -348,8 +350,8 @@ def accept(user, invitation, now=None, organisation_id=None):
                     actor=user,
                     device_id=device.device_id,
                     name=_name(device),
-                    to=to,
                     role=invitation.role,
+                    **to,
                 )
     return grant
 
@@ -516,7 +518,7 @@ def claim_with_dealer_choice(user, token, choice):
             actor=user,
             device_id=device.device_id,
             name=_name(device),
-            to=f"organisation {ask.dealer.name}",
+            to_organisation=ask.dealer.name,
             role=ask.role,
         )
         return device, None

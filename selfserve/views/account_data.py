@@ -21,6 +21,7 @@ from selfserve import htmx
 from selfserve.security import READ_ONLY_MESSAGE
 from selfserve.security import end_login_session
 from selfserve.security import limiter
+from selfserve.services import audit
 from selfserve.services import data_export
 from selfserve.services import erasure
 from selfserve.services.staff import staff_required
@@ -190,6 +191,6 @@ def pending_deletions():
         "account_data/support_deletions.html",
         pending=erasure.pending_for_staff(),
         done=erasure.recently_done(),
-        label=erasure.anonymous_label,
+        label=audit.anonymous_name,
         step_labels=erasure.STEP_LABELS,
     )
