@@ -194,3 +194,30 @@ def test_who_can_see_and_the_sharing_trail_read_in_german(app, labels, mailbox):
     assert "gelöschtes Konto Nr. 7" in activity and " bis 02 Jan 2099 00:00 UTC" in activity
     english = client.get("/account/activity").get_data(as_text=True)
     assert "Gave organisation Blinds &amp; Co operator access" in english
+
+
+def test_an_invitation_to_an_organisation_reads_as_one_sentence(app, labels, mailbox):
+    """The invitation (page and email) says "for an organisation" and its end date inside one
+    translated sentence, which German reorders (the verb's prefix goes to the end)."""
+    owner = owner_of(labels, WINDOW, "owner@example.com")
+    week = (datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=7)).date().isoformat()
+    sharing.invite(
+        owner,
+        devices.device_for(owner, WINDOW),
+        "boss@dealer.example",
+        "operator",
+        week,
+        to_organisation=True,
+    )
+    body = mailbox.body(mailbox.wait_for("boss@dealer.example"))
+    assert re.search(
+        r"owner@example\.com shared a .+ with your organisation on Tidewell, as .+, until .+\.", body
+    )
+    link = next(link for link in mailbox.links(mailbox.wait_for("boss@dealer.example")) if "/share/" in link)
+    path = link.split("http://localhost", 1)[1]
+    german = app.test_client().get(path, headers=GERMAN).get_data(as_text=True)
+    sentence = re.search(r"<p><strong[^>]*>owner@example\.com</strong>(.*?)</p>", german, re.S).group(1)
+    assert " ".join(sentence.split()).startswith(
+        'lädt <strong class="break-anywhere">boss@dealer.example</strong> für eine Organisation, die er leitet, zu'
+    )
+    assert "ein, bis <time datetime=" in sentence
