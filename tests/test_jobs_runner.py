@@ -301,6 +301,7 @@ def test_the_background_jobs_are_one_explicit_list(app):
         "selfserve.services.alerts.run_timers",
         "selfserve.services.erasure.resume_pending",
         "selfserve.event_stream.keep_listening",
+        "selfserve.services.outbox.purge_finished",
         "selfserve.services.outbox.send_due",
     ]
 

@@ -112,7 +112,9 @@ def _paths_with(app, argument):
 def _send(client, method, path, query, form, token, htmx=False):
     headers = {**HTMX, "X-CSRFToken": token} if htmx else {}
     data = {**form, "csrf_token": token} if method != "GET" else None
-    return client.open(path, method=method, query_string=query, data=data, headers=headers)
+    # buffered: a streamed body (the data export) is read to its end, so an error in the middle
+    # of it shows, and its request context ends with it.
+    return client.open(path, method=method, query_string=query, data=data, headers=headers, buffered=True)
 
 
 def test_control_characters_are_refused_everywhere_with_a_400_and_nothing_changes(app, clients, sim):
