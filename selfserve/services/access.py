@@ -130,16 +130,23 @@ def active_key(device_id=None, user_id=None, group_id=None, org_id=None):
     return f"{target}:{holder}"
 
 
-def grants_of_device(device_id, now=None):
-    """Live grants on a device (to people and to organisations), newest first."""
+def grants_with_holders():
+    """Grants with the person or organisation holding each, in one query (for labels); the
+    query is at Grant, ready for further joins and conditions."""
     Holder = Organisation.alias()
-    return list(
+    return (
         Grant.select(Grant, User, Holder)
         .join(User, peewee.JOIN.LEFT_OUTER, on=(Grant.grantee == User.id))
         .switch(Grant)
         .join(Holder, peewee.JOIN.LEFT_OUTER, on=(Grant.grantee_org == Holder.id))
-        .where((Grant.device == device_id) & live(now))
-        .order_by(Grant.id.desc())
+        .switch(Grant)
+    )
+
+
+def grants_of_device(device_id, now=None):
+    """Live grants on a device (to people and to organisations), newest first."""
+    return list(
+        grants_with_holders().where((Grant.device == device_id) & live(now)).order_by(Grant.id.desc())
     )
 
 
@@ -218,13 +225,8 @@ def grants_given_on_devices_of(user, now=None):
     """Live grants on the devices `user` owns (support's customer page)."""
     from selfserve.models import Device
 
-    Holder = Organisation.alias()
     return list(
-        Grant.select(Grant, User, Holder)
-        .join(User, peewee.JOIN.LEFT_OUTER, on=(Grant.grantee == User.id))
-        .switch(Grant)
-        .join(Holder, peewee.JOIN.LEFT_OUTER, on=(Grant.grantee_org == Holder.id))
-        .switch(Grant)
+        grants_with_holders()
         .join(Device, on=(Grant.device == Device.device_id))
         .where((Device.owner == user.id) & live(now))
         .order_by(Grant.device, Grant.id)

@@ -333,12 +333,8 @@ def overview(organisation, now=None):
     )
     for row in rows:
         by_group[row.group_id].devices.append(row.device)
-    Holder = Organisation.alias()
     grants = (
-        Grant.select(Grant, User, Holder)
-        .join(User, peewee.JOIN.LEFT_OUTER, on=(Grant.grantee == User.id))
-        .switch(Grant)
-        .join(Holder, peewee.JOIN.LEFT_OUTER, on=(Grant.grantee_org == Holder.id))
+        access.grants_with_holders()
         .where(Grant.group.in_([g.id for g in groups]) & access.live(now))
         .order_by(Grant.id)
     )
