@@ -5,7 +5,9 @@ keys), PostgreSQL when the URL says so. A change here needs a migration: `flask 
 (see the README, "Adding a table or column").
 """
 
+import contextlib
 import datetime
+import functools
 import json
 import os
 import time
@@ -26,12 +28,16 @@ def utcnow():
 
 
 class PostgresPool(PooledPostgresqlDatabase):
-    """peewee's PostgreSQL pool, but a connection handed back within the last
-    `PING_AFTER_IDLE_SECONDS` and left idle is lent again without the `SELECT 1` round trip
-    peewee makes on every checkout (HikariCP's "alive bypass window"): a busy worker's
-    connections are alive, and that round trip was one in ten of an event's statements. A
-    connection idle for longer is still checked, so one a database restart killed is replaced
-    rather than lent."""
+    """peewee's PostgreSQL pool, with two savings in round trips for work done very often
+    (each device event, services/device_events.py):
+
+    - A connection handed back within the last `PING_AFTER_IDLE_SECONDS` and left idle is lent
+      again without the `SELECT 1` round trip peewee makes on every checkout (HikariCP's
+      "alive bypass window"): a busy worker's connections are alive. A connection idle for
+      longer is still checked, so one a database restart killed is replaced rather than lent.
+    - A transaction's first statements can go with its BEGIN, and statements queued for its
+      end with its COMMIT, as one query string each (`transaction_opening_with`, `at_commit`).
+    """
 
     PING_AFTER_IDLE_SECONDS = 0.5
 
@@ -56,6 +62,32 @@ class PostgresPool(PooledPostgresqlDatabase):
         ):
             return False
         return super()._is_closed(conn)
+
+    # The pending statements live in peewee's per-thread (per-greenlet) connection state.
+
+    def begin(self, isolation_level=None):
+        opening, self._state.opening = getattr(self._state, "opening", None), None
+        self._state.closing = []
+        if not opening or isolation_level:
+            return super().begin(isolation_level)
+        self._state.opened = self._send_together([("BEGIN", []), *opening])
+        return None
+
+    def commit(self):
+        closing, self._state.closing = getattr(self._state, "closing", None), []
+        if not closing:
+            return super().commit()
+        self._send_together([*closing, ("COMMIT", [])])
+        return None
+
+    def rollback(self):
+        self._state.closing = []
+        return super().rollback()
+
+    def _send_together(self, statements):
+        return self.execute_sql(
+            "; ".join(sql for sql, _ in statements), [p for _, ps in statements for p in ps]
+        )
 
 
 def init_db(url, pool_size=32, pool_recycle_seconds=300, pool_wait_seconds=10):
@@ -98,6 +130,66 @@ def init_db(url, pool_size=32, pool_recycle_seconds=300, pool_wait_seconds=10):
         # connection another thread is running a statement on crashes the process.
         previous.close_idle()
     return database
+
+
+def is_postgres():
+    return isinstance(db.obj, peewee.PostgresqlDatabase)
+
+
+@functools.lru_cache(maxsize=64)
+def _in_dialect(template, param):
+    return template.replace("?", param)
+
+
+def raw_sql(template):
+    """`template` (SQL with `?` placeholders) with the bound database's placeholder.
+
+    For the few statements that run for every device event (services/device_events.py,
+    history.py): written out once rather than built by the query builder each time, which cost
+    more than running them."""
+    return _in_dialect(template, db.param)
+
+
+def execute_together(*statements):
+    """Run (sql, params) statements in order inside the current transaction; returns the last
+    one's cursor. PostgreSQL gets them in one round trip (psycopg2 sends one query string, and
+    the cursor holds the last statement's result); SQLite runs them one by one, in-process,
+    where a round trip costs nothing and its driver takes one statement at a time."""
+    if is_postgres():
+        return db.obj._send_together(statements)
+    cursor = None
+    for sql, params in statements:
+        cursor = db.execute_sql(sql, params)
+    return cursor
+
+
+@contextlib.contextmanager
+def transaction_opening_with(*statements):
+    """`db.atomic()` whose first statements are (sql, params) `statements`; yields the last
+    one's cursor. On PostgreSQL they go in one round trip with the BEGIN. On SQLite the
+    transaction takes the write lock at its BEGIN (IMMEDIATE): in WAL mode, a transaction that
+    reads and then writes fails at once if another commits in between."""
+    if db.in_transaction():
+        with db.atomic():
+            yield execute_together(*statements)
+    elif is_postgres():
+        state = db.obj._state
+        state.opening, state.opened = statements, None  # PostgresPool.begin sends them
+        with db.atomic():
+            yield state.opened if state.opened is not None else execute_together(*statements)
+    else:
+        with db.atomic(lock_type="IMMEDIATE"):
+            yield execute_together(*statements)
+
+
+def at_commit(sql, params):
+    """Run `sql` as the current transaction's last statement: on PostgreSQL in the COMMIT's
+    round trip (also when a savepoint around this call was rolled back: for statements such as
+    NOTIFY, whose extra run does no harm), elsewhere or outside a transaction now."""
+    if is_postgres() and db.in_transaction():
+        db.obj._state.closing.append((sql, params))
+    else:
+        db.execute_sql(sql, params)
 
 
 def close_idle_connections():

@@ -129,9 +129,9 @@ class PostgresBroker:
         self.stop_event = threading.Event()
 
     def announce(self, device_id):
-        from selfserve.models import db
+        from selfserve.models import at_commit
 
-        db.execute_sql("SELECT pg_notify(%s, %s)", (CHANNEL, device_id))
+        at_commit("SELECT pg_notify(%s, %s)", [CHANNEL, device_id])
 
     def start(self):
         threading.Thread(target=self._listen_forever, name="selfserve-push-pg", daemon=True).start()

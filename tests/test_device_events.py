@@ -10,15 +10,20 @@ import time
 import pytest
 from helpers import PUMP
 from helpers import WINDOW
+from helpers import count_queries
 from helpers import make_user
 from helpers import seed_registry
 from werkzeug.serving import make_server
 
+from selfserve import models
 from selfserve.models import Device
 from selfserve.models import DeviceSnapshot
+from selfserve.models import ValueSample
+from selfserve.models import db
 from selfserve.models import utcnow
 from selfserve.services import device_events
 from selfserve.services import devices
+from selfserve.services import history
 from selfserve.services import live_values
 
 SLOW_PUMP = "e00fce68a1b2c3d4e5f60803"  # legacy firmware: publishes no state
@@ -130,6 +135,53 @@ def test_unknown_devices_event_names_and_bad_data_are_ignored_and_counted(owner)
         "no_owner": 1,
     }
     assert snapshot_row(WINDOW) is None or not snapshot_row(WINDOW).values
+
+
+def test_an_event_is_five_statements_however_long_the_devices_history(owner):
+    """What bounds intake: the statements per event (round trips on PostgreSQL, where BEGIN
+    travels with the device read and NOTIFY with COMMIT), and a read of the latest values that
+    doesn't grow with the days of history the device has."""
+    start = soon(-86400)
+    ValueSample.insert_many(
+        [
+            {
+                "device_id": WINDOW,
+                "owner": owner.id,
+                "name": name,
+                "at": start + datetime.timedelta(seconds=n),
+                "value": 1000 + n,
+            }
+            for n in range(1500)
+            for name in ("position", "target")
+        ]
+    ).execute()
+    assert device_events.ingest("selfserve/state", state(40), WINDOW, iso(soon(-2))) == "stored"
+    with count_queries() as queries:
+        assert device_events.ingest("selfserve/state", state(41), WINDOW, iso(soon(-1))) == "stored"
+    assert len(queries) == 5, queries
+    changed = ValueSample.select().where((ValueSample.device_id == WINDOW) & (ValueSample.value == 41))
+    assert sorted(sample.name for sample in changed) == ["position", "target"]
+
+    names = ["position", "target", "moving", "online"]
+    latest = history._latest(WINDOW, names)
+    assert {name: sample.value for name, sample in latest.items()} == {
+        "position": 41.0,
+        "target": 41.0,
+        "moving": 0.0,
+        "online": 1.0,
+    }
+    if models.is_postgres():
+        params = [value for name in names for value in (WINDOW, name)]
+        plan = db.execute_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + history._latest_sql(len(names)), params)
+        assert rows_read(plan.fetchone()[0][0]["Plan"], "valuesample") <= len(names)
+
+
+def rows_read(node, table):
+    """Rows PostgreSQL's plan `node` and its children read from `table` (EXPLAIN ANALYZE)."""
+    own = (
+        node.get("Actual Rows", 0) * node.get("Actual Loops", 1) if node.get("Relation Name") == table else 0
+    )
+    return own + sum(rows_read(child, table) for child in node.get("Plans", []))
 
 
 def test_events_only_reach_the_current_owner(owner, app):

@@ -19,12 +19,12 @@ next owner never sees the previous owner's values. Unknown devices, unknown even
 malformed data are ignored and counted (`EventCount`).
 """
 
+import collections
 import contextlib
 import datetime
 import json
 import logging
 
-import peewee
 from flask import current_app
 
 from selfserve import device_models
@@ -32,6 +32,9 @@ from selfserve.models import Device
 from selfserve.models import DeviceSnapshot
 from selfserve.models import EventCount
 from selfserve.models import db
+from selfserve.models import is_postgres
+from selfserve.models import raw_sql
+from selfserve.models import transaction_opening_with
 from selfserve.models import utcnow
 from selfserve.services import history
 
@@ -66,41 +69,15 @@ def ingest(name, data, device_id, published_at):
     published = _parse_time(published_at)
     if len(device_id) != 24 or published is None:
         return _ignored(MALFORMED)
-    device = (
-        Device.select(Device.device_id, Device.model, Device.owner, Device.claim_state, Device.claimed_at)
-        .where(Device.device_id == device_id)
-        .first()
-    )
-    if device is None:
-        return _ignored(UNKNOWN_DEVICE)
-    if device.owner_id is None:
-        return _ignored(NO_OWNER)
-    if device.claim_state is not None:
-        return _ignored(IN_FLIGHT)
-    if device.claimed_at is not None and published < device.claimed_at:
-        return _ignored(BEFORE_OWNER)
-    if name == STATUS_EVENT:
-        if data not in ("online", "offline"):
-            return _ignored(MALFORMED)
-        values, online = None, data == "online"
-    else:
-        state = _parse_state(device, data)
-        if state is None:
-            return _ignored(MALFORMED)
-        values, online = state[0], True
-    # The cache, the device's history and what alerts decide from it (services/history.py's
-    # listeners) in one transaction: one commit per event, the cost that bounds intake.
+    # The device read, the cache, the device's history and what alerts decide from it
+    # (services/history.py's listeners) in one transaction: one commit per event, the cost
+    # that bounds intake.
     broker = current_app.extensions.get("push_broker")
     announce_in_transaction = getattr(broker, "transactional", False)
-    with _event_transaction():
-        if name == STATUS_EVENT:
-            result = _apply_status(device_id, online, published)
-        else:
-            result = _apply_state(device_id, *state, published)
-        if result == STORED:
-            history.record(device_id, values, at=published, online=online, device=device)
-            if announce_in_transaction:
-                _announce(device_id)  # NOTIFY: delivered at the commit, no statement of its own
+    with _event_transaction(device_id) as device:
+        result = _apply(device, name, data, published)
+        if result == STORED and announce_in_transaction:
+            _announce(device_id)  # NOTIFY: delivered at the commit, sent with it
     if result != STORED:
         return _ignored(result)
     if not announce_in_transaction:
@@ -109,17 +86,41 @@ def ingest(name, data, device_id, published_at):
 
 
 @contextlib.contextmanager
-def _event_transaction():
-    """A transaction for one event. On PostgreSQL its commit doesn't wait for the write-ahead
-    log to reach disk (`synchronous_commit = off` for this transaction only): a database crash
-    can lose the last fraction of a second of events, never corrupt or half-apply one, and a
-    state event is superseded by the device's next heartbeat anyway, while waiting for the
-    flush on every event would cap intake at the disk's flush rate. (SQLite runs WAL with
-    synchronous=NORMAL for the same reason, models.init_db.)"""
-    with db.atomic():
-        if db.obj is not None and isinstance(db.obj, peewee.PostgresqlDatabase):
-            db.execute_sql("SET LOCAL synchronous_commit = off")
-        yield
+def _event_transaction(device_id):
+    """The event's transaction, yielding the device (None when unknown): it opens with the
+    device read (models.transaction_opening_with: one round trip with the BEGIN)."""
+    opening = [(raw_sql(_DEVICE), [device_id])]
+    if is_postgres():
+        opening.insert(0, _NO_FLUSH_WAIT)
+    with transaction_opening_with(*opening) as opened:
+        yield _device(device_id, opened.fetchone())
+
+
+def _apply(device, name, data, published):
+    """Apply the event to the cache and the history, inside its transaction: STORED, or why
+    it was ignored."""
+    if device is None:
+        return UNKNOWN_DEVICE
+    if device.owner_id is None:
+        return NO_OWNER
+    if device.claim_state is not None:
+        return IN_FLIGHT
+    if device.claimed_at is not None and published < device.claimed_at:
+        return BEFORE_OWNER
+    if name == STATUS_EVENT:
+        if data not in ("online", "offline"):
+            return MALFORMED
+        values, online = None, data == "online"
+        result = _apply_status(device.device_id, online, published)
+    else:
+        state = _parse_state(device, data)
+        if state is None:
+            return MALFORMED
+        values, online = state[0], True
+        result = _apply_state(device.device_id, *state, published)
+    if result == STORED:
+        history.record(device.device_id, values, at=published, online=online, device=device)
+    return result
 
 
 def ignored_counts():
@@ -161,74 +162,81 @@ def _plain(value):
     return value is None or isinstance(value, (bool, int, float, str))
 
 
+# The statements that run for every event, written out (models.raw_sql). In an UPDATE's SET,
+# a column on the right is the row's value before the update.
+_DEVICE = "SELECT model, owner_id, claim_state, claimed_at FROM device WHERE device_id = ?"
+_STATUS_OLDER = "(status_at IS NULL OR status_at < ?)"
+# Replace the values unless we hold newer ones: a state event's, or values read from Particle
+# after this event was published. A device that publishes is online then, unless a later
+# spark/status said otherwise: the same statement sets that, when the status we hold is older.
+_STATE_UPDATE = (
+    'UPDATE devicesnapshot SET "values" = ?, fetched_at = ?, state_at = ?, checked_at = ?, '
+    "fresh_until = ?, last_error = NULL, "
+    f"online = CASE WHEN {_STATUS_OLDER} THEN ? ELSE online END, "
+    f"offline_since = CASE WHEN {_STATUS_OLDER} THEN NULL ELSE offline_since END, "
+    f"status_at = CASE WHEN {_STATUS_OLDER} THEN ? ELSE status_at END "
+    "WHERE device_id = ? AND (state_at IS NULL OR state_at < ?) AND (fetched_at IS NULL OR fetched_at < ?)"
+)
+_ONLINE_UPDATE = f"UPDATE devicesnapshot SET online = ?, offline_since = NULL, status_at = ? WHERE device_id = ? AND {_STATUS_OLDER}"
+# Offline is known for as long as a state event would be: no read from Particle meanwhile.
+_OFFLINE_UPDATE = (
+    "UPDATE devicesnapshot SET online = ?, offline_since = ?, status_at = ?, checked_at = ?, fresh_until = ? "
+    f"WHERE device_id = ? AND {_STATUS_OLDER}"
+)
+# On PostgreSQL an event's commit doesn't wait for the write-ahead log to reach disk (for this
+# transaction only): a database crash can lose the last fraction of a second of events, never
+# corrupt or half-apply one, and a state event is superseded by the device's next heartbeat
+# anyway, while waiting for the flush on every event would cap intake at the disk's flush rate.
+# (SQLite runs WAL with synchronous=NORMAL for the same reason, models.init_db.)
+_NO_FLUSH_WAIT = ("SET LOCAL synchronous_commit = off", [])
+
+_EventDevice = collections.namedtuple("_EventDevice", "device_id model owner_id claim_state claimed_at")
+
+
+def _device(device_id, row):
+    """What the ingest needs of the device (owner, model, claim state) from its `_DEVICE` row,
+    or None."""
+    if row is None:
+        return None
+    model, owner_id, claim_state, claimed_at = row
+    return _EventDevice(device_id, model, owner_id, claim_state, Device.claimed_at.python_value(claimed_at))
+
+
 def _apply_state(device_id, values, heartbeat, published):
     """Replace the cached values unless we hold newer ones (inside the event's transaction)."""
     stamp = _iso(published)
     fresh_until = published + datetime.timedelta(seconds=heartbeat + grace_seconds())
-    changed = _update_snapshot(
-        device_id,
-        DeviceSnapshot.update(
-            values={name: {"value": value, "at": stamp} for name, value in values.items()},
-            fetched_at=published,
-            state_at=published,
-            checked_at=published,
-            fresh_until=fresh_until,
-            last_error=None,
-            # A device that publishes is online then, unless a later spark/status said
-            # otherwise: the same statement sets it, when the status we hold is older.
-            online=_if_status_older(published, True, DeviceSnapshot.online),
-            offline_since=_if_status_older(published, None, DeviceSnapshot.offline_since),
-            status_at=_if_status_older(published, published, DeviceSnapshot.status_at),
-        ).where(
-            (DeviceSnapshot.device_id == device_id)
-            & (DeviceSnapshot.state_at.is_null() | (DeviceSnapshot.state_at < published))
-            # Values read from Particle after this event was published are newer.
-            & (DeviceSnapshot.fetched_at.is_null() | (DeviceSnapshot.fetched_at < published))
-        ),
+    cached = DeviceSnapshot.values.db_value(
+        {name: {"value": value, "at": stamp} for name, value in values.items()}
     )
-    return STORED if changed else STALE
-
-
-def _status_older(published):
-    return DeviceSnapshot.status_at.is_null() | (DeviceSnapshot.status_at < published)
-
-
-def _if_status_older(published, value, otherwise):
-    return peewee.Case(None, [(_status_older(published), value)], otherwise)
+    params = [cached, published, published, published, fresh_until]
+    params += [published, True, published, published, published]  # the CASEs
+    params += [device_id, published, published]
+    return STORED if _update_snapshot(device_id, _STATE_UPDATE, params) else STALE
 
 
 def _apply_status(device_id, online, published):
     """Set the online state unless we hold a newer one (inside the event's transaction)."""
-    changed = _update_snapshot(device_id, _online_update(device_id, online, published))
-    if changed and not online:
-        # Offline is known for as long as a state event would be: no read meanwhile.
-        DeviceSnapshot.update(
-            checked_at=utcnow(),
-            fresh_until=published
-            + datetime.timedelta(
-                seconds=float(current_app.config.get("EVENTS_DEFAULT_HEARTBEAT_SECONDS", 300.0))
-                + grace_seconds()
-            ),
-        ).where(DeviceSnapshot.device_id == device_id).execute()
+    if online:
+        changed = _update_snapshot(device_id, _ONLINE_UPDATE, [True, published, device_id, published])
+    else:
+        heartbeat = float(current_app.config.get("EVENTS_DEFAULT_HEARTBEAT_SECONDS", 300.0))
+        fresh_until = published + datetime.timedelta(seconds=heartbeat + grace_seconds())
+        params = [False, published, published, utcnow(), fresh_until, device_id, published]
+        changed = _update_snapshot(device_id, _OFFLINE_UPDATE, params)
     return STORED if changed else STALE
 
 
-def _update_snapshot(device_id, update):
-    """Run the conditional `update` of the device's cache row; the row is created first only
+def _update_snapshot(device_id, sql, params):
+    """Run the conditional update `sql` of the device's cache row; the number of rows changed
+    (0 or 1). The row is created first only
     when it is missing (a device's first event), not on every event."""
-    changed = update.execute()
+    update = (raw_sql(sql), params)
+    changed = db.execute_sql(*update).rowcount
     if not changed and not DeviceSnapshot.select().where(DeviceSnapshot.device_id == device_id).exists():
         DeviceSnapshot.insert(device_id=device_id, values={}).on_conflict_ignore().execute()
-        changed = update.execute()
+        changed = db.execute_sql(*update).rowcount
     return changed
-
-
-def _online_update(device_id, online, published):
-    return DeviceSnapshot.update(
-        online=online,
-        offline_since=None if online else published,
-        status_at=published,
-    ).where((DeviceSnapshot.device_id == device_id) & _status_older(published))
 
 
 def _ignored(reason):

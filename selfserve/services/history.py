@@ -37,6 +37,8 @@ from selfserve.models import RollupPending
 from selfserve.models import ValueRollup
 from selfserve.models import ValueSample
 from selfserve.models import db
+from selfserve.models import execute_together
+from selfserve.models import raw_sql
 from selfserve.models import utcnow
 from selfserve.services import leases
 
@@ -172,19 +174,23 @@ _Latest = collections.namedtuple("_Latest", "name at value text owner_id")
 
 def _latest(device_id, names):
     """{name: (name, at, value, text, owner_id)} of the newest stored sample of each name, in
-    one statement (raw SQL: this runs for every event, and building it with the query builder
-    cost more than running it)."""
-    mark = db.param
+    one statement: one index probe per name (newest first, LIMIT 1), so its cost doesn't grow
+    with the days of history a device has (a MAX ... GROUP BY read them all). Written out
+    (models.raw_sql): this runs for every event."""
     names = list(names)
-    sql = (
-        "SELECT s.name, s.at, s.value, s.text, s.owner_id FROM valuesample s "
-        "JOIN (SELECT name, MAX(at) AS newest FROM valuesample "
-        f"WHERE device_id = {mark} AND name IN ({', '.join([mark] * len(names))}) GROUP BY name) n "
-        f"ON s.name = n.name AND s.at = n.newest WHERE s.device_id = {mark}"
-    )
-    rows = db.execute_sql(sql, [device_id, *names, device_id]).fetchall()
+    rows = db.execute_sql(_latest_sql(len(names)), [value for name in names for value in (device_id, name)])
     to_time = ValueSample.at.python_value
-    return {row[0]: _Latest(row[0], to_time(row[1]), row[2], row[3], row[4]) for row in rows}
+    return {row[0]: _Latest(row[0], to_time(row[1]), row[2], row[3], row[4]) for row in rows.fetchall()}
+
+
+_NEWEST_OF_NAME = (
+    "SELECT * FROM (SELECT name, at, value, text, owner_id FROM valuesample "
+    "WHERE device_id = ? AND name = ? ORDER BY at DESC LIMIT 1) AS newest"
+)
+
+
+def _latest_sql(count):
+    return raw_sql(" UNION ALL ".join([_NEWEST_OF_NAME] * count))
 
 
 def _same(sample, owner_id, number, text):
@@ -217,33 +223,38 @@ def _store_changes(device_id, owner_id, wanted):
                 continue
         if _same(before, owner_id, number, text):
             continue
-        rows.append(
-            {
-                "device_id": device_id,
-                "owner": owner_id,
-                "name": name,
-                "at": moment,
-                "value": number,
-                "text": text,
-            }
-        )
+        rows.append((device_id, owner_id, name, moment, number, text))
         previous = None if before is None or before.owner_id != owner_id else (before.text or before.value)
         newest = latest.get(name) is None or moment > latest[name].at
         changes.append(Change(name, moment, number, text, previous, newest))
     if not rows:
         return []
-    hours = set()
-    for row in rows:
-        hours.add(floor_hour(row["at"]))
-        hours.add(floor_hour(row["at"]) + HOUR)
+    hours = sorted({floor_hour(row[3]) + extra for row in rows for extra in (datetime.timedelta(0), HOUR)})
     # transaction(), not atomic(): inside the event ingest's transaction no savepoint is needed
-    # (an error rolls the whole event back), and on its own it is one transaction.
+    # (an error rolls the whole event back), and on its own it is one transaction. Both inserts
+    # go in one round trip on PostgreSQL (models.execute_together).
     with db.transaction():
-        ValueSample.insert_many(rows).on_conflict_ignore().execute()
-        RollupPending.insert_many(
-            [{"device_id": device_id, "hour": hour} for hour in sorted(hours)]
-        ).on_conflict_ignore().execute()
+        execute_together(
+            (_insert_sql(_SAMPLE_INSERT, len(rows)), [value for row in rows for value in row]),
+            (
+                _insert_sql(_PENDING_INSERT, len(hours)),
+                [value for hour in hours for value in (device_id, hour)],
+            ),
+        )
     return changes
+
+
+# Written out (models.raw_sql): these run for every stored event. A repeat is stored once.
+_SAMPLE_INSERT = (
+    "INSERT INTO valuesample (device_id, owner_id, name, at, value, text) VALUES ",
+    "(?, ?, ?, ?, ?, ?)",
+)
+_PENDING_INSERT = ("INSERT INTO rolluppending (device_id, hour) VALUES ", "(?, ?)")
+
+
+def _insert_sql(statement, count):
+    head, row = statement
+    return raw_sql(head + ", ".join([row] * count) + " ON CONFLICT DO NOTHING")
 
 
 # --- rolling up and purging ------------------------------------------------------------------------

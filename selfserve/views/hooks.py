@@ -16,6 +16,7 @@ from flask import jsonify
 from flask import request
 
 from selfserve.security import csrf
+from selfserve.security import limiter
 from selfserve.security import public
 from selfserve.security import sessionless
 from selfserve.services import device_events
@@ -62,6 +63,9 @@ def _body():
 @public
 @sessionless
 @csrf.exempt
+# No limit applies to it (Particle paces its own deliveries and the secret shuts others out);
+# exempt, the limiter doesn't spend its per-request bookkeeping on every event either.
+@limiter.exempt
 def particle():
     secret = current_app.config.get("PARTICLE_WEBHOOK_SECRET") or ""
     if not secret:
