@@ -85,9 +85,15 @@ class PostgresPool(PooledPostgresqlDatabase):
         return super().rollback()
 
     def _send_together(self, statements):
-        return self.execute_sql(
-            "; ".join(sql for sql, _ in statements), [p for _, ps in statements for p in ps]
-        )
+        return _send_together(self, statements)
+
+
+def _send_together(database, statements):
+    """(sql, params) statements as one query string: one round trip to PostgreSQL, whose
+    cursor then holds the last statement's result."""
+    return database.execute_sql(
+        "; ".join(sql for sql, _ in statements), [p for _, ps in statements for p in ps]
+    )
 
 
 def init_db(url, pool_size=32, pool_recycle_seconds=300, pool_wait_seconds=10):
@@ -156,7 +162,7 @@ def execute_together(*statements):
     the cursor holds the last statement's result); SQLite runs them one by one, in-process,
     where a round trip costs nothing and its driver takes one statement at a time."""
     if is_postgres():
-        return db.obj._send_together(statements)
+        return _send_together(db, statements)
     cursor = None
     for sql, params in statements:
         cursor = db.execute_sql(sql, params)
@@ -166,27 +172,25 @@ def execute_together(*statements):
 @contextlib.contextmanager
 def transaction_opening_with(*statements):
     """`db.atomic()` whose first statements are (sql, params) `statements`; yields the last
-    one's cursor. On PostgreSQL they go in one round trip with the BEGIN. On SQLite the
-    transaction takes the write lock at its BEGIN (IMMEDIATE): in WAL mode, a transaction that
-    reads and then writes fails at once if another commits in between."""
-    if db.in_transaction():
-        with db.atomic():
-            yield execute_together(*statements)
-    elif is_postgres():
+    one's cursor. On PostgreSQL they go in one round trip with the BEGIN (PostgresPool). On
+    SQLite the transaction takes the write lock at its BEGIN (IMMEDIATE): in WAL mode, a
+    transaction that reads and then writes fails at once if another commits in between."""
+    if isinstance(db.obj, PostgresPool) and not db.in_transaction():
         state = db.obj._state
         state.opening, state.opened = statements, None  # PostgresPool.begin sends them
         with db.atomic():
             yield state.opened if state.opened is not None else execute_together(*statements)
-    else:
-        with db.atomic(lock_type="IMMEDIATE"):
-            yield execute_together(*statements)
+        return
+    immediate = isinstance(db.obj, peewee.SqliteDatabase) and not db.in_transaction()
+    with db.atomic(lock_type="IMMEDIATE") if immediate else db.atomic():
+        yield execute_together(*statements)
 
 
 def at_commit(sql, params):
     """Run `sql` as the current transaction's last statement: on PostgreSQL in the COMMIT's
     round trip (also when a savepoint around this call was rolled back: for statements such as
     NOTIFY, whose extra run does no harm), elsewhere or outside a transaction now."""
-    if is_postgres() and db.in_transaction():
+    if isinstance(db.obj, PostgresPool) and db.in_transaction():
         db.obj._state.closing.append((sql, params))
     else:
         db.execute_sql(sql, params)

@@ -229,8 +229,8 @@ def _apply_status(device_id, online, published):
 
 def _update_snapshot(device_id, sql, params):
     """Run the conditional update `sql` of the device's cache row; the number of rows changed
-    (0 or 1). The row is created first only
-    when it is missing (a device's first event), not on every event."""
+    (0 or 1). The row is created first only when it is missing (a device's first event), not
+    on every event."""
     update = (raw_sql(sql), params)
     changed = db.execute_sql(*update).rowcount
     if not changed and not DeviceSnapshot.select().where(DeviceSnapshot.device_id == device_id).exists():
