@@ -808,10 +808,11 @@ def report(args, results):
         "  polling: gunicorn -k gthread -w 2 --threads 8; events: gunicorn -c gunicorn.conf.py (gevent, -w 2)"
     )
     lines.append("")
-    lines.append(f"  {'measure':<{width}}{'polling (today)':>20}{'events':>20}    must reach")
+    # Rows are kept as tuples and laid out at the end, each column as wide as its widest cell.
+    lines.append(("measure", "polling (today)", "events", "must reach"))
 
     def row(label, old, new, goal):
-        lines.append(f"  {label:<{width}}{old:>20}{new:>20}    {goal}")
+        lines.append((label, old, new, goal))
 
     row(
         "Particle calls per watched online device per minute",
@@ -889,7 +890,17 @@ def report(args, results):
         "requests in the phase."
     )
     lines.append("=" * (width + 44))
-    print("\n".join(lines), flush=True)
+    cells = [line for line in lines if isinstance(line, tuple)]
+    widths = [max(len(cell[column]) for cell in cells) for column in range(4)]
+    print(
+        "\n".join(
+            line
+            if isinstance(line, str)
+            else f"  {line[0]:<{widths[0]}}  {line[1]:>{widths[1]}}  {line[2]:>{widths[2]}}    {line[3]}"
+            for line in lines
+        ),
+        flush=True,
+    )
 
 
 def _interrupt(signum, frame):
