@@ -467,7 +467,9 @@ def fleet_live(app, site, sim, args):
 def webhook_rate(site, device_ids, seconds, database_url=None, clients=8):
     """State events POSTed to the webhook as Particle would, for `seconds`: {"rate": taken in
     per second, "cpu_ms": CPU milliseconds per event of the site's workers plus, on PostgreSQL,
-    the database's backends}. The CPU figure doesn't depend on what else the machine runs.
+    every backend of the database (the pool's, the LISTEN connection's, any autovacuum worker's;
+    one that exits during the run is left out)}. The CPU figure doesn't depend on what else
+    the machine runs.
 
     The clients are plain keep-alive http.client connections: the load generator shares the
     2 cores with the site and the database, and requests' own work per POST (about 1 ms) would
@@ -798,8 +800,8 @@ def intake_text(measured):
 
 def report(args, results):
     today, events = results["polling (today)"], results["events"]
-    width = 62
-    lines = ["=" * (width + 44), "selfserve bench/events: Live by events (polling today vs events)"]
+    rule = object()  # a rule as wide as the table, drawn at the end
+    lines = [rule, "selfserve bench/events: Live by events (polling today vs events)"]
     lines.append(
         f"  {os.cpu_count()} CPUs shared with the load generator and the simulator; SQLite (WAL); "
         f"{args.seconds:g} s watching phases; heartbeat 120 s"
@@ -889,18 +891,14 @@ def report(args, results):
         f"{fleet_row['devices']} devices fresh from events at the end, {fleet_row['particle_calls']} Particle "
         "requests in the phase."
     )
-    lines.append("=" * (width + 44))
+    lines.append(rule)
     cells = [line for line in lines if isinstance(line, tuple)]
     widths = [max(len(cell[column]) for cell in cells) for column in range(4)]
-    print(
-        "\n".join(
-            line
-            if isinstance(line, str)
-            else f"  {line[0]:<{widths[0]}}  {line[1]:>{widths[1]}}  {line[2]:>{widths[2]}}    {line[3]}"
-            for line in lines
-        ),
-        flush=True,
-    )
+    table = [f"  {a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}    {d}" for a, b, c, d in cells]
+    laid_out = iter(table)
+    text = [next(laid_out) if isinstance(line, tuple) else line for line in lines]
+    width = max(len(line) for line in table)
+    print("\n".join("=" * width if line is rule else line for line in text), flush=True)
 
 
 def _interrupt(signum, frame):

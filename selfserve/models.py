@@ -63,34 +63,63 @@ class PostgresPool(PooledPostgresqlDatabase):
             return False
         return super()._is_closed(conn)
 
-    # The pending statements live in peewee's per-thread (per-greenlet) connection state.
+    # What travels with BEGIN and COMMIT lives in peewee's per-thread (per-greenlet under
+    # gevent) connection state, under names of ours: `ss_opening` (statements the next BEGIN
+    # sends, set by transaction_opening_with), `ss_opened` (their cursor) and `ss_at_commit`
+    # (statements the COMMIT sends, queued by at_commit). Every BEGIN starts them afresh, and a
+    # rollback drops what was queued, so nothing reaches another transaction.
 
     def begin(self, isolation_level=None):
-        opening, self._state.opening = getattr(self._state, "opening", None), None
-        self._state.closing = []
-        if not opening or isolation_level:
-            return super().begin(isolation_level)
-        self._state.opened = self._send_together([("BEGIN", []), *opening])
+        opening, self._state.ss_opening = getattr(self._state, "ss_opening", None), None
+        self._state.ss_at_commit = []
+        if not opening or isolation_level or self._isolation_level:
+            return super().begin(isolation_level)  # transaction_opening_with then runs them itself
+        try:
+            self._state.ss_opened = _send_together(self, [("BEGIN", []), *opening])
+        except BaseException:
+            # The BEGIN ran, but peewee records the transaction only once begin() returns:
+            # end it here, or the connection would stay in a transaction nobody ends.
+            with contextlib.suppress(Exception):
+                self._adapter.rollback(self._state.conn)
+            raise
         return None
 
     def commit(self):
-        closing, self._state.closing = getattr(self._state, "closing", None), []
-        if not closing:
+        queued, self._state.ss_at_commit = getattr(self._state, "ss_at_commit", None), []
+        if not queued:
             return super().commit()
-        self._send_together([*closing, ("COMMIT", [])])
+        _send_together(self, [*queued, ("COMMIT", [])])
         return None
 
     def rollback(self):
-        self._state.closing = []
+        self._state.ss_at_commit = []
         return super().rollback()
 
-    def _send_together(self, statements):
-        return _send_together(self, statements)
+    def run_at_commit(self, sql, params):
+        """models.at_commit: queued when the connection is in a transaction (as the server
+        sees it: an after_commit callback of an explicit `txn.commit()` runs while peewee
+        still lists the transaction), else run now."""
+        conn = self._state.conn
+        if (
+            conn is None
+            or not self.in_transaction()
+            or self._adapter.txn_status(conn) == self._adapter.txn_idle
+        ):
+            self.execute_sql(sql, params)
+        else:
+            self._state.ss_at_commit = [*getattr(self._state, "ss_at_commit", []), (sql, params)]
 
 
 def _send_together(database, statements):
     """(sql, params) statements as one query string: one round trip to PostgreSQL, whose
-    cursor then holds the last statement's result."""
+    cursor then holds the last statement's result. This relies on psycopg2 putting the
+    parameters into the string itself (psycopg 3 binds them on the server, one statement per
+    query): with another driver they are sent one by one."""
+    if not isinstance(database._adapter, peewee.Psycopg2Adapter):
+        cursor = None
+        for sql, params in statements:
+            cursor = database.execute_sql(sql, params)
+        return cursor
     return database.execute_sql(
         "; ".join(sql for sql, _ in statements), [p for _, ps in statements for p in ps]
     )
@@ -148,7 +177,9 @@ def _in_dialect(template, param):
 
 
 def raw_sql(template):
-    """`template` (SQL with `?` placeholders) with the bound database's placeholder.
+    """`template` (SQL with `?` placeholders) with the bound database's placeholder. Every `?`
+    becomes one (so none may stand for anything else, such as PostgreSQL's jsonb operator), and
+    the template may hold no `%` (psycopg2 would read it as a placeholder).
 
     For the few statements that run for every device event (services/device_events.py,
     history.py): written out once rather than built by the query builder each time, which cost
@@ -158,11 +189,12 @@ def raw_sql(template):
 
 def execute_together(*statements):
     """Run (sql, params) statements in order inside the current transaction; returns the last
-    one's cursor. PostgreSQL gets them in one round trip (psycopg2 sends one query string, and
-    the cursor holds the last statement's result); SQLite runs them one by one, in-process,
-    where a round trip costs nothing and its driver takes one statement at a time."""
+    one's cursor. PostgreSQL gets them in one round trip (`_send_together`); SQLite runs them
+    one by one, in-process, where a round trip costs nothing and its driver takes one statement
+    at a time. (Outside a transaction PostgreSQL would run them all or nothing, SQLite each on
+    its own: call it inside one.)"""
     if is_postgres():
-        return _send_together(db, statements)
+        return _send_together(db.obj, statements)
     cursor = None
     for sql, params in statements:
         cursor = db.execute_sql(sql, params)
@@ -177,9 +209,10 @@ def transaction_opening_with(*statements):
     transaction that reads and then writes fails at once if another commits in between."""
     if isinstance(db.obj, PostgresPool) and not db.in_transaction():
         state = db.obj._state
-        state.opening, state.opened = statements, None  # PostgresPool.begin sends them
+        state.ss_opening, state.ss_opened = statements, None  # PostgresPool.begin sends them
         with db.atomic():
-            yield state.opened if state.opened is not None else execute_together(*statements)
+            opened, state.ss_opened = state.ss_opened, None
+            yield opened if opened is not None else execute_together(*statements)
         return
     immediate = isinstance(db.obj, peewee.SqliteDatabase) and not db.in_transaction()
     with db.atomic(lock_type="IMMEDIATE") if immediate else db.atomic():
@@ -188,10 +221,11 @@ def transaction_opening_with(*statements):
 
 def at_commit(sql, params):
     """Run `sql` as the current transaction's last statement: on PostgreSQL in the COMMIT's
-    round trip (also when a savepoint around this call was rolled back: for statements such as
-    NOTIFY, whose extra run does no harm), elsewhere or outside a transaction now."""
-    if isinstance(db.obj, PostgresPool) and db.in_transaction():
-        db.obj._state.closing.append((sql, params))
+    round trip, elsewhere or outside a transaction now. For statements whose extra run does
+    no harm, such as NOTIFY: on PostgreSQL a statement queued inside a savepoint that is then
+    rolled back still runs at the commit."""
+    if isinstance(db.obj, PostgresPool):
+        db.obj.run_at_commit(sql, params)
     else:
         db.execute_sql(sql, params)
 

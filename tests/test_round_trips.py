@@ -5,6 +5,7 @@ another connection committed in between)."""
 
 import threading
 
+import peewee
 import pytest
 from helpers import count_queries
 
@@ -66,6 +67,28 @@ def test_statements_at_commit_run_with_it_and_never_after_a_rollback(app):
 
     at_commit(*insert("now"))  # outside a transaction: at once
     assert "now" in keys()
+
+
+def test_a_failed_opening_leaves_no_transaction_behind(app):
+    with (
+        pytest.raises(peewee.DatabaseError),
+        transaction_opening_with((raw_sql("SELECT no_such_column FROM eventcount"), [])),
+    ):
+        pass
+    with db.atomic():
+        execute_together(insert("after"))  # the same connection: not stuck in an aborted transaction
+    assert keys() == ["after"]
+
+
+def test_a_statement_at_commit_from_an_after_commit_callback_runs(app):
+    """An explicit `txn.commit()` runs the after_commit callbacks before the next BEGIN: a
+    statement queued there would be dropped by that BEGIN, so it runs at once."""
+    with db.atomic() as transaction:
+        execute_together(insert("first"))
+        db.after_commit(lambda: at_commit(*insert("from_callback")))
+        transaction.commit()
+        execute_together(insert("second"))
+    assert keys() == ["first", "from_callback", "second"]
 
 
 def test_on_postgresql_begin_and_commit_travel_with_statements(app):
