@@ -4,6 +4,7 @@ Pages run under the real CSP; any CSP violation or page error fails the test. `c
 runs axe-core (serious/critical violations fail) and checks the page fits a phone's width.
 """
 
+import contextlib
 import threading
 
 import pytest
@@ -80,38 +81,35 @@ class PageProblems:
             self.errors.append(f"console: {message.text}")
 
 
-def _new_page(browser, viewport, mobile):
+@contextlib.contextmanager
+def _checked_page(browser, viewport, mobile):
+    """A page in a context of its own (its own cookies) that fails the test if the browser
+    reported console errors or uncaught page errors (a missing favicon aside)."""
     context = browser.new_context(viewport=viewport, is_mobile=mobile, has_touch=mobile)
     context.set_default_timeout(10_000)
     page = context.new_page()
     page.problems = PageProblems(page)
-    return context, page
+    yield page
+    problems = [e for e in page.problems.errors if "favicon" not in e]
+    context.close()
+    assert not problems, "browser reported problems:\n" + "\n".join(problems)
 
 
 @pytest.fixture
 def page(browser):
     """A phone-sized page (the journeys must work at phone width)."""
-    context, page = _new_page(browser, PHONE, mobile=True)
-    yield page
-    problems = [e for e in page.problems.errors if "favicon" not in e]
-    context.close()
-    assert not problems, "browser reported problems:\n" + "\n".join(problems)
+    with _checked_page(browser, PHONE, mobile=True) as phone:
+        yield phone
 
 
 @pytest.fixture
 def second_page(browser):
     """Another person's phone (its own cookies), checked as `page` is."""
-    context, page = _new_page(browser, PHONE, mobile=True)
-    yield page
-    problems = [e for e in page.problems.errors if "favicon" not in e]
-    context.close()
-    assert not problems, "browser reported problems:\n" + "\n".join(problems)
+    with _checked_page(browser, PHONE, mobile=True) as phone:
+        yield phone
 
 
 @pytest.fixture
 def desktop_page(browser):
-    context, page = _new_page(browser, {"width": 1280, "height": 800}, mobile=False)
-    yield page
-    problems = [e for e in page.problems.errors if "favicon" not in e]
-    context.close()
-    assert not problems, "browser reported problems:\n" + "\n".join(problems)
+    with _checked_page(browser, {"width": 1280, "height": 800}, mobile=False) as desktop:
+        yield desktop
