@@ -116,13 +116,18 @@ def _send_together(database, statements):
     parameters into the string itself (psycopg 3 binds them on the server, one statement per
     query): with another driver they are sent one by one."""
     if not isinstance(database._adapter, peewee.Psycopg2Adapter):
-        cursor = None
-        for sql, params in statements:
-            cursor = database.execute_sql(sql, params)
-        return cursor
+        return _one_by_one(database, statements)
     return database.execute_sql(
         "; ".join(sql for sql, _ in statements), [p for _, ps in statements for p in ps]
     )
+
+
+def _one_by_one(database, statements):
+    """(sql, params) statements one after the other; the last one's cursor."""
+    cursor = None
+    for sql, params in statements:
+        cursor = database.execute_sql(sql, params)
+    return cursor
 
 
 def init_db(url, pool_size=32, pool_recycle_seconds=300, pool_wait_seconds=10):
@@ -195,10 +200,7 @@ def execute_together(*statements):
     its own: call it inside one.)"""
     if is_postgres():
         return _send_together(db.obj, statements)
-    cursor = None
-    for sql, params in statements:
-        cursor = db.execute_sql(sql, params)
-    return cursor
+    return _one_by_one(db, statements)
 
 
 @contextlib.contextmanager
